@@ -1,0 +1,118 @@
+"""The primary's chunk store: one file per chunk, named by its BLAKE3 digest.
+
+Layout (docs/format/chunkstore.md):
+
+    <root>/chunks/<hex[0:2]>/<hex>        chunk file = CHUNK_HEADER + data
+    <root>/chunks/tmp/                    files being written (removed on open)
+
+A chunk is written to tmp, fsynced, then renamed into place; the directory is
+fsynced by `sync_dirs` before the commit record that references it is written,
+so a durable record never points at a chunk that a crash could lose.  Chunks
+are stored once per digest (dedup).  Every read is verified against the digest;
+a mismatch raises IntegrityError (repair from the vault comes with the link).
+"""
+from __future__ import annotations
+
+import os
+import struct
+import threading
+import uuid
+
+import blake3
+
+from airlock.errors import FormatError, IntegrityError
+
+CHUNK_MAGIC = b"ACHK"
+CHUNK_VERSION = 1
+# magic(4) version(u16) flags(u16) length(u64), little-endian
+CHUNK_HEADER = struct.Struct("<4sHHQ")
+CHUNK_HEADER_SIZE = CHUNK_HEADER.size  # 16
+
+
+def digest_of(data) -> str:
+    return blake3.blake3(data).hexdigest()
+
+
+class ChunkStore:
+    def __init__(self, root: str, *, fsync: bool = True):
+        self.root = os.path.join(root, "chunks")
+        self.tmp = os.path.join(self.root, "tmp")
+        self.fsync = fsync
+        self._made: set[str] = set()
+        self._lock = threading.Lock()
+        os.makedirs(self.tmp, exist_ok=True)
+        for name in os.listdir(self.tmp):  # leftovers of writes a crash interrupted
+            try:
+                os.unlink(os.path.join(self.tmp, name))
+            except OSError:
+                pass
+
+    def path(self, digest: str) -> str:
+        return os.path.join(self.root, digest[:2], digest)
+
+    def has(self, digest: str) -> bool:
+        return os.path.exists(self.path(digest))
+
+    def put(self, digest: str, data) -> str | None:
+        """Store `data` under `digest` unless present.  Returns the directory
+        that needs an fsync before a record may reference the chunk (or None)."""
+        final = self.path(digest)
+        if os.path.exists(final):
+            return None
+        d = os.path.dirname(final)
+        if d not in self._made:
+            os.makedirs(d, exist_ok=True)
+            with self._lock:
+                self._made.add(d)
+        tmp = os.path.join(self.tmp, f"{digest}.{uuid.uuid4().hex}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            os.write(fd, CHUNK_HEADER.pack(CHUNK_MAGIC, CHUNK_VERSION, 0, len(data)))
+            view = memoryview(data)
+            while view:
+                n = os.write(fd, view)
+                view = view[n:]
+            if self.fsync:
+                os.fdatasync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, final)
+        return d
+
+    def sync_dirs(self, dirs) -> None:
+        if not self.fsync:
+            return
+        for d in dirs:
+            fd = os.open(d, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+    def read(self, digest: str, verify: bool = True) -> bytes:
+        """The chunk's bytes, verified against its digest."""
+        with open(self.path(digest), "rb") as f:
+            raw = f.read()
+        if len(raw) < CHUNK_HEADER_SIZE:
+            raise IntegrityError(f"chunk {digest}", digest, "truncated header")
+        magic, version, _flags, length = CHUNK_HEADER.unpack_from(raw)
+        if magic != CHUNK_MAGIC:
+            raise IntegrityError(f"chunk {digest}", digest, "bad magic")
+        if version != CHUNK_VERSION:
+            raise FormatError(f"chunk {digest}: unsupported chunk format version {version}")
+        data = raw[CHUNK_HEADER_SIZE:]
+        if len(data) != length:
+            raise IntegrityError(f"chunk {digest}", digest, f"length {len(data)} != {length}")
+        if verify:
+            actual = digest_of(data)
+            if actual != digest:
+                raise IntegrityError(f"chunk {digest}", digest, actual)
+        return data
+
+    def iter_digests(self):
+        for sub in sorted(os.listdir(self.root)):
+            if sub == "tmp":
+                continue
+            p = os.path.join(self.root, sub)
+            if os.path.isdir(p):
+                yield from sorted(os.listdir(p))

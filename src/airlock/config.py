@@ -1,0 +1,103 @@
+"""Configuration: a TOML file (docs/operations.md) plus embedded defaults.
+
+    [gateway]
+    listen = "127.0.0.1:9000"     # host:port of the S3 endpoint
+    data = "/var/lib/airlock/primary"
+    region = "us-east-1"
+    domains = ["localhost"]       # virtual-hosted-style: <bucket>.<domain>
+    fsync = true                  # false only for throw-away benchmarks
+
+    [[users]]
+    access_key = "..."
+    secret_key = "..."
+    user_id = "..."
+    display_name = "..."
+
+Without a config file (or without [[users]]), a single user is taken from
+AIRLOCK_ACCESS_KEY / AIRLOCK_SECRET_KEY, or the embedded development keys.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import tomllib
+from dataclasses import dataclass, field
+
+from airlock.errors import ConfigError
+
+DEFAULT_ACCESS_KEY = "AIRLOCKDEVACCESSKEY0"
+DEFAULT_SECRET_KEY = "airlock-dev-secret-key-change-me-0000000"
+DEFAULT_REGION = "us-east-1"
+DEFAULT_PORT = 9000
+
+
+@dataclass(frozen=True)
+class User:
+    access_key: str
+    secret_key: str
+    user_id: str
+    display_name: str
+
+
+@dataclass
+class GatewayConfig:
+    host: str = "127.0.0.1"
+    port: int = DEFAULT_PORT
+    data: str = "./airlock-data/primary"
+    region: str = DEFAULT_REGION
+    domains: list[str] = field(default_factory=lambda: ["localhost"])
+    fsync: bool = True
+    users: list[User] = field(default_factory=list)
+
+    def user_by_key(self) -> dict[str, User]:
+        return {u.access_key: u for u in self.users}
+
+
+def default_user() -> User:
+    ak = os.environ.get("AIRLOCK_ACCESS_KEY") or DEFAULT_ACCESS_KEY
+    sk = os.environ.get("AIRLOCK_SECRET_KEY") or DEFAULT_SECRET_KEY
+    uid = hashlib.sha256(ak.encode()).hexdigest()
+    return User(ak, sk, uid, "airlock")
+
+
+def _parse_listen(value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ConfigError(f"listen must be host:port, got {value!r}")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def load_gateway_config(path: str | None) -> GatewayConfig:
+    cfg = GatewayConfig()
+    raw: dict = {}
+    if path:
+        try:
+            with open(path, "rb") as f:
+                raw = tomllib.load(f)
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
+    g = raw.get("gateway", {})
+    if not isinstance(g, dict):
+        raise ConfigError("[gateway] must be a table")
+    if "listen" in g:
+        cfg.host, cfg.port = _parse_listen(str(g["listen"]))
+    cfg.data = str(g.get("data", cfg.data))
+    cfg.region = str(g.get("region", cfg.region))
+    cfg.domains = list(g.get("domains", cfg.domains))
+    cfg.fsync = bool(g.get("fsync", cfg.fsync))
+    seen: set[str] = set()
+    for i, u in enumerate(raw.get("users", [])):
+        try:
+            user = User(str(u["access_key"]), str(u["secret_key"]), str(u["user_id"]),
+                        str(u.get("display_name", u["user_id"])))
+        except (KeyError, TypeError):
+            raise ConfigError(f"[[users]] entry {i + 1} needs access_key, secret_key and user_id") from None
+        if user.access_key in seen:
+            raise ConfigError(f"duplicate access_key in [[users]]: {user.access_key}")
+        seen.add(user.access_key)
+        cfg.users.append(user)
+    if not cfg.users:
+        cfg.users.append(default_user())
+    return cfg

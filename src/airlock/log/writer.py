@@ -1,0 +1,282 @@
+"""Appending to the log with group commit.
+
+`LogWriter.append` returns only once its record is durable (written and
+fdatasync'ed).  Concurrent appenders share a batch: one flusher task hands
+everything queued to the writer's single I/O thread, which writes it and
+syncs once; appends arriving meanwhile queue for the next batch.  Sequence
+numbers are assigned in call order on the event loop and records reach the
+file in that order.  When a batch is durable, `on_durable(records)` runs on
+the event loop in seq order before any appender of the batch is resumed, so a
+caller can apply records to its index in log order.
+
+Format, rotation and recovery: docs/format/log.md.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import NamedTuple
+
+from airlock.log.reader import list_segments, scan_segment, segment_name
+from airlock.log.record import (
+    MAX_PAYLOAD, SEGMENT_HEADER_SIZE, FormatError, decode_segment_header, encode_record,
+    encode_segment_header,
+)
+
+SEGMENT_BYTES = 64 * 1024 * 1024   # bytes; rotate past this so recovery scans and future GC stay per-file cheap
+
+DurableCallback = Callable[[list[tuple[int, int, bytes]]], None]
+
+
+class LogWriteError(OSError):
+    """Writing or syncing the log failed; the writer refuses further appends until reopened."""
+
+
+class _Pending(NamedTuple):
+    seq: int
+    rtype: int
+    payload: bytes
+    data: bytes
+    fut: asyncio.Future
+
+
+class LogWriter:
+    """Appends records to the segments in `directory`.  Use from one event loop.
+
+    `last_seq` is the sequence number of the last durable record (0: empty log).
+    `fsync_count` counts fsync/fdatasync calls (tests and metrics), `batch_count`
+    the group-commit batches.
+    """
+
+    def __init__(self, directory, segment_bytes: int = SEGMENT_BYTES,
+                 on_durable: DurableCallback | None = None):
+        if segment_bytes <= SEGMENT_HEADER_SIZE:
+            raise ValueError(f"segment_bytes must exceed the {SEGMENT_HEADER_SIZE}-byte segment header")
+        self.directory = os.fspath(directory)
+        self.segment_bytes = segment_bytes
+        self.on_durable = on_durable
+        self.last_seq = 0
+        self.fsync_count = 0
+        self.batch_count = 0
+        self.truncated_bytes = 0          # torn-tail bytes cut by the last open()
+        self._next_seq = 1
+        self._fd: int | None = None
+        self._seg_size = 0
+        self._seg_has_records = False
+        self._pending: list[_Pending] = []
+        self._flusher: asyncio.Task | None = None
+        self._failed: BaseException | None = None
+        self._io: ThreadPoolExecutor | None = None
+
+    # ------------------------------------------------------------------ open / recovery
+    def open(self) -> "LogWriter":
+        """Recover the log (docs/format/log.md, "Recovery") and get ready to append."""
+        if self._fd is not None:
+            raise RuntimeError("LogWriter is already open")
+        os.makedirs(self.directory, exist_ok=True)
+        segments = list_segments(self.directory)
+        if not segments:
+            self._create_segment(1)
+            self.last_seq = 0
+        else:
+            expected = None
+            for first_seq, path in segments[:-1]:
+                scan = scan_segment(path, first_seq, expected, last=False)
+                expected = first_seq + len(scan.records)
+            first_seq, path = segments[-1]
+            self._repair_torn_header(path, first_seq)
+            scan = scan_segment(path, first_seq, expected, last=True)
+            self.truncated_bytes = scan.size - scan.end
+            if scan.status != "ok":
+                with open(path, "r+b") as f:
+                    f.truncate(scan.end)
+                    f.flush()
+                    os.fsync(f.fileno())
+                    self.fsync_count += 1
+            self._fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+            self._seg_size = scan.end
+            self._seg_has_records = bool(scan.records)
+            self.last_seq = first_seq + len(scan.records) - 1
+        self._next_seq = self.last_seq + 1
+        self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="airlock-log-writer")
+        return self
+
+    def _repair_torn_header(self, path: str, first_seq: int) -> None:
+        # A header is fsynced before any record is written, so only a file of at
+        # most one header can have a torn header; rewrite it from the file name.
+        size = os.path.getsize(path)
+        if size > SEGMENT_HEADER_SIZE:
+            return
+        if size == SEGMENT_HEADER_SIZE:
+            with open(path, "rb") as f:
+                try:
+                    decode_segment_header(f.read())
+                    return
+                except FormatError:
+                    pass
+        with open(path, "wb") as f:
+            f.write(encode_segment_header(first_seq))
+            f.flush()
+            os.fsync(f.fileno())
+            self.fsync_count += 1
+
+    # ------------------------------------------------------------------ appending
+    async def append(self, rtype: int, payload) -> int:
+        """Append one record; return its sequence number once it is durable."""
+        self._check_usable()
+        seq = self._next_seq
+        payload = bytes(payload)
+        data = encode_record(seq, rtype, payload)     # validates before the seq is used
+        self._next_seq = seq + 1
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        self._pending.append(_Pending(seq, rtype, payload, data, fut))
+        if self._flusher is None:
+            self._flusher = loop.create_task(self._flush())
+        # shield: a cancelled appender does not retract its record (its seq is taken).
+        return await asyncio.shield(fut)
+
+    async def _flush(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while self._pending:
+                batch, self._pending = self._pending, []
+                try:
+                    await loop.run_in_executor(self._io, self._write_batch, [(p.seq, p.data) for p in batch])
+                except BaseException as exc:  # noqa: BLE001 - includes cancellation of the flusher
+                    self._fail(LogWriteError(f"log write failed at seq {batch[0].seq}: {exc!r}"), exc, batch)
+                    return
+                self.last_seq = batch[-1].seq
+                self.batch_count += 1
+                if self.on_durable is not None:
+                    try:
+                        self.on_durable([(p.seq, p.rtype, p.payload) for p in batch])
+                    except BaseException as exc:  # noqa: BLE001
+                        self._fail(LogWriteError(f"on_durable failed for durable seqs {batch[0].seq}.."
+                                                 f"{batch[-1].seq}: {exc!r}"), exc, batch)
+                        return
+                for p in batch:
+                    if not p.fut.done():
+                        p.fut.set_result(p.seq)
+        finally:
+            self._flusher = None
+
+    def _fail(self, err: LogWriteError, cause: BaseException, batch: list[_Pending]) -> None:
+        err.__cause__ = cause
+        self._failed = err
+        for p in batch + self._pending:
+            if not p.fut.done():
+                p.fut.set_exception(err)
+        self._pending = []
+
+    def append_sync(self, rtype: int, payload) -> int:
+        """Append one record and sync, blocking (for tools; not while async appends are in flight)."""
+        self._check_usable()
+        if self._pending or self._flusher is not None:
+            raise RuntimeError("append_sync while asynchronous appends are in flight")
+        seq = self._next_seq
+        payload = bytes(payload)
+        data = encode_record(seq, rtype, payload)
+        self._next_seq = seq + 1
+        try:
+            self._write_batch([(seq, data)])
+        except BaseException as exc:
+            err = LogWriteError(f"log write failed at seq {seq}: {exc!r}")
+            self._failed = err
+            raise err from exc
+        self.last_seq = seq
+        self.batch_count += 1
+        if self.on_durable is not None:
+            self.on_durable([(seq, rtype, payload)])
+        return seq
+
+    def _check_usable(self) -> None:
+        if self._failed is not None:
+            raise LogWriteError(f"log writer refuses appends after an earlier failure: {self._failed}")
+        if self._fd is None:
+            raise RuntimeError("LogWriter is not open")
+
+    # ------------------------------------------------------------------ I/O thread
+    def _write_batch(self, items: list[tuple[int, bytes]]) -> None:
+        parts: list[bytes] = []
+        for seq, data in items:
+            if self._seg_has_records and self._seg_size + len(data) > self.segment_bytes:
+                self._write_and_sync(parts)
+                parts = []
+                self._rotate(seq)
+            parts.append(data)
+            self._seg_size += len(data)
+            self._seg_has_records = True
+        self._write_and_sync(parts)
+
+    def _write_and_sync(self, parts: list[bytes]) -> None:
+        if not parts:
+            return
+        buf = memoryview(b"".join(parts))
+        while buf:
+            n = os.write(self._fd, buf)
+            buf = buf[n:]
+        os.fdatasync(self._fd)
+        self.fsync_count += 1
+
+    def _rotate(self, first_seq: int) -> None:
+        os.close(self._fd)
+        self._fd = None
+        self._create_segment(first_seq)
+
+    def _create_segment(self, first_seq: int) -> None:
+        path = os.path.join(self.directory, segment_name(first_seq))
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o644)
+        try:
+            header = encode_segment_header(first_seq)
+            os.write(fd, header)
+            os.fsync(fd)
+            self.fsync_count += 1
+        except BaseException:
+            os.close(fd)
+            raise
+        dfd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dfd)
+            self.fsync_count += 1
+        finally:
+            os.close(dfd)
+        self._fd = fd
+        self._seg_size = len(header)
+        self._seg_has_records = False
+
+    # ------------------------------------------------------------------ closing
+    def close(self) -> None:
+        """Close the active segment (sync).  Use aclose() if appends may be in flight."""
+        if self._pending or self._flusher is not None:
+            raise RuntimeError("LogWriter.close with appends in flight; use aclose()")
+        if self._io is not None:
+            self._io.shutdown(wait=True)
+            self._io = None
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    async def aclose(self) -> None:
+        """Wait for in-flight appends to become durable (or fail), then close."""
+        while self._flusher is not None:
+            await asyncio.shield(self._flusher)
+        self.close()
+
+    def __enter__(self) -> "LogWriter":
+        return self.open()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    async def __aenter__(self) -> "LogWriter":
+        return self.open()
+
+    async def __aexit__(self, *exc) -> None:
+        await self.aclose()
+
+    @property
+    def max_payload(self) -> int:
+        return MAX_PAYLOAD

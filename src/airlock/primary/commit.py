@@ -1,0 +1,50 @@
+"""The commit point: the one place where a change becomes durable.
+
+The engine hands every change (a commit record) to a CommitPoint and makes it
+visible only after `commit` returns.  `LocalCommitPoint` makes a record durable
+in the primary log (group fsync).  The replicated commit point (issue 3) wraps
+the same log and additionally waits for the vault's durable ack over the link;
+chunks are offered to it with `offer_chunk` while the body is still arriving.
+
+Ordering contract: `on_durable(records)` is called on the event loop, in
+sequence-number order, for every batch of records that became durable, before
+any `commit` call of that batch returns.  The engine applies records to its
+index there, so visibility follows log order.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Protocol
+
+from airlock.log.writer import LogWriter
+
+
+class CommitPoint(Protocol):
+    last_seq: int
+
+    async def commit(self, rtype: int, payload: bytes) -> int: ...
+
+    def offer_chunk(self, digest: str, data) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+class LocalCommitPoint:
+    """Durable in the primary log only (the vault joins with the link)."""
+
+    def __init__(self, log_dir: str, on_durable: Callable[[list], None]):
+        self.log = LogWriter(log_dir, on_durable=on_durable)
+        self.log.open()
+
+    @property
+    def last_seq(self) -> int:
+        return self.log.last_seq
+
+    async def commit(self, rtype: int, payload: bytes) -> int:
+        return await self.log.append(rtype, payload)
+
+    def offer_chunk(self, digest: str, data) -> None:
+        pass
+
+    async def close(self) -> None:
+        await self.log.aclose()

@@ -1,0 +1,352 @@
+"""The primary engine: the write path and the read path of the primary domain.
+
+    request body -> Ingest (chunker, digests, chunk store) -> commit record
+                 -> CommitPoint (primary log fsync [+ vault ack]) -> index -> visible
+
+Nothing is visible before its commit record is durable: the index is only
+touched from the commit point's `on_durable` hook, in log order.  The index is
+derived state and is caught up from the log on open (docs/architecture.md).
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import json
+import logging
+import os
+import secrets
+import time
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+
+from airlock import errors as E
+from airlock.chunk.store import ChunkStore
+from airlock.log import payload as P
+from airlock.log.reader import read_log
+from airlock.primary.commit import CommitPoint, LocalCommitPoint
+from airlock.primary.index import Index
+from airlock.primary.ingest import Ingest, ingest_body
+from airlock.primary.model import (BodyDigests, Bucket, ChunkRef, ListResult, Manifest,
+                                   ObjectMeta, Part, Upload)
+
+log = logging.getLogger("airlock.engine")
+
+MIN_PART_SIZE = 5 * 1024 * 1024          # S3's minimum size of every part but the last
+MAX_PARTS = 10000                        # S3's part-number limit
+WORKER_THREADS = 8                       # hashing/chunking/IO threads; GIL released in each
+REPLAY_BATCH = 1000                      # records per index transaction during replay
+LIST_QUERY_BATCH = 1000                  # rows fetched per index query while listing
+
+Verifier = Callable[[BodyDigests], None]
+
+
+class Engine:
+    def __init__(self, data_dir: str, *, fsync: bool = True, chunk_params: dict | None = None,
+                 commit_point_factory: Callable[..., CommitPoint] | None = None):
+        self.data_dir = data_dir
+        self.fsync = fsync
+        self.chunk_params = chunk_params or {}
+        self._commit_point_factory = commit_point_factory
+        self.executor = ThreadPoolExecutor(WORKER_THREADS, thread_name_prefix="airlock-io")
+        self.store: ChunkStore | None = None
+        self.index: Index | None = None
+        self.commit_point: CommitPoint | None = None
+        self.stats = {"puts": 0, "gets": 0, "integrity_errors": 0, "replayed": 0}
+
+    # ------------------------------------------------------------------ lifecycle
+    def open(self) -> None:
+        os.makedirs(self.data_dir, exist_ok=True)
+        log_dir = os.path.join(self.data_dir, "log")
+        os.makedirs(log_dir, exist_ok=True)
+        self.store = ChunkStore(self.data_dir, fsync=self.fsync)
+        if self._commit_point_factory is not None:
+            self.commit_point = self._commit_point_factory(log_dir, self._on_durable)
+        else:
+            self.commit_point = LocalCommitPoint(log_dir, self._on_durable)
+        self.index, rebuilt = Index.open_or_rebuild(os.path.join(self.data_dir, "index.sqlite"))
+        if rebuilt:
+            log.warning("index was unreadable; rebuilding it from the log")
+        self._replay(log_dir)
+
+    def _replay(self, log_dir: str) -> None:
+        applied = self.index.applied_seq()
+        batch = []
+        for rec in read_log(log_dir, from_seq=applied + 1):
+            batch.append((rec.seq, rec.rtype, P.decode_payload(rec.rtype, rec.payload)))
+            if len(batch) >= REPLAY_BATCH:
+                self.index.apply(batch)
+                self.stats["replayed"] += len(batch)
+                batch = []
+        if batch:
+            self.index.apply(batch)
+            self.stats["replayed"] += len(batch)
+        if self.stats["replayed"]:
+            log.info("replayed %d log records into the index", self.stats["replayed"])
+
+    async def close(self) -> None:
+        if self.commit_point is not None:
+            await self.commit_point.close()
+        if self.index is not None:
+            self.index.close()
+        self.executor.shutdown(wait=True)
+
+    def _on_durable(self, records) -> None:
+        self.index.apply([(seq, rtype, P.decode_payload(rtype, payload))
+                          for seq, rtype, payload in records])
+
+    async def _commit(self, rtype: int, body: dict) -> int:
+        return await self.commit_point.commit(rtype, P.encode_payload(body))
+
+    # ------------------------------------------------------------------ buckets
+    def bucket(self, name: str) -> Bucket | None:
+        return self.index.bucket(name)
+
+    def list_buckets(self, owner: str | None = None) -> list[Bucket]:
+        return self.index.buckets(owner)
+
+    async def create_bucket(self, name: str, owner: str) -> Bucket:
+        existing = self.index.bucket(name)
+        if existing is not None:
+            if existing.owner == owner:
+                raise E.BucketAlreadyOwnedByYou(BucketName=name)
+            raise E.BucketAlreadyExists(BucketName=name)
+        created = time.time()
+        await self._commit(P.BUCKET_CREATE, {"bucket": name, "owner": owner, "created": created})
+        return self.index.bucket(name)
+
+    async def delete_bucket(self, name: str) -> None:
+        if self.index.bucket(name) is None:
+            raise E.NoSuchBucket(BucketName=name)
+        if not self.index.bucket_is_empty(name):
+            raise E.BucketNotEmpty(BucketName=name)
+        await self._commit(P.BUCKET_DELETE, {"bucket": name})
+
+    def _need_bucket(self, name: str) -> Bucket:
+        b = self.index.bucket(name)
+        if b is None:
+            raise E.NoSuchBucket(BucketName=name)
+        return b
+
+    # ------------------------------------------------------------------ objects
+    def head_object(self, bucket: str, key: str) -> Manifest:
+        self._need_bucket(bucket)
+        m = self.index.object(bucket, key)
+        if m is None:
+            raise E.NoSuchKey(Key=key)
+        return m
+
+    async def ingest(self, body: AsyncIterator, *, want_sha256: bool = False,
+                     checksum_algorithms: tuple[str, ...] = ()) -> BodyDigests:
+        """Chunk, digest and store a body; nothing is committed."""
+        ing = Ingest(self.store, want_sha256=want_sha256, checksum_algorithms=checksum_algorithms,
+                     chunk_params=self.chunk_params)
+        return await ingest_body(ing, body, self.executor)
+
+    async def put_object(self, bucket: str, key: str, body: AsyncIterator, meta: ObjectMeta, *,
+                         want_sha256: bool = False, checksum_algorithms: tuple[str, ...] = (),
+                         verify: Verifier | None = None,
+                         precondition: Callable[[Manifest | None], None] | None = None) -> Manifest:
+        """Store a body as bucket/key.  `verify` sees the digests after the body
+        ended and before the commit (it raises to refuse the upload);
+        `precondition` sees the current object just before the commit."""
+        self._need_bucket(bucket)
+        digests = await self.ingest(body, want_sha256=want_sha256, checksum_algorithms=checksum_algorithms)
+        if verify is not None:
+            verify(digests)
+        checksums = {alg: base64.b64encode(v).decode() for alg, v in digests.checksums.items()}
+        m = Manifest(bucket=bucket, key=key, size=digests.size, etag=digests.md5.hex(),
+                     mtime=time.time(), meta=meta, chunks=digests.chunks, checksums=checksums,
+                     checksum_type="FULL_OBJECT" if checksums else None)
+        return await self.commit_object(m, precondition=precondition)
+
+    async def commit_object(self, m: Manifest,
+                            precondition: Callable[[Manifest | None], None] | None = None) -> Manifest:
+        self._need_bucket(m.bucket)
+        if precondition is not None:
+            precondition(self.index.object(m.bucket, m.key))
+        m.seq = await self._commit(P.OBJECT_PUT, m.to_json())
+        self.stats["puts"] += 1
+        return m
+
+    async def copy_object(self, src: Manifest, dst_bucket: str, dst_key: str,
+                          meta: ObjectMeta | None,
+                          precondition: Callable[[Manifest | None], None] | None = None) -> Manifest:
+        """Copy by reference: the new manifest points at the same chunks."""
+        m = Manifest(bucket=dst_bucket, key=dst_key, size=src.size, etag=src.etag, mtime=time.time(),
+                     meta=meta if meta is not None else src.meta, chunks=list(src.chunks),
+                     checksums=dict(src.checksums), checksum_type=src.checksum_type,
+                     parts=src.parts, part_checksums=src.part_checksums)
+        return await self.commit_object(m, precondition=precondition)
+
+    async def delete_object(self, bucket: str, key: str) -> bool:
+        """Delete bucket/key; False if there was nothing to delete."""
+        self._need_bucket(bucket)
+        if self.index.object(bucket, key) is None:
+            return False
+        await self._commit(P.OBJECT_DELETE, {"bucket": bucket, "key": key, "mtime": time.time()})
+        return True
+
+    async def read_object(self, m: Manifest, start: int = 0, end: int | None = None) -> AsyncIterator[bytes]:
+        """Yield bytes [start, end) of the object, chunk by chunk, each chunk
+        verified against its digest before a byte of it is served."""
+        end = m.size if end is None else end
+        loop = asyncio.get_running_loop()
+        offset = 0
+        for ref in m.chunks:
+            c_start, c_end = offset, offset + ref.size
+            offset = c_end
+            if c_end <= start:
+                continue
+            if c_start >= end:
+                break
+            data = await self._read_chunk(loop, ref)
+            lo = max(start - c_start, 0)
+            hi = min(end, c_end) - c_start
+            yield data if (lo == 0 and hi == ref.size) else memoryview(data)[lo:hi]
+        self.stats["gets"] += 1
+
+    async def _read_chunk(self, loop, ref: ChunkRef) -> bytes:
+        if ref.size <= 64 * 1024:
+            data = self.store.read(ref.digest)
+        else:
+            data = await loop.run_in_executor(self.executor, self.store.read, ref.digest)
+        if len(data) != ref.size:
+            self.stats["integrity_errors"] += 1
+            raise E.IntegrityError(f"chunk {ref.digest}", f"{ref.size} bytes", f"{len(data)} bytes")
+        return data
+
+    def list_objects(self, bucket: str, *, prefix: str = "", delimiter: str = "",
+                     marker: str | None = None, max_keys: int = 1000) -> ListResult:
+        self._need_bucket(bucket)
+        contents: list[Manifest] = []
+        prefixes: list[str] = []
+        if max_keys <= 0:
+            return ListResult([], [], False, None)
+        lo, inclusive = prefix, True
+        if marker is not None and marker >= prefix:
+            lo, inclusive = marker, False
+        last: str | None = None
+        db = self.index.db
+        while True:
+            op = ">=" if inclusive else ">"
+            rows = db.execute(f"SELECT key, seq, manifest FROM objects WHERE bucket=? AND key {op} ? "
+                              f"ORDER BY key LIMIT ?", (bucket, lo, LIST_QUERY_BATCH)).fetchall()
+            if not rows:
+                return ListResult(contents, prefixes, False, None)
+            jumped = False
+            for key, seq, manifest in rows:
+                if not key.startswith(prefix):
+                    return ListResult(contents, prefixes, False, None)
+                if delimiter:
+                    i = key.find(delimiter, len(prefix))
+                    if i >= 0:
+                        cp = key[:i + len(delimiter)]
+                        if (marker is not None and cp <= marker) or (prefixes and prefixes[-1] == cp):
+                            continue
+                        if len(contents) + len(prefixes) >= max_keys:
+                            return ListResult(contents, prefixes, True, last)
+                        prefixes.append(cp)
+                        last = cp
+                        # skip the rest of this common prefix with one seek
+                        lo, inclusive, jumped = cp + "\U0010ffff", False, True
+                        break
+                if len(contents) + len(prefixes) >= max_keys:
+                    return ListResult(contents, prefixes, True, last)
+                contents.append(Manifest.from_json(json.loads(manifest), seq=seq))
+                last = key
+            if not jumped:
+                lo, inclusive = rows[-1][0], False
+
+    # ------------------------------------------------------------------ multipart
+    async def create_upload(self, bucket: str, key: str, owner: str, meta: ObjectMeta,
+                            checksum_algorithm: str | None = None,
+                            checksum_type: str | None = None) -> Upload:
+        self._need_bucket(bucket)
+        up = Upload(upload_id=_new_upload_id(), bucket=bucket, key=key, owner=owner,
+                    initiated=time.time(), meta=meta, checksum_algorithm=checksum_algorithm,
+                    checksum_type=checksum_type)
+        await self._commit(P.UPLOAD_CREATE, {
+            "upload_id": up.upload_id, "bucket": bucket, "key": key, "owner": owner,
+            "initiated": up.initiated, "meta": meta.to_json(),
+            "checksum_algorithm": checksum_algorithm, "checksum_type": checksum_type})
+        return up
+
+    def upload(self, bucket: str, key: str, upload_id: str) -> Upload:
+        self._need_bucket(bucket)
+        up = self.index.upload(upload_id)
+        if up is None or up.bucket != bucket or up.key != key:
+            raise E.NoSuchUpload(UploadId=upload_id)
+        return up
+
+    async def upload_part(self, up: Upload, part_number: int, body: AsyncIterator, *,
+                          want_sha256: bool = False, checksum_algorithms: tuple[str, ...] = (),
+                          verify: Verifier | None = None) -> Part:
+        digests = await self.ingest(body, want_sha256=want_sha256, checksum_algorithms=checksum_algorithms)
+        if verify is not None:
+            verify(digests)
+        return await self.commit_part(up, part_number, digests.size, digests.md5.hex(), digests.chunks,
+                                      {a: base64.b64encode(v).decode() for a, v in digests.checksums.items()})
+
+    async def commit_part(self, up: Upload, part_number: int, size: int, etag: str,
+                          chunks: list[ChunkRef], checksums: dict[str, str]) -> Part:
+        if self.index.upload(up.upload_id) is None:
+            raise E.NoSuchUpload(UploadId=up.upload_id)
+        part = Part(upload_id=up.upload_id, part_number=part_number, etag=etag, size=size,
+                    mtime=time.time(), chunks=chunks, checksums=checksums)
+        await self._commit(P.UPLOAD_PART, part.to_json())
+        return part
+
+    def list_parts(self, up: Upload) -> list[Part]:
+        return self.index.parts(up.upload_id)
+
+    def list_uploads(self, bucket: str) -> list[Upload]:
+        self._need_bucket(bucket)
+        return self.index.uploads(bucket)
+
+    async def abort_upload(self, up: Upload) -> None:
+        await self._commit(P.UPLOAD_ABORT, {"upload_id": up.upload_id})
+
+    async def complete_upload(self, up: Upload, requested: list[tuple[int, str, dict[str, str]]],
+                              precondition: Callable[[Manifest | None], None] | None = None) -> Manifest:
+        """`requested` is [(part_number, etag_without_quotes, {alg: b64})] as the
+        client listed them."""
+        if not requested:
+            raise E.MalformedXML()
+        have = {p.part_number: p for p in self.index.parts(up.upload_id)}
+        chosen: list[Part] = []
+        prev = 0
+        for number, etag, _cks in requested:
+            if number <= prev:
+                raise E.InvalidPartOrder(UploadId=up.upload_id)
+            prev = number
+            p = have.get(number)
+            if p is None or p.etag != etag:
+                raise E.InvalidPart(UploadId=up.upload_id, PartNumber=str(number), ETag=etag)
+            chosen.append(p)
+        for p in chosen[:-1]:
+            if p.size < MIN_PART_SIZE:
+                raise E.EntityTooSmall(ProposedSize=str(p.size), MinSizeAllowed=str(MIN_PART_SIZE),
+                                       PartNumber=str(p.part_number), ETag=p.etag)
+        md5s = b"".join(bytes.fromhex(p.etag) for p in chosen)
+        etag = f"{hashlib.md5(md5s).hexdigest()}-{len(chosen)}"
+        chunks = [c for p in chosen for c in p.chunks]
+        checksums: dict[str, str] = {}
+        ctype = None
+        alg = up.checksum_algorithm
+        if alg and all(alg in p.checksums for p in chosen):
+            from airlock.s3.checksums import composite_checksum
+            checksums[alg] = composite_checksum(alg, [base64.b64decode(p.checksums[alg]) for p in chosen])
+            ctype = "COMPOSITE"
+        m = Manifest(bucket=up.bucket, key=up.key, size=sum(p.size for p in chosen), etag=etag,
+                     mtime=time.time(), meta=up.meta, chunks=chunks, checksums=checksums,
+                     checksum_type=ctype, parts=[p.size for p in chosen],
+                     part_checksums=[p.checksums for p in chosen] if checksums else None)
+        if precondition is not None:
+            precondition(self.index.object(m.bucket, m.key))
+        m.seq = await self._commit(P.UPLOAD_COMPLETE, {"upload_id": up.upload_id, "manifest": m.to_json()})
+        return m
+
+
+def _new_upload_id() -> str:
+    return base64.urlsafe_b64encode(secrets.token_bytes(36)).decode().rstrip("=")

@@ -1,0 +1,130 @@
+"""Streaming ingest of an object body: one pass over each buffer computes the
+chunk boundaries, a BLAKE3 digest per chunk, the MD5 (ETag), the optional
+SHA-256 (signed payloads) and the flexible checksum the client asked for, and
+writes new chunks to the chunk store.
+
+Data flow (one upload):
+
+    event loop: read socket -> decoded buffer --(executor)--> Ingest.feed
+                                                   |-> md5 / sha256 / checksum
+                                                   |-> StreamChunker -> ChunkStore.put
+
+`feed` runs on a worker thread: hashlib, blake3 and the compiled chunker all
+release the GIL, so several uploads proceed in parallel on both cores while the
+event loop keeps reading sockets.  At most `PIPELINE_DEPTH` buffers of one
+upload are in flight, so memory stays bounded whatever the object size.
+"""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import Executor
+
+from airlock.chunk.chunker import StreamChunker
+from airlock.chunk.store import ChunkStore
+from airlock.primary.model import BodyDigests, ChunkRef
+
+INLINE_FEED_BYTES = 64 * 1024       # below this a thread hop costs more than hashing inline
+BATCH_BYTES = 1 * 1024 * 1024       # coalesce socket reads to ~1 MiB before handing to a thread
+PIPELINE_DEPTH = 2                  # buffers of one upload in flight at once (memory bound)
+
+
+def _new_checksum(name: str):
+    from airlock.s3.checksums import new_checksum  # the algorithms live with the S3 layer's helpers
+    return new_checksum(name)
+
+
+class Ingest:
+    """Hashes and chunks one body.  Not thread-safe: feed calls are serialised."""
+
+    def __init__(self, store: ChunkStore, *, want_sha256: bool = False,
+                 checksum_algorithms: tuple[str, ...] = (), chunk_params: dict | None = None):
+        self.store = store
+        self._md5 = hashlib.md5()
+        self._sha256 = hashlib.sha256() if want_sha256 else None
+        self._checksums = {alg: _new_checksum(alg) for alg in checksum_algorithms}
+        self._chunker = StreamChunker(**(chunk_params or {}))
+        self._chunks: list[ChunkRef] = []
+        self._size = 0
+        self._dirs: set[str] = set()
+
+    def feed(self, data) -> None:
+        self._size += len(data)
+        self._md5.update(data)
+        if self._sha256 is not None:
+            self._sha256.update(data)
+        for c in self._checksums.values():
+            c.update(data)
+        self._store_chunks(self._chunker.update(data))
+
+    def finish(self) -> BodyDigests:
+        self._store_chunks(self._chunker.finish())
+        self.store.sync_dirs(self._dirs)
+        return BodyDigests(
+            size=self._size,
+            md5=self._md5.digest(),
+            sha256=self._sha256.digest() if self._sha256 is not None else None,
+            checksums={alg: c.digest() for alg, c in self._checksums.items()},
+            chunks=self._chunks,
+        )
+
+    def _store_chunks(self, chunks) -> None:
+        for digest, data in chunks:
+            hexd = digest.hex()
+            d = self.store.put(hexd, data)
+            if d is not None:
+                self._dirs.add(d)
+            self._chunks.append(ChunkRef(hexd, len(data)))
+
+
+async def ingest_body(ingest: Ingest, body: AsyncIterator, executor: Executor | None,
+                      on_progress: Callable[[int], None] | None = None) -> BodyDigests:
+    """Drive `ingest` over an async iterator of buffers; returns the digests.
+
+    Small bodies are hashed inline on the event loop (a thread hop costs more
+    than hashing 4 KiB); larger ones are coalesced to ~BATCH_BYTES and fed on
+    `executor`, with up to PIPELINE_DEPTH feeds in flight back to back (the
+    next feed is only started after the previous one finished, so order holds).
+    """
+    loop = asyncio.get_running_loop()
+    pending: asyncio.Future | None = None
+    batch: list = []
+    batch_len = 0
+
+    async def submit(buf) -> None:
+        nonlocal pending
+        if pending is not None:
+            await pending
+            pending = None
+        pending = loop.run_in_executor(executor, ingest.feed, buf)
+
+    try:
+        async for data in body:
+            if not data:
+                continue
+            batch.append(data)
+            batch_len += len(data)
+            if batch_len >= BATCH_BYTES:
+                buf = batch[0] if len(batch) == 1 else b"".join(batch)
+                batch, batch_len = [], 0
+                await submit(buf)
+        if pending is not None:
+            await pending
+            pending = None
+        if batch:
+            buf = batch[0] if len(batch) == 1 else b"".join(batch)
+            if len(buf) <= INLINE_FEED_BYTES and ingest._size == 0:
+                ingest.feed(buf)
+                return ingest.finish()
+            await loop.run_in_executor(executor, ingest.feed, buf)
+        if ingest._size <= INLINE_FEED_BYTES:
+            return ingest.finish()
+        return await loop.run_in_executor(executor, ingest.finish)
+    finally:
+        if pending is not None and not pending.done():
+            # the body failed mid-way: let the in-flight feed finish before we return
+            try:
+                await pending
+            except Exception:
+                pass

@@ -1,0 +1,233 @@
+"""The S3 HTTP application: addressing, authentication, routing, errors.
+
+One catch-all aiohttp route hands every request to `S3App.handle`, which
+  1. assigns a request id,
+  2. resolves the bucket and key (path-style or virtual-hosted-style),
+  3. verifies SigV4 (header or presigned),
+  4. picks the handler by method, bucket/key presence and sub-resource,
+  5. maps any exception to an S3 XML error in one place (s3/errors.py).
+Handlers live one module per area (bucket, object, listing, multipart,
+delete) and call the engine; they never touch files.
+"""
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from dataclasses import dataclass, field
+from urllib.parse import unquote
+
+from aiohttp import web
+from multidict import MultiDict
+
+from airlock import errors as E
+from airlock.config import GatewayConfig, User
+from airlock.primary.engine import Engine
+from airlock.s3 import auth
+from airlock.s3.errors import error_response
+
+log = logging.getLogger("airlock.s3")
+
+MAX_KEY_BYTES = 1024            # S3's key length limit, in UTF-8 bytes
+CLIENT_MAX_SIZE = 1 << 20       # aiohttp's cap for bodies read whole (XML); object bodies are streamed
+
+# Sub-resources that exist in S3 but not (yet) in airlock: answered 501 NotImplemented
+UNSUPPORTED_SUBRESOURCES = frozenset({
+    "acl", "policy", "policyStatus", "cors", "lifecycle", "tagging", "website", "logging",
+    "notification", "replication", "encryption", "object-lock", "legal-hold", "retention",
+    "accelerate", "requestPayment", "ownershipControls", "publicAccessBlock", "analytics",
+    "inventory", "metrics", "intelligent-tiering", "restore", "select", "torrent", "attributes",
+    "versions", "versionId", "session", "renameObject", "metadataConfiguration",
+})
+
+
+@dataclass
+class S3Request:
+    """What a handler gets: the aiohttp request plus the resolved S3 facts."""
+
+    request: web.Request
+    request_id: str
+    bucket: str | None
+    key: str | None
+    query: MultiDict
+    user: User | None = None
+    auth: auth.AuthContext | None = None
+    engine: Engine | None = None
+    config: GatewayConfig | None = None
+    extra_headers: dict = field(default_factory=dict)
+
+    @property
+    def method(self) -> str:
+        return self.request.method
+
+    @property
+    def headers(self):
+        return self.request.headers
+
+    def owner_xml(self, user_id: str | None = None) -> str:
+        """<Owner> of `user_id` (default: the caller) with the configured display name."""
+        from airlock.s3.xml import el
+        uid = user_id or self.user.user_id
+        name = self.app_users_by_id.get(uid).display_name if uid in self.app_users_by_id else uid
+        return f"<Owner>{el('ID', uid)}{el('DisplayName', name)}</Owner>"
+
+    @property
+    def app_users_by_id(self) -> dict[str, User]:
+        return self.request.app["users_by_id"]
+
+
+def _new_request_id() -> str:
+    return secrets.token_hex(8).upper()
+
+
+class S3App:
+    def __init__(self, engine: Engine, config: GatewayConfig):
+        self.engine = engine
+        self.config = config
+        self.users = config.user_by_key()
+        self.domains = sorted((d.lower().strip(".") for d in config.domains), key=len, reverse=True)
+
+    def lookup_secret(self, access_key: str) -> str | None:
+        u = self.users.get(access_key)
+        return u.secret_key if u else None
+
+    # ------------------------------------------------------------------ addressing
+    def _address(self, request: web.Request) -> tuple[str | None, str | None, bool]:
+        """(bucket, key, virtual_hosted) of a request."""
+        raw_path = request.rel_url.raw_path
+        host = (request.headers.get("Host") or "").lower()
+        if host.startswith("["):
+            hostname = host.split("]")[0] + "]"
+        else:
+            hostname = host.rsplit(":", 1)[0] if ":" in host else host
+        vhost_bucket = None
+        for d in self.domains:
+            if hostname.endswith("." + d):
+                vhost_bucket = hostname[: -len(d) - 1]
+                break
+        try:
+            path = unquote(raw_path, errors="strict")
+        except UnicodeDecodeError:
+            raise E.InvalidArgument("Object key is not valid UTF-8.") from None
+        if vhost_bucket is not None:
+            key = path[1:] if path.startswith("/") else path
+            return vhost_bucket, (key or None), True
+        if not path.startswith("/"):
+            raise E.InvalidArgument("Invalid path.")
+        bucket, _, key = path[1:].partition("/")
+        return (bucket or None), (key or None), False
+
+    # ------------------------------------------------------------------ entry point
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        rid = _new_request_id()
+        started = time.monotonic()
+        try:
+            resp = await self._handle(request, rid)
+        except web.HTTPException:
+            raise
+        except Exception as exc:  # every error becomes an S3 XML error here
+            if isinstance(exc, (ConnectionResetError,)):
+                raise
+            resp = error_response(exc, rid, request.method)
+            if not isinstance(exc, E.S3Error) or exc.status >= 500:
+                log.warning("%s %s -> %s (%s)", request.method, request.rel_url, resp.status, exc)
+        if not resp.prepared:
+            resp.headers.setdefault("x-amz-request-id", rid)
+            resp.headers.setdefault("x-amz-id-2", rid)
+        log.debug("%s %s %s %.1fms", request.method, request.rel_url, resp.status,
+                  (time.monotonic() - started) * 1000)
+        return resp
+
+    async def _handle(self, request: web.Request, rid: str) -> web.StreamResponse:
+        bucket, key, vhost = self._address(request)
+        query = MultiDict(request.rel_url.query)
+        ctx = S3Request(request=request, request_id=rid, bucket=bucket, key=key, query=query,
+                        engine=self.engine, config=self.config)
+        if key is not None and len(key.encode("utf-8")) > MAX_KEY_BYTES:
+            raise E.KeyTooLongError(Size=str(len(key.encode("utf-8"))), MaxSizeAllowed=str(MAX_KEY_BYTES))
+        actx = auth.authenticate(request.method, request.rel_url.raw_path,
+                                 request.rel_url.raw_query_string, request.headers, self.lookup_secret,
+                                 virtual_host_bucket=bucket if vhost else None)
+        ctx.auth = actx
+        ctx.user = self.users[actx.access_key]
+        handler = self._route(ctx)
+        return await handler(ctx)
+
+    # ------------------------------------------------------------------ routing
+    def _route(self, ctx: S3Request):
+        from airlock.s3 import bucket as B
+        from airlock.s3 import delete as D
+        from airlock.s3 import listing as L
+        from airlock.s3 import multipart as M
+        from airlock.s3 import object as O
+
+        m, q = ctx.method, ctx.query
+        if ctx.bucket is None:
+            if m == "GET":
+                return B.list_buckets
+            raise E.MethodNotAllowed(Method=m, ResourceType="SERVICE")
+        if ctx.key is None:
+            sub = [k for k in q if k in UNSUPPORTED_SUBRESOURCES]
+            if m == "GET":
+                if "location" in q:
+                    return B.get_bucket_location
+                if "versioning" in q:
+                    return B.get_bucket_versioning
+                if "uploads" in q:
+                    return M.list_uploads
+                if sub:
+                    raise E.NotImplementedS3(f"The {sub[0]} sub-resource is not implemented.")
+                if q.get("list-type") == "2":
+                    return L.list_objects_v2
+                return L.list_objects_v1
+            if m == "HEAD":
+                return B.head_bucket
+            if m == "PUT":
+                if "versioning" in q or sub:
+                    name = "versioning" if "versioning" in q else sub[0]
+                    raise E.NotImplementedS3(f"The {name} sub-resource is not implemented.")
+                return B.create_bucket
+            if m == "DELETE":
+                if sub:
+                    raise E.NotImplementedS3(f"The {sub[0]} sub-resource is not implemented.")
+                return B.delete_bucket
+            if m == "POST" and "delete" in q:
+                return D.delete_objects
+            raise E.MethodNotAllowed(Method=m, ResourceType="BUCKET")
+        # object level
+        sub = [k for k in q if k in UNSUPPORTED_SUBRESOURCES and k != "versionId"]
+        if sub:
+            raise E.NotImplementedS3(f"The {sub[0]} sub-resource is not implemented.")
+        if m == "GET":
+            if "uploadId" in q:
+                return M.list_parts
+            return O.get_object
+        if m == "HEAD":
+            return O.head_object
+        if m == "PUT":
+            if "uploadId" in q or "partNumber" in q:
+                if "x-amz-copy-source" in ctx.headers:
+                    return M.upload_part_copy
+                return M.upload_part
+            if "x-amz-copy-source" in ctx.headers:
+                return O.copy_object
+            return O.put_object
+        if m == "DELETE":
+            if "uploadId" in q:
+                return M.abort_upload
+            return O.delete_object
+        if m == "POST":
+            if "uploads" in q:
+                return M.create_upload
+            if "uploadId" in q:
+                return M.complete_upload
+        raise E.MethodNotAllowed(Method=m, ResourceType="OBJECT")
+
+
+def make_app(engine: Engine, config: GatewayConfig) -> web.Application:
+    s3 = S3App(engine, config)
+    app = web.Application(client_max_size=CLIENT_MAX_SIZE, handler_args={"max_field_size": 65536})
+    app["s3"] = s3
+    app["users_by_id"] = {u.user_id: u for u in config.users}
+    app.router.add_route("*", "/{tail:.*}", s3.handle)
+    return app

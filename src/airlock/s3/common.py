@@ -1,0 +1,55 @@
+"""Helpers shared by the S3 handlers: access checks, names, small responses."""
+from __future__ import annotations
+
+import re
+
+from aiohttp import web
+
+from airlock import errors as E
+from airlock.primary.model import Bucket
+
+_BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+_IPV4_RE = re.compile(r"^\d{1,3}(\.\d{1,3}){3}$")
+XML_CONTENT_TYPE = "application/xml"
+
+
+def check_bucket_name(name: str) -> None:
+    """S3's bucket naming rules (general purpose buckets)."""
+    if (not _BUCKET_RE.match(name) or ".." in name or ".-" in name or "-." in name
+            or _IPV4_RE.match(name) or name.startswith(("xn--", "sthree-", "amzn-s3-demo-"))
+            or name.endswith(("-s3alias", "--ol-s3", ".mrap", "--x-s3"))):
+        raise E.InvalidBucketName(BucketName=name)
+
+
+def owned_bucket(ctx) -> Bucket:
+    """The request's bucket, if it exists and belongs to the caller."""
+    b = ctx.engine.bucket(ctx.bucket)
+    if b is None:
+        raise E.NoSuchBucket(BucketName=ctx.bucket)
+    if b.owner != ctx.user.user_id:
+        raise E.AccessDenied()
+    return b
+
+
+def xml_response(body: bytes, status: int = 200, headers: dict | None = None) -> web.Response:
+    h = {"Content-Type": XML_CONTENT_TYPE}
+    if headers:
+        h.update(headers)
+    return web.Response(status=status, body=body, headers=h)
+
+
+def int_param(query, name: str, default: int, lo: int = 0, hi: int | None = None) -> int:
+    raw = query.get(name)
+    if raw is None:
+        return default
+    try:
+        v = int(raw)
+    except ValueError:
+        raise E.InvalidArgument(f"Provided {name} not an integer or within integer range",
+                                ArgumentName=name, ArgumentValue=raw) from None
+    if v < lo:
+        raise E.InvalidArgument(f"Argument {name} must be an integer between {lo} and 2147483647",
+                                ArgumentName=name, ArgumentValue=raw)
+    if hi is not None:
+        v = min(v, hi)
+    return v

@@ -1,0 +1,52 @@
+"""DeleteObjects: up to 1000 keys in one request; each key succeeds or fails alone."""
+from __future__ import annotations
+
+import asyncio
+
+from aiohttp import web
+
+from airlock import errors as E
+from airlock.s3.body import read_small_body
+from airlock.s3.common import owned_bucket, xml_response
+from airlock.s3.errors import to_s3_error
+from airlock.s3.xml import MAX_XML_BODY, child_text, children, doc, el, parse
+
+MAX_DELETE_KEYS = 1000   # S3's limit per DeleteObjects request
+
+
+async def delete_objects(ctx) -> web.Response:
+    owned_bucket(ctx)
+    body = await read_small_body(ctx.request, ctx.auth, MAX_XML_BODY)
+    root = parse(body, "Delete")
+    quiet = (child_text(root, "Quiet") or "false").strip().lower() == "true"
+    objects = children(root, "Object")
+    if not objects or len(objects) > MAX_DELETE_KEYS:
+        raise E.MalformedXML()
+    keys: list[tuple[str, str | None]] = []
+    for o in objects:
+        key = child_text(o, "Key")
+        if key is None:
+            raise E.MalformedXML()
+        keys.append((key, child_text(o, "VersionId")))
+
+    async def one(key: str, version: str | None):
+        try:
+            if version not in (None, "null"):
+                raise E.NoSuchVersion(VersionId=version)
+            await ctx.engine.delete_object(ctx.bucket, key)
+            return key, version, None
+        except Exception as exc:  # per-key errors go into the result document
+            return key, version, to_s3_error(exc)
+
+    # concurrent deletes share fsyncs through the log's group commit
+    results = await asyncio.gather(*(one(k, v) for k, v in keys))
+    out = []
+    for key, version, err in results:
+        if err is None:
+            if not quiet:
+                v = el("VersionId", version) if version else ""
+                out.append(f"<Deleted>{el('Key', key)}{v}</Deleted>")
+        else:
+            v = el("VersionId", version) if version else ""
+            out.append(f"<Error>{el('Key', key)}{v}{el('Code', err.code)}{el('Message', err.message)}</Error>")
+    return xml_response(doc("DeleteResult", "".join(out)))

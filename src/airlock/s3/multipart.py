@@ -1,0 +1,204 @@
+"""Multipart uploads: create, upload part (and part copy), complete, abort,
+list parts, list uploads."""
+from __future__ import annotations
+
+from aiohttp import web
+
+from airlock import errors as E
+from airlock.s3 import checksums
+from airlock.s3.body import BodyStream, read_small_body
+from airlock.s3.common import int_param, owned_bucket, xml_response
+from airlock.s3.object import (_byte_range, etag_header, meta_from_headers, source_manifest,
+                               write_precondition)
+from airlock.s3.xml import MAX_XML_BODY, child_text, children, doc, el, iso8601, parse
+
+MAX_PART_NUMBER = 10000
+MAX_LIST = 1000
+
+
+def _upload(ctx):
+    owned_bucket(ctx)
+    return ctx.engine.upload(ctx.bucket, ctx.key, ctx.query.get("uploadId", ""))
+
+
+def _part_number(ctx) -> int:
+    raw = ctx.query.get("partNumber", "")
+    if not raw.isdigit() or not 1 <= int(raw) <= MAX_PART_NUMBER:
+        raise E.InvalidArgument("Part number must be an integer between 1 and 10000, inclusive",
+                                ArgumentName="partNumber", ArgumentValue=raw)
+    return int(raw)
+
+
+async def create_upload(ctx) -> web.Response:
+    owned_bucket(ctx)
+    meta = meta_from_headers(ctx.headers)
+    alg = ctx.headers.get("x-amz-checksum-algorithm")
+    if alg is not None:
+        alg = alg.upper()
+        if alg not in checksums.ALGORITHMS:
+            raise E.InvalidRequest("Checksum algorithm provided is unsupported.")
+    ctype = ctx.headers.get("x-amz-checksum-type")
+    if ctype is not None and ctype.upper() not in ("COMPOSITE", "FULL_OBJECT"):
+        raise E.InvalidRequest("Value for x-amz-checksum-type header is invalid.")
+    up = await ctx.engine.create_upload(ctx.bucket, ctx.key, ctx.user.user_id, meta,
+                                        checksum_algorithm=alg, checksum_type=ctype)
+    headers = {}
+    if alg:
+        headers["x-amz-checksum-algorithm"] = alg
+        headers["x-amz-checksum-type"] = (ctype or "COMPOSITE").upper()
+    body = el("Bucket", ctx.bucket) + el("Key", ctx.key) + el("UploadId", up.upload_id)
+    return xml_response(doc("InitiateMultipartUploadResult", body), headers=headers)
+
+
+async def upload_part(ctx) -> web.Response:
+    number = _part_number(ctx)
+    up = _upload(ctx)
+    body = BodyStream(ctx.request, ctx.auth)
+    part = await ctx.engine.upload_part(up, number, body, want_sha256=body.want_sha256,
+                                        checksum_algorithms=body.checksum_algorithms, verify=body.verify)
+    headers = {"ETag": etag_header(part.etag)}
+    for alg, v in part.checksums.items():
+        headers[checksums.header_name(alg)] = v
+    return web.Response(status=200, headers=headers)
+
+
+async def upload_part_copy(ctx) -> web.Response:
+    number = _part_number(ctx)
+    up = _upload(ctx)
+    src = source_manifest(ctx)
+    rng_header = ctx.headers.get("x-amz-copy-source-range")
+    if rng_header is not None:
+        rng = _byte_range(rng_header, src.size)
+        if rng is None:
+            raise E.InvalidArgument("The x-amz-copy-source-range value must be of the form "
+                                    "bytes=first-last where first and last are the zero-based offsets "
+                                    "of the first and last bytes to copy",
+                                    ArgumentName="x-amz-copy-source-range", ArgumentValue=rng_header)
+        start, end = rng
+    else:
+        start, end = 0, src.size
+    algs = (up.checksum_algorithm,) if up.checksum_algorithm else ()
+    part = await ctx.engine.upload_part(up, number, ctx.engine.read_object(src, start, end),
+                                        checksum_algorithms=algs)
+    body = el("ETag", etag_header(part.etag)) + el("LastModified", iso8601(part.mtime))
+    for alg, v in part.checksums.items():
+        body += el(f"Checksum{alg}", v)
+    return xml_response(doc("CopyPartResult", body))
+
+
+async def complete_upload(ctx) -> web.Response:
+    up = _upload(ctx)
+    cond = write_precondition(ctx.headers)
+    raw = await read_small_body(ctx.request, ctx.auth, MAX_XML_BODY)
+    root = parse(raw, "CompleteMultipartUpload")
+    requested = []
+    for p in children(root, "Part"):
+        num = child_text(p, "PartNumber")
+        etag = child_text(p, "ETag")
+        if num is None or etag is None or not num.strip().isdigit():
+            raise E.MalformedXML()
+        cks = {alg: v for alg in checksums.ALGORITHMS
+               if (v := child_text(p, f"Checksum{alg}")) is not None}
+        requested.append((int(num), etag.strip().strip('"'), cks))
+    m = await ctx.engine.complete_upload(up, requested, precondition=cond)
+    host = ctx.headers.get("Host", "")
+    body = (el("Location", f"http://{host}/{ctx.bucket}/{ctx.key}") + el("Bucket", ctx.bucket)
+            + el("Key", ctx.key) + el("ETag", etag_header(m.etag)))
+    headers = {}
+    for alg, v in m.checksums.items():
+        body += el(f"Checksum{alg}", v)
+        headers[checksums.header_name(alg)] = v
+    if m.checksum_type:
+        body += el("ChecksumType", m.checksum_type)
+    return xml_response(doc("CompleteMultipartUploadResult", body), headers=headers)
+
+
+async def abort_upload(ctx) -> web.Response:
+    up = _upload(ctx)
+    await ctx.engine.abort_upload(up)
+    return web.Response(status=204)
+
+
+async def list_parts(ctx) -> web.Response:
+    up = _upload(ctx)
+    q = ctx.query
+    max_parts = int_param(q, "max-parts", MAX_LIST, 0, MAX_LIST)
+    marker = int_param(q, "part-number-marker", 0, 0)
+    parts = [p for p in ctx.engine.list_parts(up) if p.part_number > marker]
+    truncated = len(parts) > max_parts
+    parts = parts[:max_parts]
+    owner = ctx.owner_xml(up.owner)
+    body = (el("Bucket", ctx.bucket) + el("Key", ctx.key) + el("UploadId", up.upload_id)
+            + owner.replace("<Owner>", "<Initiator>").replace("</Owner>", "</Initiator>") + owner
+            + el("StorageClass", up.meta.storage_class) + el("PartNumberMarker", marker))
+    if parts:
+        body += el("NextPartNumberMarker", parts[-1].part_number)
+    body += el("MaxParts", max_parts) + el("IsTruncated", "true" if truncated else "false")
+    if up.checksum_algorithm:
+        body += el("ChecksumAlgorithm", up.checksum_algorithm)
+    for p in parts:
+        body += (f"<Part>{el('PartNumber', p.part_number)}{el('LastModified', iso8601(p.mtime))}"
+                 f"{el('ETag', etag_header(p.etag))}{el('Size', p.size)}")
+        body += "".join(el(f"Checksum{a}", v) for a, v in p.checksums.items())
+        body += "</Part>"
+    return xml_response(doc("ListPartsResult", body))
+
+
+async def list_uploads(ctx) -> web.Response:
+    owned_bucket(ctx)
+    q = ctx.query
+    prefix = q.get("prefix", "")
+    delimiter = q.get("delimiter", "")
+    key_marker = q.get("key-marker", "")
+    id_marker = q.get("upload-id-marker", "")
+    max_uploads = int_param(q, "max-uploads", MAX_LIST, 0, MAX_LIST)
+    uploads = ctx.engine.list_uploads(ctx.bucket)
+    items: list = []
+    prefixes: list[str] = []
+    truncated = False
+    seen_marker = not id_marker
+    for up in uploads:
+        if not up.key.startswith(prefix):
+            continue
+        if key_marker:
+            if up.key < key_marker:
+                continue
+            if up.key == key_marker:
+                if not id_marker:
+                    continue
+                if not seen_marker:
+                    if up.upload_id == id_marker:
+                        seen_marker = True
+                    continue
+        if delimiter:
+            i = up.key.find(delimiter, len(prefix))
+            if i >= 0:
+                cp = up.key[:i + len(delimiter)]
+                if cp in prefixes or (key_marker and cp <= key_marker):
+                    continue
+                if len(items) + len(prefixes) >= max_uploads:
+                    truncated = True
+                    break
+                prefixes.append(cp)
+                continue
+        if len(items) + len(prefixes) >= max_uploads:
+            truncated = True
+            break
+        items.append(up)
+    body = (el("Bucket", ctx.bucket) + el("KeyMarker", key_marker) + el("UploadIdMarker", id_marker))
+    if truncated and items:
+        body += el("NextKeyMarker", items[-1].key) + el("NextUploadIdMarker", items[-1].upload_id)
+    body += el("MaxUploads", max_uploads)
+    if delimiter:
+        body += el("Delimiter", delimiter)
+    if prefix:
+        body += el("Prefix", prefix)
+    body += el("IsTruncated", "true" if truncated else "false")
+    for up in items:
+        owner = ctx.owner_xml(up.owner)
+        body += (f"<Upload>{el('Key', up.key)}{el('UploadId', up.upload_id)}"
+                 f"{owner.replace('<Owner>', '<Initiator>').replace('</Owner>', '</Initiator>')}{owner}"
+                 f"{el('StorageClass', up.meta.storage_class)}{el('Initiated', iso8601(up.initiated))}"
+                 f"</Upload>")
+    body += "".join(f"<CommonPrefixes>{el('Prefix', p)}</CommonPrefixes>" for p in prefixes)
+    return xml_response(doc("ListMultipartUploadsResult", body))

@@ -1,0 +1,318 @@
+"""Object operations: PutObject, GetObject, HeadObject, DeleteObject, CopyObject."""
+from __future__ import annotations
+
+import email.utils
+import re
+from urllib.parse import unquote
+
+from aiohttp import web
+
+from airlock import errors as E
+from airlock.primary.model import STORED_HEADERS, Manifest, ObjectMeta
+from airlock.s3 import checksums
+from airlock.s3.body import BodyStream
+from airlock.s3.common import owned_bucket, xml_response
+from airlock.s3.xml import doc, el, http_date, iso8601
+
+MAX_USER_METADATA = 2048       # bytes of x-amz-meta-* names + values (S3's limit)
+STORAGE_CLASSES = frozenset({
+    "STANDARD", "REDUCED_REDUNDANCY", "STANDARD_IA", "ONEZONE_IA", "INTELLIGENT_TIERING",
+    "GLACIER", "DEEP_ARCHIVE", "GLACIER_IR", "OUTPOSTS", "SNOW", "EXPRESS_ONEZONE"})
+RESPONSE_OVERRIDES = {
+    "response-content-type": "Content-Type", "response-content-language": "Content-Language",
+    "response-expires": "Expires", "response-cache-control": "Cache-Control",
+    "response-content-disposition": "Content-Disposition",
+    "response-content-encoding": "Content-Encoding",
+}
+_RANGE_RE = re.compile(r"^bytes=(\d*)-(\d*)$")
+
+
+# ---------------------------------------------------------------------------- metadata
+def meta_from_headers(headers) -> ObjectMeta:
+    stored = {h: headers[h] for h in STORED_HEADERS if h in headers}
+    user: dict[str, str] = {}
+    size = 0
+    for name, value in headers.items():
+        lname = name.lower()
+        if lname.startswith("x-amz-meta-"):
+            k = lname[len("x-amz-meta-"):]
+            user[k] = f"{user[k]},{value}" if k in user else value
+            size += len(k) + len(value)
+    if size > MAX_USER_METADATA:
+        raise E.MetadataTooLarge(Size=str(size), MaxSizeAllowed=str(MAX_USER_METADATA))
+    sc = headers.get("x-amz-storage-class", "STANDARD")
+    if sc not in STORAGE_CLASSES:
+        raise E.InvalidStorageClass(StorageClassRequested=sc)
+    return ObjectMeta(headers=stored, user=user, storage_class=sc, tagging=headers.get("x-amz-tagging"))
+
+
+def etag_header(etag: str) -> str:
+    return f'"{etag}"'
+
+
+def _etags(value: str) -> list[str]:
+    return [v.strip().strip('"') for v in value.split(",")]
+
+
+def _parse_http_date(value: str) -> float | None:
+    try:
+        d = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return d.timestamp() if d is not None else None
+
+
+def write_precondition(headers):
+    """If-Match / If-None-Match on PUT and CompleteMultipartUpload (S3 conditional writes)."""
+    if_match = headers.get("If-Match")
+    if_none = headers.get("If-None-Match")
+    if if_none is not None and if_none.strip() != "*":
+        raise E.NotImplementedS3("If-None-Match on writes only supports '*'.", Header="If-None-Match")
+    if if_match is None and if_none is None:
+        return None
+
+    def check(current: Manifest | None) -> None:
+        if if_none is not None and current is not None:
+            raise E.PreconditionFailed(Condition="If-None-Match")
+        if if_match is not None:
+            if current is None:
+                raise E.NoSuchKey()
+            if current.etag not in _etags(if_match) and "*" not in _etags(if_match):
+                raise E.PreconditionFailed(Condition="If-Match")
+    return check
+
+
+def check_read_conditions(headers, m: Manifest, prefix: str = "") -> None:
+    """GET/HEAD (prefix "") and copy-source (prefix "x-amz-copy-source-") conditionals,
+    with S3's precedence rules."""
+    if_match = headers.get(prefix + "If-Match")
+    if_none = headers.get(prefix + "If-None-Match")
+    if_unmod = headers.get(prefix + "If-Unmodified-Since")
+    if_mod = headers.get(prefix + "If-Modified-Since")
+    mtime = int(m.mtime)
+    cond_failed = E.PreconditionFailed
+    if if_match is not None:
+        tags = _etags(if_match)
+        if m.etag not in tags and "*" not in tags:
+            raise cond_failed(Condition=prefix + "If-Match")
+    elif if_unmod is not None:
+        t = _parse_http_date(if_unmod)
+        if t is not None and mtime > t:
+            raise cond_failed(Condition=prefix + "If-Unmodified-Since")
+    not_modified = E.NotModified if not prefix else E.PreconditionFailed
+    if if_none is not None:
+        tags = _etags(if_none)
+        if m.etag in tags or "*" in tags:
+            raise not_modified(Condition=prefix + "If-None-Match")
+    elif if_mod is not None:
+        t = _parse_http_date(if_mod)
+        if t is not None and mtime <= t:
+            raise not_modified(Condition=prefix + "If-Modified-Since")
+
+
+def object_headers(m: Manifest, with_checksums: bool) -> dict[str, str]:
+    h = {
+        "ETag": etag_header(m.etag),
+        "Last-Modified": http_date(m.mtime),
+        "Content-Type": m.meta.content_type,
+        "Accept-Ranges": "bytes",
+    }
+    for name, value in m.meta.headers.items():
+        if name != "content-type":
+            h[name.title()] = value
+    for k, v in m.meta.user.items():
+        h[f"x-amz-meta-{k}"] = v
+    if m.meta.storage_class != "STANDARD":
+        h["x-amz-storage-class"] = m.meta.storage_class
+    if m.parts:
+        h["x-amz-mp-parts-count"] = str(len(m.parts))
+    if with_checksums and m.checksums:
+        for alg, v in m.checksums.items():
+            h[checksums.header_name(alg)] = v
+        if m.checksum_type:
+            h["x-amz-checksum-type"] = m.checksum_type
+    return h
+
+
+# ---------------------------------------------------------------------------- PUT
+async def put_object(ctx) -> web.Response:
+    owned_bucket(ctx)
+    meta = meta_from_headers(ctx.headers)
+    cond = write_precondition(ctx.headers)
+    body = BodyStream(ctx.request, ctx.auth)
+    m = await ctx.engine.put_object(ctx.bucket, ctx.key, body, meta, want_sha256=body.want_sha256,
+                                    checksum_algorithms=body.checksum_algorithms,
+                                    verify=body.verify, precondition=cond)
+    headers = {"ETag": etag_header(m.etag)}
+    for alg, v in m.checksums.items():
+        headers[checksums.header_name(alg)] = v
+        headers["x-amz-checksum-type"] = "FULL_OBJECT"
+    return web.Response(status=200, headers=headers)
+
+
+# ---------------------------------------------------------------------------- GET / HEAD
+def _byte_range(header: str | None, size: int) -> tuple[int, int] | None:
+    """[start, end) for a single byte range; None to serve the whole object."""
+    if header is None:
+        return None
+    mr = _RANGE_RE.match(header.strip())
+    if mr is None:
+        return None  # S3 ignores ranges it cannot parse (including multiple ranges)
+    a, b = mr.groups()
+    if a == "" and b == "":
+        return None
+    if a == "":
+        n = int(b)
+        if n == 0:
+            raise E.InvalidRange(RangeRequested=header, ActualObjectSize=str(size))
+        return max(size - n, 0), size
+    start = int(a)
+    end = size if b == "" else min(int(b) + 1, size)
+    if b != "" and int(b) < start:
+        return None
+    if start >= size:
+        raise E.InvalidRange(RangeRequested=header, ActualObjectSize=str(size))
+    return start, end
+
+
+def _part_range(m: Manifest, part_number: int) -> tuple[int, int]:
+    parts = m.parts or [m.size]
+    if part_number > len(parts):
+        raise E.InvalidPartNumber(PartNumberRequested=str(part_number), ActualPartCount=str(len(parts)))
+    start = sum(parts[:part_number - 1])
+    return start, start + parts[part_number - 1]
+
+
+def _resolve_read(ctx):
+    owned_bucket(ctx)
+    m = ctx.engine.head_object(ctx.bucket, ctx.key)
+    check_read_conditions(ctx.headers, m)
+    headers = object_headers(m, with_checksums=ctx.headers.get("x-amz-checksum-mode", "").upper() == "ENABLED")
+    for q, h in RESPONSE_OVERRIDES.items():
+        if q in ctx.query:
+            headers[h] = ctx.query[q]
+    status, rng = 200, None
+    pn = ctx.query.get("partNumber")
+    if pn is not None:
+        if not pn.isdigit() or not 1 <= int(pn) <= 10000:
+            raise E.InvalidArgument("Part number must be an integer between 1 and 10000, inclusive",
+                                    ArgumentName="partNumber", ArgumentValue=pn)
+        if "Range" in ctx.headers:
+            raise E.InvalidRequest("Cannot specify both Range header and partNumber query parameter")
+        rng = _part_range(m, int(pn))
+        status = 206
+        headers.pop("x-amz-checksum-type", None)
+        for alg in list(m.checksums):
+            headers.pop(checksums.header_name(alg), None)
+    else:
+        rng = _byte_range(ctx.headers.get("Range"), m.size) if m.size or "Range" in ctx.headers else None
+        if rng is not None:
+            status = 206
+            for alg in list(m.checksums):
+                headers.pop(checksums.header_name(alg), None)
+            headers.pop("x-amz-checksum-type", None)
+    if rng is None:
+        start, end = 0, m.size
+    else:
+        start, end = rng
+        headers["Content-Range"] = f"bytes {start}-{end - 1}/{m.size}" if end > start else f"bytes */{m.size}"
+    headers["Content-Length"] = str(end - start)
+    return m, status, headers, start, end
+
+
+async def head_object(ctx) -> web.Response:
+    _m, status, headers, _s, _e = _resolve_read(ctx)
+    length = int(headers.pop("Content-Length"))
+    resp = web.StreamResponse(status=status, headers=headers)
+    resp.content_length = length
+    await resp.prepare(ctx.request)
+    await resp.write_eof()
+    return resp
+
+
+async def get_object(ctx) -> web.StreamResponse:
+    m, status, headers, start, end = _resolve_read(ctx)
+    length = int(headers.pop("Content-Length"))
+    chunks = ctx.engine.read_object(m, start, end)
+    # fetch the first chunk before answering, so a missing or corrupt first
+    # chunk is still an S3 error rather than a cut-off 200
+    first = None
+    if length:
+        first = await chunks.__anext__()
+    resp = web.StreamResponse(status=status, headers=headers)
+    resp.content_length = length
+    await resp.prepare(ctx.request)
+    if first is not None:
+        await resp.write(first)
+        async for piece in chunks:
+            await resp.write(piece)
+    await resp.write_eof()
+    return resp
+
+
+# ---------------------------------------------------------------------------- DELETE
+async def delete_object(ctx) -> web.Response:
+    owned_bucket(ctx)
+    await ctx.engine.delete_object(ctx.bucket, ctx.key)
+    return web.Response(status=204)
+
+
+# ---------------------------------------------------------------------------- COPY
+def parse_copy_source(ctx) -> tuple[str, str]:
+    raw = ctx.headers["x-amz-copy-source"]
+    src, _, qs = raw.partition("?")
+    if qs and not qs.startswith("versionId="):
+        raise E.InvalidArgument("Invalid copy source", ArgumentName="x-amz-copy-source")
+    if qs and qs != "versionId=null":
+        raise E.NoSuchVersion(VersionId=qs[len("versionId="):])
+    try:
+        src = unquote(src, errors="strict")
+    except UnicodeDecodeError:
+        raise E.InvalidArgument("Invalid copy source encoding", ArgumentName="x-amz-copy-source") from None
+    src = src.lstrip("/")
+    bucket, _, key = src.partition("/")
+    if not bucket or not key:
+        raise E.InvalidArgument("Copy Source must mention the source bucket and key: sourcebucket/sourcekey",
+                                ArgumentName="x-amz-copy-source", ArgumentValue=raw)
+    return bucket, key
+
+
+def source_manifest(ctx) -> Manifest:
+    sbucket, skey = parse_copy_source(ctx)
+    b = ctx.engine.bucket(sbucket)
+    if b is None:
+        raise E.NoSuchBucket(BucketName=sbucket)
+    if b.owner != ctx.user.user_id:
+        raise E.AccessDenied()
+    src = ctx.engine.head_object(sbucket, skey)
+    check_read_conditions(ctx.headers, src, prefix="x-amz-copy-source-")
+    return src
+
+
+async def copy_object(ctx) -> web.Response:
+    owned_bucket(ctx)
+    src = source_manifest(ctx)
+    directive = ctx.headers.get("x-amz-metadata-directive", "COPY").upper()
+    if directive not in ("COPY", "REPLACE"):
+        raise E.InvalidArgument("Unknown metadata directive.", ArgumentName="x-amz-metadata-directive",
+                                ArgumentValue=directive)
+    if directive == "REPLACE":
+        meta = meta_from_headers(ctx.headers)
+    else:
+        meta = ObjectMeta(headers=dict(src.meta.headers), user=dict(src.meta.user),
+                          storage_class=ctx.headers.get("x-amz-storage-class", src.meta.storage_class),
+                          tagging=src.meta.tagging)
+        if meta.storage_class not in STORAGE_CLASSES:
+            raise E.InvalidStorageClass(StorageClassRequested=meta.storage_class)
+    if (src.bucket, src.key) == (ctx.bucket, ctx.key) and directive == "COPY" \
+            and "x-amz-storage-class" not in ctx.headers:
+        raise E.InvalidRequest(
+            "This copy request is illegal because it is trying to copy an object to itself without "
+            "changing the object's metadata, storage class, website redirect location or encryption "
+            "attributes.")
+    m = await ctx.engine.copy_object(src, ctx.bucket, ctx.key, meta,
+                                     precondition=write_precondition(ctx.headers))
+    body = el("LastModified", iso8601(m.mtime)) + el("ETag", etag_header(m.etag))
+    for alg, v in m.checksums.items():
+        body += el(f"Checksum{alg}", v)
+    return xml_response(doc("CopyObjectResult", body))
