@@ -7,6 +7,11 @@
     domains = ["localhost"]       # virtual-hosted-style: <bucket>.<domain>
     fsync = true                  # false only for throw-away benchmarks
 
+    [link]                        # the controlled link to the vault; without it the
+    vault = "127.0.0.1:9001"      # gateway runs local-only (tests and benchmarks only)
+    keys = "/etc/airlock/keys"    # primary.crt, primary.key (own), vault.crt (the vault's, pinned)
+    ack_timeout = 10.0            # seconds to wait for the vault's durable ack, then 503
+
     [[users]]
     access_key = "..."
     secret_key = "..."
@@ -48,6 +53,9 @@ class GatewayConfig:
     domains: list[str] = field(default_factory=lambda: ["localhost"])
     fsync: bool = True
     users: list[User] = field(default_factory=list)
+    vault: tuple[str, int] | None = None   # link target; None = local-only commit point
+    link_keys: str | None = None
+    ack_timeout: float = 10.0
 
     def user_by_key(self) -> dict[str, User]:
         return {u.access_key: u for u in self.users}
@@ -87,6 +95,20 @@ def load_gateway_config(path: str | None) -> GatewayConfig:
     cfg.region = str(g.get("region", cfg.region))
     cfg.domains = list(g.get("domains", cfg.domains))
     cfg.fsync = bool(g.get("fsync", cfg.fsync))
+    link = raw.get("link", {})
+    if not isinstance(link, dict):
+        raise ConfigError("[link] must be a table")
+    if "vault" in link:
+        cfg.vault = _parse_listen(str(link["vault"]))
+    if "keys" in link:
+        cfg.link_keys = str(link["keys"])
+    if "ack_timeout" in link:
+        try:
+            cfg.ack_timeout = float(link["ack_timeout"])
+        except (TypeError, ValueError):
+            raise ConfigError("[link] ack_timeout must be a number of seconds") from None
+        if cfg.ack_timeout <= 0:
+            raise ConfigError("[link] ack_timeout must be positive")
     seen: set[str] = set()
     for i, u in enumerate(raw.get("users", [])):
         try:

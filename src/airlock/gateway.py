@@ -1,13 +1,17 @@
-"""Run the primary domain's S3 gateway: open the engine, serve HTTP, stop cleanly."""
+"""Run the primary domain's S3 gateway: open the engine, connect the link to
+the vault, serve HTTP, stop cleanly."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
+import os
 import signal
 
 from aiohttp import web
 
 from airlock.config import GatewayConfig
+from airlock.errors import ConfigError
 from airlock.primary.engine import Engine
 from airlock.s3.app import make_app
 
@@ -16,9 +20,48 @@ log = logging.getLogger("airlock.gateway")
 SHUTDOWN_GRACE_S = 10.0   # seconds in-flight requests get to finish on SIGTERM
 
 
+def link_paths(keys_dir: str) -> tuple[str, str, str]:
+    """(own cert, own key, pinned vault cert) in a primary keys directory."""
+    paths = tuple(os.path.join(keys_dir, n) for n in ("primary.crt", "primary.key", "vault.crt"))
+    for p in paths:
+        if not os.path.exists(p):
+            raise ConfigError(f"link key file missing: {p} (create keys with `airlock keys`)")
+    return paths
+
+
+def make_link_client(cfg: GatewayConfig):
+    from airlock.link.client import LinkClient
+    from airlock.link.tls import client_context
+    if not cfg.link_keys:
+        raise ConfigError("[link] vault is set but [link] keys (the primary's key directory) is not")
+    cert, key, vault_cert = link_paths(cfg.link_keys)
+    ctx = client_context(cert, key, vault_cert)
+    with open(cert, "rb") as f:
+        primary_id = hashlib.sha256(f.read()).hexdigest()[:16]
+    host, port = cfg.vault
+    return LinkClient(host, port, ctx, primary_id)
+
+
+def make_engine(cfg: GatewayConfig) -> Engine:
+    factory = None
+    if cfg.vault is not None:
+        link = make_link_client(cfg)
+
+        def factory(engine: Engine, log_dir: str):
+            from airlock.primary.replication import ReplicatedCommitPoint
+            return ReplicatedCommitPoint(log_dir, engine._on_durable, link, engine.store,
+                                         engine.data_dir, ack_timeout=cfg.ack_timeout,
+                                         executor=engine.executor)
+    else:
+        log.warning("no vault configured: commits are durable in the primary log only "
+                    "(local-only mode, for tests and benchmarks)")
+    return Engine(cfg.data, fsync=cfg.fsync, commit_point_factory=factory)
+
+
 async def serve(cfg: GatewayConfig, on_ready=None, stop: asyncio.Event | None = None) -> None:
-    engine = Engine(cfg.data, fsync=cfg.fsync)
+    engine = make_engine(cfg)
     engine.open()
+    await engine.start()
     app = make_app(engine, cfg)
     runner = web.AppRunner(app, access_log=None, handle_signals=False,
                            shutdown_timeout=SHUTDOWN_GRACE_S)

@@ -19,12 +19,14 @@ UPLOAD_CREATE = 5     # {"upload_id", "bucket", "key", "owner", "initiated", "me
 UPLOAD_PART = 6       # Part.to_json()
 UPLOAD_COMPLETE = 7   # {"upload_id", "manifest": Manifest.to_json()}
 UPLOAD_ABORT = 8      # {"upload_id"}
+ABORT = 9             # {"seqs": [int, ...]}: those earlier records never took effect
 
 NAMES = {
     BUCKET_CREATE: "bucket-create", BUCKET_DELETE: "bucket-delete",
     OBJECT_PUT: "object-put", OBJECT_DELETE: "object-delete",
     UPLOAD_CREATE: "upload-create", UPLOAD_PART: "upload-part",
     UPLOAD_COMPLETE: "upload-complete", UPLOAD_ABORT: "upload-abort",
+    ABORT: "abort",
 }
 
 _encoder = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))

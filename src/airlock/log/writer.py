@@ -122,6 +122,11 @@ class LogWriter:
             os.fsync(f.fileno())
             self.fsync_count += 1
 
+    @property
+    def next_seq(self) -> int:
+        """The sequence number the next append() call will take."""
+        return self._next_seq
+
     # ------------------------------------------------------------------ appending
     async def append(self, rtype: int, payload) -> int:
         """Append one record; return its sequence number once it is durable."""

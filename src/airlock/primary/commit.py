@@ -4,7 +4,7 @@ The engine hands every change (a commit record) to a CommitPoint and makes it
 visible only after `commit` returns.  `LocalCommitPoint` makes a record durable
 in the primary log (group fsync).  The replicated commit point (issue 3) wraps
 the same log and additionally waits for the vault's durable ack over the link;
-chunks are offered to it with `offer_chunk` while the body is still arriving.
+new chunks are handed to `ship_chunks` while the body is still arriving.
 
 Ordering contract: `on_durable(records)` is called on the event loop, in
 sequence-number order, for every batch of records that became durable, before
@@ -24,7 +24,7 @@ class CommitPoint(Protocol):
 
     async def commit(self, rtype: int, payload: bytes) -> int: ...
 
-    def offer_chunk(self, digest: str, data) -> None: ...
+    async def ship_chunks(self, chunks: list[tuple[str, bytes]]) -> None: ...
 
     async def close(self) -> None: ...
 
@@ -43,7 +43,7 @@ class LocalCommitPoint:
     async def commit(self, rtype: int, payload: bytes) -> int:
         return await self.log.append(rtype, payload)
 
-    def offer_chunk(self, digest: str, data) -> None:
+    async def ship_chunks(self, chunks: list[tuple[str, bytes]]) -> None:
         pass
 
     async def close(self) -> None:

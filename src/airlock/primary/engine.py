@@ -43,7 +43,7 @@ Verifier = Callable[[BodyDigests], None]
 
 class Engine:
     def __init__(self, data_dir: str, *, fsync: bool = True, chunk_params: dict | None = None,
-                 commit_point_factory: Callable[..., CommitPoint] | None = None):
+                 commit_point_factory: Callable[["Engine", str], CommitPoint] | None = None):
         self.data_dir = data_dir
         self.fsync = fsync
         self.chunk_params = chunk_params or {}
@@ -61,7 +61,7 @@ class Engine:
         os.makedirs(log_dir, exist_ok=True)
         self.store = ChunkStore(self.data_dir, fsync=self.fsync)
         if self._commit_point_factory is not None:
-            self.commit_point = self._commit_point_factory(log_dir, self._on_durable)
+            self.commit_point = self._commit_point_factory(self, log_dir)
         else:
             self.commit_point = LocalCommitPoint(log_dir, self._on_durable)
         self.index, rebuilt = Index.open_or_rebuild(os.path.join(self.data_dir, "index.sqlite"))
@@ -70,9 +70,18 @@ class Engine:
         self._replay(log_dir)
 
     def _replay(self, log_dir: str) -> None:
+        """Catch the index up with the log.  Records voided by a later ABORT
+        record (or still pending abort, see primary/replication.py) are skipped,
+        so the tail is read twice: once for the voids, once to apply."""
         applied = self.index.applied_seq()
+        void = set(getattr(self.commit_point, "void", ()))
+        for rec in read_log(log_dir, from_seq=applied + 1):
+            if rec.rtype == P.ABORT:
+                void.update(P.decode_payload(rec.rtype, rec.payload)["seqs"])
         batch = []
         for rec in read_log(log_dir, from_seq=applied + 1):
+            if rec.seq in void:
+                continue
             batch.append((rec.seq, rec.rtype, P.decode_payload(rec.rtype, rec.payload)))
             if len(batch) >= REPLAY_BATCH:
                 self.index.apply(batch)
@@ -83,6 +92,12 @@ class Engine:
             self.stats["replayed"] += len(batch)
         if self.stats["replayed"]:
             log.info("replayed %d log records into the index", self.stats["replayed"])
+
+    async def start(self) -> None:
+        """Async part of opening: bring up the commit point (the vault link)."""
+        start = getattr(self.commit_point, "start", None)
+        if start is not None:
+            await start()
 
     async def close(self) -> None:
         if self.commit_point is not None:
@@ -141,7 +156,7 @@ class Engine:
         """Chunk, digest and store a body; nothing is committed."""
         ing = Ingest(self.store, want_sha256=want_sha256, checksum_algorithms=checksum_algorithms,
                      chunk_params=self.chunk_params)
-        return await ingest_body(ing, body, self.executor)
+        return await ingest_body(ing, body, self.executor, ship=self.commit_point.ship_chunks)
 
     async def put_object(self, bucket: str, key: str, body: AsyncIterator, meta: ObjectMeta, *,
                          want_sha256: bool = False, checksum_algorithms: tuple[str, ...] = (),

@@ -31,6 +31,8 @@ log = logging.getLogger("airlock.s3")
 MAX_KEY_BYTES = 1024            # S3's key length limit, in UTF-8 bytes
 CLIENT_MAX_SIZE = 1 << 20       # aiohttp's cap for bodies read whole (XML); object bodies are streamed
 
+HEALTH_PATH = "/_airlock/health"   # unauthenticated; '_airlock' can never be a bucket name
+
 # Sub-resources that exist in S3 but not (yet) in airlock: answered 501 NotImplemented
 UNSUPPORTED_SUBRESOURCES = frozenset({
     "acl", "policy", "policyStatus", "cors", "lifecycle", "tagging", "website", "logging",
@@ -91,6 +93,24 @@ class S3App:
         u = self.users.get(access_key)
         return u.secret_key if u else None
 
+    def health(self) -> web.Response:
+        """Liveness and replication state, for operators and `airlock status`."""
+        cp = self.engine.commit_point
+        replicated = hasattr(cp, "link")
+        body = {
+            "status": "ok",
+            "last_seq": cp.last_seq,
+            "replication": "vault" if replicated else "local-only",
+            "stats": self.engine.stats,
+        }
+        if replicated:
+            body["vault_connected"] = cp.healthy
+            body["pending_aborts"] = len(cp.pending_aborts)
+            body["replication_stats"] = cp.stats
+            if not cp.healthy:
+                body["status"] = "degraded"
+        return web.json_response(body, status=200)
+
     # ------------------------------------------------------------------ addressing
     def _address(self, request: web.Request) -> tuple[str | None, str | None, bool]:
         """(bucket, key, virtual_hosted) of a request."""
@@ -139,6 +159,8 @@ class S3App:
         return resp
 
     async def _handle(self, request: web.Request, rid: str) -> web.StreamResponse:
+        if request.rel_url.raw_path == HEALTH_PATH and request.method in ("GET", "HEAD"):
+            return self.health()
         bucket, key, vhost = self._address(request)
         query = MultiDict(request.rel_url.query)
         ctx = S3Request(request=request, request_id=rid, bucket=bucket, key=key, query=query,
@@ -226,8 +248,10 @@ class S3App:
 
 def make_app(engine: Engine, config: GatewayConfig) -> web.Application:
     s3 = S3App(engine, config)
-    app = web.Application(client_max_size=CLIENT_MAX_SIZE, handler_args={"max_field_size": 65536})
+    # auto_decompress off: a body sent with Content-Encoding: gzip is stored as sent, as S3 does
+    app = web.Application(client_max_size=CLIENT_MAX_SIZE,
+                          handler_args={"max_field_size": 65536, "auto_decompress": False})
     app["s3"] = s3
     app["users_by_id"] = {u.user_id: u for u in config.users}
-    app.router.add_route("*", "/{tail:.*}", s3.handle)
+    app.router.add_route("*", r"/{tail:[\s\S]*}", s3.handle)   # [\s\S]: keys may hold newlines
     return app

@@ -47,7 +47,7 @@ def int_param(query, name: str, default: int, lo: int = 0, hi: int | None = None
     except ValueError:
         raise E.InvalidArgument(f"Provided {name} not an integer or within integer range",
                                 ArgumentName=name, ArgumentValue=raw) from None
-    if v < lo:
+    if v < lo or v > 2147483647:   # S3 refuses values outside a 32-bit int, it does not clamp them
         raise E.InvalidArgument(f"Argument {name} must be an integer between {lo} and 2147483647",
                                 ArgumentName=name, ArgumentValue=raw)
     if hi is not None:

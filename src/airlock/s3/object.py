@@ -30,6 +30,14 @@ _RANGE_RE = re.compile(r"^bytes=(\d*)-(\d*)$")
 # ---------------------------------------------------------------------------- metadata
 def meta_from_headers(headers) -> ObjectMeta:
     stored = {h: headers[h] for h in STORED_HEADERS if h in headers}
+    if "content-encoding" in stored:
+        # aws-chunked describes the transfer, not the object: S3 does not store it
+        enc = ",".join(e.strip() for e in stored["content-encoding"].split(",")
+                       if e.strip() and e.strip().lower() != "aws-chunked")
+        if enc:
+            stored["content-encoding"] = enc
+        else:
+            del stored["content-encoding"]
     user: dict[str, str] = {}
     size = 0
     for name, value in headers.items():
@@ -188,11 +196,16 @@ def _resolve_read(ctx):
     m = ctx.engine.head_object(ctx.bucket, ctx.key)
     check_read_conditions(ctx.headers, m)
     headers = object_headers(m, with_checksums=ctx.headers.get("x-amz-checksum-mode", "").upper() == "ENABLED")
+    # these responses are prepared here, before S3App.handle could add its ids
+    headers["x-amz-request-id"] = headers["x-amz-id-2"] = ctx.request_id
     for q, h in RESPONSE_OVERRIDES.items():
         if q in ctx.query:
             headers[h] = ctx.query[q]
     status, rng = 200, None
     pn = ctx.query.get("partNumber")
+    if pn is None:
+        # S3 sends x-amz-mp-parts-count only when a partNumber was asked for (HeadObject docs)
+        headers.pop("x-amz-mp-parts-count", None)
     if pn is not None:
         if not pn.isdigit() or not 1 <= int(pn) <= 10000:
             raise E.InvalidArgument("Part number must be an integer between 1 and 10000, inclusive",
