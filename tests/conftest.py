@@ -45,8 +45,10 @@ def wait_for_port(port: int, proc: subprocess.Popen | None = None, timeout: floa
 class Gateway:
     """An `airlock gateway` process.  stop() is SIGTERM, kill() is SIGKILL."""
 
-    def __init__(self, data: Path, config: Path | None = None, extra_env: dict | None = None):
+    def __init__(self, data: Path, config: Path | None = None, extra_env: dict | None = None,
+                 extra_args: list[str] | None = None):
         self.data = Path(data)
+        self.extra_args = extra_args or []
         self.config = config
         self.port = free_port()
         self.endpoint = f"http://127.0.0.1:{self.port}"
@@ -63,6 +65,7 @@ class Gateway:
                "--listen", f"127.0.0.1:{self.port}"]
         if self.config is not None:
             cmd += ["--config", str(self.config)]
+        cmd += self.extra_args
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env)
         wait_for_port(self.port, self.proc)
@@ -150,3 +153,125 @@ def bucket(s3) -> str:
     name = f"test-bucket-{next(_bucket_counter)}"
     s3.create_bucket(Bucket=name)
     return name
+
+
+# --------------------------------------------------------------------------
+# Two domains: a vault process and a gateway process joined by the link
+# --------------------------------------------------------------------------
+class Vault:
+    """An `airlock vault` process with its own data dir and keys."""
+
+    def __init__(self, root: Path, port: int | None = None, extra_args: list[str] | None = None):
+        self.root = Path(root)
+        self.data = self.root / "vault"
+        self.keys = self.data / "keys"
+        self.port = port or free_port()
+        self.extra_args = extra_args or []
+        self.proc: subprocess.Popen | None = None
+        self.log_path = self.root / "vault.log"
+
+    def start(self) -> "Vault":
+        cmd = [sys.executable, "-m", "airlock", "vault", "--data", str(self.data),
+               "--listen", f"127.0.0.1:{self.port}", "--keys", str(self.keys), *self.extra_args]
+        self._log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT)
+        sock = self.data / "admin.sock"
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while not sock.exists():
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"vault exited early with {self.proc.returncode}:\n{self.log_text()}")
+            if time.monotonic() > deadline:
+                raise TimeoutError("vault did not start")
+            time.sleep(0.05)
+        return self
+
+    def stop(self, timeout: float = 15) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self.proc is not None:
+            self._log.close()
+        self.proc = None
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait()
+        if self.proc is not None:
+            self._log.close()
+        self.proc = None
+
+    def admin(self, request: dict) -> dict:
+        from airlock.vault.daemon import admin_request
+        ans = admin_request(str(self.data / "admin.sock"), request)
+        assert ans.get("ok"), ans
+        return ans["result"]
+
+    def status(self) -> dict:
+        return self.admin({"op": "status"})
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+class Deployment:
+    """Vault + gateway as two OS processes, keys per domain, optionally with a
+    fault proxy (tests/faultproxy.py) on the link between them."""
+
+    def __init__(self, root: Path, ack_timeout: float = 5.0, vault_args: list[str] | None = None,
+                 gateway_config: Path | None = None):
+        from airlock.keys import ensure_local_pair
+        self.root = Path(root)
+        ensure_local_pair(self.root)
+        self.vault = Vault(self.root, extra_args=vault_args)
+        self.link_port = self.vault.port      # where the gateway connects (the proxy's port if one is used)
+        self.ack_timeout = ack_timeout
+        self.gateway = Gateway(self.root / "primary", config=gateway_config)
+        self.proxy = None
+
+    def use_proxy(self, proxy) -> None:
+        self.proxy = proxy
+        self.link_port = proxy.listen_port
+
+    def _gateway_args(self) -> list[str]:
+        return ["--vault", f"127.0.0.1:{self.link_port}", "--link-keys", str(self.root / "primary" / "keys"),
+                "--ack-timeout", str(self.ack_timeout)]
+
+    def start(self) -> "Deployment":
+        self.vault.start()
+        self.start_gateway()
+        return self
+
+    def start_gateway(self) -> Gateway:
+        self.gateway.extra_args = self._gateway_args()
+        return self.gateway.start()
+
+    def stop(self) -> None:
+        self.gateway.stop()
+        self.vault.stop()
+        if self.proxy is not None:
+            self.proxy.stop()
+
+    def airlock(self, *args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess:
+        """Run an operator command (verify, compact, status) against this deployment."""
+        dep = self.root / "deployment.json"
+        import json as _json
+        dep.write_text(_json.dumps({"gateway": f"127.0.0.1:{self.gateway.port}",
+                                    "vault": f"127.0.0.1:{self.vault.port}",
+                                    "primary": "primary", "vault_data": "vault"}))
+        r = subprocess.run([sys.executable, "-m", "airlock", *args, "--data", str(self.root)],
+                           capture_output=True, timeout=timeout, text=True)
+        if check and r.returncode != 0:
+            raise AssertionError(f"airlock {' '.join(args)} exited {r.returncode}:\n{r.stdout}\n{r.stderr}")
+        return r
+
+
+@pytest.fixture
+def deployment(tmp_path):
+    d = Deployment(tmp_path / "deploy").start()
+    yield d
+    d.stop()

@@ -2,73 +2,364 @@
 
 Errors are one line on stderr and a non-zero exit (2 for usage/config, 1 for
 runtime failures).
+
+A local deployment (`airlock up --data DIR`) keeps the primary domain in
+DIR/primary and the vault in DIR/vault, each with its own keys; the other
+commands find everything from `--data DIR` (DIR/deployment.json records the
+ports).  On two hosts, give the commands explicit configs instead.
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import os
+import signal
+import subprocess
 import sys
+import time
 
 from airlock import __version__
-from airlock.config import DEFAULT_PORT, GatewayConfig, load_gateway_config
+from airlock.config import DEFAULT_PORT, GatewayConfig, _parse_listen, load_gateway_config
 from airlock.errors import AirlockError, ConfigError
 
+DEPLOYMENT_FILE = "deployment.json"
+CHILD_START_TIMEOUT_S = 30.0
 
-def _print_ready(cfg: GatewayConfig) -> None:
+
+# ---------------------------------------------------------------------- helpers
+def _print_gateway_ready(cfg: GatewayConfig) -> None:
     host = "127.0.0.1" if cfg.host in ("0.0.0.0", "") else cfg.host
+    mode = f"vault at {cfg.vault[0]}:{cfg.vault[1]}" if cfg.vault else "LOCAL-ONLY (no vault)"
+    print(f"airlock gateway ready on http://{host}:{cfg.port} (replication: {mode})", flush=True)
+
+
+def _print_endpoint(cfg: GatewayConfig, data: str, vault_port: int | None) -> None:
     u = cfg.users[0]
-    print(f"airlock gateway ready\n"
-          f"  endpoint:   http://{host}:{cfg.port}\n"
-          f"  region:     {cfg.region}\n"
-          f"  access key: {u.access_key}\n"
-          f"  secret key: {u.secret_key}\n"
-          f"  data:       {os.path.abspath(cfg.data)}\n"
-          f"try: AWS_ACCESS_KEY_ID={u.access_key} AWS_SECRET_ACCESS_KEY={u.secret_key} "
-          f"aws --endpoint-url http://{host}:{cfg.port} s3 ls", flush=True)
+    host = "127.0.0.1" if cfg.host in ("0.0.0.0", "") else cfg.host
+    lines = [
+        "airlock is up",
+        f"  endpoint:   http://{host}:{cfg.port}",
+        f"  region:     {cfg.region}",
+        f"  access key: {u.access_key}",
+        f"  secret key: {u.secret_key}",
+        f"  primary:    {os.path.abspath(os.path.join(data, 'primary'))}",
+    ]
+    if vault_port is not None:
+        lines.append(f"  vault:      {os.path.abspath(os.path.join(data, 'vault'))} "
+                     f"(link on 127.0.0.1:{vault_port}, mutual TLS)")
+    lines.append(f"try: AWS_ACCESS_KEY_ID={u.access_key} AWS_SECRET_ACCESS_KEY={u.secret_key} "
+                 f"aws --endpoint-url http://{host}:{cfg.port} s3 ls")
+    print("\n".join(lines), flush=True)
 
 
+def _deployment(data: str) -> dict:
+    path = os.path.join(data, DEPLOYMENT_FILE)
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{data} is not a local deployment ({DEPLOYMENT_FILE} missing; "
+                          f"start one with `airlock up --data {data}`)") from None
+
+
+def _wait_ready(proc: subprocess.Popen, what: str, port: int | None = None, path: str | None = None) -> None:
+    """Wait until a child listens on `port` (or has created `path`)."""
+    import socket
+    deadline = time.monotonic() + CHILD_START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AirlockError(f"the {what} exited during start (status {proc.returncode})")
+        if path is not None:
+            if os.path.exists(path):
+                return
+        else:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                    return
+            except OSError:
+                pass
+        time.sleep(0.05)
+    raise AirlockError(f"the {what} did not become ready in {CHILD_START_TIMEOUT_S:g}s")
+
+
+# ---------------------------------------------------------------------- gateway / vault
 def _gateway_config(args) -> GatewayConfig:
     cfg = load_gateway_config(args.config)
-    if getattr(args, "listen", None):
-        from airlock.config import _parse_listen
+    if args.listen:
         cfg.host, cfg.port = _parse_listen(args.listen)
-    if getattr(args, "port", None) is not None:
+    if args.port is not None:
         cfg.port = args.port
-    if getattr(args, "data_dir", None):
+    if args.data_dir:
         cfg.data = args.data_dir
-    if getattr(args, "no_fsync", False):
+    if args.no_fsync:
         cfg.fsync = False
+    if args.vault:
+        cfg.vault = _parse_listen(args.vault)
+    if args.link_keys:
+        cfg.link_keys = args.link_keys
+    if args.ack_timeout is not None:
+        cfg.ack_timeout = args.ack_timeout
     return cfg
 
 
 def cmd_gateway(args) -> int:
     cfg = _gateway_config(args)
     from airlock.gateway import serve
-    asyncio.run(serve(cfg, on_ready=_print_ready))
+    asyncio.run(serve(cfg, on_ready=_print_gateway_ready))
     return 0
 
 
+def _vault_config(args):
+    from airlock.vault.daemon import load_vault_config
+    cfg = load_vault_config(args.config)
+    if getattr(args, "data_dir", None):
+        cfg.data = args.data_dir
+    if getattr(args, "listen", None):
+        cfg.host, cfg.port = _parse_listen(args.listen)
+    if getattr(args, "keys", None):
+        cfg.keys = args.keys
+    if getattr(args, "overlay_max_bytes", None) is not None:
+        cfg.overlay_max_bytes = args.overlay_max_bytes
+    if getattr(args, "overlay_max_age", None) is not None:
+        cfg.overlay_max_age_s = args.overlay_max_age
+    return cfg
+
+
+def cmd_vault(args) -> int:
+    cfg = _vault_config(args)
+    from airlock.vault.daemon import serve_vault
+
+    def ready(cfg, vault) -> None:
+        print(f"airlock vault ready: link on {cfg.host}:{vault.link.port} (mutual TLS), "
+              f"data {os.path.abspath(cfg.data)}, last sequence {vault.store.last_seq}", flush=True)
+
+    asyncio.run(serve_vault(cfg, on_ready=ready))
+    return 0
+
+
+def cmd_keys(args) -> int:
+    from airlock import keys
+    if args.local:
+        pair = keys.ensure_local_pair(args.local)
+        for name, path in pair._asdict().items():
+            print(f"{name:14s} {path}")
+        return 0
+    if not args.dir or not args.role:
+        raise ConfigError("give --dir DIR --role primary|vault, or --local DATA")
+    cert, key = keys.create_identity(args.dir, args.role, overwrite=False)
+    print(f"created {args.role} identity\n  certificate: {cert}\n  private key: {key}\n"
+          f"  fingerprint: {keys.fingerprint(cert)}\n"
+          f"copy the certificate (never the key) to the other domain's keys directory as {args.role}.crt")
+    return 0
+
+
+# ---------------------------------------------------------------------- up
 def cmd_up(args) -> int:
+    from airlock import keys
+    data = args.data
+    os.makedirs(data, exist_ok=True)
     cfg = load_gateway_config(args.config)
     cfg.port = args.port
-    cfg.data = os.path.join(args.data, "primary")
-    from airlock.gateway import serve
-    asyncio.run(serve(cfg, on_ready=_print_ready))
+    vault_port = args.vault_port or args.port + 1
+    keys.ensure_local_pair(data)
+    with open(os.path.join(data, DEPLOYMENT_FILE + ".tmp"), "w") as f:
+        json.dump({"gateway": f"127.0.0.1:{args.port}", "vault": f"127.0.0.1:{vault_port}",
+                   "primary": "primary", "vault_data": "vault"}, f)
+    os.replace(os.path.join(data, DEPLOYMENT_FILE + ".tmp"), os.path.join(data, DEPLOYMENT_FILE))
+    py = [sys.executable, "-m", "airlock"]
+    vault_cmd = py + ["vault", "--data", os.path.join(data, "vault"), "--listen", f"127.0.0.1:{vault_port}",
+                      "--keys", os.path.join(data, "vault", "keys")]
+    gw_cmd = py + ["gateway", "--data", os.path.join(data, "primary"), "--listen", f"127.0.0.1:{args.port}",
+                   "--vault", f"127.0.0.1:{vault_port}", "--link-keys", os.path.join(data, "primary", "keys")]
+    if args.config:
+        gw_cmd += ["--config", args.config]
+    children: list[tuple[str, subprocess.Popen]] = []
+    stopping = False
+
+    def stop_all(*_):
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, stop_all)
+    signal.signal(signal.SIGINT, stop_all)
+    try:
+        vault = subprocess.Popen(vault_cmd)
+        children.append(("vault", vault))
+        # the admin socket appears once the link listens (probing the link
+        # port itself would show up in the vault's log as a refused handshake)
+        from airlock.vault.daemon import ADMIN_SOCKET
+        _wait_ready(vault, "vault", path=os.path.join(data, "vault", ADMIN_SOCKET))
+        gw = subprocess.Popen(gw_cmd)
+        children.append(("gateway", gw))
+        _wait_ready(gw, "gateway", port=args.port)
+        _print_endpoint(cfg, data, vault_port)
+        while not stopping:
+            for name, p in children:
+                if p.poll() is not None:
+                    print(f"airlock: the {name} exited (status {p.returncode}); stopping", file=sys.stderr)
+                    stopping = True
+            time.sleep(0.2)
+    finally:
+        # the gateway first (it stops taking writes), then the vault
+        for name, p in reversed(children):
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+                try:
+                    p.wait(15)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait()
+    failed = [n for n, p in children if p.returncode not in (0, -signal.SIGTERM)]
+    return 1 if failed else 0
+
+
+# ---------------------------------------------------------------------- operator commands
+def _vault_data(args) -> str:
+    if args.vault_data:
+        return args.vault_data
+    if args.data:
+        return os.path.join(args.data, "vault")
+    raise ConfigError("give --data DIR (a local deployment) or --vault-data DIR")
+
+
+def _progress_bar(done: int, total: int, width: int = 30) -> str:
+    frac = 0.0 if total <= 0 else min(done / total, 1.0)
+    fill = int(frac * width)
+    return f"[{'#' * fill}{'.' * (width - fill)}] {frac * 100:5.1f}%  {done / 2**20:,.1f}/{total / 2**20:,.1f} MiB"
+
+
+def cmd_compact(args) -> int:
+    from airlock.vault.daemon import ADMIN_SOCKET, DataLock, VaultConfig, admin_request, open_store
+    vdata = _vault_data(args)
+    tty = sys.stderr.isatty()
+
+    shown = [-1]
+
+    def show(done: int, total: int) -> None:
+        line = "compacting " + _progress_bar(done, total)
+        if tty:
+            print("\r" + line, end="", file=sys.stderr, flush=True)
+            return
+        step = 100 if total <= 0 else int(done * 10 / total) * 10   # a line per 10% when not a terminal
+        if step != shown[0]:
+            shown[0] = step
+            print(line, file=sys.stderr, flush=True)
+
+    sock = os.path.join(vdata, ADMIN_SOCKET)
+    try:
+        answer = admin_request(sock, {"op": "compact", "keep": args.keep},
+                               on_message=lambda m: show(m["progress"]["done"], m["progress"]["total"]))
+        if not answer.get("ok"):
+            raise AirlockError(f"compaction failed: {answer.get('error')}")
+        merged = answer["result"]
+    except (FileNotFoundError, ConnectionRefusedError):
+        # the vault is not running: compact its files directly (holding its lock)
+        lock = DataLock(vdata)
+        try:
+            store = open_store(VaultConfig(data=vdata))
+            try:
+                merged = store.compact(keep=args.keep, progress=show)
+            finally:
+                store.close_sync()
+        finally:
+            lock.release()
+    if tty:
+        print(file=sys.stderr)
+    if not merged:
+        print("nothing to compact")
+    for m in merged:
+        print(f"merged overlay {m.get('overlay', m.get('name', '?'))}: "
+              f"{m.get('chunks_added', m.get('chunks', 0))} new chunk(s), "
+              f"{m.get('bytes_added', m.get('bytes', 0))} bytes into the base volume, "
+              f"{m.get('records', 0)} record(s)")
     return 0
 
 
+def _link_for(args):
+    """(LinkClient, primary data dir) for verify/restore."""
+    from airlock.gateway import make_link_client
+    if args.data:
+        dep = _deployment(args.data)
+        cfg = GatewayConfig()
+        cfg.data = os.path.join(args.data, dep["primary"])
+        cfg.vault = _parse_listen(dep["vault"])
+        cfg.link_keys = os.path.join(args.data, "primary", "keys")
+    else:
+        cfg = load_gateway_config(args.config)
+        if cfg.vault is None:
+            raise ConfigError("the gateway config has no [link] vault")
+    return make_link_client(cfg), cfg.data
+
+
+def cmd_verify(args) -> int:
+    from airlock.primary.verify import compare
+    link, pdata = _link_for(args)
+    diffs, summary = asyncio.run(compare(pdata, link))
+    for d in diffs:
+        print(d)
+    print(f"{'DIFFERENT' if diffs else 'equal'}: {summary['buckets']} bucket(s), {summary['objects']} "
+          f"object(s) on the primary; primary log at {summary['primary_last_seq']}, "
+          f"vault log at {summary['vault_last_seq']}")
+    return 1 if diffs else 0
+
+
+def cmd_status(args) -> int:
+    import urllib.request
+    out: dict = {}
+    if args.data:
+        dep = _deployment(args.data)
+        try:
+            with urllib.request.urlopen(f"http://{dep['gateway']}/_airlock/health", timeout=5) as r:
+                out["gateway"] = json.load(r)
+        except OSError as e:
+            out["gateway"] = {"status": "down", "error": str(e)}
+    vdata = args.vault_data or (os.path.join(args.data, "vault") if args.data else None)
+    if vdata:
+        from airlock.vault.daemon import ADMIN_SOCKET, admin_request
+        try:
+            ans = admin_request(os.path.join(vdata, ADMIN_SOCKET), {"op": "status"})
+            out["vault"] = ans.get("result") if ans.get("ok") else {"status": "error", "error": ans.get("error")}
+        except (FileNotFoundError, ConnectionRefusedError):
+            out["vault"] = {"status": "down"}
+    if not out:
+        raise ConfigError("give --data DIR (a local deployment) or --vault-data DIR")
+    if args.json:
+        print(json.dumps(out, indent=2, sort_keys=True))
+        return 0
+    g = out.get("gateway")
+    if g is not None:
+        print(f"gateway: {g.get('status')}  replication={g.get('replication', '-')} "
+              f"vault_connected={g.get('vault_connected', '-')} last_seq={g.get('last_seq', '-')}")
+    v = out.get("vault")
+    if v is not None:
+        if "last_seq" in v:
+            ovs = v.get("overlays", [])
+            base = v.get("base", {})
+            print(f"vault:   up  last_seq={v['last_seq']} overlays={len(ovs)} "
+                  f"base_bytes={base.get('bytes', 0)} base_chunks={base.get('chunks', 0)}")
+            for o in ovs:
+                print(f"  overlay {o.get('name')}: {'sealed' if o.get('sealed') else 'open'}, "
+                      f"{o.get('bytes', 0)} bytes, {o.get('chunks', 0)} chunks, {o.get('records', 0)} records")
+        else:
+            print(f"vault:   {v.get('status')}")
+    degraded = (g or {}).get("status") not in (None, "ok") or (v or {}).get("status") == "down"
+    return 1 if degraded else 0
+
+
+# ---------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="airlock", description="S3 object store with a synchronously replicated vault")
     p.add_argument("--version", action="version", version=f"airlock {__version__}")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True)
 
-    up = sub.add_parser("up", help="run the whole local deployment in the foreground")
+    up = sub.add_parser("up", help="run vault + gateway on this machine in the foreground")
     up.add_argument("--data", default="./airlock-data", help="data directory (default ./airlock-data)")
     up.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"S3 port (default {DEFAULT_PORT})")
-    up.add_argument("--config", help="TOML config file")
+    up.add_argument("--vault-port", type=int, help="link port of the vault (default: S3 port + 1)")
+    up.add_argument("--config", help="TOML config file for the gateway (users, region)")
     up.set_defaults(func=cmd_up)
 
     gw = sub.add_parser("gateway", help="run the S3 gateway (primary domain)")
@@ -76,8 +367,44 @@ def build_parser() -> argparse.ArgumentParser:
     gw.add_argument("--data", dest="data_dir", help="primary data directory (overrides config)")
     gw.add_argument("--listen", help="host:port (overrides config)")
     gw.add_argument("--port", type=int, help="port (overrides config)")
+    gw.add_argument("--vault", help="host:port of the vault's link (overrides config)")
+    gw.add_argument("--link-keys", help="directory with primary.crt, primary.key, vault.crt")
+    gw.add_argument("--ack-timeout", type=float, help="seconds to wait for the vault's ack before 503")
     gw.add_argument("--no-fsync", action="store_true", help="skip fsync (benchmarks of throw-away data only)")
     gw.set_defaults(func=cmd_gateway)
+
+    va = sub.add_parser("vault", help="run the vault (secondary domain)")
+    va.add_argument("--config", help="TOML config file")
+    va.add_argument("--data", dest="data_dir", help="vault data directory (overrides config)")
+    va.add_argument("--listen", help="host:port of the link (overrides config)")
+    va.add_argument("--keys", help="directory with vault.crt, vault.key, primary.crt")
+    va.add_argument("--overlay-max-bytes", type=int, help="seal the open overlay at this size")
+    va.add_argument("--overlay-max-age", type=float, help="seal the open overlay at this age (seconds)")
+    va.set_defaults(func=cmd_vault)
+
+    ke = sub.add_parser("keys", help="create link identities (mutual TLS keys)")
+    ke.add_argument("--dir", help="keys directory to create the identity in")
+    ke.add_argument("--role", choices=("primary", "vault"))
+    ke.add_argument("--local", metavar="DATA", help="create both identities for a local deployment")
+    ke.set_defaults(func=cmd_keys)
+
+    for name, func, helptext in (("compact", cmd_compact, "merge the oldest overlays into the base volume"),):
+        c = sub.add_parser(name, help=helptext)
+        c.add_argument("--data", help="local deployment directory")
+        c.add_argument("--vault-data", help="the vault's data directory (two-host deployments)")
+        c.add_argument("--keep", type=int, default=0, help="overlays to keep (default 0: merge all)")
+        c.set_defaults(func=func)
+
+    ve = sub.add_parser("verify", help="compare the primary's committed state with the vault's")
+    ve.add_argument("--data", help="local deployment directory")
+    ve.add_argument("--config", help="gateway config (two-host deployments)")
+    ve.set_defaults(func=cmd_verify)
+
+    st = sub.add_parser("status", help="health of the gateway and the vault")
+    st.add_argument("--data", help="local deployment directory")
+    st.add_argument("--vault-data", help="the vault's data directory")
+    st.add_argument("--json", action="store_true")
+    st.set_defaults(func=cmd_status)
     return p
 
 

@@ -64,34 +64,29 @@ class Engine:
             self.commit_point = self._commit_point_factory(self, log_dir)
         else:
             self.commit_point = LocalCommitPoint(log_dir, self._on_durable)
-        self.index, rebuilt = Index.open_or_rebuild(os.path.join(self.data_dir, "index.sqlite"))
+        index_path = os.path.join(self.data_dir, "index.sqlite")
+        self.index, rebuilt = Index.open_or_rebuild(index_path)
         if rebuilt:
             log.warning("index was unreadable; rebuilding it from the log")
+        elif self.index.applied_seq() > self.commit_point.last_seq:
+            # the index has seen records the log no longer holds (a log restored
+            # from an older copy): it describes a state that did not survive
+            log.warning("index is ahead of the log (%d > %d); rebuilding it from the log",
+                        self.index.applied_seq(), self.commit_point.last_seq)
+            self.index.close()
+            for suffix in ("", "-wal", "-shm"):
+                try:
+                    os.unlink(index_path + suffix)
+                except FileNotFoundError:
+                    pass
+            self.index = Index(index_path)
         self._replay(log_dir)
 
     def _replay(self, log_dir: str) -> None:
-        """Catch the index up with the log.  Records voided by a later ABORT
-        record (or still pending abort, see primary/replication.py) are skipped,
-        so the tail is read twice: once for the voids, once to apply."""
-        applied = self.index.applied_seq()
-        void = set(getattr(self.commit_point, "void", ()))
-        for rec in read_log(log_dir, from_seq=applied + 1):
-            if rec.rtype == P.ABORT:
-                void.update(P.decode_payload(rec.rtype, rec.payload)["seqs"])
-        batch = []
-        for rec in read_log(log_dir, from_seq=applied + 1):
-            if rec.seq in void:
-                continue
-            batch.append((rec.seq, rec.rtype, P.decode_payload(rec.rtype, rec.payload)))
-            if len(batch) >= REPLAY_BATCH:
-                self.index.apply(batch)
-                self.stats["replayed"] += len(batch)
-                batch = []
-        if batch:
-            self.index.apply(batch)
-            self.stats["replayed"] += len(batch)
-        if self.stats["replayed"]:
-            log.info("replayed %d log records into the index", self.stats["replayed"])
+        n = replay_log(self.index, log_dir, void=getattr(self.commit_point, "void", ()))
+        self.stats["replayed"] = n
+        if n:
+            log.info("replayed %d log records into the index", n)
 
     async def start(self) -> None:
         """Async part of opening: bring up the commit point (the vault link)."""
@@ -361,6 +356,48 @@ class Engine:
             precondition(self.index.object(m.bucket, m.key))
         m.seq = await self._commit(P.UPLOAD_COMPLETE, {"upload_id": up.upload_id, "manifest": m.to_json()})
         return m
+
+
+def replay_log(index: Index, log_dir: str, void=()) -> int:
+    """Apply every log record after the index's `applied_seq` to it; returns
+    how many.  Records voided by a later ABORT record (or listed in `void`,
+    the pending aborts of primary/replication.py) are skipped, so the tail is
+    read twice: once for the voids, once to apply."""
+    applied = index.applied_seq()
+    void = set(void)
+    for rec in read_log(log_dir, from_seq=applied + 1):
+        if rec.rtype == P.ABORT:
+            void.update(P.decode_payload(rec.rtype, rec.payload)["seqs"])
+    n = 0
+    batch = []
+    for rec in read_log(log_dir, from_seq=applied + 1):
+        if rec.seq in void:
+            continue
+        batch.append((rec.seq, rec.rtype, P.decode_payload(rec.rtype, rec.payload)))
+        if len(batch) >= REPLAY_BATCH:
+            index.apply(batch)
+            n += len(batch)
+            batch = []
+    if batch:
+        index.apply(batch)
+        n += len(batch)
+    return n
+
+
+def committed_state(data_dir: str) -> Index:
+    """The primary's committed state rebuilt from its log alone, in memory
+    (what `airlock verify` compares with the vault; never the live index,
+    which may lag the log after a crash)."""
+    import json as _json
+    index = Index(":memory:")
+    void: set[int] = set()
+    try:
+        with open(os.path.join(data_dir, "pending-aborts.json")) as f:
+            void.update(int(s) for s in _json.load(f)["seqs"])
+    except FileNotFoundError:
+        pass
+    replay_log(index, os.path.join(data_dir, "log"), void)
+    return index
 
 
 def _new_upload_id() -> str:

@@ -26,7 +26,7 @@ from airlock.chunk.chunker import StreamChunker
 from airlock.chunk.store import ChunkStore
 from airlock.primary.model import BodyDigests, ChunkRef
 
-INLINE_FEED_BYTES = 64 * 1024       # below this a thread hop costs more than hashing inline
+INLINE_FEED_BYTES = 64 * 1024       # below this a thread hop costs more than hashing inline (no-fsync stores only)
 BATCH_BYTES = 1 * 1024 * 1024       # coalesce socket reads to ~1 MiB before handing to a thread
 
 
@@ -94,8 +94,10 @@ async def ingest_body(ingest: Ingest, body: AsyncIterator, executor: Executor | 
                       ship: ShipChunks | None = None) -> BodyDigests:
     """Drive `ingest` over an async iterator of buffers; returns the digests.
 
-    Small bodies are hashed inline on the event loop (a thread hop costs more
-    than hashing 4 KiB); larger ones are coalesced to ~BATCH_BYTES and fed on
+    Small bodies are hashed inline on the event loop when the store does not
+    fsync (a thread hop costs more than hashing 4 KiB); with fsync on, the
+    chunk file's fdatasync must never block the event loop, so every body is
+    fed on `executor`.  Larger bodies are coalesced to ~BATCH_BYTES and fed on
     `executor`.  While one buffer is hashed and chunked on a worker thread,
     the event loop reads the next one from the socket and ships the chunks the
     previous buffer completed (`ship`, the commit point's way to stream chunks
@@ -139,14 +141,14 @@ async def ingest_body(ingest: Ingest, body: AsyncIterator, executor: Executor | 
         await settle()
         if batch:
             buf = batch[0] if len(batch) == 1 else b"".join(batch)
-            if len(buf) <= INLINE_FEED_BYTES and ingest._size == 0:
+            if len(buf) <= INLINE_FEED_BYTES and ingest._size == 0 and not ingest.store.fsync:
                 new = ingest.feed(buf) + ingest.finish()
                 if ship is not None and new:
                     await ship(new)
                 return ingest.digests()
             await submit(buf)
             await settle()
-        if ingest._size <= INLINE_FEED_BYTES:
+        if ingest._size <= INLINE_FEED_BYTES and not ingest.store.fsync:
             new = ingest.finish()
         else:
             new = await loop.run_in_executor(executor, ingest.finish)

@@ -1,0 +1,185 @@
+"""S3 load generator: several worker processes, each with a thread pool.
+
+One boto3 process tops out around 1k requests/s (the GIL, signing, parsing),
+so a cell of the matrix is spread over up to MAX_PROCS processes with
+`concurrency / procs` threads each.  Workers are spawned once (`LoadGen`) and
+reused for every cell; a cell starts at a common wall-clock instant so process
+start-up and client creation are never timed.
+
+PUT bodies are unique per request (a per-thread buffer with a counter stamped
+every STAMP_STRIDE bytes), so content-defined dedup cannot make a store look
+faster than it is.  GETs read one pre-uploaded object of the cell's size and
+discard the body.
+
+If `wrk` is installed, GET cells can instead be driven by wrk against a
+presigned URL (`wrk_get`): a C client costs far less CPU than boto3, which
+matters on a 2-core machine where client and server share the cores.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import statistics
+import struct
+import subprocess
+import threading
+import time
+from concurrent.futures import ProcessPoolExecutor
+
+MAX_PROCS = 4                   # worker processes per cell (2-core box: more only adds contention)
+STAMP_STRIDE = 16 * 1024        # bytes between per-request counter stamps (< smallest CDC chunk)
+START_DELAY_S = 0.5             # cell start is scheduled this far in the future
+
+_clients: dict = {}
+
+
+def _client(endpoint: str, access_key: str, secret_key: str, threads: int):
+    import boto3
+    from botocore.config import Config
+    key = (endpoint, threading.get_ident())
+    c = _clients.get(key)
+    if c is None:
+        c = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id=access_key,
+                         aws_secret_access_key=secret_key, region_name="us-east-1",
+                         config=Config(s3={"addressing_style": "path"}, retries={"max_attempts": 1},
+                                       max_pool_connections=max(threads, 4),
+                                       connect_timeout=10, read_timeout=120,
+                                       request_checksum_calculation="when_required",
+                                       response_checksum_validation="when_required"))
+        _clients[key] = c
+    return c
+
+
+def _worker(spec: dict) -> dict:
+    """Run `spec["threads"]` threads from spec["start_at"] until the duration or
+    op budget is used up.  Returns counts and per-request latencies."""
+    op, size, threads = spec["op"], spec["size"], spec["threads"]
+    stop_at = spec["start_at"] + spec["duration"]
+    budget = [spec["max_ops"]]
+    lock = threading.Lock()
+    lat: list[float] = []
+    errors: list[str] = []
+    done_bytes = [0]
+
+    def take() -> bool:
+        with lock:
+            if budget[0] <= 0:
+                return False
+            budget[0] -= 1
+            return True
+
+    def run(tid: int) -> None:
+        s3 = _client(spec["endpoint"], spec["access_key"], spec["secret_key"], threads)
+        buf = bytearray(os.urandom(size)) if op == "PUT" else None
+        n = 0
+        while time.time() < spec["start_at"]:
+            time.sleep(0.001)
+        while time.time() < stop_at and take():
+            try:
+                t0 = time.perf_counter()
+                if op == "PUT":
+                    stamp = struct.pack("<IIQ", spec["proc"], tid, n)
+                    for off in range(0, max(size - len(stamp), 1), STAMP_STRIDE):
+                        buf[off:off + len(stamp)] = stamp
+                    key = f"{spec['prefix']}/p{spec['proc']}t{tid}/{n % spec['keys_per_thread']}"
+                    s3.put_object(Bucket=spec["bucket"], Key=key, Body=bytes(buf))
+                    got = size
+                else:
+                    r = s3.get_object(Bucket=spec["bucket"], Key=spec["get_key"])
+                    got = 0
+                    for piece in r["Body"].iter_chunks(1 << 20):
+                        got += len(piece)
+                    if got != size:
+                        raise RuntimeError(f"short GET {got} != {size}")
+                dt = time.perf_counter() - t0
+                with lock:
+                    lat.append(dt)
+                    done_bytes[0] += got
+            except Exception as e:  # noqa: BLE001 - counted and reported
+                with lock:
+                    errors.append(f"{type(e).__name__}: {e}"[:200])
+            n += 1
+
+    ts = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(threads)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(spec["duration"] + 180)
+    end = min(time.time(), stop_at) if lat else time.time()
+    return {"ops": len(lat), "bytes": done_bytes[0], "errors": errors, "lat": lat,
+            "elapsed": max(end - spec["start_at"], 1e-9), "end": time.time()}
+
+
+class LoadGen:
+    """A pool of worker processes reused across cells."""
+
+    def __init__(self, max_procs: int = MAX_PROCS):
+        import multiprocessing
+        self.max_procs = max_procs
+        self.pool = ProcessPoolExecutor(max_procs, mp_context=multiprocessing.get_context("spawn"))
+        list(self.pool.map(_noop, range(max_procs)))        # spawn and import now
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+    def run(self, *, endpoint: str, access_key: str, secret_key: str, bucket: str, op: str,
+            size: int, concurrency: int, duration: float, max_ops: int, prefix: str = "load",
+            get_key: str | None = None, keys_per_thread: int = 4) -> dict:
+        procs = min(concurrency, self.max_procs)
+        per = [concurrency // procs + (1 if i < concurrency % procs else 0) for i in range(procs)]
+        start_at = time.time() + START_DELAY_S + (2.0 if size >= 32 << 20 else 0.0)
+        specs = [dict(endpoint=endpoint, access_key=access_key, secret_key=secret_key, bucket=bucket,
+                      op=op, size=size, threads=per[i], duration=duration,
+                      max_ops=max(1, max_ops * per[i] // concurrency), start_at=start_at,
+                      proc=i, prefix=prefix, get_key=get_key, keys_per_thread=keys_per_thread)
+                 for i in range(procs)]
+        results = list(self.pool.map(_worker, specs))
+        lat = sorted(x for r in results for x in r["lat"])
+        ops = sum(r["ops"] for r in results)
+        elapsed = max(r["elapsed"] for r in results)
+        nbytes = sum(r["bytes"] for r in results)
+        errors = [e for r in results for e in r["errors"]]
+        return {
+            "op": op, "size": size, "concurrency": concurrency, "client": "boto3",
+            "ops": ops, "errors": len(errors), "error_samples": errors[:3],
+            "elapsed_s": elapsed, "ops_per_s": ops / elapsed, "mib_per_s": nbytes / elapsed / 2**20,
+            "p50_ms": 1000 * statistics.median(lat) if lat else None,
+            "p99_ms": 1000 * lat[min(len(lat) - 1, int(len(lat) * 0.99))] if lat else None,
+        }
+
+
+def _noop(_):
+    import boto3  # noqa: F401 - warm the import in every worker
+    return os.getpid()
+
+
+# ---------------------------------------------------------------------------- wrk
+def wrk_available() -> bool:
+    return shutil.which("wrk") is not None
+
+
+def wrk_get(url: str, size: int, concurrency: int, duration: float) -> dict:
+    """GET one presigned URL with wrk; bounded by `duration` seconds."""
+    threads = max(1, min(concurrency, os.cpu_count() or 1))
+    dur = max(1, round(duration))
+    r = subprocess.run(["wrk", f"-t{threads}", f"-c{concurrency}", f"-d{dur}s", "--timeout", "60s", url],
+                       capture_output=True, text=True, timeout=dur + 90)
+    out = r.stdout
+    m = re.search(r"(\d+) requests in ([\d.]+)(ms|s|m)", out)
+    if r.returncode != 0 or not m:
+        raise RuntimeError(f"wrk failed: {r.stdout}\n{r.stderr}")
+    n = int(m.group(1))
+    t = float(m.group(2)) * {"ms": 1e-3, "s": 1.0, "m": 60.0}[m.group(3)]
+    bad = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    errs = int(bad.group(1)) if bad else 0
+    sock = re.search(r"Socket errors: (.*)", out)
+    lat50 = re.search(r"Latency\s+([\d.]+)(us|ms|s)", out)
+    ok = n - errs
+    avg_ms = None
+    if lat50:
+        avg_ms = float(lat50.group(1)) * {"us": 1e-3, "ms": 1.0, "s": 1000.0}[lat50.group(2)]
+    return {"op": "GET", "size": size, "concurrency": concurrency, "client": "wrk",
+            "ops": ok, "errors": errs + (1 if sock else 0), "error_samples": [sock.group(1)] if sock else [],
+            "elapsed_s": t, "ops_per_s": ok / t, "mib_per_s": ok * size / t / 2**20,
+            "p50_ms": avg_ms, "p99_ms": None}

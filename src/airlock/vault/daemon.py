@@ -1,0 +1,260 @@
+"""`airlock vault`: the vault process.
+
+It owns its data directory (an exclusive lock file), serves the controlled
+link to its one primary, and an admin socket that exists only on the vault's
+own host (a Unix socket in its data directory, mode 0600) for the vault-side
+operations: status, seal, compact.  Nothing of the admin surface is reachable
+over the link.
+"""
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import json
+import logging
+import os
+import signal
+import tomllib
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from airlock.errors import ConfigError, PolicyError
+
+log = logging.getLogger("airlock.vault")
+
+DEFAULT_VAULT_PORT = 9001
+SEAL_CHECK_INTERVAL_S = 5.0      # how often the age limit of the open overlay is checked
+ADMIN_SOCKET = "admin.sock"
+LOCK_FILE = "LOCK"
+
+
+@dataclass
+class VaultConfig:
+    host: str = "127.0.0.1"
+    port: int = DEFAULT_VAULT_PORT
+    data: str = "./airlock-data/vault"
+    keys: str | None = None          # vault.crt, vault.key (own), primary.crt (the primary's, pinned)
+    overlay_max_bytes: int = 256 * 1024 * 1024
+    overlay_max_age_s: float = 600.0
+    fsync: bool = True
+    insecure_no_tls: bool = False    # tests of the protocol parser only; never in a deployment
+
+    @property
+    def admin_socket(self) -> str:
+        return os.path.join(self.data, ADMIN_SOCKET)
+
+
+def load_vault_config(path: str | None) -> VaultConfig:
+    cfg = VaultConfig()
+    if not path:
+        return cfg
+    try:
+        with open(path, "rb") as f:
+            raw = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
+    v = raw.get("vault", {})
+    if not isinstance(v, dict):
+        raise ConfigError("[vault] must be a table")
+    from airlock.config import _parse_listen
+    if "listen" in v:
+        cfg.host, cfg.port = _parse_listen(str(v["listen"]))
+    cfg.data = str(v.get("data", cfg.data))
+    cfg.keys = v.get("keys", cfg.keys)
+    try:
+        cfg.overlay_max_bytes = int(v.get("overlay_max_bytes", cfg.overlay_max_bytes))
+        cfg.overlay_max_age_s = float(v.get("overlay_max_age", cfg.overlay_max_age_s))
+    except (TypeError, ValueError):
+        raise ConfigError("[vault] overlay_max_bytes / overlay_max_age must be numbers") from None
+    cfg.fsync = bool(v.get("fsync", cfg.fsync))
+    return cfg
+
+
+class DataLock:
+    """Exclusive ownership of a vault data directory (flock, released on exit or crash)."""
+
+    def __init__(self, data_dir: str):
+        os.makedirs(data_dir, exist_ok=True)
+        self.path = os.path.join(data_dir, LOCK_FILE)
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self.fd)
+            raise PolicyError(f"the vault data directory {data_dir} is in use by another process") from None
+        os.ftruncate(self.fd, 0)
+        os.write(self.fd, f"{os.getpid()}\n".encode())
+
+    def release(self) -> None:
+        fcntl.flock(self.fd, fcntl.LOCK_UN)
+        os.close(self.fd)
+
+
+def open_store(cfg: VaultConfig):
+    from airlock.vault.store import VaultStore
+    return VaultStore(cfg.data, overlay_max_bytes=cfg.overlay_max_bytes,
+                      overlay_max_age_s=cfg.overlay_max_age_s, fsync=cfg.fsync).open()
+
+
+def vault_id(cfg: VaultConfig) -> str:
+    import hashlib
+    if cfg.keys:
+        with open(os.path.join(cfg.keys, "vault.crt"), "rb") as f:
+            return hashlib.sha256(f.read()).hexdigest()[:16]
+    return "insecure-test-vault"
+
+
+class Vault:
+    def __init__(self, cfg: VaultConfig):
+        self.cfg = cfg
+        self.executor = ThreadPoolExecutor(4, thread_name_prefix="airlock-vault")
+        self.lock = DataLock(cfg.data)
+        self.store = open_store(cfg)
+        self.link = None
+        self._admin = None
+        self._compacting = asyncio.Lock()
+        self._tasks: list[asyncio.Task] = []
+
+    async def start(self) -> None:
+        from airlock.link.server import LinkServer
+        ctx = None
+        if not self.cfg.insecure_no_tls:
+            if not self.cfg.keys:
+                raise ConfigError("the vault needs [vault] keys (vault.crt, vault.key, primary.crt)")
+            from airlock.link.tls import server_context
+            paths = [os.path.join(self.cfg.keys, n) for n in ("vault.crt", "vault.key", "primary.crt")]
+            for p in paths:
+                if not os.path.exists(p):
+                    raise ConfigError(f"vault key file missing: {p} (create keys with `airlock keys`)")
+            ctx = server_context(*paths)
+        self.link = LinkServer(self.store, ctx, vault_id(self.cfg), executor=self.executor)
+        await self.link.start(self.cfg.host, self.cfg.port)
+        sock = self.cfg.admin_socket
+        try:
+            os.unlink(sock)
+        except FileNotFoundError:
+            pass
+        old = os.umask(0o177)
+        try:
+            self._admin = await asyncio.start_unix_server(self._admin_session, path=sock)
+        finally:
+            os.umask(old)
+        self._tasks.append(asyncio.get_running_loop().create_task(self._seal_by_age()))
+
+    async def stop(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        if self._admin is not None:
+            self._admin.close()
+            await self._admin.wait_closed()
+        if self.link is not None:
+            await self.link.stop()
+        await self.store.aclose()
+        self.executor.shutdown(wait=True)
+        try:
+            os.unlink(self.cfg.admin_socket)
+        except FileNotFoundError:
+            pass
+        self.lock.release()
+
+    async def _seal_by_age(self) -> None:
+        while True:
+            await asyncio.sleep(SEAL_CHECK_INTERVAL_S)
+            try:
+                await asyncio.get_running_loop().run_in_executor(self.executor, self.store.maybe_seal)
+            except Exception:
+                log.exception("sealing the open overlay by age failed")
+
+    # ------------------------------------------------------------------ admin socket
+    async def _admin_session(self, reader, writer) -> None:
+        async def send(obj) -> None:
+            writer.write((json.dumps(obj) + "\n").encode())
+            await writer.drain()
+
+        try:
+            line = await reader.readline()
+            try:
+                req = json.loads(line)
+                op = req["op"]
+            except (ValueError, KeyError, TypeError):
+                await send({"ok": False, "error": "bad request"})
+                return
+            if op == "status":
+                status = dict(self.store.status())
+                status["link"] = dict(self.link.stats) if self.link else {}
+                await send({"ok": True, "result": status})
+            elif op == "seal":
+                await asyncio.get_running_loop().run_in_executor(self.executor, self.store.seal)
+                await send({"ok": True, "result": self.store.status()})
+            elif op == "compact":
+                keep = int(req.get("keep", 0))
+                result = await self._compact(keep, send)
+                await send({"ok": True, "result": result})
+            else:
+                await send({"ok": False, "error": f"unknown op {op!r}"})
+        except Exception as e:
+            log.exception("admin request failed")
+            try:
+                await send({"ok": False, "error": str(e)})
+            except Exception:
+                pass
+        finally:
+            writer.close()
+
+    async def _compact(self, keep: int, send) -> list:
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+
+        def progress(done: int, total: int) -> None:
+            loop.call_soon_threadsafe(queue.put_nowait, {"progress": {"done": done, "total": total}})
+
+        async with self._compacting:
+            fut = loop.run_in_executor(self.executor, lambda: self.store.compact(keep=keep, progress=progress))
+            while not fut.done():
+                try:
+                    msg = await asyncio.wait_for(queue.get(), 0.2)
+                    await send(msg)
+                except asyncio.TimeoutError:
+                    pass
+            return fut.result()
+
+
+async def serve_vault(cfg: VaultConfig, on_ready=None) -> None:
+    vault = Vault(cfg)
+    await vault.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    if on_ready is not None:
+        on_ready(cfg, vault)
+    try:
+        await stop.wait()
+    finally:
+        log.info("stopping vault")
+        await vault.stop()
+
+
+# ---------------------------------------------------------------------- admin client
+def admin_request(socket_path: str, request: dict, on_message=None) -> dict:
+    """Send one admin request to a running vault; returns the final answer."""
+    import socket
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        s.connect(socket_path)
+    except (FileNotFoundError, ConnectionRefusedError):
+        s.close()
+        raise
+    with s, s.makefile("rwb") as f:
+        f.write((json.dumps(request) + "\n").encode())
+        f.flush()
+        for line in f:
+            msg = json.loads(line)
+            if "progress" in msg:
+                if on_message is not None:
+                    on_message(msg)
+                continue
+            return msg
+    return {"ok": False, "error": "the vault closed the admin connection"}

@@ -1,0 +1,637 @@
+"""The vault's storage: log -> overlays -> base volume (claims 18-23, 34-41).
+
+    append(records): chunks durable (fdatasync newest overlay) -> records durable
+                     in the vault log (group fsync) -> records written into the
+                     newest overlay and applied to the in-memory overlay view
+    read_chunk:      overlays newest-first, then the base volume; BLAKE3-verified
+    state answers:   base version table + overlay view, ABORT-voided records excluded
+    compaction:      airlock.vault.compaction (oldest sealed overlay -> base)
+
+Formats, recovery and garbage collection: docs/format/vault.md.
+
+Concurrency: one event loop calls append (serialized by an asyncio lock);
+put_chunk and compaction may run on worker threads.  All metadata (overlay
+list and view, catalog connection) is guarded by `_lock`; chunk bytes are read
+outside it, and a read that loses a race with compaction (overlay deleted)
+walks the chain again.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sqlite3
+import threading
+import time
+from itertools import islice, takewhile
+
+import blake3
+
+from airlock.errors import FormatError, IntegrityError, VaultRejected
+from airlock.log.reader import read_log
+from airlock.log.record import MAX_PAYLOAD
+from airlock.log.writer import LogWriter
+from airlock.vault import compaction
+from airlock.vault.base import VOLUME_HEADER_SIZE, BaseVolume
+from airlock.vault.catalog import (
+    BUCKET_KINDS, OBJECT_KINDS, RECORD_ABORT, Catalog, Entry, classify, remove_catalog, version_dict,
+)
+from airlock.vault.overlay import (
+    NAME, OVERLAY_HEADER_SIZE, Overlay, decode_header, fsync_dir, list_overlays,
+)
+
+__all__ = ["VaultStore", "RECORD_ABORT", "OVERLAY_MAX_BYTES", "OVERLAY_MAX_AGE_S"]
+
+log = logging.getLogger("airlock.vault")
+
+OVERLAY_MAX_BYTES = 256 * 2**20   # bytes; seal past this so one merge (and one recovery scan) stays bounded
+OVERLAY_MAX_AGE_S = 600.0         # seconds; seal older overlays so compaction can reach recent changes
+READ_RETRIES = 5                  # read-chain walks when compaction deletes an overlay under a reader
+
+
+def _rejected(code: str, message: str, **attrs) -> VaultRejected:
+    err = VaultRejected(message)
+    err.code = code
+    for k, v in attrs.items():
+        setattr(err, k, v)
+    return err
+
+
+class _OverlayView:
+    """Object/bucket history of the records held in overlays (not yet merged)."""
+
+    def __init__(self, overlays: list[Overlay], known: dict[int, Entry] | None = None):
+        self.by_seq: dict[int, Entry] = {}
+        self.versions: dict[tuple[str, str], list[Entry]] = {}
+        self.bucket_events: list[Entry] = []
+        self.voids: set[int] = set()
+        known = known or {}
+        for ov in overlays:
+            for r in ov.records:
+                e = known.get(r.seq)
+                self.apply(e if e is not None else classify(r.seq, r.rtype, r.payload))
+
+    def apply(self, e: Entry) -> None:
+        self.by_seq[e.seq] = e
+        if e.kind in OBJECT_KINDS:
+            self.versions.setdefault((e.bucket, e.key), []).append(e)
+        elif e.kind in BUCKET_KINDS:
+            self.bucket_events.append(e)
+        self.voids.update(e.voids)
+
+    def latest(self, bucket: str, key: str) -> Entry | None:
+        for e in reversed(self.versions.get((bucket, key), ())):
+            if e.seq not in self.voids:
+                return e
+        return None
+
+
+class VaultStore:
+    def __init__(self, data_dir: str, *, overlay_max_bytes: int = OVERLAY_MAX_BYTES,
+                 overlay_max_age_s: float = OVERLAY_MAX_AGE_S, fsync: bool = True):
+        self.data_dir = os.fspath(data_dir)
+        self.log_dir = os.path.join(self.data_dir, "log")
+        self.overlay_dir = os.path.join(self.data_dir, "overlays")
+        self.base_dir = os.path.join(self.data_dir, "base")
+        self.catalog_path = os.path.join(self.base_dir, "base.sqlite")
+        self.volume_path = os.path.join(self.base_dir, "volume.dat")
+        self.overlay_max_bytes = overlay_max_bytes
+        self.overlay_max_age_s = overlay_max_age_s
+        self.fsync = fsync
+        self.last_seq = 0
+        self.recovery: dict = {}
+        self._lock = threading.RLock()
+        self._compact_lock = threading.Lock()
+        self._append_lock: asyncio.Lock | None = None
+        self._overlays: list[Overlay] = []
+        self._view = _OverlayView([])
+        self._log: LogWriter | None = None
+        self._catalog: Catalog | None = None
+        self._volume: BaseVolume | None = None
+        self._failed: BaseException | None = None
+        self._floor_ns = 0
+
+    # ================================================================== open / recovery
+    def open(self) -> "VaultStore":
+        """Recover (docs/format/vault.md, "Recovery") and get ready to append."""
+        try:
+            return self._recover()
+        except BaseException:
+            for ov in self._overlays:
+                ov.close()
+            for closeable in (self._log, self._catalog, self._volume):
+                if closeable is not None:
+                    try:
+                        closeable.close()
+                    except Exception:  # noqa: BLE001 - already failing; keep the first error
+                        pass
+            self._log = self._catalog = self._volume = None
+            raise
+
+    def _recover(self) -> "VaultStore":
+        for d in (self.overlay_dir, self.base_dir):
+            os.makedirs(d, exist_ok=True)
+        rec = self.recovery = {"log_truncated_bytes": 0, "volume_truncated_bytes": 0,
+                               "merged_overlays_deleted": [], "torn_overlays": [], "sealed_on_open": [],
+                               "replayed": 0, "catalog_rebuilt": False}
+        # 1. log
+        self._log = LogWriter(self.log_dir).open()
+        rec["log_truncated_bytes"] = self._log.truncated_bytes
+        last = self._log.last_seq
+        # 2. catalog
+        catalog = None
+        if os.path.exists(self.catalog_path):
+            try:
+                catalog = Catalog(self.catalog_path, self.fsync)
+                catalog.merged_through_seq  # noqa: B018 - readable?
+            except (sqlite3.DatabaseError, FormatError, TypeError) as e:
+                log.error("vault catalog %s unreadable (%r); rebuilding it from the log", self.catalog_path, e)
+                if catalog is not None:
+                    catalog.close()
+                catalog = None
+        self._catalog = catalog
+        # 3. base volume
+        self._volume = BaseVolume(self.volume_path, self.fsync).open()
+        if catalog is not None:
+            rec["volume_truncated_bytes"] = self._volume.truncate(catalog.volume_end)
+        # 4. overlays already merged
+        merged = catalog.merged_names() if catalog is not None else set()
+        found = list_overlays(self.overlay_dir)
+        remaining = []
+        for ns, path in found:
+            if os.path.basename(path) in merged:
+                os.unlink(path)
+                rec["merged_overlays_deleted"].append(os.path.basename(path))
+            else:
+                remaining.append((ns, path))
+        # 5. scan the rest
+        overlays: list[Overlay] = []
+        for i, (ns, path) in enumerate(remaining):
+            newest = i == len(remaining) - 1
+            if newest and os.path.getsize(path) <= OVERLAY_HEADER_SIZE and not _valid_header(path):
+                os.unlink(path)          # torn while being created: holds nothing
+                rec["torn_overlays"].append(os.path.basename(path))
+                continue
+            ov, end, status = Overlay.scan(path, ns)
+            if status != "ok":
+                log.warning("overlay %s: torn tail of %d bytes cut", ov.name, os.path.getsize(path) - end)
+                rec["torn_overlays"].append(ov.name)
+                ov.truncate(end, self.fsync)
+            overlays.append(ov)
+        if rec["merged_overlays_deleted"] or rec["torn_overlays"]:
+            self._sync_dir()
+        for ov in overlays[:-1]:
+            if not ov.sealed:
+                ov.open_for_append()
+                ov.seal(self.fsync)
+                rec["sealed_on_open"].append(ov.name)
+        # 6. catalog rebuild
+        if catalog is None:
+            fresh = last == 0 and self._volume.size() == VOLUME_HEADER_SIZE and not overlays
+            catalog = self._build_catalog(overlays, last, quiet=fresh)
+            rec["catalog_rebuilt"] = not fresh
+        self._catalog = catalog
+        # names of merged (deleted) overlays are never reused, even if the clock went back
+        self._floor_ns = max((int(n[3:23]) for n in catalog.merged_names() if NAME.match(n)), default=0)
+        # 7. contiguity, then replay the log into the newest overlay
+        expected = catalog.merged_through_seq + 1
+        for ov in overlays:
+            for r in ov.records:
+                if r.seq != expected:
+                    raise FormatError(f"overlay {ov.name}: record seq {r.seq}, expected {expected} "
+                                      f"(base merged through {catalog.merged_through_seq})")
+                expected += 1
+        held = expected - 1
+        if held > last:
+            raise FormatError(f"overlays hold records through seq {held} but the vault log ends at {last}")
+        if overlays and not overlays[-1].sealed:
+            overlays[-1].open_for_append()
+        else:
+            overlays.append(self._new_overlay(overlays))
+        self._overlays = overlays
+        if held < last:
+            newest = overlays[-1]
+            for r in read_log(self.log_dir, held + 1):
+                newest.append_record(r.seq, r.rtype, r.payload)
+                rec["replayed"] += 1
+            if self.fsync:
+                newest.sync()
+        self._rebuild_view()
+        self.last_seq = last
+        return self
+
+    def _build_catalog(self, overlays: list[Overlay], last: int, quiet: bool = False) -> Catalog:
+        """A fresh catalog from volume.dat (chunk map) and the log (versions).
+
+        Built under a temporary name and renamed into place: a crash midway
+        must never leave a valid-looking empty catalog, whose volume_end would
+        make the next open truncate the base volume."""
+        tmp = self.catalog_path + ".rebuild"
+        remove_catalog(tmp)
+        catalog = Catalog(tmp, self.fsync)
+        chunks = []
+        end = VOLUME_HEADER_SIZE
+        for digest, off, n, ext_end in self._volume.scan():
+            chunks.append((digest, off, n))
+            end = ext_end
+        if self._volume.damaged:
+            # not repaired: kept in place, reported; the chunks in them are unmapped
+            log.error("base volume %s: damaged regions %s skipped while rebuilding the chunk map",
+                      self.volume_path, self._volume.damaged)
+            self.recovery.setdefault("volume_damaged", []).extend(self._volume.damaged)
+            if self._volume.damaged[-1][1] == self._volume.size() and self._volume.damaged[-1][0] >= end:
+                self._volume.damaged.pop()       # a torn tail (an uncommitted merge): cut below
+        self._volume.truncate(end)
+        firsts = [ov.first_seq for ov in overlays if ov.first_seq is not None]
+        through = min(firsts) - 1 if firsts else last
+        entries = ((classify(r.seq, r.rtype, r.payload), r.payload)
+                   for r in takewhile(lambda r: r.seq <= through, read_log(self.log_dir, 1)))
+        catalog.commit_merge(chunks, entries, end, through, None)
+        catalog.close()
+        remove_catalog(self.catalog_path)
+        os.replace(tmp, self.catalog_path)
+        if self.fsync:
+            fsync_dir(self.base_dir)
+        catalog = Catalog(self.catalog_path, self.fsync)
+        if not quiet:
+            log.warning("vault catalog rebuilt: %d chunks, versions through seq %d", len(chunks), through)
+        return catalog
+
+    def rebuild_catalog_from_log(self) -> None:
+        """Replace base.sqlite by one rebuilt from volume.dat and the log (claim 19)."""
+        with self._compact_lock, self._lock:
+            self._catalog.close()
+            self._catalog = self._build_catalog(self._overlays, self.last_seq)
+            self._rebuild_view()
+
+    async def aclose(self) -> None:
+        if self._log is not None:
+            await self._log.aclose()
+        self.close_sync()
+
+    def close_sync(self) -> None:
+        """Close files without awaiting the log (no appends may be in flight)."""
+        with self._lock:
+            if self._log is not None and self._log._flusher is None:
+                self._log.close()
+            for ov in self._overlays:
+                ov.close()
+            if self._catalog is not None:
+                self._catalog.close()
+                self._catalog = None
+            if self._volume is not None:
+                self._volume.close()
+                self._volume = None
+
+    # ================================================================== chunks
+    def has_chunk(self, digest_hex: str) -> bool:
+        with self._lock:
+            return self._has_chunk(digest_hex)
+
+    def _has_chunk(self, digest_hex: str) -> bool:
+        return any(digest_hex in ov.chunks for ov in self._overlays) or self._catalog.chunk(digest_hex) is not None
+
+    def put_chunk(self, digest_hex: str, data) -> None:
+        """Keep a chunk (caller verified its digest) in the newest overlay unless
+        the vault has it.  Durable only once an append that follows returns."""
+        digest_hex = digest_hex.lower()
+        with self._lock:
+            self._check_usable()
+            if self._has_chunk(digest_hex):
+                return
+            self._seal_if_due()
+            try:
+                self._overlays[-1].append_chunk(digest_hex, data)
+            except OSError as e:
+                self._failed = e
+                raise
+
+    def missing_chunks(self, records) -> list[str]:
+        """Chunk ids referenced by these (seq, rtype, payload) records that the vault lacks."""
+        out: dict[str, None] = {}
+        with self._lock:
+            for seq, rtype, payload in records:
+                try:
+                    e = classify(seq, rtype, bytes(payload))
+                except FormatError:
+                    continue
+                for d in e.chunks:
+                    if d not in out and not self._has_chunk(d):
+                        out[d] = None
+        return list(out)
+
+    def read_chunk(self, digest_hex: str) -> bytes:
+        """A chunk's bytes: overlays newest-first, then the base volume (claims 37, 38)."""
+        digest_hex = digest_hex.lower()
+        for _ in range(READ_RETRIES):
+            with self._lock:
+                where = None
+                for ov in reversed(self._overlays):
+                    loc = ov.chunks.get(digest_hex)
+                    if loc is not None:
+                        where = (ov, *loc)
+                        break
+                if where is None:
+                    loc = self._catalog.chunk(digest_hex)
+                    if loc is None:
+                        raise KeyError(digest_hex)
+                    volume = self._volume
+            try:
+                if where is not None:
+                    ov, off, n = where
+                    data = ov.read_chunk_at(off, n)
+                    what = f"overlay {ov.name} chunk at {off}"
+                else:
+                    data = volume.read_data(*loc)
+                    what = f"base volume extent at {loc[0]}"
+            except FileNotFoundError:
+                continue             # compaction merged and deleted the overlay: walk the chain again
+            actual = blake3.blake3(data).hexdigest()
+            if actual != digest_hex:
+                raise IntegrityError(what, digest_hex, actual)
+            return data
+        raise KeyError(digest_hex)
+
+    # ================================================================== append
+    async def append(self, records: list[tuple[int, int, bytes]]) -> int:
+        """Make records durable (see module doc); returns the last durable seq."""
+        if self._append_lock is None:
+            self._append_lock = asyncio.Lock()
+        # shielded: a cancelled caller must not leave records in the log but not the overlay
+        task = asyncio.get_running_loop().create_task(self._append_serialized(records))
+        return await asyncio.shield(task)
+
+    async def _append_serialized(self, records) -> int:
+        async with self._append_lock:
+            self._check_usable()
+            new: list[tuple[int, int, bytes]] = []
+            for seq, rtype, payload in records:
+                payload = bytes(payload)
+                if not new and seq <= self.last_seq:
+                    held = self._stored_record(seq)
+                    if held != (rtype, payload):
+                        log.error("refused rewrite of seq %d (rtype %d, %d bytes)", seq, rtype, len(payload))
+                        raise _rejected("rewrite_refused", f"seq {seq} is already held with different "
+                                        f"content; the vault does not rewrite history", seq=seq)
+                    continue                     # identical retransmission
+                expect = new[-1][0] + 1 if new else self.last_seq + 1
+                if seq != expect:
+                    raise _rejected("sequence_gap", f"record seq {seq}, expected {expect}",
+                                    last_seq=self.last_seq)
+                new.append((seq, rtype, payload))
+            if not new:
+                return self.last_seq
+            try:
+                entries = [classify(*r) for r in new]
+                for seq, _rtype, payload in new:
+                    if len(payload) > MAX_PAYLOAD:
+                        raise FormatError(f"record {seq}: payload of {len(payload)} bytes exceeds {MAX_PAYLOAD}")
+            except FormatError as e:
+                raise _rejected("bad_record", str(e)) from e
+            missing = self.missing_chunks(new)
+            if missing:
+                raise _rejected("missing_chunks", f"{len(missing)} referenced chunks are missing",
+                                digests=missing)
+            try:
+                # 2. every chunk these records reference is durable
+                await asyncio.to_thread(self._sync_newest)
+                # 3. the records are durable in the vault log (one group fsync)
+                if self._log.last_seq != self.last_seq:
+                    raise RuntimeError(f"vault log at {self._log.last_seq}, store at {self.last_seq}")
+                futs = [asyncio.ensure_future(self._log.append(rtype, payload)) for _s, rtype, payload in new]
+                seqs = await asyncio.gather(*futs, return_exceptions=True)
+                for s, (seq, _r, _p) in zip(seqs, new):
+                    if isinstance(s, BaseException):
+                        raise s
+                    if s != seq:
+                        raise RuntimeError(f"vault log assigned seq {s} to record {seq}")
+                # 4. into the newest overlay (claims 35, 36) and the overlay view
+                with self._lock:
+                    for (seq, rtype, payload), e in zip(new, entries):
+                        self._overlays[-1].append_record(seq, rtype, payload)
+                        self._view.apply(e)
+                        self.last_seq = seq
+                    self._seal_if_due()
+            except BaseException as e:
+                self._failed = e
+                log.error("vault append failed; refusing further appends until reopened: %r", e)
+                raise
+            return self.last_seq
+
+    def _stored_record(self, seq: int) -> tuple[int, bytes] | None:
+        with self._lock:
+            e = self._view.by_seq.get(seq)
+            if e is not None:
+                for ov in self._overlays:
+                    if ov.first_seq is not None and ov.first_seq <= seq <= ov.last_seq:
+                        r = ov.records[seq - ov.first_seq]
+                        return r.rtype, r.payload
+            held = self._catalog.record(seq)
+        if held is not None:
+            return held
+        for r in read_log(self.log_dir, seq):
+            return (r.rtype, r.payload) if r.seq == seq else None
+        return None
+
+    def _sync_newest(self) -> None:
+        if not self.fsync:
+            return
+        # sync a duplicate descriptor outside the lock so reads and put_chunk
+        # are not held up by the fdatasync; an overlay sealed meanwhile was
+        # fdatasynced by its seal, which covers the same chunks.
+        with self._lock:
+            fd = self._overlays[-1].fd
+            fd = os.dup(fd) if fd is not None else None
+        if fd is not None:
+            try:
+                os.fdatasync(fd)
+            finally:
+                os.close(fd)
+
+    def _check_usable(self) -> None:
+        if self._failed is not None:
+            raise _rejected("internal", f"vault store failed earlier and must be reopened: {self._failed!r}")
+        if self._catalog is None:
+            raise RuntimeError("VaultStore is not open")
+
+    # ================================================================== overlays
+    def _new_overlay(self, overlays: list[Overlay]) -> Overlay:
+        ns = max(time.time_ns(), self._floor_ns + 1)
+        if overlays:
+            ns = max(ns, overlays[-1].created_ns + 1)
+        return Overlay.create(self.overlay_dir, ns, self.fsync)
+
+    def maybe_seal(self) -> None:
+        """Seal the open overlay if it reached its size or age limit (the
+        vault daemon calls this on a timer, so an idle overlay still ages out)."""
+        with self._lock:
+            if self._failed is None:
+                self._seal_if_due()
+
+    def _seal_if_due(self) -> None:
+        ov = self._overlays[-1]
+        age = (time.time_ns() - ov.created_ns) / 1e9
+        if ov.size >= self.overlay_max_bytes or (ov.has_content and age >= self.overlay_max_age_s):
+            self._seal_newest()
+
+    def _seal_newest(self) -> None:
+        # SEAL is fdatasynced before the next overlay exists (invariant 5)
+        self._overlays[-1].seal(self.fsync)
+        self._overlays.append(self._new_overlay(self._overlays))
+
+    def seal(self) -> None:
+        """Seal the newest overlay and open a new one."""
+        with self._lock:
+            self._check_usable()
+            self._seal_newest()
+
+    def _rebuild_view(self) -> None:
+        self._view = _OverlayView(self._overlays, self._view.by_seq)
+
+    def _sync_dir(self) -> None:
+        if self.fsync:
+            fsync_dir(self.overlay_dir)
+
+    # ================================================================== compaction
+    def compact_oldest(self, progress=None) -> dict | None:
+        """Merge the oldest sealed overlay into the base volume; None if there is none."""
+        return compaction.merge_oldest_overlay(self, progress)
+
+    def compact(self, keep: int = 0, progress=None) -> list[dict]:
+        """Seal the newest overlay (keep == 0) and merge until at most `keep` sealed overlays remain."""
+        with self._lock:
+            self._check_usable()
+            if keep == 0 and self._overlays[-1].has_content:
+                self._seal_newest()
+            else:
+                self._seal_if_due()
+        out = []
+        while True:
+            with self._lock:
+                sealed = sum(1 for ov in self._overlays if ov.sealed)
+            if sealed <= keep:
+                return out
+            result = self.compact_oldest(progress)
+            if result is None:
+                return out
+            out.append(result)
+
+    # ================================================================== state answers
+    def manifest(self, bucket: str, key: str, seq: int | None = None) -> dict | None:
+        """The current manifest (None if deleted or absent), or the one record `seq` committed."""
+        with self._lock:
+            view = self._view
+            if seq is not None:
+                if seq in view.voids:
+                    return None
+                e = view.by_seq.get(seq)
+                if e is not None:
+                    ok = e.kind == "put" and e.bucket == bucket and e.key == key
+                    return e.manifest if ok else None
+                row = self._catalog.version_at(seq)
+                if row is None:
+                    return None
+                kind, b, k, m = row
+                return m if kind == "put" and b == bucket and k == key else None
+            e = view.latest(bucket, key)
+            if e is not None:
+                return e.manifest if e.kind == "put" else None
+            row = self._catalog.latest_version(bucket, key, view.voids)
+            if row is None:
+                return None
+            return row[2] if row[1] == "put" else None
+
+    def versions(self, bucket: str, key: str) -> list[dict]:
+        """Every version of a key incl. delete markers, oldest first; voided records excluded."""
+        with self._lock:
+            view = self._view
+            out = {s: version_dict(s, k, m, b) for s, k, m, b in self._catalog.version_rows(bucket, key)
+                   if s not in view.voids}
+            for e in view.versions.get((bucket, key), ()):
+                if e.seq not in view.voids:
+                    out[e.seq] = version_dict(e.seq, e.kind, e.manifest, e.body)
+        return [out[s] for s in sorted(out)]
+
+    def buckets(self) -> list[dict]:
+        with self._lock:
+            view = self._view
+            events = {s: (k, b, body) for s, k, b, body in self._catalog.bucket_events()}
+            for e in view.bucket_events:
+                events[e.seq] = (e.kind, e.bucket, e.body)
+            voids = set(view.voids)
+        current: dict[str, dict] = {}
+        for s in sorted(events):
+            if s in voids:
+                continue
+            kind, b, body = events[s]
+            if kind == "bucket-create":
+                current[b] = {"bucket": b, "owner": body.get("owner"), "created": body.get("created")}
+            else:
+                current.pop(b, None)
+        return [current[b] for b in sorted(current)]
+
+    def list_objects(self, bucket: str, prefix: str = "", after: str | None = None,
+                     limit: int = 1000) -> tuple[list[dict], bool]:
+        """Current manifests in key order (overlay versions override the base)."""
+        with self._lock:
+            view = self._view
+            lo = after if after is not None and after >= prefix else None
+            ov_current = {}
+            for (b, k), _ in view.versions.items():
+                if b == bucket and k.startswith(prefix) and (lo is None or k > lo):
+                    e = view.latest(b, k)
+                    if e is not None:
+                        ov_current[k] = e
+            ov_keys = sorted(ov_current)
+            base = self._catalog.current_objects(bucket, prefix, after, view.voids)
+            out: list[dict] = []
+            i = 0
+            nxt = next(base, None)
+            while True:
+                if nxt is None and i >= len(ov_keys):
+                    return out, False
+                if i < len(ov_keys) and (nxt is None or ov_keys[i] <= nxt[0]):
+                    k = ov_keys[i]
+                    e = ov_current[k]
+                    i += 1
+                    if nxt is not None and nxt[0] == k:
+                        nxt = next(base, None)
+                    manifest = e.manifest if e.kind == "put" else None
+                else:
+                    manifest = nxt[3] if nxt[2] == "put" else None
+                    nxt = next(base, None)
+                if manifest is None:
+                    continue
+                if len(out) == limit:
+                    return out, True
+                out.append(manifest)
+
+    def records(self, from_seq: int, max_count: int) -> list[tuple[int, int, bytes]]:
+        """Records from the vault log, seq >= from_seq, at most max_count, only durable ones."""
+        last = self.last_seq
+        out = []
+        for r in islice(read_log(self.log_dir, max(1, from_seq)), max_count):
+            if r.seq > last:
+                break
+            out.append((r.seq, r.rtype, r.payload))
+        return out
+
+    def status(self) -> dict:
+        with self._lock:
+            overlays = [{"name": ov.name, "created": ov.created_ns / 1e9, "sealed": ov.sealed,
+                         "bytes": ov.size, "chunks": len(ov.chunks), "records": len(ov.records)}
+                        for ov in self._overlays]
+            counts = self._catalog.counts()
+            return {"last_seq": self.last_seq, "overlays": overlays,
+                    "base": {"bytes": self._catalog.volume_end, "chunks": counts["chunks"],
+                             "versions": counts["versions"]},
+                    "merged_through_seq": self._catalog.merged_through_seq}
+
+
+def _valid_header(path: str) -> bool:
+    with open(path, "rb") as f:
+        try:
+            decode_header(f.read())
+            return True
+        except FormatError:
+            return False
