@@ -331,7 +331,14 @@ def cmd_status(args) -> int:
     g = out.get("gateway")
     if g is not None:
         print(f"gateway: {g.get('status')}  replication={g.get('replication', '-')} "
-              f"vault_connected={g.get('vault_connected', '-')} last_seq={g.get('last_seq', '-')}")
+              f"vault_connected={g.get('vault_connected', '-')} last_seq={g.get('last_seq', '-')} "
+              f"primary_storage={g.get('primary_storage', '-')}")
+        if g.get("degraded_reason"):
+            print(f"  DEGRADED: {g['degraded_reason']}; reads served from the vault, writes refused")
+        st = g.get("stats") or {}
+        if st.get("chunks_from_vault") or st.get("chunks_repaired"):
+            print(f"  chunks read from the vault: {st.get('chunks_from_vault', 0)}, "
+                  f"repaired: {st.get('chunks_repaired', 0)}, repair failures: {st.get('repair_failures', 0)}")
     v = out.get("vault")
     if v is not None:
         if "last_seq" in v:

@@ -9,7 +9,8 @@ A chunk is written to tmp, fsynced, then renamed into place; the directory is
 fsynced by `sync_dirs` before the commit record that references it is written,
 so a durable record never points at a chunk that a crash could lose.  Chunks
 are stored once per digest (dedup).  Every read is verified against the digest;
-a mismatch raises IntegrityError (repair from the vault comes with the link).
+a mismatch raises IntegrityError; the engine then fetches the chunk from the
+vault and writes the good copy back (`replace`).
 """
 from __future__ import annotations
 
@@ -64,6 +65,11 @@ class ChunkStore:
             os.makedirs(d, exist_ok=True)
             with self._lock:
                 self._made.add(d)
+        os.replace(self._write_tmp(digest, data), final)
+        return d
+
+    def _write_tmp(self, digest: str, data) -> str:
+        """Write a complete chunk file under tmp/ and fdatasync it; returns its path."""
         tmp = os.path.join(self.tmp, f"{digest}.{uuid.uuid4().hex}")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:
@@ -76,8 +82,17 @@ class ChunkStore:
                 os.fdatasync(fd)
         finally:
             os.close(fd)
-        os.replace(tmp, final)
-        return d
+        return tmp
+
+    def replace(self, digest: str, data) -> None:
+        """Write a good copy of a chunk over a missing or damaged one (tmp +
+        fdatasync + rename + directory fsync).  The caller has verified `data`
+        against `digest`; repairs are logged and counted by the caller."""
+        final = self.path(digest)
+        d = os.path.dirname(final)
+        os.makedirs(d, exist_ok=True)
+        os.replace(self._write_tmp(digest, data), final)
+        self.sync_dirs([d])
 
     def sync_dirs(self, dirs) -> None:
         if not self.fsync:

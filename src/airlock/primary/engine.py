@@ -21,7 +21,7 @@ from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 
 from airlock import errors as E
-from airlock.chunk.store import ChunkStore
+from airlock.chunk.store import ChunkStore, digest_of
 from airlock.log import payload as P
 from airlock.log.reader import read_log
 from airlock.primary.commit import CommitPoint, LocalCommitPoint
@@ -37,6 +37,8 @@ MAX_PARTS = 10000                        # S3's part-number limit
 WORKER_THREADS = 8                       # hashing/chunking/IO threads; GIL released in each
 REPLAY_BATCH = 1000                      # records per index transaction during replay
 LIST_QUERY_BATCH = 1000                  # rows fetched per index query while listing
+STORAGE_PROBE_INTERVAL_S = 1.0           # how often the primary's data directory is checked
+VAULT_FETCH_BATCH = 1000                 # records per GET_RECORDS when rebuilding state from the vault
 
 Verifier = Callable[[BodyDigests], None]
 
@@ -52,7 +54,10 @@ class Engine:
         self.store: ChunkStore | None = None
         self.index: Index | None = None
         self.commit_point: CommitPoint | None = None
-        self.stats = {"puts": 0, "gets": 0, "integrity_errors": 0, "replayed": 0}
+        self.stats = {"puts": 0, "gets": 0, "integrity_errors": 0, "replayed": 0,
+                      "chunks_from_vault": 0, "chunks_repaired": 0, "repair_failures": 0}
+        self.degraded: str | None = None      # why the primary's storage is not used, if it is not
+        self._monitor: asyncio.Task | None = None
 
     # ------------------------------------------------------------------ lifecycle
     def open(self) -> None:
@@ -89,12 +94,16 @@ class Engine:
             log.info("replayed %d log records into the index", n)
 
     async def start(self) -> None:
-        """Async part of opening: bring up the commit point (the vault link)."""
+        """Async part of opening: bring up the commit point (the vault link)
+        and the watch on the primary's storage."""
         start = getattr(self.commit_point, "start", None)
         if start is not None:
             await start()
+        self._monitor = asyncio.get_running_loop().create_task(self._watch_storage())
 
     async def close(self) -> None:
+        if self._monitor is not None:
+            self._monitor.cancel()
         if self.commit_point is not None:
             await self.commit_point.close()
         if self.index is not None:
@@ -106,7 +115,73 @@ class Engine:
                           for seq, rtype, payload in records])
 
     async def _commit(self, rtype: int, body: dict) -> int:
+        self._refuse_writes_if_degraded()
         return await self.commit_point.commit(rtype, P.encode_payload(body))
+
+    # ------------------------------------------------------------------ degraded mode
+    @property
+    def vault_link(self):
+        """The commit point's link to the vault, or None when running local-only."""
+        return getattr(self.commit_point, "link", None)
+
+    def _refuse_writes_if_degraded(self) -> None:
+        if self.degraded:
+            raise E.ServiceUnavailable(
+                f"The primary's storage has failed ({self.degraded}); reads are served from the vault "
+                f"and writes are refused until it is restored (airlock restore).")
+
+    def storage_ok(self) -> bool:
+        """Is the primary's data directory there and usable?"""
+        try:
+            return (os.path.isdir(self.store.root) and os.path.isdir(self.store.tmp)
+                    and os.path.isdir(os.path.join(self.data_dir, "log"))
+                    and os.access(self.data_dir, os.R_OK | os.W_OK | os.X_OK)
+                    and os.access(self.store.root, os.R_OK | os.W_OK | os.X_OK))
+        except OSError:
+            return False
+
+    async def _watch_storage(self) -> None:
+        while True:
+            await asyncio.sleep(STORAGE_PROBE_INTERVAL_S)
+            if self.degraded is None and not self.storage_ok():
+                try:
+                    await self.enter_degraded_mode("the primary data directory is gone or unreadable")
+                except Exception:
+                    log.exception("could not switch to serving from the vault")
+
+    async def enter_degraded_mode(self, reason: str) -> None:
+        """The primary's storage failed outright: serve reads from the vault.
+
+        The index is rebuilt in memory from the vault's log (same replay as at
+        start, voids included), so lookups and listings answer exactly as
+        before; chunks come over the link (`_read_chunk` falls back to the
+        vault already).  Writes answer 503 until the primary is restored."""
+        if self.degraded is not None:
+            return
+        self.degraded = reason
+        log.error("DEGRADED: %s; serving reads from the vault, refusing writes", reason)
+        link = self.vault_link
+        if link is None:
+            log.error("no vault configured: nothing to serve from")
+            return
+        await self.commit_point.ensure_link(reconcile=False)
+        records: list[tuple[int, int, bytes]] = []
+        seq = 1
+        while True:
+            batch = await link.get_records(seq, VAULT_FETCH_BATCH)
+            if not batch:
+                break
+            records.extend(batch)
+            seq = batch[-1][0] + 1
+        void = set(getattr(self.commit_point, "void", ()))
+        for _s, rtype, payload in records:
+            if rtype == P.ABORT:
+                void.update(P.decode_payload(rtype, payload)["seqs"])
+        index = Index(":memory:")
+        index.apply([(s, rtype, P.decode_payload(rtype, payload))
+                     for s, rtype, payload in records if s not in void])
+        self.index = index
+        log.error("DEGRADED: serving %d vault records' state from memory", len(records))
 
     # ------------------------------------------------------------------ buckets
     def bucket(self, name: str) -> Bucket | None:
@@ -149,6 +224,7 @@ class Engine:
     async def ingest(self, body: AsyncIterator, *, want_sha256: bool = False,
                      checksum_algorithms: tuple[str, ...] = ()) -> BodyDigests:
         """Chunk, digest and store a body; nothing is committed."""
+        self._refuse_writes_if_degraded()
         ing = Ingest(self.store, want_sha256=want_sha256, checksum_algorithms=checksum_algorithms,
                      chunk_params=self.chunk_params)
         return await ingest_body(ing, body, self.executor, ship=self.commit_point.ship_chunks)
@@ -217,13 +293,41 @@ class Engine:
         self.stats["gets"] += 1
 
     async def _read_chunk(self, loop, ref: ChunkRef) -> bytes:
-        if ref.size <= 64 * 1024:
-            data = self.store.read(ref.digest)
-        else:
-            data = await loop.run_in_executor(self.executor, self.store.read, ref.digest)
-        if len(data) != ref.size:
-            self.stats["integrity_errors"] += 1
-            raise E.IntegrityError(f"chunk {ref.digest}", f"{ref.size} bytes", f"{len(data)} bytes")
+        """A chunk's bytes, verified.  A missing or corrupt local copy is
+        fetched from the vault (claims 5, 10, 14), served, and written back
+        over the bad one; every repair is logged and counted."""
+        try:
+            if ref.size <= 64 * 1024:
+                data = self.store.read(ref.digest)
+            else:
+                data = await loop.run_in_executor(self.executor, self.store.read, ref.digest)
+            if len(data) != ref.size:
+                raise E.IntegrityError(f"chunk {ref.digest}", f"{ref.size} bytes", f"{len(data)} bytes")
+            return data
+        except (E.IntegrityError, E.FormatError, OSError) as e:
+            problem = "missing" if isinstance(e, FileNotFoundError) else f"unreadable: {e}"
+            if not isinstance(e, FileNotFoundError):
+                self.stats["integrity_errors"] += 1
+            if self.vault_link is None:
+                raise
+        return await self._chunk_from_vault(loop, ref, problem)
+
+    async def _chunk_from_vault(self, loop, ref: ChunkRef, problem: str) -> bytes:
+        await self.commit_point.ensure_link(reconcile=self.degraded is None)
+        data = await self.vault_link.get_chunk(ref.digest)
+        actual = await loop.run_in_executor(self.executor, digest_of, data)
+        if actual != ref.digest or len(data) != ref.size:
+            raise E.IntegrityError(f"chunk {ref.digest} from the vault", ref.digest, actual)
+        self.stats["chunks_from_vault"] += 1
+        if self.degraded is None:
+            try:
+                await loop.run_in_executor(self.executor, self.store.replace, ref.digest, data)
+                self.stats["chunks_repaired"] += 1
+                log.warning("repaired chunk %s (%s) with the vault's copy", ref.digest, problem)
+            except OSError as e:
+                self.stats["repair_failures"] += 1
+                log.error("chunk %s (%s) served from the vault but could not be repaired: %s",
+                          ref.digest, problem, e)
         return data
 
     def list_objects(self, bucket: str, *, prefix: str = "", delimiter: str = "",

@@ -129,6 +129,21 @@ class ReplicatedCommitPoint:
         await self.link.close()
         await self.log.aclose()
 
+    async def ensure_link(self, reconcile: bool = True) -> None:
+        """A connected link for reads (GET_CHUNK, GET_RECORDS).  With
+        reconcile=False (degraded mode: the primary log is unusable) the link
+        is only connected, never reconciled."""
+        if self.link.connected and (self._ready or not reconcile):
+            return
+        async with self._lock:
+            if reconcile:
+                try:
+                    await self._ensure_ready()
+                except asyncio.TimeoutError:
+                    raise E.VaultUnavailable("the vault did not answer in time") from None
+            elif not self.link.connected:
+                await asyncio.wait_for(self.link.connect(), RECONNECT_TIMEOUT_S)
+
     async def _ensure_ready(self) -> None:
         """Connected and reconciled; call with the lock held."""
         if self._ready and self.link.connected:
@@ -162,6 +177,9 @@ class ReplicatedCommitPoint:
                 raise E.ReplicationError(f"primary log sequence diverged while reconciling: {got[:3]}...")
             fetched += len(records)
         self._next_seq = vault_last + 1
+        # failed sequence numbers above V never reached the vault and are reused
+        # from V+1: the records that take them now are live, not void
+        self.void = {s for s in self.void if s <= vault_last}
         if fetched:
             log.info("reconciled: took %d record(s) the vault held beyond the primary log (up to %d)",
                      fetched, vault_last)

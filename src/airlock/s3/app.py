@@ -109,6 +109,11 @@ class S3App:
             body["replication_stats"] = cp.stats
             if not cp.healthy:
                 body["status"] = "degraded"
+        body["primary_storage"] = "ok" if self.engine.degraded is None else "failed"
+        if self.engine.degraded is not None:
+            body["status"] = "degraded"
+            body["degraded_reason"] = self.engine.degraded
+            body["serving_reads_from"] = "vault"
         return web.json_response(body, status=200)
 
     # ------------------------------------------------------------------ addressing
