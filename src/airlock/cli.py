@@ -233,6 +233,8 @@ def _progress_bar(done: int, total: int, width: int = 30) -> str:
 def cmd_compact(args) -> int:
     from airlock.vault.daemon import ADMIN_SOCKET, DataLock, VaultConfig, admin_request, open_store
     vdata = _vault_data(args)
+    if not os.path.isdir(os.path.join(vdata, "log")):
+        raise ConfigError(f"{vdata} is not a vault data directory (no log/ in it)")
     tty = sys.stderr.isatty()
 
     shown = [-1]
@@ -305,13 +307,91 @@ def cmd_verify(args) -> int:
     return 1 if diffs else 0
 
 
+def _progress_printer(label: str):
+    """(show(done, total), finish()) for a byte progress bar on stderr: redrawn
+    on a terminal, a line per 10% otherwise."""
+    tty = sys.stderr.isatty()
+    shown = [-1]
+
+    def show(done: int, total: int) -> None:
+        line = f"{label} " + _progress_bar(done, total)
+        if tty:
+            print("\r" + line, end="", file=sys.stderr, flush=True)
+            return
+        step = 100 if total <= 0 else int(done * 10 / total) * 10
+        if step != shown[0]:
+            shown[0] = step
+            print(line, file=sys.stderr, flush=True)
+
+    def finish() -> None:
+        if tty and shown[0] != -2:
+            print(file=sys.stderr)
+            shown[0] = -2
+
+    return show, finish
+
+
+def cmd_restore(args) -> int:
+    from airlock.primary.restore import restore
+    link, pdata = _link_for(args)
+    show, finish = _progress_printer("restoring")
+    try:
+        s = asyncio.run(restore(pdata, link, bucket=args.bucket, prefix=args.prefix or "",
+                                verify_log=args.verify_log, progress=show))
+    finally:
+        finish()
+    scope = "everything" if args.bucket is None else f"bucket {args.bucket}"
+    if args.prefix:
+        scope += f", keys starting with {args.prefix!r}"
+    if s.log_moved_aside:
+        print(f"the primary log was unreadable and was moved aside to {s.log_moved_aside}")
+    print(f"log: {s.records_fetched} record(s) fetched from the vault; primary log now ends at {s.log_last_seq}")
+    print(f"scope: {scope}: {s.objects} object(s), {s.parts} open upload part(s)")
+    print(f"chunks: {s.chunks_checked} checked ({s.bytes_checked:,} bytes), "
+          f"{s.chunks_copied} copied from the vault ({s.bytes_copied:,} bytes)")
+    for d in s.failed:
+        print(f"NOT RESTORED: chunk {d.digest} ({d.problem}): {d.error}")
+    print(s.line())
+    return 1 if s.failed else 0
+
+
+def cmd_scrub(args) -> int:
+    from airlock.primary.scrub import scrub
+    link, pdata = _link_for(args) if args.repair else (None, _primary_data(args))
+    show, finish = _progress_printer("scrubbing")
+    try:
+        r = asyncio.run(scrub(pdata, link, repair=args.repair, progress=show))
+    finally:
+        finish()
+    for d in r.damage:
+        use = "" if d.referenced else " (not referenced by any live object)"
+        if d.repaired:
+            fate = f"repaired from the {d.source}"
+        elif args.repair:
+            fate = f"NOT repaired: {d.error}"
+        else:
+            fate = "not repaired (--no-repair)"
+        print(f"chunk {d.digest}: {d.problem}{use}; {fate}")
+    print(f"{'clean' if not r.remaining else 'DAMAGED'}: {r.chunks_checked} chunk(s) checked "
+          f"({r.bytes_checked:,} bytes), {len(r.damage)} problem(s), {r.repaired} repaired, "
+          f"{r.remaining} remaining")
+    print(r.line())
+    return 1 if r.remaining else 0
+
+
+def _primary_data(args) -> str:
+    if args.data:
+        return os.path.join(args.data, _deployment(args.data)["primary"])
+    return load_gateway_config(args.config).data
+
+
 def cmd_status(args) -> int:
     import urllib.request
     out: dict = {}
-    if args.data:
-        dep = _deployment(args.data)
+    gateway = args.gateway or (_deployment(args.data)["gateway"] if args.data else None)
+    if gateway:
         try:
-            with urllib.request.urlopen(f"http://{dep['gateway']}/_airlock/health", timeout=5) as r:
+            with urllib.request.urlopen(f"http://{gateway}/_airlock/health", timeout=5) as r:
                 out["gateway"] = json.load(r)
         except OSError as e:
             out["gateway"] = {"status": "down", "error": str(e)}
@@ -324,7 +404,7 @@ def cmd_status(args) -> int:
         except (FileNotFoundError, ConnectionRefusedError):
             out["vault"] = {"status": "down"}
     if not out:
-        raise ConfigError("give --data DIR (a local deployment) or --vault-data DIR")
+        raise ConfigError("give --data DIR (a local deployment), --gateway HOST:PORT or --vault-data DIR")
     if args.json:
         print(json.dumps(out, indent=2, sort_keys=True))
         return 0
@@ -407,9 +487,26 @@ def build_parser() -> argparse.ArgumentParser:
     ve.add_argument("--config", help="gateway config (two-host deployments)")
     ve.set_defaults(func=cmd_verify)
 
+    re_ = sub.add_parser("restore", help="rebuild the primary's data from the vault (gateway stopped)")
+    re_.add_argument("--data", help="local deployment directory")
+    re_.add_argument("--config", help="gateway config (two-host deployments)")
+    re_.add_argument("--bucket", help="restore only this bucket's chunks (the log is always restored whole)")
+    re_.add_argument("--prefix", help="restore only the chunks of keys starting with this")
+    re_.add_argument("--verify-log", action="store_true",
+                     help="compare every local log record with the vault's, not only the last")
+    re_.set_defaults(func=cmd_restore)
+
+    sc = sub.add_parser("scrub", help="verify every chunk of the primary; repair bad ones from the vault")
+    sc.add_argument("--data", help="local deployment directory")
+    sc.add_argument("--config", help="gateway config (two-host deployments)")
+    sc.add_argument("--repair", action=argparse.BooleanOptionalAction, default=True,
+                    help="fetch bad or missing chunks from the vault (default: yes)")
+    sc.set_defaults(func=cmd_scrub)
+
     st = sub.add_parser("status", help="health of the gateway and the vault")
     st.add_argument("--data", help="local deployment directory")
-    st.add_argument("--vault-data", help="the vault's data directory")
+    st.add_argument("--vault-data", help="the vault's data directory (on the vault host)")
+    st.add_argument("--gateway", help="host:port of the gateway's S3 endpoint (its /_airlock/health)")
     st.add_argument("--json", action="store_true")
     st.set_defaults(func=cmd_status)
     return p

@@ -75,29 +75,38 @@ def _parse_listen(value: str) -> tuple[str, int]:
     return host.strip("[]") or "127.0.0.1", int(port)
 
 
+def read_toml(path: str | None) -> dict:
+    """The parsed config file ({} without one); ConfigError if unreadable."""
+    if not path:
+        return {}
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
+
+
+def table(raw: dict, name: str) -> dict:
+    """The [name] table of a parsed config ({} if absent)."""
+    t = raw.get(name, {})
+    if not isinstance(t, dict):
+        raise ConfigError(f"[{name}] must be a table")
+    return t
+
+
 def load_gateway_config(path: str | None) -> GatewayConfig:
     cfg = GatewayConfig()
-    raw: dict = {}
-    if path:
-        try:
-            with open(path, "rb") as f:
-                raw = tomllib.load(f)
-        except FileNotFoundError:
-            raise ConfigError(f"config file not found: {path}") from None
-        except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
-    g = raw.get("gateway", {})
-    if not isinstance(g, dict):
-        raise ConfigError("[gateway] must be a table")
+    raw = read_toml(path)
+    g = table(raw, "gateway")
     if "listen" in g:
         cfg.host, cfg.port = _parse_listen(str(g["listen"]))
     cfg.data = str(g.get("data", cfg.data))
     cfg.region = str(g.get("region", cfg.region))
     cfg.domains = list(g.get("domains", cfg.domains))
     cfg.fsync = bool(g.get("fsync", cfg.fsync))
-    link = raw.get("link", {})
-    if not isinstance(link, dict):
-        raise ConfigError("[link] must be a table")
+    link = table(raw, "link")
     if "vault" in link:
         cfg.vault = _parse_listen(str(link["vault"]))
     if "keys" in link:
