@@ -221,7 +221,9 @@ def _vault_data(args) -> str:
         return args.vault_data
     if args.data:
         return os.path.join(args.data, "vault")
-    raise ConfigError("give --data DIR (a local deployment) or --vault-data DIR")
+    if getattr(args, "config", None):
+        return _vault_config(args).data
+    raise ConfigError("give --data DIR (a local deployment), --vault-data DIR or --config vault.toml")
 
 
 def _progress_bar(done: int, total: int, width: int = 30) -> str:
@@ -257,10 +259,13 @@ def cmd_compact(args) -> int:
             raise AirlockError(f"compaction failed: {answer.get('error')}")
         merged = answer["result"]
     except (FileNotFoundError, ConnectionRefusedError):
-        # the vault is not running: compact its files directly (holding its lock)
+        # the vault is not running: compact its files directly (holding its
+        # lock), with the vault's own settings (retention) when its config is given
+        cfg = _vault_config(args) if args.config else VaultConfig()
+        cfg.data = vdata
         lock = DataLock(vdata)
         try:
-            store = open_store(VaultConfig(data=vdata))
+            store = open_store(cfg)
             try:
                 merged = store.compact(keep=args.keep, progress=show)
             finally:
@@ -345,6 +350,8 @@ def cmd_restore(args) -> int:
         scope += f", keys starting with {args.prefix!r}"
     if s.log_moved_aside:
         print(f"the primary log was unreadable and was moved aside to {s.log_moved_aside}")
+    if s.log_tail_cut:
+        print(f"cut {s.log_tail_cut} bytes of a torn or damaged tail off the primary log")
     print(f"log: {s.records_fetched} record(s) fetched from the vault; primary log now ends at {s.log_last_seq}")
     print(f"scope: {scope}: {s.objects} object(s), {s.parts} open upload part(s)")
     print(f"chunks: {s.chunks_checked} checked ({s.bytes_checked:,} bytes), "
@@ -480,6 +487,7 @@ def build_parser() -> argparse.ArgumentParser:
         c.add_argument("--data", help="local deployment directory")
         c.add_argument("--vault-data", help="the vault's data directory (two-host deployments)")
         c.add_argument("--keep", type=int, default=0, help="overlays to keep (default 0: merge all)")
+        c.add_argument("--config", help="the vault's config (its data dir and retention), on the vault host")
         c.set_defaults(func=func)
 
     ve = sub.add_parser("verify", help="compare the primary's committed state with the vault's")

@@ -1,9 +1,11 @@
 """The vault catalog (`base/base.sqlite`) and what a record means to the vault.
 
 The catalog holds the chunk map of the base volume, the version table (every
-record merged into the base, append-only apart from the `void` flag) and the
-meta values `volume_end` and `merged_through_seq`.  It is changed only by
-compaction, in one transaction per merged overlay (docs/format/vault.md).
+record merged into the base, append-only apart from the `void` flag and
+vault-side retention pruning) and the meta values `volume_end` and
+`merged_through_seq`.  It is changed only by compaction, in one transaction
+per merged overlay, which also applies the retention policy
+(docs/format/vault.md, "Retention").
 Not thread-safe by itself: VaultStore serializes access under its lock.
 """
 from __future__ import annotations
@@ -13,6 +15,7 @@ import os
 import sqlite3
 import time
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from typing import NamedTuple
 
 from airlock.errors import FormatError
@@ -30,6 +33,29 @@ KIND = {
 }
 OBJECT_KINDS = ("put", "delete")
 BUCKET_KINDS = ("bucket-create", "bucket-delete")
+DAY_NS = 86400 * 10**9
+
+
+@dataclass(frozen=True)
+class Retention:
+    """Vault-side retention (docs/format/vault.md, "Retention").  Each setting is
+    a guarantee to keep; a non-current put or delete marker in the base is pruned
+    only when it is outside every guarantee that is set.  Both 0: keep forever."""
+    keep_versions: int = 0        # newest non-current versions kept per key; 0 = no count limit
+    keep_days: float = 0          # days a version is kept after the vault merged its successor; 0 = forever
+
+    def __post_init__(self):
+        for name in ("keep_versions", "keep_days"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v or v < 0 or v == float("inf"):
+                raise ValueError(f"retention {name} must be a finite number >= 0, not {v!r}")
+        if isinstance(self.keep_versions, float) and not self.keep_versions.is_integer():
+            raise ValueError(f"retention keep_versions must be a whole number, not {self.keep_versions!r}")
+        object.__setattr__(self, "keep_versions", int(self.keep_versions))
+
+    @property
+    def prunes(self) -> bool:
+        return self.keep_versions > 0 or self.keep_days > 0
 
 
 class Entry(NamedTuple):
@@ -141,6 +167,21 @@ class Catalog:
     def merged_names(self) -> set[str]:
         return {r[0] for r in self.db.execute("SELECT name FROM merged_overlays")}
 
+    def _meta_opt(self, k: str) -> int | None:
+        row = self.db.execute("SELECT v FROM meta WHERE k=?", (k,)).fetchone()
+        return int(row[0]) if row else None
+
+    def _set_meta(self, k: str, v: int) -> None:
+        self.db.execute("INSERT INTO meta VALUES (?,?) ON CONFLICT(k) DO UPDATE SET v=excluded.v", (k, str(v)))
+
+    def prune_stats(self) -> dict:
+        """What retention removed so far (meta `pruned_versions`, `last_prune_ns`,
+        `unreferenced_bytes`; absent until the first prune)."""
+        last = self._meta_opt("last_prune_ns")
+        return {"pruned_versions": self._meta_opt("pruned_versions") or 0,
+                "last_prune": last / 1e9 if last is not None else None,
+                "unreferenced_bytes": self._meta_opt("unreferenced_bytes") or 0}
+
     def counts(self) -> dict:
         chunks, nbytes = self.db.execute("SELECT COUNT(*), COALESCE(SUM(length), 0) FROM chunks").fetchone()
         versions = self.db.execute("SELECT COUNT(*) FROM versions WHERE kind IN ('put','delete')").fetchone()[0]
@@ -149,9 +190,15 @@ class Catalog:
     # ------------------------------------------------------------------ merging (one transaction)
     def commit_merge(self, chunks: Iterable[tuple[str, int, int]], entries: Iterable[tuple[Entry, bytes]],
                      volume_end: int, merged_through_seq: int, overlay: str | None,
-                     before_commit: Callable[[], None] | None = None) -> None:
+                     before_commit: Callable[[], None] | None = None, *,
+                     retention: Retention | None = None, now_ns: int | None = None,
+                     exclude: Iterable[int] = (), referenced: Iterable[str] = ()) -> int:
         """Insert chunk map rows and version rows, apply voids, advance the meta
-        values and record the overlay as merged: all or nothing."""
+        values, record the overlay as merged and apply the retention policy to
+        the base: all or nothing.  `exclude`: seqs that unmerged overlays void;
+        `referenced`: chunk ids unmerged overlay records reference.  Returns the
+        number of versions pruned."""
+        now_ns = time.time_ns() if now_ns is None else now_ns
         db = self.db
         db.execute("BEGIN IMMEDIATE")
         try:
@@ -167,7 +214,8 @@ class Catalog:
             db.execute("UPDATE meta SET v=? WHERE k='merged_through_seq'", (str(merged_through_seq),))
             if overlay is not None:
                 db.execute("INSERT INTO merged_overlays VALUES (?,?,?)",
-                           (overlay, merged_through_seq, time.time_ns()))
+                           (overlay, merged_through_seq, now_ns))
+            pruned = self._prune(retention, now_ns, exclude, referenced) if retention is not None else 0
             if before_commit is not None:
                 before_commit()
             db.execute("COMMIT")
@@ -175,6 +223,76 @@ class Catalog:
             if db.in_transaction:
                 db.execute("ROLLBACK")
             raise
+        return pruned
+
+    def prune(self, retention: Retention, now_ns: int, exclude: Iterable[int] = (),
+              referenced: Iterable[str] = ()) -> int:
+        """Apply the retention policy in a transaction of its own."""
+        db = self.db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            pruned = self._prune(retention, now_ns, exclude, referenced)
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+        return pruned
+
+    # ------------------------------------------------------------------ retention (inside a transaction)
+    def superseded_cutoff_seq(self, before_ns: int) -> int:
+        """The largest seq s such that every version with seq <= s was merged into
+        the base (vault clock, merged_overlays.merged_ns) at or before `before_ns`.
+        Taken as a prefix in seq order, so a clock that jumped around never
+        makes a later merge look older than an earlier one."""
+        cutoff = 0
+        for through, merged_ns in self.db.execute(
+                "SELECT through_seq, merged_ns FROM merged_overlays ORDER BY through_seq, merged_ns DESC"):
+            if merged_ns > before_ns:
+                break
+            cutoff = through
+        return cutoff
+
+    def _prune(self, retention: Retention, now_ns: int, exclude: Iterable[int],
+               referenced: Iterable[str]) -> int:
+        """Delete the non-current put/delete versions outside every keep
+        guarantee.  Current versions (incl. delete markers), voided records,
+        bucket and upload records are never touched; versions voided by an
+        unmerged ABORT (`exclude`) neither count nor supersede."""
+        if not retention.prunes:
+            return 0
+        n = retention.keep_versions
+        cutoff = (self.superseded_cutoff_seq(now_ns - int(retention.keep_days * DAY_NS))
+                  if retention.keep_days > 0 else None)
+        db = self.db
+        victims = [r[0] for r in db.execute(
+            "SELECT seq FROM (SELECT seq, ROW_NUMBER() OVER w - 1 AS newer, LAG(seq) OVER w AS successor "
+            "  FROM versions WHERE kind IN ('put','delete') AND void=0 "
+            "  AND seq NOT IN (SELECT value FROM json_each(?)) "
+            "  WINDOW w AS (PARTITION BY bucket, key ORDER BY seq DESC)) "
+            "WHERE newer > 0 AND (? = 0 OR newer > ?) AND (? IS NULL OR successor <= ?)",
+            (json.dumps(sorted(set(exclude))), n, n, cutoff, cutoff))]
+        if not victims:
+            return 0
+        db.executemany("DELETE FROM versions WHERE seq=?", [(s,) for s in victims])
+        self._set_meta("pruned_versions", (self._meta_opt("pruned_versions") or 0) + len(victims))
+        self._set_meta("last_prune_ns", now_ns)
+        self._set_meta("unreferenced_bytes", self._unreferenced_bytes(referenced))
+        return len(victims)
+
+    def _unreferenced_bytes(self, referenced: Iterable[str]) -> int:
+        """Bytes of base-volume chunks no base version and no unmerged overlay
+        record references (space a future volume rewrite could reclaim)."""
+        row = self.db.execute(
+            "WITH used(d) AS ("
+            "  SELECT json_extract(c.value, '$[0]') FROM versions, json_each(versions.manifest, '$.chunks') c "
+            "  WHERE versions.manifest IS NOT NULL "
+            "  UNION SELECT json_extract(c.value, '$[0]') FROM versions, "
+            "    json_each(CAST(versions.payload AS TEXT), '$.chunks') c WHERE versions.kind = 'upload-part' "
+            "  UNION SELECT value FROM json_each(?)) "
+            "SELECT COALESCE(SUM(length), 0) FROM chunks WHERE digest NOT IN (SELECT d FROM used)",
+            (json.dumps(sorted(set(referenced))),)).fetchone()
+        return int(row[0])
 
     # ------------------------------------------------------------------ lookups
     def chunk(self, digest_hex: str) -> tuple[int, int] | None:

@@ -7,6 +7,7 @@ collection").
        then fdatasync volume.dat                     (allocate space, claim 22)
     3. one catalog transaction: chunk map, versions, voids, volume_end,
        merged_through_seq, merged overlay name       (write it, claims 23, 39, 40)
+       and the vault-side retention policy (docs/format/vault.md, "Retention")
     4. unlink the overlay file, fsync overlays/      (delete it, claim 41)
 
 Reads stay correct throughout: the overlay stays in the read chain until the
@@ -81,8 +82,10 @@ def merge_oldest_overlay(store: "VaultStore", progress: Progress | None = None) 
         # 3. one catalog transaction; swap the overlay out of the read chain with it
         entries = [(classify(r.seq, r.rtype, r.payload), r.payload) for r in ov.records]
         with store._lock:
-            catalog.commit_merge(rows, entries, end, merged_through, ov.name,
-                                 before_commit=lambda: crash_point("in-transaction"))
+            now_ns = store.clock_ns()
+            pruned = catalog.commit_merge(rows, entries, end, merged_through, ov.name,
+                                          before_commit=lambda: crash_point("in-transaction"),
+                                          **_retention_args(store, now_ns, merged_through))
             store._overlays.remove(ov)
             store._rebuild_view()
         crash_point("committed")
@@ -97,6 +100,37 @@ def merge_oldest_overlay(store: "VaultStore", progress: Progress | None = None) 
             fsync_dir(store.overlay_dir)
         log.info("merged overlay %s: %d records, %d new chunks (%d bytes) at %d..%d",
                  ov.name, len(ov.records), len(rows), total, start, end)
+        _log_prune(store, pruned, f"merging overlay {ov.name}")
         return {"overlay": ov.name, "records": len(ov.records), "chunks": len(ov.chunks),
                 "new_chunks": len(rows), "bytes": total, "volume_end": end,
-                "merged_through_seq": merged_through}
+                "merged_through_seq": merged_through, "pruned": pruned}
+
+
+def _retention_args(store: "VaultStore", now_ns: int, base_through: int) -> dict:
+    """Retention arguments of a catalog transaction (caller holds store._lock):
+    unmerged overlay records (seq > base_through) are never pruned, an ABORT
+    among them voids base versions before the policy decides what is current,
+    and the chunks they reference are still in use."""
+    view = store._view
+    return {"retention": store.retention, "now_ns": now_ns, "exclude": set(view.voids),
+            "referenced": (d for e in view.by_seq.values() if e.seq > base_through for d in e.chunks)}
+
+
+def _log_prune(store: "VaultStore", pruned: int, when: str) -> None:
+    if pruned:
+        log.info("retention pruned %d non-current versions from the base while %s "
+                    "(keep_versions=%d, keep_days=%g)", pruned, when,
+                    store.retention.keep_versions, store.retention.keep_days)
+
+
+def prune_base(store: "VaultStore") -> int:
+    """Apply the retention policy to the base in its own catalog transaction
+    (compaction with nothing to merge: versions also age out)."""
+    if not store.retention.prunes:
+        return 0
+    with store._compact_lock, store._lock:
+        store._check_usable()
+        args = _retention_args(store, store.clock_ns(), store._catalog.merged_through_seq)
+        pruned = store._catalog.prune(args.pop("retention"), args.pop("now_ns"), **args)
+    _log_prune(store, pruned, "compacting")
+    return pruned

@@ -14,11 +14,11 @@ import json
 import logging
 import os
 import signal
-import tomllib
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from airlock.errors import ConfigError, PolicyError
+from airlock.vault.catalog import Retention
 
 log = logging.getLogger("airlock.vault")
 
@@ -38,6 +38,7 @@ class VaultConfig:
     overlay_max_age_s: float = 600.0
     fsync: bool = True
     insecure_no_tls: bool = False    # tests of the protocol parser only; never in a deployment
+    retention: Retention = field(default_factory=Retention)   # [vault.retention]; default: keep forever
 
     @property
     def admin_socket(self) -> str:
@@ -45,20 +46,11 @@ class VaultConfig:
 
 
 def load_vault_config(path: str | None) -> VaultConfig:
+    from airlock.config import _parse_listen, read_toml, table
     cfg = VaultConfig()
     if not path:
         return cfg
-    try:
-        with open(path, "rb") as f:
-            raw = tomllib.load(f)
-    except FileNotFoundError:
-        raise ConfigError(f"config file not found: {path}") from None
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
-    v = raw.get("vault", {})
-    if not isinstance(v, dict):
-        raise ConfigError("[vault] must be a table")
-    from airlock.config import _parse_listen
+    v = table(read_toml(path), "vault")
     if "listen" in v:
         cfg.host, cfg.port = _parse_listen(str(v["listen"]))
     cfg.data = str(v.get("data", cfg.data))
@@ -69,7 +61,22 @@ def load_vault_config(path: str | None) -> VaultConfig:
     except (TypeError, ValueError):
         raise ConfigError("[vault] overlay_max_bytes / overlay_max_age must be numbers") from None
     cfg.fsync = bool(v.get("fsync", cfg.fsync))
+    cfg.retention = _parse_retention(v.get("retention", {}))
     return cfg
+
+
+def _parse_retention(r) -> Retention:
+    """[vault.retention]: keep_versions (whole number >= 0), keep_days (number >= 0); 0 = no limit."""
+    if not isinstance(r, dict):
+        raise ConfigError("[vault.retention] must be a table")
+    unknown = sorted(set(r) - {"keep_versions", "keep_days"})
+    if unknown:
+        raise ConfigError(f"[vault.retention] unknown settings: {', '.join(unknown)} "
+                          f"(known: keep_versions, keep_days)")
+    try:
+        return Retention(keep_versions=r.get("keep_versions", 0), keep_days=r.get("keep_days", 0))
+    except ValueError as e:
+        raise ConfigError(f"[vault.retention] {e}") from None
 
 
 class DataLock:
@@ -95,7 +102,8 @@ class DataLock:
 def open_store(cfg: VaultConfig):
     from airlock.vault.store import VaultStore
     return VaultStore(cfg.data, overlay_max_bytes=cfg.overlay_max_bytes,
-                      overlay_max_age_s=cfg.overlay_max_age_s, fsync=cfg.fsync).open()
+                      overlay_max_age_s=cfg.overlay_max_age_s, fsync=cfg.fsync,
+                      retention=cfg.retention).open()
 
 
 def vault_id(cfg: VaultConfig) -> str:

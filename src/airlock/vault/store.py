@@ -34,7 +34,7 @@ from airlock.log.writer import LogWriter
 from airlock.vault import compaction
 from airlock.vault.base import VOLUME_HEADER_SIZE, BaseVolume
 from airlock.vault.catalog import (
-    BUCKET_KINDS, OBJECT_KINDS, RECORD_ABORT, Catalog, Entry, classify, remove_catalog, version_dict,
+    BUCKET_KINDS, OBJECT_KINDS, RECORD_ABORT, Catalog, Entry, Retention, classify, remove_catalog, version_dict,
 )
 from airlock.vault.overlay import (
     NAME, OVERLAY_HEADER_SIZE, Overlay, decode_header, fsync_dir, list_overlays,
@@ -88,7 +88,8 @@ class _OverlayView:
 
 class VaultStore:
     def __init__(self, data_dir: str, *, overlay_max_bytes: int = OVERLAY_MAX_BYTES,
-                 overlay_max_age_s: float = OVERLAY_MAX_AGE_S, fsync: bool = True):
+                 overlay_max_age_s: float = OVERLAY_MAX_AGE_S, fsync: bool = True,
+                 retention: Retention | None = None):
         self.data_dir = os.fspath(data_dir)
         self.log_dir = os.path.join(self.data_dir, "log")
         self.overlay_dir = os.path.join(self.data_dir, "overlays")
@@ -98,6 +99,8 @@ class VaultStore:
         self.overlay_max_bytes = overlay_max_bytes
         self.overlay_max_age_s = overlay_max_age_s
         self.fsync = fsync
+        self.retention = retention if retention is not None else Retention()   # default: keep forever
+        self.clock_ns = time.time_ns      # vault clock of merges and retention (tests replace it)
         self.last_seq = 0
         self.recovery: dict = {}
         self._lock = threading.RLock()
@@ -246,7 +249,16 @@ class VaultStore:
         through = min(firsts) - 1 if firsts else last
         entries = ((classify(r.seq, r.rtype, r.payload), r.payload)
                    for r in takewhile(lambda r: r.seq <= through, read_log(self.log_dir, 1)))
-        catalog.commit_merge(chunks, entries, end, through, None)
+        # the log holds what retention pruned: apply the policy again (docs/format/vault.md,
+        # "Retention"); the rebuild counts as the merge of 1..through at the vault's now
+        now_ns = self.clock_ns()
+        unmerged = [classify(r.seq, r.rtype, r.payload) for ov in overlays for r in ov.records]
+        pruned = catalog.commit_merge(chunks, entries, end, through, f"rebuild-{now_ns}" if through else None,
+                                      retention=self.retention, now_ns=now_ns,
+                                      exclude={s for e in unmerged for s in e.voids},
+                                      referenced=(d for e in unmerged for d in e.chunks))
+        if pruned:
+            log.info("retention pruned %d non-current versions from the rebuilt catalog", pruned)
         catalog.close()
         remove_catalog(self.catalog_path)
         os.replace(tmp, self.catalog_path)
@@ -510,11 +522,14 @@ class VaultStore:
             with self._lock:
                 sealed = sum(1 for ov in self._overlays if ov.sealed)
             if sealed <= keep:
-                return out
+                break
             result = self.compact_oldest(progress)
             if result is None:
-                return out
+                break
             out.append(result)
+        if not out:
+            compaction.prune_base(self)      # nothing merged: history still ages out
+        return out
 
     # ================================================================== state answers
     def manifest(self, bucket: str, key: str, seq: int | None = None) -> dict | None:
@@ -622,10 +637,13 @@ class VaultStore:
                          "bytes": ov.size, "chunks": len(ov.chunks), "records": len(ov.records)}
                         for ov in self._overlays]
             counts = self._catalog.counts()
+            retention = {"keep_versions": self.retention.keep_versions, "keep_days": self.retention.keep_days,
+                         **self._catalog.prune_stats()}
             return {"last_seq": self.last_seq, "overlays": overlays,
                     "base": {"bytes": self._catalog.volume_end, "chunks": counts["chunks"],
                              "versions": counts["versions"]},
-                    "merged_through_seq": self._catalog.merged_through_seq}
+                    "merged_through_seq": self._catalog.merged_through_seq,
+                    "retention": retention}
 
 
 def _valid_header(path: str) -> bool:
