@@ -102,7 +102,8 @@ class Gateway:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
     def client(self, access_key: str = ACCESS_KEY, secret_key: str = SECRET_KEY, **config):
-        cfg = {"s3": {"addressing_style": "path"}, "retries": {"max_attempts": 1}}
+        # total_max_attempts=1: no retry at all (botocore's max_attempts counts retries)
+        cfg = {"s3": {"addressing_style": "path"}, "retries": {"total_max_attempts": 1}}
         cfg.update(config)
         return boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id=access_key,
                             aws_secret_access_key=secret_key, region_name=REGION, config=Config(**cfg))
@@ -173,9 +174,11 @@ class Vault:
     def start(self) -> "Vault":
         cmd = [sys.executable, "-m", "airlock", "vault", "--data", str(self.data),
                "--listen", f"127.0.0.1:{self.port}", "--keys", str(self.keys), *self.extra_args]
+        sock = self.data / "admin.sock"
+        if sock.exists():
+            sock.unlink()   # left behind by a killed vault; readiness is the new socket appearing
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT)
-        sock = self.data / "admin.sock"
         deadline = time.monotonic() + START_TIMEOUT_S
         while not sock.exists():
             if self.proc.poll() is not None:

@@ -148,7 +148,11 @@ def cmd_keys(args) -> int:
         return 0
     if not args.dir or not args.role:
         raise ConfigError("give --dir DIR --role primary|vault, or --local DATA")
-    cert, key = keys.create_identity(args.dir, args.role, overwrite=False)
+    try:
+        cert, key = keys.create_identity(args.dir, args.role, overwrite=False)
+    except FileExistsError:
+        raise ConfigError(f"a {args.role} identity already exists in {args.dir}; "
+                          f"keys are never overwritten (remove them by hand to replace them)") from None
     print(f"created {args.role} identity\n  certificate: {cert}\n  private key: {key}\n"
           f"  fingerprint: {keys.fingerprint(cert)}\n"
           f"copy the certificate (never the key) to the other domain's keys directory as {args.role}.crt")
@@ -185,11 +189,18 @@ def cmd_up(args) -> int:
     signal.signal(signal.SIGTERM, stop_all)
     signal.signal(signal.SIGINT, stop_all)
     try:
+        # a vault killed earlier leaves its admin socket behind; readiness is
+        # the new one appearing (DataLock first: never touch a live vault's socket)
+        from airlock.vault.daemon import ADMIN_SOCKET, DataLock
+        DataLock(os.path.join(data, "vault")).release()
+        try:
+            os.unlink(os.path.join(data, "vault", ADMIN_SOCKET))
+        except FileNotFoundError:
+            pass
         vault = subprocess.Popen(vault_cmd)
         children.append(("vault", vault))
         # the admin socket appears once the link listens (probing the link
         # port itself would show up in the vault's log as a refused handshake)
-        from airlock.vault.daemon import ADMIN_SOCKET
         _wait_ready(vault, "vault", path=os.path.join(data, "vault", ADMIN_SOCKET))
         gw = subprocess.Popen(gw_cmd)
         children.append(("gateway", gw))

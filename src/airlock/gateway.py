@@ -59,8 +59,14 @@ def make_engine(cfg: GatewayConfig) -> Engine:
 
 
 async def serve(cfg: GatewayConfig, on_ready=None, stop: asyncio.Event | None = None) -> None:
-    engine = make_engine(cfg)
-    engine.open()
+    from airlock.primary.datalock import PrimaryLock
+    lock = PrimaryLock(cfg.data)     # one gateway per data directory; restore takes it too
+    try:
+        engine = make_engine(cfg)
+        engine.open()
+    except BaseException:
+        lock.release()
+        raise
     await engine.start()
     app = make_app(engine, cfg)
     runner = web.AppRunner(app, access_log=None, handle_signals=False,
@@ -80,3 +86,4 @@ async def serve(cfg: GatewayConfig, on_ready=None, stop: asyncio.Event | None = 
         log.info("stopping gateway")
         await runner.cleanup()
         await engine.close()
+        lock.release()

@@ -35,13 +35,17 @@ def digest_of(data) -> str:
 
 
 class ChunkStore:
-    def __init__(self, root: str, *, fsync: bool = True):
+    def __init__(self, root: str, *, fsync: bool = True, clean_tmp: bool = True):
+        """`clean_tmp=False` for tools that share the store with a running
+        gateway (scrub): its tmp/ holds that gateway's writes in progress."""
         self.root = os.path.join(root, "chunks")
         self.tmp = os.path.join(self.root, "tmp")
         self.fsync = fsync
         self._made: set[str] = set()
         self._lock = threading.Lock()
         os.makedirs(self.tmp, exist_ok=True)
+        if not clean_tmp:
+            return
         for name in os.listdir(self.tmp):  # leftovers of writes a crash interrupted
             try:
                 os.unlink(os.path.join(self.tmp, name))

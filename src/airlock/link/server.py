@@ -141,7 +141,11 @@ class LinkServer:
             try:
                 kind, payload = await self._dispatch(frame)
             except E.VaultRejected as e:
-                code = getattr(e, "code", "internal")
+                code = getattr(e, "code", None) or "internal"
+                if code not in W.ERROR_CODES:
+                    # a refusal without a link error code of its own (the store's "bad_record":
+                    # a record that is not a valid commit record) is a bad request payload
+                    code = "bad_frame"
                 if code == "rewrite_refused":
                     self.stats["refused_rewrites"] += 1
                     log.error("link: primary %s tried to rewrite history: %s", peer, e)

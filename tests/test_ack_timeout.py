@@ -1,0 +1,214 @@
+"""No durable ack within the ack timeout: 503, and the change is void everywhere.
+
+The fault proxy holds the vault->gateway direction longer than the gateway's
+ack timeout (2 s here).  The vault has the record (it appended and fsynced
+it), but the client heard 503, so the primary must void it
+(primary/replication.py: pending-aborts.json, then an ABORT record once the
+link is back).  The object must never become visible: not after the release,
+not after the link reconnects, not after a gateway restart (SIGTERM or
+SIGKILL right after the 503).  The vault keeps the record in its history but
+its state does not show it.
+"""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from botocore.exceptions import ClientError
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from conftest import Deployment  # noqa: E402
+from faultproxy import FaultProxy  # noqa: E402
+
+from airlock import errors as E  # noqa: E402
+from airlock.log import payload as P  # noqa: E402
+
+ACK_TIMEOUT_S = 2.0
+FAIL_BOUND_S = ACK_TIMEOUT_S + 6.0   # generous upper bound on the 503 (not a performance claim)
+WAIT_S = 10.0
+
+
+@pytest.fixture
+def proxied(tmp_path):
+    d = Deployment(tmp_path / "deploy", ack_timeout=ACK_TIMEOUT_S)
+    d.vault.start()
+    proxy = FaultProxy(d.vault.port).start()
+    d.use_proxy(proxy)
+    try:
+        d.start_gateway()
+        yield d, proxy
+    finally:
+        d.stop()
+
+
+# ---------------------------------------------------------------------- helpers
+def client(d: Deployment):
+    """boto3 with no retry at all (conftest's {"max_attempts": 1} still retries once)."""
+    return d.gateway.client(retries={"total_max_attempts": 1})
+
+
+def health(d: Deployment) -> dict:
+    with urllib.request.urlopen(f"{d.gateway.endpoint}/_airlock/health", timeout=5) as r:
+        return json.load(r)
+
+
+def wait_until(pred, what: str, timeout: float = WAIT_S, interval: float = 0.05):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        v = pred()
+        if v:
+            return v
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
+
+
+def on_vault(d: Deployment, fn):
+    """Run `await fn(link)` on a link session of our own, straight to the vault
+    (not through the proxy), with the primary's key."""
+    from airlock.config import GatewayConfig
+    from airlock.gateway import make_link_client
+    cfg = GatewayConfig()
+    cfg.vault = ("127.0.0.1", d.vault.port)
+    cfg.link_keys = str(d.root / "primary" / "keys")
+
+    async def run():
+        link = make_link_client(cfg)
+        await link.connect()
+        try:
+            return await fn(link)
+        finally:
+            await link.close()
+
+    return asyncio.run(run())
+
+
+def vault_manifest(d: Deployment, bucket: str, key: str, seq: int | None = None) -> dict | None:
+    async def get(link):
+        try:
+            return await link.get_manifest(bucket, key, seq)
+        except E.VaultRejected as e:
+            assert e.code == "not_found", e.info
+            return None
+    return on_vault(d, get)
+
+
+def vault_record(d: Deployment, seq: int):
+    got = on_vault(d, lambda link: link.get_records(seq, 1))
+    return got[0] if got else None
+
+
+def vault_voids(d: Deployment) -> list[int]:
+    recs = on_vault(d, lambda link: link.get_records(1, 10000))
+    assert [r[0] for r in recs] == list(range(1, len(recs) + 1))   # gap-free
+    return sorted(s for r in recs if r[1] == P.ABORT for s in P.decode_payload(r[1], r[2])["seqs"])
+
+
+def put_times_out(d: Deployment, proxy: FaultProxy, s3, key: str, body: bytes) -> int:
+    """PUT with the ack held past the timeout; returns the sequence number the vault gave it."""
+    before = d.vault.status()["last_seq"]
+    proxy.command("hold down")
+    t0 = time.monotonic()
+    with pytest.raises(ClientError) as e:
+        s3.put_object(Bucket="keep", Key=key, Body=body)
+    elapsed = time.monotonic() - t0
+    assert e.value.response["Error"]["Code"] == "ServiceUnavailable", e.value.response
+    assert e.value.response["ResponseMetadata"]["HTTPStatusCode"] == 503
+    assert ACK_TIMEOUT_S - 0.5 <= elapsed < FAIL_BOUND_S, f"503 after {elapsed:.2f}s"
+    # the vault holds the record: the APPEND went through, only the ACK was held
+    assert d.vault.status()["last_seq"] == before + 1
+    return before + 1
+
+
+def assert_invisible(s3, key: str, old: bytes | None = None) -> None:
+    listed = {o["Key"] for o in s3.list_objects_v2(Bucket="keep").get("Contents", [])}
+    if old is None:
+        with pytest.raises(ClientError) as e:
+            s3.head_object(Bucket="keep", Key=key)
+        assert e.value.response["ResponseMetadata"]["HTTPStatusCode"] == 404
+        with pytest.raises(ClientError) as e:
+            s3.get_object(Bucket="keep", Key=key)
+        assert e.value.response["Error"]["Code"] == "NoSuchKey"
+        assert key not in listed
+    else:
+        assert s3.get_object(Bucket="keep", Key=key)["Body"].read() == old
+        assert key in listed
+
+
+def assert_voided_everywhere(d: Deployment, s3, key: str, seq: int, old: bytes | None = None) -> None:
+    assert_invisible(s3, key, old)
+    h = health(d)
+    assert h["pending_aborts"] == 0, h
+    assert h["last_seq"] == d.vault.status()["last_seq"]
+    # the vault's history keeps the record, an ABORT voids it, its state does not show it
+    rec = vault_record(d, seq)
+    assert rec is not None and rec[1] == P.OBJECT_PUT
+    assert P.decode_payload(rec[1], rec[2])["key"] == key
+    assert seq in vault_voids(d)
+    assert vault_manifest(d, "keep", key, seq) is None     # the voided version is not state either
+    m = vault_manifest(d, "keep", key)
+    if old is None:
+        assert m is None, m
+    else:
+        assert m is not None and m["size"] == len(old), m
+        assert hashlib.md5(old).hexdigest() in m["etag"], m
+    r = d.airlock("verify", check=False)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+# ---------------------------------------------------------------------- tests
+@pytest.mark.parametrize("overwrite", [False, True], ids=["new-key", "overwrite"])
+def test_put_without_ack_in_time_is_void(proxied, overwrite):
+    d, proxy = proxied
+    s3 = client(d)
+    s3.create_bucket(Bucket="keep")
+    s3.put_object(Bucket="keep", Key="a", Body=b"the original")
+    key, old = ("a", b"the original") if overwrite else ("late", None)
+
+    try:
+        seq = put_times_out(d, proxy, s3, key, os.urandom(5000))
+        assert_invisible(s3, key, old)
+        assert health(d)["pending_aborts"] == 1
+    finally:
+        proxy.command("release")
+    time.sleep(0.5)   # whatever the proxy held has gone through by now
+    assert_invisible(s3, key, old)
+
+    # the next write reconnects, reconciles (voids `seq`) and succeeds
+    s3.put_object(Bucket="keep", Key="next", Body=b"next")
+    assert s3.get_object(Bucket="keep", Key="next")["Body"].read() == b"next"
+    assert_voided_everywhere(d, s3, key, seq, old)
+    s3.put_object(Bucket="keep", Key="next2", Body=b"next2")
+    assert_voided_everywhere(d, s3, key, seq, old)
+
+
+@pytest.mark.parametrize("how", ["SIGTERM", "SIGKILL"])
+def test_void_survives_a_gateway_restart(proxied, how):
+    d, proxy = proxied
+    s3 = client(d)
+    s3.create_bucket(Bucket="keep")
+    try:
+        seq = put_times_out(d, proxy, s3, "late", b"answered 503")
+        # stop the gateway right after the 503, before the link could reconcile
+        d.gateway.stop() if how == "SIGTERM" else d.gateway.kill()
+    finally:
+        proxy.command("release")
+    pending = json.loads((d.gateway.data / "pending-aborts.json").read_text())
+    assert seq in pending["seqs"]
+
+    d.start_gateway()
+    s3 = client(d)
+    wait_until(lambda: health(d)["pending_aborts"] == 0, "the restarted gateway to reconcile")
+    assert_invisible(s3, "late")
+    s3.put_object(Bucket="keep", Key="after", Body=b"after the restart")
+    assert s3.get_object(Bucket="keep", Key="after")["Body"].read() == b"after the restart"
+    assert_voided_everywhere(d, s3, "late", seq)
+
+    d.gateway.restart()   # and once more, from a clean state
+    assert_invisible(client(d), "late")

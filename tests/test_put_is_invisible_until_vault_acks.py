@@ -1,0 +1,176 @@
+"""A PUT becomes visible only after the vault's durable ack (SPEC "Write path" 4).
+
+The fault proxy holds the vault->gateway direction: chunks and the APPEND
+reach the vault, which makes the record durable (its last_seq grows), but the
+ACK waits in the proxy.  Until it is released the object must be invisible on
+the gateway (HEAD, GET, ListObjectsV2); afterwards the PUT answers 200 and
+both domains hold the same state.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from botocore.exceptions import ClientError
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from conftest import Deployment  # noqa: E402
+from faultproxy import FaultProxy  # noqa: E402
+
+ACK_TIMEOUT_S = 10.0   # generous: the test inspects the gateway while the ack is held
+WAIT_S = 8.0           # bound of every poll below (< ACK_TIMEOUT_S)
+
+
+@pytest.fixture
+def proxied(tmp_path):
+    d = Deployment(tmp_path / "deploy", ack_timeout=ACK_TIMEOUT_S)
+    d.vault.start()
+    proxy = FaultProxy(d.vault.port).start()
+    d.use_proxy(proxy)
+    try:
+        d.start_gateway()
+        yield d, proxy
+    finally:
+        d.stop()
+
+
+def client(d: Deployment):
+    """boto3 with no retry at all: conftest's {"max_attempts": 1} still allows one
+    retry (botocore counts retries there), which would hide a 503 behind a second try."""
+    return d.gateway.client(retries={"total_max_attempts": 1})
+
+
+def health(d: Deployment) -> dict:
+    with urllib.request.urlopen(f"{d.gateway.endpoint}/_airlock/health", timeout=5) as r:
+        return json.load(r)
+
+
+def wait_until(pred, what: str, timeout: float = WAIT_S, interval: float = 0.02):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        v = pred()
+        if v:
+            return v
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
+
+
+def assert_invisible(s3, bucket: str, key: str) -> None:
+    with pytest.raises(ClientError) as e:
+        s3.head_object(Bucket=bucket, Key=key)
+    assert e.value.response["ResponseMetadata"]["HTTPStatusCode"] == 404
+    with pytest.raises(ClientError) as e:
+        s3.get_object(Bucket=bucket, Key=key)
+    assert e.value.response["Error"]["Code"] == "NoSuchKey"
+    listed = [o["Key"] for o in s3.list_objects_v2(Bucket=bucket).get("Contents", [])]
+    assert key not in listed
+
+
+class PutThread(threading.Thread):
+    def __init__(self, s3, bucket: str, key: str, body: bytes):
+        super().__init__(daemon=True)
+        self.s3, self.bucket, self.key, self.body = s3, bucket, key, body
+        self.response = None
+        self.error = None
+
+    def run(self) -> None:
+        try:
+            self.response = self.s3.put_object(Bucket=self.bucket, Key=self.key, Body=self.body)
+        except Exception as e:  # reported by the test
+            self.error = e
+
+    @property
+    def status(self):
+        return self.response["ResponseMetadata"]["HTTPStatusCode"] if self.response else None
+
+
+def assert_domains_agree(d: Deployment) -> None:
+    h = health(d)
+    assert h["status"] == "ok", h
+    assert d.vault.status()["last_seq"] == h["last_seq"]
+    r = d.airlock("verify", check=False)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+@pytest.mark.parametrize("size", [1000, 3 * 1024 * 1024], ids=["small", "3MiB-multichunk"])
+def test_put_is_invisible_until_vault_acks(proxied, size):
+    d, proxy = proxied
+    s3 = client(d)
+    s3.create_bucket(Bucket="held")
+    s3.put_object(Bucket="held", Key="other", Body=b"already there")
+    before = d.vault.status()["last_seq"]
+    up_before = proxy.stats()["up"]
+    body = os.urandom(size)
+
+    proxy.command("hold down")
+    put = PutThread(s3, "held", "obj", body)
+    put.start()
+    try:
+        # the vault made the record durable; only its ACK is held in the proxy
+        wait_until(lambda: d.vault.status()["last_seq"] > before, "the vault to append the record")
+        assert d.vault.status()["last_seq"] == before + 1
+        assert put.is_alive(), "the PUT was answered before the vault's ack"
+        assert proxy.stats()["up"] - up_before >= size   # every chunk went over the link
+        assert_invisible(s3, "held", "obj")
+        assert health(d)["last_seq"] == before            # the primary log waits for the ack too
+        assert s3.get_object(Bucket="held", Key="other")["Body"].read() == b"already there"
+        assert put.is_alive()
+    finally:
+        proxy.command("release")
+    put.join(WAIT_S)
+    assert not put.is_alive()
+    assert put.error is None, put.error
+    assert put.status == 200
+
+    assert s3.get_object(Bucket="held", Key="obj")["Body"].read() == body
+    assert "obj" in [o["Key"] for o in s3.list_objects_v2(Bucket="held")["Contents"]]
+    assert d.vault.status()["last_seq"] == before + 1
+    assert_domains_agree(d)
+
+
+def test_concurrent_puts_are_invisible_until_vault_acks(proxied):
+    d, proxy = proxied
+    s3 = client(d)
+    s3.create_bucket(Bucket="many")
+    before = d.vault.status()["last_seq"]
+    stats_before = health(d)["replication_stats"]
+    writers = 6
+
+    proxy.command("hold down")
+    puts = [PutThread(client(d), "many", f"k{i}", f"body {i}".encode() * 100) for i in range(writers)]
+    try:
+        for p in puts:
+            p.start()
+        # the first batch reaches the vault; the others queue behind its held ack (window 1)
+        wait_until(lambda: d.vault.status()["last_seq"] > before, "the vault to append the first batch")
+        time.sleep(1.0)   # let every writer finish its upload and queue its record
+        assert all(p.is_alive() for p in puts), "a PUT was answered before the vault's ack"
+        listed = s3.list_objects_v2(Bucket="many").get("Contents", [])
+        assert listed == []
+        for p in puts:
+            assert_invisible(s3, "many", p.key)
+    finally:
+        proxy.command("release")
+    for p in puts:
+        p.join(WAIT_S)
+    assert [p.error for p in puts] == [None] * writers
+    assert [p.status for p in puts] == [200] * writers
+
+    keys = sorted(o["Key"] for o in s3.list_objects_v2(Bucket="many")["Contents"])
+    assert keys == sorted(p.key for p in puts)
+    for p in puts:
+        assert s3.get_object(Bucket="many", Key=p.key)["Body"].read() == p.body
+    assert d.vault.status()["last_seq"] == before + writers
+    # group commit: the writers that queued behind the held ack shared a batch
+    stats = health(d)["replication_stats"]
+    records = stats["records"] - stats_before["records"]
+    batches = stats["batches"] - stats_before["batches"]
+    assert records == writers
+    assert batches < records, stats
+    assert_domains_agree(d)

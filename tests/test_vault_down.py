@@ -1,0 +1,257 @@
+"""The vault is down or the link is cut: writes answer 503, reads go on.
+
+SPEC "Write path" 4: no acknowledgement (vault down, link cut) -> the client
+gets 503 ServiceUnavailable, the change is visible nowhere, and nothing
+already committed is harmed.  When the vault is back, writes resume and both
+logs hold the same gap-free sequence numbers.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from botocore.exceptions import ClientError
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from conftest import Deployment  # noqa: E402
+from faultproxy import FaultProxy  # noqa: E402
+
+from airlock.log import payload as P  # noqa: E402
+
+ACK_TIMEOUT_S = 5.0                       # the Deployment default
+FAIL_BOUND_S = ACK_TIMEOUT_S + 6.0        # a 503 must come within this (a bound, not a performance claim)
+WAIT_S = 10.0
+
+EXISTING = {"a": b"alpha" * 100, "b": b"bravo", "dir/c": b"charlie" * 1000}
+
+
+@pytest.fixture
+def proxied(tmp_path):
+    d = Deployment(tmp_path / "deploy", ack_timeout=ACK_TIMEOUT_S)
+    d.vault.start()
+    proxy = FaultProxy(d.vault.port).start()
+    d.use_proxy(proxy)
+    try:
+        d.start_gateway()
+        yield d, proxy
+    finally:
+        d.stop()
+
+
+# ---------------------------------------------------------------------- helpers
+def client(d: Deployment):
+    """boto3 with no retry at all: conftest's {"max_attempts": 1} still allows one
+    retry (botocore counts retries there), which would hide a 503 behind a second try."""
+    return d.gateway.client(retries={"total_max_attempts": 1})
+
+
+def health(d: Deployment) -> dict:
+    with urllib.request.urlopen(f"{d.gateway.endpoint}/_airlock/health", timeout=5) as r:
+        return json.load(r)
+
+
+def wait_until(pred, what: str, timeout: float = WAIT_S, interval: float = 0.05):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        v = pred()
+        if v:
+            return v
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
+
+
+def vault_records(d: Deployment) -> list[tuple[int, int, bytes]]:
+    """Every record of the vault's log, read over the link with the primary's key."""
+    from airlock.config import GatewayConfig
+    from airlock.gateway import make_link_client
+    cfg = GatewayConfig()
+    cfg.vault = ("127.0.0.1", d.vault.port)
+    cfg.link_keys = str(d.root / "primary" / "keys")
+
+    async def fetch():
+        link = make_link_client(cfg)
+        await link.connect()
+        try:
+            out, seq = [], 1
+            while True:
+                got = await link.get_records(seq, 1000)
+                if not got:
+                    return out
+                out += got
+                seq = got[-1][0] + 1
+        finally:
+            await link.close()
+
+    return asyncio.run(fetch())
+
+
+def start_vault(d: Deployment) -> None:
+    """Vault.start() returns as soon as admin.sock exists, but a SIGKILLed vault
+    leaves its socket file behind: wait until the new process answers on it."""
+    d.vault.start()
+
+    def answers() -> bool:
+        try:
+            d.vault.status()
+            return True
+        except OSError:
+            return False
+
+    wait_until(answers, "the restarted vault to answer on its admin socket")
+
+
+def seed(s3) -> None:
+    s3.create_bucket(Bucket="keep")
+    for k, v in EXISTING.items():
+        s3.put_object(Bucket="keep", Key=k, Body=v)
+
+
+def assert_put_fails_503(s3, key: str, body: bytes = b"never visible") -> float:
+    t0 = time.monotonic()
+    with pytest.raises(ClientError) as e:
+        s3.put_object(Bucket="keep", Key=key, Body=body)
+    elapsed = time.monotonic() - t0
+    assert e.value.response["Error"]["Code"] == "ServiceUnavailable", e.value.response
+    assert e.value.response["ResponseMetadata"]["HTTPStatusCode"] == 503
+    assert elapsed < FAIL_BOUND_S, f"503 took {elapsed:.1f}s"
+    return elapsed
+
+
+def assert_reads_work(s3, absent: list[str], also: tuple[str, ...] = ()) -> None:
+    for k, v in EXISTING.items():
+        assert s3.head_object(Bucket="keep", Key=k)["ContentLength"] == len(v)
+        assert s3.get_object(Bucket="keep", Key=k)["Body"].read() == v
+    assert s3.get_object(Bucket="keep", Key="dir/c", Range="bytes=7-13")["Body"].read() == EXISTING["dir/c"][7:14]
+    listed = sorted(o["Key"] for o in s3.list_objects_v2(Bucket="keep")["Contents"])
+    assert listed == sorted([*EXISTING, *also]), listed
+    for k in absent:
+        with pytest.raises(ClientError) as e:
+            s3.head_object(Bucket="keep", Key=k)
+        assert e.value.response["ResponseMetadata"]["HTTPStatusCode"] == 404
+
+
+def assert_gap_free_and_equal(d: Deployment, committed: int, voided: list[int] = ()) -> None:
+    """Both logs end at the same sequence number; the vault's log is 1..N without
+    gaps and holds exactly `committed` applied records plus ABORT records voiding `voided`."""
+    h = health(d)
+    vlast = d.vault.status()["last_seq"]
+    assert h["last_seq"] == vlast, (h, vlast)
+    assert h["pending_aborts"] == 0
+    recs = vault_records(d)
+    assert [r[0] for r in recs] == list(range(1, vlast + 1))
+    aborts = [r for r in recs if r[1] == P.ABORT]
+    void = sorted(s for r in aborts for s in P.decode_payload(r[1], r[2])["seqs"])
+    assert void == sorted(voided)
+    assert len(recs) - len(aborts) - len(void) == committed
+    r = d.airlock("verify", check=False)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+# ---------------------------------------------------------------------- tests
+@pytest.mark.parametrize("how", ["SIGTERM", "SIGKILL"])
+def test_writes_fail_fast_and_reads_continue_while_the_vault_is_down(deployment, how):
+    d = deployment
+    s3 = client(d)
+    seed(s3)
+    committed = 1 + len(EXISTING)
+
+    d.vault.stop() if how == "SIGTERM" else d.vault.kill()
+    assert_put_fails_503(s3, "new")
+    assert_put_fails_503(s3, "a", b"an overwrite that must not win")
+    assert_put_fails_503(s3, "new")
+    with pytest.raises(ClientError) as e:
+        s3.delete_object(Bucket="keep", Key="b")
+    assert e.value.response["ResponseMetadata"]["HTTPStatusCode"] == 503
+    assert_reads_work(s3, absent=["new"])
+    h = health(d)
+    assert h["status"] == "degraded" and h["vault_connected"] is False
+    assert h["last_seq"] == committed
+
+    start_vault(d)
+    s3.put_object(Bucket="keep", Key="after", Body=b"the vault is back")
+    committed += 1
+    assert s3.get_object(Bucket="keep", Key="after")["Body"].read() == b"the vault is back"
+    s3.delete_object(Bucket="keep", Key="after")
+    committed += 1
+    assert_reads_work(s3, absent=["new", "after"])
+    assert_gap_free_and_equal(d, committed)
+
+
+def test_link_cut_while_a_put_waits_for_its_ack(proxied):
+    d, proxy = proxied
+    s3 = client(d)
+    seed(s3)
+    committed = 1 + len(EXISTING)
+    before = d.vault.status()["last_seq"]
+
+    proxy.command("hold down")
+    outcome: dict = {}
+
+    def put() -> None:
+        t0 = time.monotonic()
+        try:
+            s3.put_object(Bucket="keep", Key="cut", Body=b"cut off")
+            outcome["status"] = 200
+        except ClientError as e:
+            outcome["code"] = e.response["Error"]["Code"]
+        outcome["elapsed"] = time.monotonic() - t0
+
+    t = threading.Thread(target=put, daemon=True)
+    t.start()
+    try:
+        wait_until(lambda: d.vault.status()["last_seq"] > before, "the vault to append the record")
+        proxy.command("cut")
+    finally:
+        proxy.command("pass")
+    t.join(FAIL_BOUND_S)
+    assert not t.is_alive()
+    assert outcome.get("code") == "ServiceUnavailable", outcome
+    assert outcome["elapsed"] < FAIL_BOUND_S
+    assert_reads_work(s3, absent=["cut"])
+
+    # the vault holds record before+1; the next write reconnects, voids it, and goes on
+    s3.put_object(Bucket="keep", Key="later", Body=b"later")
+    committed += 1
+    with pytest.raises(ClientError):
+        s3.head_object(Bucket="keep", Key="cut")
+    assert s3.get_object(Bucket="keep", Key="later")["Body"].read() == b"later"
+    s3.delete_object(Bucket="keep", Key="later")
+    committed += 1
+    assert_gap_free_and_equal(d, committed, voided=[before + 1])
+
+
+def test_idle_link_cut_and_refused_connections(proxied):
+    d, proxy = proxied
+    s3 = client(d)
+    seed(s3)
+    committed = 1 + len(EXISTING)
+
+    # a cut while idle: the link comes back on the next write
+    proxy.command("cut")
+    wait_until(lambda: not health(d)["vault_connected"], "the gateway to notice the cut")
+    s3.put_object(Bucket="keep", Key="x1", Body=b"x1")
+    committed += 1
+    assert health(d)["vault_connected"]
+
+    # the proxy refuses every connection for a while: writes 503, reads go on
+    proxy.command("refuse on")
+    proxy.command("cut")
+    wait_until(lambda: not health(d)["vault_connected"], "the gateway to notice the cut")
+    for _ in range(3):
+        assert_put_fails_503(s3, "refused")
+    assert_reads_work(s3, absent=["refused"], also=("x1",))
+    assert s3.get_object(Bucket="keep", Key="x1")["Body"].read() == b"x1"
+    assert proxy.stats()["refused"] >= 1
+
+    proxy.command("refuse off")
+    s3.put_object(Bucket="keep", Key="x2", Body=b"x2")
+    committed += 1
+    with pytest.raises(ClientError):
+        s3.head_object(Bucket="keep", Key="refused")
+    assert_gap_free_and_equal(d, committed)
