@@ -85,7 +85,7 @@ class Recorder:
 def moto_client():
     return boto3.client("s3", region_name="us-east-1", aws_access_key_id="testing",
                         aws_secret_access_key="testing",
-                        config=Config(s3={"addressing_style": "path"}, retries={"max_attempts": 1}))
+                        config=Config(s3={"addressing_style": "path"}, retries={"total_max_attempts": 1}))
 
 
 def run_moto(scenario, *args) -> list:

@@ -363,7 +363,7 @@ def boto3_wire():
     client = boto3.client(
         "s3", endpoint_url="https://s3.test", region_name="us-east-1",
         aws_access_key_id=AK, aws_secret_access_key=SK,
-        config=Config(s3={"addressing_style": "path"}, retries={"max_attempts": 1}))
+        config=Config(s3={"addressing_style": "path"}, retries={"total_max_attempts": 1}))
 
     def capture(request, **kw):
         body = request.body

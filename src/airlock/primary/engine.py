@@ -159,6 +159,8 @@ class Engine:
         if self.degraded is not None:
             return
         self.degraded = reason
+        if hasattr(self.commit_point, "paused"):
+            self.commit_point.paused = True   # no reconciling into a log that is gone
         log.error("DEGRADED: %s; serving reads from the vault, refusing writes", reason)
         link = self.vault_link
         if link is None:

@@ -45,6 +45,7 @@ log = logging.getLogger("airlock.replication")
 
 ACK_TIMEOUT_S = 10.0          # default wait for the vault's durable ack before answering 503
 RECONNECT_TIMEOUT_S = 5.0     # a commit waits this long for a dead link to come back
+RECONNECT_INTERVAL_S = 1.0    # a lost link is retried in the background this often
 FETCH_BATCH = 1000            # records per GET_RECORDS while reconciling
 MAX_BATCH_BYTES = 8 << 20    # records per APPEND frame, by size (the frame limit is 16 MiB)
 MISSING_CHUNK_RETRIES = 2     # APPEND refused for missing chunks: resend them this many times
@@ -68,6 +69,8 @@ class ReplicatedCommitPoint:
         self._sender: asyncio.Task | None = None
         self._lock = asyncio.Lock()
         self._ready = False
+        self._keeper: asyncio.Task | None = None
+        self.paused = False       # set by the engine in degraded mode: the primary log is unusable
         self._next_seq = self.log.last_seq + 1
         self.stats = {"batches": 0, "records": 0, "ack_failures": 0, "reconciled": 0,
                       "chunks_shipped": 0, "bytes_shipped": 0, "missing_chunks_resent": 0}
@@ -119,8 +122,27 @@ class ReplicatedCommitPoint:
                 await self._ensure_ready()
         except (E.ReplicationError, asyncio.TimeoutError) as e:
             log.warning("vault not reachable at start (%s); writes answer 503 until it is", e)
+        self._keeper = asyncio.get_running_loop().create_task(self._keep_link())
+
+    async def _keep_link(self) -> None:
+        """Reconnect (and reconcile) a lost link in the background, so health
+        tells the truth and pending aborts are settled without waiting for
+        the next write."""
+        while True:
+            await asyncio.sleep(RECONNECT_INTERVAL_S)
+            if self.healthy or self.paused:
+                continue
+            try:
+                async with self._lock:
+                    await self._ensure_ready()
+            except (E.ReplicationError, asyncio.TimeoutError, OSError):
+                pass
+            except Exception:
+                log.exception("reconnecting the link failed")
 
     async def close(self) -> None:
+        if self._keeper is not None:
+            self._keeper.cancel()
         if self._sender is not None:
             try:
                 await asyncio.wait_for(asyncio.shield(self._sender), self.ack_timeout)
