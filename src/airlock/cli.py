@@ -295,9 +295,79 @@ def cmd_compact(args) -> int:
     return 0
 
 
-def _link_for(args):
-    """(LinkClient, primary data dir) for verify/restore."""
-    from airlock.gateway import make_link_client
+def _vault_op(args, request: dict, local):
+    """Run an admin request on the running vault, or, when it is not running,
+    `local(store)` on its files directly while holding its DataLock."""
+    from airlock.vault.daemon import ADMIN_SOCKET, DataLock, VaultConfig, admin_request, open_store
+    vdata = _vault_data(args)
+    if not os.path.isdir(os.path.join(vdata, "log")):
+        raise ConfigError(f"{vdata} is not a vault data directory (no log/ in it)")
+    try:
+        answer = admin_request(os.path.join(vdata, ADMIN_SOCKET), request)
+    except (FileNotFoundError, ConnectionRefusedError):
+        cfg = _vault_config(args) if getattr(args, "config", None) else VaultConfig()
+        cfg.data = vdata
+        lock = DataLock(vdata)
+        try:
+            store = open_store(cfg)
+            try:
+                return local(store)
+            except KeyError as e:
+                raise AirlockError(f"not found: {e.args[0] if e.args else e}") from None
+            except ValueError as e:
+                raise AirlockError(str(e)) from None
+            finally:
+                store.close_sync()
+        finally:
+            lock.release()
+    if not answer.get("ok"):
+        raise AirlockError(f"{request['op']} failed: {answer.get('error')}")
+    return answer["result"]
+
+
+def _snapshot_line(s: dict) -> str:
+    pts = ",".join(str(p) for p in s["points"])
+    return (f"{s['id']:>4}  {s['name']:<24} {s['mode']:<4} seq={s['seq']:<8} points={pts:<10} "
+            f"versions={s['versions']} table_bytes={s['table_bytes']} chunks={s['chunks']} "
+            f"data_bytes={s['data_bytes']}{'  (periodic)' if s['periodic'] else ''}")
+
+
+def cmd_snapshot(args) -> int:
+    """Vault-side snapshots (docs/format/vault.md, "Snapshots")."""
+    act = args.action
+    if act == "create":
+        r = _vault_op(args, {"op": "snapshot-create", "name": args.name, "mode": args.mode},
+                      lambda st: st.snapshot_create(name=args.name, mode=args.mode))
+    elif act == "list":
+        r = _vault_op(args, {"op": "snapshot-list"}, lambda st: st.snapshots())
+    elif act == "delete":
+        r = _vault_op(args, {"op": "snapshot-delete", "snapshot": args.snapshot},
+                      lambda st: st.snapshot_delete(args.snapshot))
+    else:
+        r = _vault_op(args, {"op": "snapshot-merge", "a": args.a, "b": args.b, "name": args.name},
+                      lambda st: st.snapshot_merge(args.a, args.b, name=args.name))
+    if args.json:
+        print(json.dumps(r, indent=2))
+    elif act == "create":
+        print("created " + _snapshot_line(r))
+    elif act == "list":
+        if not r:
+            print("no snapshots")
+        for s in r:
+            print(_snapshot_line(s))
+    elif act == "delete":
+        d = r["deleted"]
+        print(f"deleted snapshot {d['id']} ({d['name']}): {r['freed_versions']} versions freed, "
+              f"{r['moved_versions']} moved to snapshots that still need them")
+    else:
+        print(f"merged snapshots {r['merged'][0]} and {r['merged'][1]} into " + _snapshot_line(r["snapshot"]))
+        print("freed: " + ", ".join(f"{k}={v}" for k, v in r["freed"].items()))
+    return 0
+
+
+def _primary_side(args) -> GatewayConfig:
+    """The primary domain's config for operator tools (verify, restore):
+    from a local deployment (--data) or a gateway config (--config)."""
     if args.data:
         dep = _deployment(args.data)
         cfg = GatewayConfig()
@@ -308,6 +378,13 @@ def _link_for(args):
         cfg = load_gateway_config(args.config)
         if cfg.vault is None:
             raise ConfigError("the gateway config has no [link] vault")
+    return cfg
+
+
+def _link_for(args):
+    """(LinkClient, primary data dir) for verify/restore."""
+    from airlock.gateway import make_link_client
+    cfg = _primary_side(args)
     return make_link_client(cfg), cfg.data
 
 
@@ -348,6 +425,10 @@ def _progress_printer(label: str):
 
 
 def cmd_restore(args) -> int:
+    if args.snapshot is not None:
+        return _restore_snapshot(args)
+    if args.to_bucket is not None:
+        raise ConfigError("--to-bucket goes with --snapshot")
     from airlock.primary.restore import restore
     link, pdata = _link_for(args)
     show, finish = _progress_printer("restoring")
@@ -371,6 +452,30 @@ def cmd_restore(args) -> int:
         print(f"NOT RESTORED: chunk {d.digest} ({d.problem}): {d.error}")
     print(s.line())
     return 1 if s.failed else 0
+
+
+def _restore_snapshot(args) -> int:
+    from airlock.primary.pitr import restore_snapshot
+    if args.prefix:
+        raise ConfigError("--prefix does not go with --snapshot (a snapshot restores whole buckets)")
+    cfg = _primary_side(args)
+    tty = sys.stderr.isatty()
+
+    def show(s) -> None:
+        line = (f"restoring snapshot {s.snapshot}: {s.objects} object(s) seen, {s.written} written, "
+                f"{s.unchanged} unchanged, {s.chunks_fetched} chunk(s) fetched")
+        print(("\r" + line) if tty else line, end="" if tty else "\n", file=sys.stderr, flush=True)
+
+    s = asyncio.run(restore_snapshot(cfg, args.snapshot, bucket=args.bucket, to_bucket=args.to_bucket,
+                                     progress=show))
+    if tty:
+        print(file=sys.stderr)
+    target = f"into bucket {args.to_bucket}" if args.to_bucket else "in place"
+    print(f"restored {s.buckets} bucket(s) from snapshot {s.snapshot} {target}: {s.written} object(s) "
+          f"written back, {s.unchanged} already equal, {s.deleted} created after the snapshot deleted; "
+          f"{s.chunks_fetched} chunk(s) ({s.bytes_fetched:,} bytes) fetched from the vault")
+    print(s.line())
+    return 0
 
 
 def cmd_scrub(args) -> int:
@@ -501,6 +606,30 @@ def build_parser() -> argparse.ArgumentParser:
         c.add_argument("--config", help="the vault's config (its data dir and retention), on the vault host")
         c.set_defaults(func=func)
 
+    sn = sub.add_parser("snapshot", help="vault snapshots: create, list, delete, merge (on the vault host)")
+    snsub = sn.add_subparsers(dest="action", required=True)
+    for act, helptext in (("create", "a snapshot of the vault's current state"),
+                          ("list", "every snapshot with its points and space accounting"),
+                          ("delete", "delete a snapshot (what only it protected becomes prunable)"),
+                          ("merge", "combine two adjacent snapshots into one; the two are deleted")):
+        c = snsub.add_parser(act, help=helptext)
+        c.add_argument("--data", help="local deployment directory")
+        c.add_argument("--vault-data", help="the vault's data directory (two-host deployments)")
+        c.add_argument("--config", help="the vault's config (its data dir and retention), on the vault host")
+        c.add_argument("--json", action="store_true")
+        if act == "create":
+            c.add_argument("--mode", choices=("cow", "full"), default="cow",
+                           help="cow (default: cheap, takes old versions before retention prunes them) "
+                                "or full (complete block map allocated at creation)")
+            c.add_argument("--name", help="a name (default snapshot-<id>)")
+        elif act == "delete":
+            c.add_argument("snapshot", help="id or name")
+        elif act == "merge":
+            c.add_argument("a", help="id or name")
+            c.add_argument("b", help="id or name of the adjacent snapshot")
+            c.add_argument("--name", help="name of the combined snapshot (default A+B)")
+        c.set_defaults(func=cmd_snapshot)
+
     ve = sub.add_parser("verify", help="compare the primary's committed state with the vault's")
     ve.add_argument("--data", help="local deployment directory")
     ve.add_argument("--config", help="gateway config (two-host deployments)")
@@ -513,6 +642,9 @@ def build_parser() -> argparse.ArgumentParser:
     re_.add_argument("--prefix", help="restore only the chunks of keys starting with this")
     re_.add_argument("--verify-log", action="store_true",
                      help="compare every local log record with the vault's, not only the last")
+    re_.add_argument("--snapshot", help="bring the primary (or --bucket) back to this vault snapshot "
+                                        "(id or name; see airlock snapshot list)")
+    re_.add_argument("--to-bucket", help="with --snapshot and --bucket: restore into this (new) bucket instead")
     re_.set_defaults(func=cmd_restore)
 
     sc = sub.add_parser("scrub", help="verify every chunk of the primary; repair bad ones from the vault")

@@ -215,13 +215,28 @@ class LinkServer:
             return W.CHUNK, data
         if k == W.GET_MANIFEST:
             q = W.decode_json(frame.payload)
-            m = st.manifest(str(q.get("bucket", "")), str(q.get("key", "")), q.get("seq"))
+            if q.get("snapshot") is not None:
+                # read-only: the manifest as of a vault snapshot's point (docs/format/link.md)
+                m = st.snapshot_manifest(_snapshot_ref(q["snapshot"]), str(q.get("bucket", "")),
+                                         str(q.get("key", "")), at=_opt_int(q.get("at")))
+            else:
+                m = st.manifest(str(q.get("bucket", "")), str(q.get("key", "")), q.get("seq"))
             if m is None:
                 raise KeyError(f"{q.get('bucket')}/{q.get('key')}")
             return W.MANIFEST, W.encode_json(m)
         if k == W.LIST:
             q = W.decode_json(frame.payload)
             limit = max(1, min(int(q.get("limit", MAX_LIST_LIMIT)), MAX_LIST_LIMIT))
+            if q.get("snapshots"):
+                return W.LIST_PAGE, W.encode_json({"snapshots": st.snapshots(), "objects": [], "truncated": False})
+            if q.get("snapshot") is not None:
+                ref, at = _snapshot_ref(q["snapshot"]), _opt_int(q.get("at"))
+                if "bucket" not in q:
+                    return W.LIST_PAGE, W.encode_json({"buckets": st.snapshot_buckets(ref, at=at), "objects": [],
+                                                       "truncated": False})
+                objects, truncated = st.snapshot_list_objects(ref, str(q["bucket"]), prefix=str(q.get("prefix", "")),
+                                                              after=q.get("after"), limit=limit, at=at)
+                return W.LIST_PAGE, W.encode_json({"objects": objects, "truncated": truncated})
             if "bucket" not in q:
                 return W.LIST_PAGE, W.encode_json({"buckets": st.buckets(), "objects": [], "truncated": False})
             objects, truncated = st.list_objects(str(q["bucket"]), prefix=str(q.get("prefix", "")),
@@ -257,6 +272,20 @@ class _Paused(asyncio.Protocol):
 
     def connection_lost(self, exc) -> None:
         pass
+
+
+def _snapshot_ref(v) -> int | str:
+    if isinstance(v, bool) or not isinstance(v, (int, str)):
+        raise W.FrameError(f"snapshot must be an id or a name, not {v!r}")
+    return v
+
+
+def _opt_int(v) -> int | None:
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise W.FrameError(f"at must be an integer sequence number, not {v!r}")
+    return v
 
 
 def _blake3(data) -> bytes:

@@ -14,19 +14,20 @@ from airlock.errors import FormatError
 BUCKET_CREATE = 1     # {"bucket", "owner", "created"}
 BUCKET_DELETE = 2     # {"bucket"}
 OBJECT_PUT = 3        # Manifest.to_json()
-OBJECT_DELETE = 4     # {"bucket", "key", "mtime"}
+OBJECT_DELETE = 4     # {"bucket", "key", "mtime"} [+ "marker" | "version_id", "was_latest", "restores"]
 UPLOAD_CREATE = 5     # {"upload_id", "bucket", "key", "owner", "initiated", "meta", "checksum_algorithm", "checksum_type"}
 UPLOAD_PART = 6       # Part.to_json()
 UPLOAD_COMPLETE = 7   # {"upload_id", "manifest": Manifest.to_json()}
 UPLOAD_ABORT = 8      # {"upload_id"}
 ABORT = 9             # {"seqs": [int, ...]}: those earlier records never took effect
+BUCKET_VERSIONING = 10  # {"bucket", "status": "Enabled" | "Suspended"}
 
 NAMES = {
     BUCKET_CREATE: "bucket-create", BUCKET_DELETE: "bucket-delete",
     OBJECT_PUT: "object-put", OBJECT_DELETE: "object-delete",
     UPLOAD_CREATE: "upload-create", UPLOAD_PART: "upload-part",
     UPLOAD_COMPLETE: "upload-complete", UPLOAD_ABORT: "upload-abort",
-    ABORT: "abort",
+    ABORT: "abort", BUCKET_VERSIONING: "bucket-versioning",
 }
 
 _encoder = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import email.utils
 import hashlib
 import json
 import logging
@@ -27,8 +28,8 @@ from airlock.log.reader import read_log
 from airlock.primary.commit import CommitPoint, LocalCommitPoint
 from airlock.primary.index import Index
 from airlock.primary.ingest import Ingest, ingest_body
-from airlock.primary.model import (BodyDigests, Bucket, ChunkRef, ListResult, Manifest,
-                                   ObjectMeta, Part, Upload)
+from airlock.primary.model import (NULL_VERSION, BodyDigests, Bucket, ChunkRef, ListResult, Manifest,
+                                   ObjectMeta, ObjectVersion, Part, Upload, VersionListResult)
 
 log = logging.getLogger("airlock.engine")
 
@@ -39,6 +40,7 @@ REPLAY_BATCH = 1000                      # records per index transaction during 
 LIST_QUERY_BATCH = 1000                  # rows fetched per index query while listing
 STORAGE_PROBE_INTERVAL_S = 1.0           # how often the primary's data directory is checked
 VAULT_FETCH_BATCH = 1000                 # records per GET_RECORDS when rebuilding state from the vault
+VERSIONING_STATES = ("Enabled", "Suspended")
 
 Verifier = Callable[[BodyDigests], None]
 
@@ -58,6 +60,10 @@ class Engine:
                       "chunks_from_vault": 0, "chunks_repaired": 0, "repair_failures": 0}
         self.degraded: str | None = None      # why the primary's storage is not used, if it is not
         self._monitor: asyncio.Task | None = None
+        # Writes to one key are committed one at a time: a version removal
+        # records what becomes current (for the vault), which must not race
+        # another write to the same key.  {(bucket, key): [lock, users]}
+        self._key_locks: dict[tuple[str, str], list] = {}
 
     # ------------------------------------------------------------------ lifecycle
     def open(self) -> None:
@@ -117,6 +123,24 @@ class Engine:
     async def _commit(self, rtype: int, body: dict) -> int:
         self._refuse_writes_if_degraded()
         return await self.commit_point.commit(rtype, P.encode_payload(body))
+
+    async def _commit_key(self, bucket: str, key: str, decide: Callable[[], tuple[int, dict] | None]):
+        """Run `decide` (reads the index, returns the record to commit or None)
+        and commit its record while holding the key's write lock.  Returns
+        (seq or None, body or None)."""
+        slot = self._key_locks.setdefault((bucket, key), [asyncio.Lock(), 0])
+        slot[1] += 1
+        try:
+            async with slot[0]:
+                rec = decide()
+                if rec is None:
+                    return None, None
+                rtype, body = rec
+                return await self._commit(rtype, body), body
+        finally:
+            slot[1] -= 1
+            if slot[1] == 0:
+                self._key_locks.pop((bucket, key), None)
 
     # ------------------------------------------------------------------ degraded mode
     @property
@@ -209,6 +233,23 @@ class Engine:
             raise E.BucketNotEmpty(BucketName=name)
         await self._commit(P.BUCKET_DELETE, {"bucket": name})
 
+    def versioning(self, bucket: str) -> str:
+        """'' (never enabled), 'Enabled' or 'Suspended'."""
+        self._need_bucket(bucket)
+        return self.index.versioning(bucket)
+
+    async def set_versioning(self, bucket: str, status: str) -> None:
+        self._need_bucket(bucket)
+        if status not in VERSIONING_STATES:
+            raise E.MalformedXML()
+        await self._commit(P.BUCKET_VERSIONING, {"bucket": bucket, "status": status})
+
+    def _version_id_for(self, bucket: str) -> str:
+        """A new unique opaque id in an Enabled bucket, "null" otherwise."""
+        if self.index.versioning(bucket) == "Enabled":
+            return _new_version_id()
+        return NULL_VERSION
+
     def _need_bucket(self, name: str) -> Bucket:
         b = self.index.bucket(name)
         if b is None:
@@ -216,12 +257,32 @@ class Engine:
         return b
 
     # ------------------------------------------------------------------ objects
-    def head_object(self, bucket: str, key: str) -> Manifest:
+    def head_object(self, bucket: str, key: str, version_id: str | None = None,
+                    method: str = "GET") -> Manifest:
+        """The current object, or the version `version_id`.  NoSuchKey /
+        NoSuchVersion if absent; a delete marker raises NoSuchKey (latest) or
+        MethodNotAllowed (asked for by version id), carrying the
+        x-amz-delete-marker headers S3 sends."""
         self._need_bucket(bucket)
-        m = self.index.object(bucket, key)
-        if m is None:
-            raise E.NoSuchKey(Key=key)
-        return m
+        if version_id is None:
+            m = self.index.object(bucket, key)
+            if m is not None:
+                return m
+            err = E.NoSuchKey(Key=key)
+            latest = self.index.latest_version(bucket, key)
+            if latest is not None and latest.is_delete_marker:
+                err.headers = {"x-amz-delete-marker": "true", "x-amz-version-id": latest.version_id}
+            raise err
+        v = self.index.version(bucket, key, version_id)
+        if v is None:
+            raise E.NoSuchVersion(Key=key, VersionId=version_id)
+        if v.is_delete_marker:
+            err = E.MethodNotAllowed(Method=method, ResourceType="DeleteMarker")
+            err.headers = {"x-amz-delete-marker": "true", "x-amz-version-id": v.version_id,
+                           "Last-Modified": email.utils.formatdate(int(v.mtime), usegmt=True),
+                           "Allow": "DELETE"}
+            raise err
+        return v.manifest
 
     async def ingest(self, body: AsyncIterator, *, want_sha256: bool = False,
                      checksum_algorithms: tuple[str, ...] = ()) -> BodyDigests:
@@ -251,9 +312,13 @@ class Engine:
     async def commit_object(self, m: Manifest,
                             precondition: Callable[[Manifest | None], None] | None = None) -> Manifest:
         self._need_bucket(m.bucket)
-        if precondition is not None:
-            precondition(self.index.object(m.bucket, m.key))
-        m.seq = await self._commit(P.OBJECT_PUT, m.to_json())
+
+        def decide():
+            if precondition is not None:
+                precondition(self.index.object(m.bucket, m.key))
+            m.version_id = self._version_id_for(m.bucket)
+            return P.OBJECT_PUT, m.to_json()
+        m.seq, _ = await self._commit_key(m.bucket, m.key, decide)
         self.stats["puts"] += 1
         return m
 
@@ -267,13 +332,106 @@ class Engine:
                      parts=src.parts, part_checksums=src.part_checksums)
         return await self.commit_object(m, precondition=precondition)
 
-    async def delete_object(self, bucket: str, key: str) -> bool:
-        """Delete bucket/key; False if there was nothing to delete."""
+    async def delete_object(self, bucket: str, key: str,
+                            version_id: str | None = None) -> tuple[str | None, bool]:
+        """S3 DeleteObject.  Returns (version id to report, is a delete marker).
+
+        Without `version_id`: in a never-versioned bucket the object is
+        removed (nothing is reported); in an Enabled bucket a delete marker
+        with a new version id is added; in a Suspended one a "null" delete
+        marker replaces the null version.  With `version_id`: that version or
+        delete marker is removed for good (on the primary; the vault keeps the
+        history) and the newest remaining version becomes current."""
         self._need_bucket(bucket)
-        if self.index.object(bucket, key) is None:
-            return False
-        await self._commit(P.OBJECT_DELETE, {"bucket": bucket, "key": key, "mtime": time.time()})
-        return True
+        now = time.time()
+        status = self.index.versioning(bucket)
+        if version_id is None and status == "":
+            def legacy():
+                if self.index.object(bucket, key) is None:
+                    return None
+                return P.OBJECT_DELETE, {"bucket": bucket, "key": key, "mtime": now}
+            await self._commit_key(bucket, key, legacy)
+            return None, False
+        if version_id is None:
+            marker = _new_version_id() if status == "Enabled" else NULL_VERSION
+            await self._commit_key(bucket, key, lambda: (
+                P.OBJECT_DELETE, {"bucket": bucket, "key": key, "mtime": now, "marker": marker}))
+            return marker, True
+
+        found: list[ObjectVersion] = []
+
+        def remove():
+            v = self.index.version(bucket, key, version_id)
+            if v is None:
+                return None
+            found.append(v)
+            latest = self.index.latest_version(bucket, key)
+            body = {"bucket": bucket, "key": key, "mtime": now, "version_id": version_id,
+                    "was_latest": latest.version_id == version_id, "restores": None}
+            if body["was_latest"]:
+                older = self.index.scan_versions(bucket, key, v.seq, 1)
+                if older and not older[0].is_delete_marker:
+                    body["restores"] = older[0].manifest.to_json()
+            return P.OBJECT_DELETE, body
+        await self._commit_key(bucket, key, remove)
+        if status == "" and version_id == NULL_VERSION:
+            return None, False        # as a plain delete in a never-versioned bucket
+        return version_id, bool(found and found[0].is_delete_marker)
+
+    def list_versions(self, bucket: str, *, prefix: str = "", delimiter: str = "",
+                      key_marker: str = "", version_id_marker: str = "",
+                      max_keys: int = 1000) -> VersionListResult:
+        """ListObjectVersions: versions and delete markers in key order, newest
+        first per key, resuming after (key_marker, version_id_marker)."""
+        self._need_bucket(bucket)
+        entries: list[tuple[ObjectVersion, bool]] = []
+        prefixes: list[str] = []
+        if max_keys <= 0:
+            return VersionListResult([], [], False, None, None)
+        idx = self.index
+        key: str | None
+        before: int | None = None
+        if key_marker:
+            if version_id_marker:
+                mv = idx.version(bucket, key_marker, version_id_marker)
+                if mv is None:
+                    key = idx.next_versioned_key(bucket, key_marker)
+                else:
+                    key, before = key_marker, mv.seq
+            else:
+                key = idx.next_versioned_key(bucket, key_marker)
+        else:
+            key = idx.next_versioned_key(bucket, prefix or None, inclusive=True)
+        if key is not None and prefix and key < prefix:
+            key, before = idx.next_versioned_key(bucket, prefix, inclusive=True), None
+        last: tuple[str, str | None] | None = None
+        while key is not None:
+            if not key.startswith(prefix):
+                break
+            if delimiter:
+                i = key.find(delimiter, len(prefix))
+                if i >= 0:
+                    cp = key[:i + len(delimiter)]
+                    if not (key_marker and cp <= key_marker) and cp not in prefixes:
+                        if len(entries) + len(prefixes) >= max_keys:
+                            return VersionListResult(entries, prefixes, True, *last)
+                        prefixes.append(cp)
+                        last = (cp, None)
+                    key, before = idx.next_versioned_key(bucket, cp + "\U0010ffff"), None
+                    continue
+            latest_seq = idx.latest_version(bucket, key).seq
+            while True:
+                batch = idx.scan_versions(bucket, key, before, LIST_QUERY_BATCH)
+                for v in batch:
+                    if len(entries) + len(prefixes) >= max_keys:
+                        return VersionListResult(entries, prefixes, True, *last)
+                    entries.append((v, v.seq == latest_seq))
+                    last = (v.key, v.version_id)
+                if len(batch) < LIST_QUERY_BATCH:
+                    break
+                before = batch[-1].seq
+            key, before = idx.next_versioned_key(bucket, key), None
+        return VersionListResult(entries, prefixes, False, None, None)
 
     async def read_object(self, m: Manifest, start: int = 0, end: int | None = None) -> AsyncIterator[bytes]:
         """Yield bytes [start, end) of the object, chunk by chunk, each chunk
@@ -458,9 +616,13 @@ class Engine:
                      mtime=time.time(), meta=up.meta, chunks=chunks, checksums=checksums,
                      checksum_type=ctype, parts=[p.size for p in chosen],
                      part_checksums=[p.checksums for p in chosen] if checksums else None)
-        if precondition is not None:
-            precondition(self.index.object(m.bucket, m.key))
-        m.seq = await self._commit(P.UPLOAD_COMPLETE, {"upload_id": up.upload_id, "manifest": m.to_json()})
+
+        def decide():
+            if precondition is not None:
+                precondition(self.index.object(m.bucket, m.key))
+            m.version_id = self._version_id_for(m.bucket)
+            return P.UPLOAD_COMPLETE, {"upload_id": up.upload_id, "manifest": m.to_json()}
+        m.seq, _ = await self._commit_key(m.bucket, m.key, decide)
         return m
 
 
@@ -504,6 +666,12 @@ def committed_state(data_dir: str) -> Index:
         pass
     replay_log(index, os.path.join(data_dir, "log"), void)
     return index
+
+
+def _new_version_id() -> str:
+    """32 URL-safe characters, random (192 bits), like S3's; order comes from
+    the sequence number, not the id."""
+    return base64.urlsafe_b64encode(secrets.token_bytes(24)).decode()
 
 
 def _new_upload_id() -> str:

@@ -16,17 +16,23 @@ import os
 import sqlite3
 
 from airlock.log import payload as P
-from airlock.primary.model import Bucket, Manifest, ObjectMeta, Part, Upload
+from airlock.primary.model import NULL_VERSION, Bucket, Manifest, ObjectMeta, ObjectVersion, Part, Upload
 
-INDEX_SCHEMA_VERSION = 1
+INDEX_SCHEMA_VERSION = 2   # 2: buckets.versioning and the versions table (S3 versioning)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS buckets (
-    name TEXT PRIMARY KEY, owner TEXT NOT NULL, created REAL NOT NULL);
+    name TEXT PRIMARY KEY, owner TEXT NOT NULL, created REAL NOT NULL,
+    versioning TEXT NOT NULL DEFAULT '');
 CREATE TABLE IF NOT EXISTS objects (
     bucket TEXT NOT NULL, key TEXT NOT NULL, seq INTEGER NOT NULL,
     manifest TEXT NOT NULL, PRIMARY KEY (bucket, key)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS versions (
+    bucket TEXT NOT NULL, key TEXT NOT NULL, version_id TEXT NOT NULL, seq INTEGER NOT NULL,
+    is_delete_marker INTEGER NOT NULL, manifest TEXT NOT NULL,
+    PRIMARY KEY (bucket, key, version_id)) WITHOUT ROWID;
+CREATE UNIQUE INDEX IF NOT EXISTS versions_by_seq ON versions (bucket, key, seq);
 CREATE TABLE IF NOT EXISTS uploads (
     upload_id TEXT PRIMARY KEY, bucket TEXT NOT NULL, key TEXT NOT NULL,
     initiated REAL NOT NULL, info TEXT NOT NULL);
@@ -96,19 +102,54 @@ class Index:
             db.execute("ROLLBACK")
             raise
 
+    def _put_version(self, seq: int, m: dict) -> None:
+        """An object-put or upload-complete: a new version, the latest one; a
+        "null" version replaces the key's previous null version."""
+        db = self.db
+        text = json.dumps(m, ensure_ascii=False)
+        vid = m.get("version_id") or NULL_VERSION
+        db.execute("DELETE FROM versions WHERE bucket=? AND key=? AND version_id=?", (m["bucket"], m["key"], vid))
+        db.execute("INSERT INTO versions VALUES (?,?,?,?,0,?)", (m["bucket"], m["key"], vid, seq, text))
+        db.execute("INSERT OR REPLACE INTO objects VALUES (?,?,?,?)", (m["bucket"], m["key"], seq, text))
+
+    def _delete(self, seq: int, b: dict) -> None:
+        """An object-delete (docs/format/records.md): a delete marker if the
+        record has "marker", else the permanent removal of one version
+        ("version_id", "null" when absent), after which the newest remaining
+        version (if it is not a delete marker) is the current object."""
+        db = self.db
+        bucket, key = b["bucket"], b["key"]
+        marker = b.get("marker")
+        if marker is not None:
+            db.execute("DELETE FROM versions WHERE bucket=? AND key=? AND version_id=?", (bucket, key, marker))
+            db.execute("INSERT INTO versions VALUES (?,?,?,?,1,?)",
+                       (bucket, key, marker, seq, json.dumps(b, ensure_ascii=False)))
+            db.execute("DELETE FROM objects WHERE bucket=? AND key=?", (bucket, key))
+            return
+        vid = b.get("version_id") or NULL_VERSION
+        db.execute("DELETE FROM versions WHERE bucket=? AND key=? AND version_id=?", (bucket, key, vid))
+        row = db.execute("SELECT seq, is_delete_marker, manifest FROM versions WHERE bucket=? AND key=? "
+                         "ORDER BY seq DESC LIMIT 1", (bucket, key)).fetchone()
+        if row is None or row[1]:
+            db.execute("DELETE FROM objects WHERE bucket=? AND key=?", (bucket, key))
+        else:
+            db.execute("INSERT OR REPLACE INTO objects VALUES (?,?,?,?)", (bucket, key, row[0], row[2]))
+
     def _apply_one(self, seq: int, rtype: int, b: dict) -> None:
         db = self.db
         if rtype == P.OBJECT_PUT:
-            db.execute("INSERT OR REPLACE INTO objects VALUES (?,?,?,?)",
-                       (b["bucket"], b["key"], seq, json.dumps(b, ensure_ascii=False)))
+            self._put_version(seq, b)
         elif rtype == P.OBJECT_DELETE:
-            db.execute("DELETE FROM objects WHERE bucket=? AND key=?", (b["bucket"], b["key"]))
+            self._delete(seq, b)
         elif rtype == P.BUCKET_CREATE:
-            db.execute("INSERT OR REPLACE INTO buckets VALUES (?,?,?)",
+            db.execute("INSERT OR REPLACE INTO buckets (name, owner, created) VALUES (?,?,?)",
                        (b["bucket"], b["owner"], b["created"]))
+        elif rtype == P.BUCKET_VERSIONING:
+            db.execute("UPDATE buckets SET versioning=? WHERE name=?", (b["status"], b["bucket"]))
         elif rtype == P.BUCKET_DELETE:
             db.execute("DELETE FROM buckets WHERE name=?", (b["bucket"],))
             db.execute("DELETE FROM objects WHERE bucket=?", (b["bucket"],))
+            db.execute("DELETE FROM versions WHERE bucket=?", (b["bucket"],))
             for (uid,) in db.execute("SELECT upload_id FROM uploads WHERE bucket=?", (b["bucket"],)).fetchall():
                 db.execute("DELETE FROM parts WHERE upload_id=?", (uid,))
             db.execute("DELETE FROM uploads WHERE bucket=?", (b["bucket"],))
@@ -120,9 +161,7 @@ class Index:
             db.execute("INSERT OR REPLACE INTO parts VALUES (?,?,?)",
                        (b["upload_id"], b["part_number"], json.dumps(b, ensure_ascii=False)))
         elif rtype == P.UPLOAD_COMPLETE:
-            m = b["manifest"]
-            db.execute("INSERT OR REPLACE INTO objects VALUES (?,?,?,?)",
-                       (m["bucket"], m["key"], seq, json.dumps(m, ensure_ascii=False)))
+            self._put_version(seq, b["manifest"])
             db.execute("DELETE FROM parts WHERE upload_id=?", (b["upload_id"],))
             db.execute("DELETE FROM uploads WHERE upload_id=?", (b["upload_id"],))
         elif rtype == P.UPLOAD_ABORT:
@@ -143,7 +182,44 @@ class Index:
         return [Bucket(*r) for r in rows]
 
     def bucket_is_empty(self, name: str) -> bool:
-        return self.db.execute("SELECT 1 FROM objects WHERE bucket=? LIMIT 1", (name,)).fetchone() is None
+        """No object versions and no delete markers (S3 refuses to delete a
+        bucket that still has either)."""
+        return self.db.execute("SELECT 1 FROM versions WHERE bucket=? LIMIT 1", (name,)).fetchone() is None
+
+    def versioning(self, name: str) -> str:
+        """'' (never enabled), 'Enabled' or 'Suspended'."""
+        row = self.db.execute("SELECT versioning FROM buckets WHERE name=?", (name,)).fetchone()
+        return row[0] if row else ""
+
+    # ------------------------------------------------------------------ versions
+    def version(self, bucket: str, key: str, version_id: str) -> ObjectVersion | None:
+        row = self.db.execute("SELECT key, version_id, seq, is_delete_marker, manifest FROM versions "
+                              "WHERE bucket=? AND key=? AND version_id=?", (bucket, key, version_id)).fetchone()
+        return _version(bucket, row) if row else None
+
+    def latest_version(self, bucket: str, key: str) -> ObjectVersion | None:
+        row = self.db.execute("SELECT key, version_id, seq, is_delete_marker, manifest FROM versions "
+                              "WHERE bucket=? AND key=? ORDER BY seq DESC LIMIT 1", (bucket, key)).fetchone()
+        return _version(bucket, row) if row else None
+
+    def scan_versions(self, bucket: str, key: str, before_seq: int | None, limit: int) -> list[ObjectVersion]:
+        """Versions of one key, newest first, with seq < before_seq."""
+        rows = self.db.execute(
+            "SELECT key, version_id, seq, is_delete_marker, manifest FROM versions "
+            "WHERE bucket=? AND key=? AND seq < ? ORDER BY seq DESC LIMIT ?",
+            (bucket, key, before_seq if before_seq is not None else 1 << 62, limit)).fetchall()
+        return [_version(bucket, r) for r in rows]
+
+    def next_versioned_key(self, bucket: str, after: str | None, inclusive: bool = False) -> str | None:
+        """The first key (> after, or >= after if inclusive) that has any version."""
+        if after is None:
+            row = self.db.execute("SELECT key FROM versions WHERE bucket=? ORDER BY key LIMIT 1",
+                                  (bucket,)).fetchone()
+        else:
+            op = ">=" if inclusive else ">"
+            row = self.db.execute(f"SELECT key FROM versions WHERE bucket=? AND key {op} ? ORDER BY key LIMIT 1",
+                                  (bucket, after)).fetchone()
+        return row[0] if row else None
 
     # ------------------------------------------------------------------ objects
     def object(self, bucket: str, key: str) -> Manifest | None:
@@ -196,6 +272,13 @@ class Index:
         row = self.db.execute("SELECT info FROM parts WHERE upload_id=? AND part_number=?",
                               (upload_id, number)).fetchone()
         return Part.from_json(json.loads(row[0])) if row else None
+
+
+def _version(bucket: str, row) -> ObjectVersion:
+    key, vid, seq, marker, text = row
+    d = json.loads(text)
+    m = None if marker else Manifest.from_json(d, seq=seq)
+    return ObjectVersion(bucket=bucket, key=key, version_id=vid, seq=seq, mtime=float(d["mtime"]), manifest=m)
 
 
 def _upload(b: dict) -> Upload:

@@ -21,6 +21,7 @@ STORED_HEADERS = (
     "website-redirect-location",
 )
 DEFAULT_CONTENT_TYPE = "binary/octet-stream"  # what S3 answers when none was given
+NULL_VERSION = "null"   # the version id of writes in unversioned and suspended buckets
 
 
 @dataclass(frozen=True)
@@ -77,6 +78,7 @@ class Manifest:
     parts: list[int] | None = None
     part_checksums: list[dict[str, str]] | None = None
     seq: int = 0  # sequence number of the record that committed it
+    version_id: str = NULL_VERSION  # S3 version id; "null" in unversioned and suspended buckets
 
     def to_json(self) -> dict[str, Any]:
         d = {
@@ -91,6 +93,8 @@ class Manifest:
             d["parts"] = self.parts
         if self.part_checksums is not None:
             d["part_checksums"] = self.part_checksums
+        if self.version_id != NULL_VERSION:
+            d["version_id"] = self.version_id
         return d
 
     @classmethod
@@ -101,6 +105,7 @@ class Manifest:
             chunks=[ChunkRef(c[0], int(c[1])) for c in d["chunks"]],
             checksums=dict(d.get("checksums") or {}), checksum_type=d.get("checksum_type"),
             parts=d.get("parts"), part_checksums=d.get("part_checksums"), seq=seq,
+            version_id=d.get("version_id") or NULL_VERSION,
         )
 
     def replace(self, **changes: Any) -> "Manifest":
@@ -163,6 +168,35 @@ class ListResult:
     common_prefixes: list[str]
     is_truncated: bool
     next_marker: str | None
+
+
+@dataclass
+class ObjectVersion:
+    """One entry of a key's history on the primary: an object version or a
+    delete marker (then `manifest` is None)."""
+
+    bucket: str
+    key: str
+    version_id: str
+    seq: int
+    mtime: float
+    manifest: Manifest | None
+
+    @property
+    def is_delete_marker(self) -> bool:
+        return self.manifest is None
+
+
+@dataclass
+class VersionListResult:
+    """One page of ListObjectVersions, cut at max_keys; `entries` are (version,
+    is_latest) in key order, newest first per key."""
+
+    entries: list[tuple[ObjectVersion, bool]]
+    common_prefixes: list[str]
+    is_truncated: bool
+    next_key_marker: str | None
+    next_version_id_marker: str | None
 
 
 @dataclass

@@ -137,8 +137,9 @@ async def repair_from_vault(link: LinkClient, store: ChunkStore, damaged: list[D
 
 def live_chunks(index: Index, bucket: str | None = None,
                 prefix: str = "") -> tuple[int, int, dict[str, tuple[int, str]]]:
-    """Chunks the committed state needs: of every live object and every part
-    of an open multipart upload whose bucket/key is in scope.
+    """Chunks the committed state needs: of every live object, every kept
+    version, and every part of an open multipart upload whose bucket/key is
+    in scope.
     Returns (objects, parts, {digest: (size, "bucket/key" of the first referrer)})."""
     chunks: dict[str, tuple[int, str]] = {}
     objects = parts = 0
@@ -153,6 +154,18 @@ def live_chunks(index: Index, bucket: str | None = None,
         objects += 1
         for digest, size in json.loads(manifest)["chunks"]:
             chunks.setdefault(digest, (int(size), f"{b}/{k}"))
+    # non-current versions of versioned buckets need their chunks too
+    if bucket is None:
+        rows = db.execute("SELECT bucket, key, version_id, manifest FROM versions "
+                          "WHERE is_delete_marker=0 AND manifest IS NOT NULL")
+    else:
+        rows = db.execute("SELECT bucket, key, version_id, manifest FROM versions "
+                          "WHERE is_delete_marker=0 AND manifest IS NOT NULL AND bucket=?", (bucket,))
+    for b, k, vid, manifest in rows:
+        if not k.startswith(prefix):
+            continue
+        for digest, size in json.loads(manifest)["chunks"]:
+            chunks.setdefault(digest, (int(size), f"{b}/{k} (version {vid})"))
     rows = db.execute("SELECT u.bucket, u.key, p.info FROM parts p JOIN uploads u USING (upload_id)")
     for b, k, info in rows:
         if (bucket is not None and b != bucket) or not k.startswith(prefix):

@@ -39,7 +39,7 @@ UNSUPPORTED_SUBRESOURCES = frozenset({
     "notification", "replication", "encryption", "object-lock", "legal-hold", "retention",
     "accelerate", "requestPayment", "ownershipControls", "publicAccessBlock", "analytics",
     "inventory", "metrics", "intelligent-tiering", "restore", "select", "torrent", "attributes",
-    "versions", "versionId", "session", "renameObject", "metadataConfiguration",
+    "session", "renameObject", "metadataConfiguration",
 })
 
 
@@ -200,6 +200,8 @@ class S3App:
                     return B.get_bucket_location
                 if "versioning" in q:
                     return B.get_bucket_versioning
+                if "versions" in q:
+                    return L.list_object_versions
                 if "uploads" in q:
                     return M.list_uploads
                 if sub:
@@ -210,9 +212,10 @@ class S3App:
             if m == "HEAD":
                 return B.head_bucket
             if m == "PUT":
-                if "versioning" in q or sub:
-                    name = "versioning" if "versioning" in q else sub[0]
-                    raise E.NotImplementedS3(f"The {name} sub-resource is not implemented.")
+                if "versioning" in q:
+                    return B.put_bucket_versioning
+                if sub:
+                    raise E.NotImplementedS3(f"The {sub[0]} sub-resource is not implemented.")
                 return B.create_bucket
             if m == "DELETE":
                 if sub:
@@ -222,7 +225,7 @@ class S3App:
                 return D.delete_objects
             raise E.MethodNotAllowed(Method=m, ResourceType="BUCKET")
         # object level
-        sub = [k for k in q if k in UNSUPPORTED_SUBRESOURCES and k != "versionId"]
+        sub = [k for k in q if k in UNSUPPORTED_SUBRESOURCES]
         if sub:
             raise E.NotImplementedS3(f"The {sub[0]} sub-resource is not implemented.")
         if m == "GET":

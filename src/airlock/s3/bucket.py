@@ -1,5 +1,5 @@
 """Bucket operations: ListBuckets, CreateBucket, HeadBucket, DeleteBucket,
-GetBucketLocation, GetBucketVersioning."""
+GetBucketLocation, GetBucketVersioning, PutBucketVersioning."""
 from __future__ import annotations
 
 from aiohttp import web
@@ -51,6 +51,26 @@ async def get_bucket_location(ctx) -> web.Response:
 
 async def get_bucket_versioning(ctx) -> web.Response:
     owned_bucket(ctx)
-    # Versioning on the S3 surface arrives with the vault's versions (issue 5):
-    # until then buckets are never versioned, which S3 reports as an empty config.
-    return xml_response(doc("VersioningConfiguration", ""))
+    status = ctx.engine.versioning(ctx.bucket)
+    # a bucket that was never versioned answers an empty configuration, as S3 does
+    return xml_response(doc("VersioningConfiguration", el("Status", status) if status else ""))
+
+
+async def put_bucket_versioning(ctx) -> web.Response:
+    """Status Enabled or Suspended.  MFA delete is not supported: a request
+    that asks for it (MfaDelete Enabled, or the x-amz-mfa header) is 501."""
+    owned_bucket(ctx)
+    body = await read_small_body(ctx.request, ctx.auth, MAX_XML_BODY)
+    cfg = parse(body, "VersioningConfiguration")
+    mfa = child_text(cfg, "MfaDelete")
+    if (mfa is not None and mfa.strip() == "Enabled") or "x-amz-mfa" in ctx.headers:
+        raise E.NotImplementedS3("MFA delete is not implemented.", Header="x-amz-mfa")
+    if mfa is not None and mfa.strip() not in ("", "Disabled"):
+        raise E.MalformedXML()
+    status = child_text(cfg, "Status")
+    if status is None:
+        return web.Response(status=200)    # S3 leaves the state as it is
+    if status.strip() not in ("Enabled", "Suspended"):
+        raise E.MalformedXML()
+    await ctx.engine.set_versioning(ctx.bucket, status.strip())
+    return web.Response(status=200)

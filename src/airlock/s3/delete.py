@@ -31,20 +31,30 @@ async def delete_objects(ctx) -> web.Response:
 
     async def one(key: str, version: str | None):
         try:
-            if version not in (None, "null"):
-                raise E.NoSuchVersion(VersionId=version)
-            await ctx.engine.delete_object(ctx.bucket, key)
-            return key, version, None
+            if version == "":
+                raise E.InvalidArgument("Version id cannot be the empty string")
+            vid, marker = await ctx.engine.delete_object(ctx.bucket, key, version)
+            return key, version, (vid, marker), None
         except Exception as exc:  # per-key errors go into the result document
-            return key, version, to_s3_error(exc)
+            return key, version, None, to_s3_error(exc)
 
     # concurrent deletes share fsyncs through the log's group commit
     results = await asyncio.gather(*(one(k, v) for k, v in keys))
     out = []
-    for key, version, err in results:
+    for key, version, done, err in results:
         if err is None:
             if not quiet:
-                v = el("VersionId", version) if version else ""
+                vid, marker = done
+                if version is not None:
+                    # a version (or delete marker) removed for good
+                    v = el("VersionId", version)
+                    if marker:
+                        v += el("DeleteMarker", "true") + el("DeleteMarkerVersionId", version)
+                elif marker:
+                    # a delete marker was added
+                    v = el("DeleteMarker", "true") + el("DeleteMarkerVersionId", vid)
+                else:
+                    v = ""
                 out.append(f"<Deleted>{el('Key', key)}{v}</Deleted>")
         else:
             v = el("VersionId", version) if version else ""

@@ -32,6 +32,8 @@ def to_s3_error(exc: BaseException) -> E.S3Error:
 def error_response(exc: BaseException, request_id: str, method: str) -> web.Response:
     err = to_s3_error(exc)
     headers = {"x-amz-request-id": request_id, "x-amz-id-2": request_id}
+    # e.g. x-amz-delete-marker / x-amz-version-id on a 404 or 405 for a delete marker
+    headers.update(getattr(err, "headers", None) or {})
     if err.status == 304 or method == "HEAD":
         # HEAD responses carry no body; S3 still sends the status
         return web.Response(status=err.status, headers=headers)

@@ -122,3 +122,51 @@ async def list_objects_v2(ctx) -> web.Response:
     body += _contents(res.contents, enc, ctx.owner_xml(b.owner) if fetch_owner else None)
     body += _prefixes(res.common_prefixes, enc)
     return xml_response(doc("ListBucketResult", body))
+
+
+async def list_object_versions(ctx) -> web.Response:
+    """ListObjectVersions (GET /bucket?versions): versions and delete markers in
+    key order, newest first per key, paged by key-marker / version-id-marker."""
+    b = owned_bucket(ctx)
+    q = ctx.query
+    enc = _encoder(q)
+    prefix = q.get("prefix", "")
+    delimiter = q.get("delimiter", "")
+    key_marker = q.get("key-marker", "")
+    vid_marker = q.get("version-id-marker", "")
+    max_keys = int_param(q, "max-keys", MAX_KEYS, 0, MAX_KEYS)
+    if vid_marker and not key_marker:
+        raise E.InvalidArgument("A version-id marker cannot be specified without a key marker.",
+                                ArgumentName="version-id-marker", ArgumentValue=vid_marker)
+    res = ctx.engine.list_versions(ctx.bucket, prefix=prefix, delimiter=delimiter, key_marker=key_marker,
+                                   version_id_marker=vid_marker, max_keys=max_keys)
+    owner = ctx.owner_xml(b.owner)
+    body = (el("Name", ctx.bucket) + el("Prefix", enc(prefix)) + el("KeyMarker", enc(key_marker))
+            + el("VersionIdMarker", vid_marker))
+    if res.is_truncated:
+        body += el("NextKeyMarker", enc(res.next_key_marker))
+        if res.next_version_id_marker is not None:
+            body += el("NextVersionIdMarker", res.next_version_id_marker)
+    body += el("MaxKeys", max_keys)
+    if delimiter:
+        body += el("Delimiter", enc(delimiter))
+    body += el("IsTruncated", "true" if res.is_truncated else "false")
+    if "encoding-type" in q:
+        body += el("EncodingType", "url")
+    out = []
+    for v, latest in res.entries:
+        common = (el("Key", enc(v.key)) + el("VersionId", v.version_id)
+                  + el("IsLatest", "true" if latest else "false") + el("LastModified", iso8601(v.mtime)))
+        if v.is_delete_marker:
+            out.append(f"<DeleteMarker>{common}{owner}</DeleteMarker>")
+            continue
+        m = v.manifest
+        s = (f"<Version>{common}{el('ETag', chr(34) + m.etag + chr(34))}{el('Size', m.size)}"
+             f"{el('StorageClass', m.meta.storage_class)}{owner}")
+        if m.checksums:
+            s += "".join(el("ChecksumAlgorithm", a) for a in m.checksums)
+            if m.checksum_type:
+                s += el("ChecksumType", m.checksum_type)
+        out.append(s + "</Version>")
+    body += "".join(out) + _prefixes(res.common_prefixes, enc)
+    return xml_response(doc("ListVersionsResult", body))

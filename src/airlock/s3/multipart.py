@@ -8,8 +8,9 @@ from airlock import errors as E
 from airlock.s3 import checksums
 from airlock.s3.body import BodyStream, read_small_body
 from airlock.s3.common import int_param, owned_bucket, xml_response
+from airlock.primary.model import NULL_VERSION
 from airlock.s3.object import (_byte_range, etag_header, meta_from_headers, source_manifest,
-                               write_precondition)
+                               version_headers, write_precondition)
 from airlock.s3.xml import MAX_XML_BODY, child_text, children, doc, el, iso8601, parse
 
 MAX_PART_NUMBER = 10000
@@ -83,7 +84,8 @@ async def upload_part_copy(ctx) -> web.Response:
     body = el("ETag", etag_header(part.etag)) + el("LastModified", iso8601(part.mtime))
     for alg, v in part.checksums.items():
         body += el(f"Checksum{alg}", v)
-    return xml_response(doc("CopyPartResult", body))
+    return xml_response(doc("CopyPartResult", body),
+                        headers=version_headers(ctx, src, "x-amz-copy-source-version-id"))
 
 
 async def complete_upload(ctx) -> web.Response:
@@ -110,6 +112,8 @@ async def complete_upload(ctx) -> web.Response:
         headers[checksums.header_name(alg)] = v
     if m.checksum_type:
         body += el("ChecksumType", m.checksum_type)
+    if m.version_id != NULL_VERSION:
+        headers["x-amz-version-id"] = m.version_id
     return xml_response(doc("CompleteMultipartUploadResult", body), headers=headers)
 
 

@@ -8,7 +8,7 @@ from urllib.parse import unquote
 from aiohttp import web
 
 from airlock import errors as E
-from airlock.primary.model import STORED_HEADERS, Manifest, ObjectMeta
+from airlock.primary.model import NULL_VERSION, STORED_HEADERS, Manifest, ObjectMeta
 from airlock.s3 import checksums
 from airlock.s3.body import BodyStream
 from airlock.s3.common import owned_bucket, xml_response
@@ -52,6 +52,25 @@ def meta_from_headers(headers) -> ObjectMeta:
     if sc not in STORAGE_CLASSES:
         raise E.InvalidStorageClass(StorageClassRequested=sc)
     return ObjectMeta(headers=stored, user=user, storage_class=sc, tagging=headers.get("x-amz-tagging"))
+
+
+def version_id_param(ctx) -> str | None:
+    """The request's ?versionId= (None if absent); the empty string is refused, as S3 does."""
+    if "versionId" not in ctx.query:
+        return None
+    vid = ctx.query["versionId"]
+    if vid == "":
+        raise E.InvalidArgument("Version id cannot be the empty string", ArgumentName="versionId",
+                                ArgumentValue="")
+    return vid
+
+
+def version_headers(ctx, m: Manifest, name: str = "x-amz-version-id") -> dict[str, str]:
+    """x-amz-version-id of an object (or copy source) in a bucket that has
+    versioning on or suspended; nothing for a never-versioned bucket."""
+    if m.version_id != NULL_VERSION or ctx.engine.versioning(m.bucket):
+        return {name: m.version_id}
+    return {}
 
 
 def etag_header(etag: str) -> str:
@@ -155,6 +174,8 @@ async def put_object(ctx) -> web.Response:
     for alg, v in m.checksums.items():
         headers[checksums.header_name(alg)] = v
         headers["x-amz-checksum-type"] = "FULL_OBJECT"
+    if m.version_id != NULL_VERSION:
+        headers["x-amz-version-id"] = m.version_id
     return web.Response(status=200, headers=headers)
 
 
@@ -193,9 +214,10 @@ def _part_range(m: Manifest, part_number: int) -> tuple[int, int]:
 
 def _resolve_read(ctx):
     owned_bucket(ctx)
-    m = ctx.engine.head_object(ctx.bucket, ctx.key)
+    m = ctx.engine.head_object(ctx.bucket, ctx.key, version_id_param(ctx), method=ctx.method)
     check_read_conditions(ctx.headers, m)
     headers = object_headers(m, with_checksums=ctx.headers.get("x-amz-checksum-mode", "").upper() == "ENABLED")
+    headers.update(version_headers(ctx, m))
     # these responses are prepared here, before S3App.handle could add its ids
     headers["x-amz-request-id"] = headers["x-amz-id-2"] = ctx.request_id
     for q, h in RESPONSE_OVERRIDES.items():
@@ -266,18 +288,25 @@ async def get_object(ctx) -> web.StreamResponse:
 # ---------------------------------------------------------------------------- DELETE
 async def delete_object(ctx) -> web.Response:
     owned_bucket(ctx)
-    await ctx.engine.delete_object(ctx.bucket, ctx.key)
-    return web.Response(status=204)
+    vid, marker = await ctx.engine.delete_object(ctx.bucket, ctx.key, version_id_param(ctx))
+    headers = {}
+    if vid is not None:
+        headers["x-amz-version-id"] = vid
+    if marker:
+        headers["x-amz-delete-marker"] = "true"
+    return web.Response(status=204, headers=headers)
 
 
 # ---------------------------------------------------------------------------- COPY
-def parse_copy_source(ctx) -> tuple[str, str]:
+def parse_copy_source(ctx) -> tuple[str, str, str | None]:
+    """(bucket, key, version id or None) of x-amz-copy-source."""
     raw = ctx.headers["x-amz-copy-source"]
     src, _, qs = raw.partition("?")
     if qs and not qs.startswith("versionId="):
         raise E.InvalidArgument("Invalid copy source", ArgumentName="x-amz-copy-source")
-    if qs and qs != "versionId=null":
-        raise E.NoSuchVersion(VersionId=qs[len("versionId="):])
+    version_id = unquote(qs[len("versionId="):]) if qs else None
+    if version_id == "":
+        raise E.InvalidArgument("Version id cannot be the empty string", ArgumentName="x-amz-copy-source")
     try:
         src = unquote(src, errors="strict")
     except UnicodeDecodeError:
@@ -287,17 +316,17 @@ def parse_copy_source(ctx) -> tuple[str, str]:
     if not bucket or not key:
         raise E.InvalidArgument("Copy Source must mention the source bucket and key: sourcebucket/sourcekey",
                                 ArgumentName="x-amz-copy-source", ArgumentValue=raw)
-    return bucket, key
+    return bucket, key, version_id
 
 
 def source_manifest(ctx) -> Manifest:
-    sbucket, skey = parse_copy_source(ctx)
+    sbucket, skey, svid = parse_copy_source(ctx)
     b = ctx.engine.bucket(sbucket)
     if b is None:
         raise E.NoSuchBucket(BucketName=sbucket)
     if b.owner != ctx.user.user_id:
         raise E.AccessDenied()
-    src = ctx.engine.head_object(sbucket, skey)
+    src = ctx.engine.head_object(sbucket, skey, svid)
     check_read_conditions(ctx.headers, src, prefix="x-amz-copy-source-")
     return src
 
@@ -318,6 +347,7 @@ async def copy_object(ctx) -> web.Response:
         if meta.storage_class not in STORAGE_CLASSES:
             raise E.InvalidStorageClass(StorageClassRequested=meta.storage_class)
     if (src.bucket, src.key) == (ctx.bucket, ctx.key) and directive == "COPY" \
+            and "?versionId=" not in ctx.headers["x-amz-copy-source"] \
             and "x-amz-storage-class" not in ctx.headers:
         raise E.InvalidRequest(
             "This copy request is illegal because it is trying to copy an object to itself without "
@@ -328,4 +358,7 @@ async def copy_object(ctx) -> web.Response:
     body = el("LastModified", iso8601(m.mtime)) + el("ETag", etag_header(m.etag))
     for alg, v in m.checksums.items():
         body += el(f"Checksum{alg}", v)
-    return xml_response(doc("CopyObjectResult", body))
+    headers = version_headers(ctx, src, "x-amz-copy-source-version-id")
+    if m.version_id != NULL_VERSION:
+        headers["x-amz-version-id"] = m.version_id
+    return xml_response(doc("CopyObjectResult", body), headers=headers)

@@ -5,7 +5,8 @@ record merged into the base, append-only apart from the `void` flag and
 vault-side retention pruning) and the meta values `volume_end` and
 `merged_through_seq`.  It is changed only by compaction, in one transaction
 per merged overlay, which also applies the retention policy
-(docs/format/vault.md, "Retention").
+(docs/format/vault.md, "Retention"), and by snapshot changes (the snapshot
+tables, vault/snapshots.py).
 Not thread-safe by itself: VaultStore serializes access under its lock.
 """
 from __future__ import annotations
@@ -20,8 +21,9 @@ from typing import NamedTuple
 
 from airlock.errors import FormatError
 from airlock.log import payload as P
+from airlock.vault import snapshots as SN
 
-CATALOG_SCHEMA_VERSION = 1
+CATALOG_SCHEMA_VERSION = 2       # 2: snapshot tables (docs/format/vault.md, "Snapshots"); 1 is migrated
 RECORD_ABORT = 9                  # {"seqs": [int, ...]}: those earlier records never took effect
 
 KIND = {
@@ -30,7 +32,13 @@ KIND = {
     P.UPLOAD_CREATE: "upload-create", P.UPLOAD_PART: "upload-part",
     P.UPLOAD_COMPLETE: "put", P.UPLOAD_ABORT: "upload-abort",
     RECORD_ABORT: "abort",
+    # a bucket's S3 versioning state: the vault keeps every version whatever
+    # it is, so the record changes nothing in the vault's state
+    P.BUCKET_VERSIONING: "bucket-versioning",
 }
+# An object-delete that permanently removes one non-latest version
+# (docs/format/records.md): the key's current state is unchanged.
+VERSION_DELETE_KIND = "version-delete"
 OBJECT_KINDS = ("put", "delete")
 BUCKET_KINDS = ("bucket-create", "bucket-delete")
 DAY_NS = 86400 * 10**9
@@ -88,6 +96,19 @@ def classify(seq: int, rtype: int, payload: bytes) -> Entry:
         voids: tuple[int, ...] = ()
         if rtype == P.OBJECT_PUT:
             manifest = body
+        elif rtype == P.OBJECT_DELETE and "version_id" in body:
+            # removal of one version on the primary; the vault keeps it.  The
+            # key's current state after it: unchanged (the version was not the
+            # latest), the older version it "restores" (a put), or absent.
+            if not body["was_latest"]:
+                kind = VERSION_DELETE_KIND
+            elif body.get("restores") is not None:
+                kind, manifest = "put", body["restores"]
+                if (manifest["bucket"], manifest["key"]) != (body["bucket"], body["key"]):
+                    raise FormatError(f"record {seq} (delete): restores another key")
+        elif rtype == P.BUCKET_VERSIONING:
+            if body["status"] not in ("Enabled", "Suspended"):
+                raise FormatError(f"record {seq} (bucket-versioning): bad status {body['status']!r}")
         elif rtype == P.UPLOAD_COMPLETE:
             manifest = body["manifest"]
         elif rtype == P.UPLOAD_PART:
@@ -101,7 +122,7 @@ def classify(seq: int, rtype: int, payload: bytes) -> Entry:
             chunks = tuple(str(c[0]) for c in manifest.get("chunks") or ())
         elif rtype in (P.OBJECT_DELETE, P.UPLOAD_CREATE):
             bucket, key = str(body["bucket"]), str(body["key"])
-        elif rtype in (P.BUCKET_CREATE, P.BUCKET_DELETE):
+        elif rtype in (P.BUCKET_CREATE, P.BUCKET_DELETE, P.BUCKET_VERSIONING):
             bucket = str(body["bucket"])
     except (KeyError, TypeError, ValueError, IndexError) as e:
         if isinstance(e, FormatError):
@@ -138,6 +159,7 @@ class Catalog:
         # commit must be on stable storage first.
         self.db.execute(f"PRAGMA synchronous={'FULL' if fsync else 'OFF'}")
         self.db.executescript(_SCHEMA)
+        self.db.executescript(SN.SCHEMA)
         row = self.db.execute("SELECT v FROM meta WHERE k='schema'").fetchone()
         if row is None:
             self.db.execute("BEGIN")
@@ -145,6 +167,9 @@ class Catalog:
             self.db.execute("INSERT INTO meta VALUES ('volume_end', '32')")
             self.db.execute("INSERT INTO meta VALUES ('merged_through_seq', '0')")
             self.db.execute("COMMIT")
+        elif int(row[0]) == 1:
+            # schema 1 -> 2: the snapshot tables were just created (empty)
+            self.db.execute("UPDATE meta SET v=? WHERE k='schema'", (str(CATALOG_SCHEMA_VERSION),))
         elif int(row[0]) != CATALOG_SCHEMA_VERSION:
             raise FormatError(f"{path}: catalog schema {row[0]} is not supported "
                               f"(this build reads {CATALOG_SCHEMA_VERSION})")
@@ -261,19 +286,24 @@ class Catalog:
         unmerged ABORT (`exclude`) neither count nor supersede."""
         if not retention.prunes:
             return 0
+        exclude = set(exclude)
         n = retention.keep_versions
         cutoff = (self.superseded_cutoff_seq(now_ns - int(retention.keep_days * DAY_NS))
                   if retention.keep_days > 0 else None)
         db = self.db
-        victims = [r[0] for r in db.execute(
-            "SELECT seq FROM (SELECT seq, ROW_NUMBER() OVER w - 1 AS newer, LAG(seq) OVER w AS successor "
+        rows = db.execute(
+            "SELECT seq, successor, bucket, key FROM (SELECT seq, bucket, key, "
+            "  ROW_NUMBER() OVER w - 1 AS newer, LAG(seq) OVER w AS successor "
             "  FROM versions WHERE kind IN ('put','delete') AND void=0 "
             "  AND seq NOT IN (SELECT value FROM json_each(?)) "
             "  WINDOW w AS (PARTITION BY bucket, key ORDER BY seq DESC)) "
             "WHERE newer > 0 AND (? = 0 OR newer > ?) AND (? IS NULL OR successor <= ?)",
-            (json.dumps(sorted(set(exclude))), n, n, cutoff, cutoff))]
-        if not victims:
+            (json.dumps(sorted(set(exclude))), n, n, cutoff, cutoff)).fetchall()
+        if not rows:
             return 0
+        # a version a snapshot point still resolves to goes to the snapshot first (claim 30)
+        SN.protect(db, rows, now_ns, set(exclude))
+        victims = [r[0] for r in rows]
         db.executemany("DELETE FROM versions WHERE seq=?", [(s,) for s in victims])
         self._set_meta("pruned_versions", (self._meta_opt("pruned_versions") or 0) + len(victims))
         self._set_meta("last_prune_ns", now_ns)
@@ -281,14 +311,15 @@ class Catalog:
         return len(victims)
 
     def _unreferenced_bytes(self, referenced: Iterable[str]) -> int:
-        """Bytes of base-volume chunks no base version and no unmerged overlay
-        record references (space a future volume rewrite could reclaim)."""
+        """Bytes of base-volume chunks no base version, no snapshot row and no
+        unmerged overlay record references (space a future volume rewrite could reclaim)."""
         row = self.db.execute(
             "WITH used(d) AS ("
             "  SELECT json_extract(c.value, '$[0]') FROM versions, json_each(versions.manifest, '$.chunks') c "
             "  WHERE versions.manifest IS NOT NULL "
             "  UNION SELECT json_extract(c.value, '$[0]') FROM versions, "
             "    json_each(CAST(versions.payload AS TEXT), '$.chunks') c WHERE versions.kind = 'upload-part' "
+            f"  UNION {SN.held_chunk_refs_sql()} "
             "  UNION SELECT value FROM json_each(?)) "
             "SELECT COALESCE(SUM(length), 0) FROM chunks WHERE digest NOT IN (SELECT d FROM used)",
             (json.dumps(sorted(set(referenced))),)).fetchone()

@@ -3,7 +3,8 @@
 It owns its data directory (an exclusive lock file), serves the controlled
 link to its one primary, and an admin socket that exists only on the vault's
 own host (a Unix socket in its data directory, mode 0600) for the vault-side
-operations: status, seal, compact.  Nothing of the admin surface is reachable
+operations: status, seal, compact, snapshot-create/-list/-delete/-merge
+(and the periodic snapshot schedule, `[vault.snapshots]`).  Nothing of the admin surface is reachable
 over the link.
 """
 from __future__ import annotations
@@ -28,6 +29,15 @@ ADMIN_SOCKET = "admin.sock"
 LOCK_FILE = "LOCK"
 
 
+@dataclass(frozen=True)
+class SnapshotSchedule:
+    """[vault.snapshots]: a periodic snapshot every `every` seconds (0 = off),
+    keeping the newest `keep` periodic ones (0 = all), of `mode` cow or full."""
+    every: float = 0.0
+    keep: int = 0
+    mode: str = "cow"
+
+
 @dataclass
 class VaultConfig:
     host: str = "127.0.0.1"
@@ -39,6 +49,7 @@ class VaultConfig:
     fsync: bool = True
     insecure_no_tls: bool = False    # tests of the protocol parser only; never in a deployment
     retention: Retention = field(default_factory=Retention)   # [vault.retention]; default: keep forever
+    snapshots: SnapshotSchedule = field(default_factory=SnapshotSchedule)   # [vault.snapshots]; default: off
 
     @property
     def admin_socket(self) -> str:
@@ -62,7 +73,25 @@ def load_vault_config(path: str | None) -> VaultConfig:
         raise ConfigError("[vault] overlay_max_bytes / overlay_max_age must be numbers") from None
     cfg.fsync = bool(v.get("fsync", cfg.fsync))
     cfg.retention = _parse_retention(v.get("retention", {}))
+    cfg.snapshots = _parse_snapshots(v.get("snapshots", {}))
     return cfg
+
+
+def _parse_snapshots(t) -> SnapshotSchedule:
+    """[vault.snapshots]: every (seconds >= 0), keep (whole number >= 0), mode ("cow" | "full")."""
+    if not isinstance(t, dict):
+        raise ConfigError("[vault.snapshots] must be a table")
+    unknown = sorted(set(t) - {"every", "keep", "mode"})
+    if unknown:
+        raise ConfigError(f"[vault.snapshots] unknown settings: {', '.join(unknown)} (known: every, keep, mode)")
+    every, keep, mode = t.get("every", 0), t.get("keep", 0), t.get("mode", "cow")
+    if isinstance(every, bool) or not isinstance(every, (int, float)) or not 0 <= every < float("inf"):
+        raise ConfigError(f"[vault.snapshots] every must be a number of seconds >= 0, not {every!r}")
+    if isinstance(keep, bool) or not isinstance(keep, int) or keep < 0:
+        raise ConfigError(f"[vault.snapshots] keep must be a whole number >= 0, not {keep!r}")
+    if mode not in ("cow", "full"):
+        raise ConfigError(f"[vault.snapshots] mode must be \"cow\" or \"full\", not {mode!r}")
+    return SnapshotSchedule(float(every), keep, mode)
 
 
 def _parse_retention(r) -> Retention:
@@ -150,6 +179,8 @@ class Vault:
         finally:
             os.umask(old)
         self._tasks.append(asyncio.get_running_loop().create_task(self._seal_by_age()))
+        if self.cfg.snapshots.every > 0:
+            self._tasks.append(asyncio.get_running_loop().create_task(self._periodic_snapshots()))
 
     async def stop(self) -> None:
         for t in self._tasks:
@@ -175,6 +206,33 @@ class Vault:
             except Exception:
                 log.exception("sealing the open overlay by age failed")
 
+    async def _periodic_snapshots(self) -> None:
+        sched = self.cfg.snapshots
+        while True:
+            await asyncio.sleep(sched.every)
+            try:
+                async with self._compacting:      # a full snapshot compacts; never two at once
+                    res = await asyncio.get_running_loop().run_in_executor(
+                        self.executor, lambda: self.store.periodic_snapshot(sched.mode, sched.keep))
+                log.info("periodic snapshot %s at seq %d; deleted %s", res["created"]["name"],
+                         res["created"]["seq"], res["deleted"] or "none")
+            except Exception:
+                log.exception("periodic snapshot failed")
+
+    async def _snapshot_op(self, op: str, req: dict):
+        st = self.store
+        loop = asyncio.get_running_loop()
+        if op == "snapshot-list":
+            return await loop.run_in_executor(self.executor, st.snapshots)
+        if op == "snapshot-create":
+            fn = lambda: st.snapshot_create(name=req.get("name"), mode=req.get("mode", "cow"))  # noqa: E731
+        elif op == "snapshot-delete":
+            fn = lambda: st.snapshot_delete(req["snapshot"])  # noqa: E731
+        else:
+            fn = lambda: st.snapshot_merge(req["a"], req["b"], name=req.get("name"))  # noqa: E731
+        async with self._compacting:
+            return await loop.run_in_executor(self.executor, fn)
+
     # ------------------------------------------------------------------ admin socket
     async def _admin_session(self, reader, writer) -> None:
         async def send(obj) -> None:
@@ -199,6 +257,16 @@ class Vault:
             elif op == "compact":
                 keep = int(req.get("keep", 0))
                 result = await self._compact(keep, send)
+                await send({"ok": True, "result": result})
+            elif op in ("snapshot-create", "snapshot-list", "snapshot-delete", "snapshot-merge"):
+                try:
+                    result = await self._snapshot_op(op, req)
+                except KeyError as e:
+                    await send({"ok": False, "error": f"not found: {e.args[0] if e.args else e}"})
+                    return
+                except (PolicyError, ValueError) as e:
+                    await send({"ok": False, "error": str(e)})
+                    return
                 await send({"ok": True, "result": result})
             else:
                 await send({"ok": False, "error": f"unknown op {op!r}"})

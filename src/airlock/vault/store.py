@@ -31,7 +31,7 @@ from airlock.errors import FormatError, IntegrityError, VaultRejected
 from airlock.log.reader import read_log
 from airlock.log.record import MAX_PAYLOAD
 from airlock.log.writer import LogWriter
-from airlock.vault import compaction
+from airlock.vault import compaction, snapshots
 from airlock.vault.base import VOLUME_HEADER_SIZE, BaseVolume
 from airlock.vault.catalog import (
     BUCKET_KINDS, OBJECT_KINDS, RECORD_ABORT, Catalog, Entry, Retention, classify, remove_catalog, version_dict,
@@ -148,7 +148,8 @@ class VaultStore:
                 catalog = Catalog(self.catalog_path, self.fsync)
                 catalog.merged_through_seq  # noqa: B018 - readable?
             except (sqlite3.DatabaseError, FormatError, TypeError) as e:
-                log.error("vault catalog %s unreadable (%r); rebuilding it from the log", self.catalog_path, e)
+                log.error("vault catalog %s unreadable (%r); rebuilding it from the log (its snapshot "
+                          "definitions cannot be rebuilt and are lost)", self.catalog_path, e)
                 if catalog is not None:
                     catalog.close()
                 catalog = None
@@ -223,7 +224,8 @@ class VaultStore:
         self.last_seq = last
         return self
 
-    def _build_catalog(self, overlays: list[Overlay], last: int, quiet: bool = False) -> Catalog:
+    def _build_catalog(self, overlays: list[Overlay], last: int, quiet: bool = False,
+                       carry_snapshots_from: str | None = None) -> Catalog:
         """A fresh catalog from volume.dat (chunk map) and the log (versions).
 
         Built under a temporary name and renamed into place: a crash midway
@@ -232,6 +234,9 @@ class VaultStore:
         tmp = self.catalog_path + ".rebuild"
         remove_catalog(tmp)
         catalog = Catalog(tmp, self.fsync)
+        if carry_snapshots_from is not None:
+            # before the policy is applied, so what the snapshots need is protected
+            snapshots.copy_tables(catalog.db, carry_snapshots_from)
         chunks = []
         end = VOLUME_HEADER_SIZE
         for digest, off, n, ext_end in self._volume.scan():
@@ -273,7 +278,8 @@ class VaultStore:
         """Replace base.sqlite by one rebuilt from volume.dat and the log (claim 19)."""
         with self._compact_lock, self._lock:
             self._catalog.close()
-            self._catalog = self._build_catalog(self._overlays, self.last_seq)
+            self._catalog = self._build_catalog(self._overlays, self.last_seq,
+                                                carry_snapshots_from=self.catalog_path)
             self._rebuild_view()
 
     async def aclose(self) -> None:
@@ -545,6 +551,9 @@ class VaultStore:
                     return e.manifest if ok else None
                 row = self._catalog.version_at(seq)
                 if row is None:
+                    # pruned from the base, but a snapshot may hold it
+                    row = snapshots.held_record(self._catalog.db, seq)
+                if row is None:
                     return None
                 kind, b, k, m = row
                 return m if kind == "put" and b == bucket and k == key else None
@@ -643,7 +652,164 @@ class VaultStore:
                     "base": {"bytes": self._catalog.volume_end, "chunks": counts["chunks"],
                              "versions": counts["versions"]},
                     "merged_through_seq": self._catalog.merged_through_seq,
-                    "retention": retention}
+                    "retention": retention,
+                    "snapshots": snapshots.list_snapshots(self._catalog.db, with_accounting=False)}
+
+    # ================================================================== snapshots
+    # docs/format/vault.md, "Snapshots".  Changes hold the compaction lock (no
+    # merge or prune runs meanwhile) and the store lock (the catalog connection).
+    def _overlay_next(self, bucket: str, key: str, seq: int) -> int | None:
+        view = self._view
+        for e in view.versions.get((bucket, key), ()):
+            if e.seq > seq and e.seq not in view.voids:
+                return e.seq
+        return None
+
+    def _void_seqs(self) -> set[int]:
+        return set(self._view.voids)
+
+    def snapshot_create(self, name: str | None = None, mode: str = "cow", periodic: bool = False) -> dict:
+        """A snapshot at the current point: `cow` records last_seq; `full` first
+        merges every overlay into the base, then writes the complete map of the
+        state at merged_through_seq into the snapshot (one transaction)."""
+        if mode not in snapshots.MODES:
+            raise ValueError(f"snapshot mode must be one of {', '.join(snapshots.MODES)}, not {mode!r}")
+        if mode == "full":
+            self.compact()
+        with self._compact_lock, self._lock:
+            self._check_usable()
+            seq = self._catalog.merged_through_seq if mode == "full" else self.last_seq
+            snap = snapshots.create(self._catalog.db, name=name, mode=mode, seq=seq, now_ns=self.clock_ns(),
+                                    periodic=periodic, voids=self._void_seqs())
+        log.info("snapshot %s (id %d, %s) created at seq %d: %d versions, %d chunks",
+                 snap["name"], snap["id"], mode, seq, snap["versions"], snap["chunks"])
+        return snap
+
+    def snapshot_delete(self, ref) -> dict:
+        with self._compact_lock, self._lock:
+            self._check_usable()
+            out = snapshots.delete(self._catalog.db, ref, voids=self._void_seqs(),
+                                   overlay_next=self._overlay_next)
+        log.info("snapshot %s (id %d) deleted: %d versions moved to other snapshots, %d freed",
+                 out["deleted"]["name"], out["deleted"]["id"], out["moved_versions"], out["freed_versions"])
+        return out
+
+    def snapshot_merge(self, a, b, name: str | None = None) -> dict:
+        with self._compact_lock, self._lock:
+            self._check_usable()
+            out = snapshots.merge(self._catalog.db, a, b, name=name, now_ns=self.clock_ns(),
+                                  voids=self._void_seqs(), overlay_next=self._overlay_next)
+        log.info("snapshots %s merged into %s (id %d, points %s); freed %s", out["merged"],
+                 out["snapshot"]["name"], out["snapshot"]["id"], out["snapshot"]["points"], out["freed"])
+        return out
+
+    def periodic_snapshot(self, mode: str = "cow", keep: int = 0) -> dict:
+        """The schedule's step: a periodic snapshot, then delete the oldest
+        periodic ones beyond `keep` (0 = keep all).  Hand-made ones are never touched."""
+        snap = self.snapshot_create(mode=mode, periodic=True)
+        deleted = []
+        if keep > 0:
+            periodic = [s for s in self.snapshots(accounting=False) if s["periodic"]]
+            periodic.sort(key=lambda s: (s["created_ns"], s["id"]))
+            for old in periodic[:-keep]:
+                deleted.append(self.snapshot_delete(old["id"])["deleted"]["id"])
+        return {"created": snap, "deleted": deleted}
+
+    def snapshots(self, accounting: bool = True) -> list[dict]:
+        """Every snapshot (id, name, created, seq, points, mode, periodic, and the
+        accounting: versions, table_bytes, chunks, data_bytes), oldest point first."""
+        with self._lock:
+            self._check_usable()
+            return snapshots.list_snapshots(self._catalog.db, with_accounting=accounting)
+
+    def snapshot(self, ref) -> dict:
+        with self._lock:
+            self._check_usable()
+            snap = snapshots.get(self._catalog.db, ref)
+            snap.update(snapshots.accounting(self._catalog.db, snap["id"]))
+            return snap
+
+    def _snapshot_point(self, ref, at: int | None) -> int:
+        return snapshots.point_of(snapshots.get(self._catalog.db, ref), at)
+
+    def _overlay_latest_at(self, bucket: str, key: str, p: int) -> Entry | None:
+        view = self._view
+        for e in reversed(view.versions.get((bucket, key), ())):
+            if e.seq <= p and e.seq not in view.voids:
+                return e
+        return None
+
+    def snapshot_manifest(self, snapshot_id, bucket: str, key: str, at: int | None = None) -> dict | None:
+        """The manifest of bucket/key as of the snapshot's point (None if absent
+        or deleted then); KeyError if there is no such snapshot."""
+        with self._lock:
+            p = self._snapshot_point(snapshot_id, at)
+            e = self._overlay_latest_at(bucket, key, p)
+            if e is not None:
+                return e.manifest if e.kind == "put" else None
+            row = snapshots.resolve(self._catalog.db, bucket, key, p, self._void_seqs())
+            if row is None:
+                return None
+            return row[2] if row[1] == "put" else None
+
+    def snapshot_buckets(self, snapshot_id, at: int | None = None) -> list[dict]:
+        with self._lock:
+            p = self._snapshot_point(snapshot_id, at)
+            view = self._view
+            events = {s: (k, b, body) for s, k, b, body in self._catalog.bucket_events() if s <= p}
+            for e in view.bucket_events:
+                if e.seq <= p:
+                    events[e.seq] = (e.kind, e.bucket, e.body)
+            voids = set(view.voids)
+        current: dict[str, dict] = {}
+        for s in sorted(events):
+            if s in voids:
+                continue
+            kind, b, body = events[s]
+            if kind == "bucket-create":
+                current[b] = {"bucket": b, "owner": body.get("owner"), "created": body.get("created")}
+            else:
+                current.pop(b, None)
+        return [current[b] for b in sorted(current)]
+
+    def snapshot_list_objects(self, snapshot_id, bucket: str, prefix: str = "", after: str | None = None,
+                              limit: int = 1000, at: int | None = None) -> tuple[list[dict], bool]:
+        """Manifests as of the snapshot's point, in key order; (page, truncated)."""
+        with self._lock:
+            p = self._snapshot_point(snapshot_id, at)
+            view = self._view
+            lo = after if after is not None and after >= prefix else None
+            ov: dict[str, Entry] = {}
+            for (b, k) in view.versions:
+                if b == bucket and k.startswith(prefix) and (lo is None or k > lo):
+                    e = self._overlay_latest_at(b, k, p)
+                    if e is not None:
+                        ov[k] = e
+            ov_keys = sorted(ov)
+            base = snapshots.objects_as_of(self._catalog.db, bucket, prefix, after, p, self._void_seqs())
+            out: list[dict] = []
+            i = 0
+            nxt = next(base, None)
+            while True:
+                if nxt is None and i >= len(ov_keys):
+                    return out, False
+                if i < len(ov_keys) and (nxt is None or ov_keys[i] <= nxt[0]):
+                    k = ov_keys[i]
+                    e = ov[k]
+                    i += 1
+                    kind, manifest = e.kind, e.manifest
+                    if nxt is not None and nxt[0] == k:
+                        if nxt[1] > e.seq:      # cannot happen (overlays are newer), kept for clarity
+                            kind, manifest = nxt[2], nxt[3]
+                        nxt = next(base, None)
+                else:
+                    kind, manifest = nxt[2], nxt[3]
+                    nxt = next(base, None)
+                if kind != "put" or manifest is None:
+                    continue
+                if len(out) == limit:
+                    return out, True
+                out.append(manifest)
 
 
 def _valid_header(path: str) -> bool:
