@@ -42,6 +42,17 @@ def wait_for_port(port: int, proc: subprocess.Popen | None = None, timeout: floa
     raise TimeoutError(f"port {port} did not open within {timeout}s")
 
 
+def wait_until(pred, what: str, timeout: float = 10.0, interval: float = 0.05):
+    """Poll `pred` until it returns something true; that value is returned."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        v = pred()
+        if v:
+            return v
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
+
+
 class Gateway:
     """An `airlock gateway` process.  stop() is SIGTERM, kill() is SIGKILL."""
 
@@ -100,6 +111,13 @@ class Gateway:
 
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def health(self) -> dict:
+        """The gateway's /_airlock/health document."""
+        import json
+        import urllib.request
+        with urllib.request.urlopen(f"{self.endpoint}/_airlock/health", timeout=5) as r:
+            return json.load(r)
 
     def client(self, access_key: str = ACCESS_KEY, secret_key: str = SECRET_KEY, **config):
         # total_max_attempts=1: no retry at all (botocore's max_attempts counts retries)

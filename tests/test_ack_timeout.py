@@ -17,14 +17,13 @@ import json
 import os
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 from botocore.exceptions import ClientError
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from conftest import Deployment  # noqa: E402
+from conftest import wait_until, Deployment  # noqa: E402
 from faultproxy import FaultProxy  # noqa: E402
 
 from airlock import errors as E  # noqa: E402
@@ -32,7 +31,6 @@ from airlock.log import payload as P  # noqa: E402
 
 ACK_TIMEOUT_S = 2.0
 FAIL_BOUND_S = ACK_TIMEOUT_S + 6.0   # generous upper bound on the 503 (not a performance claim)
-WAIT_S = 10.0
 
 
 @pytest.fixture
@@ -52,21 +50,6 @@ def proxied(tmp_path):
 def client(d: Deployment):
     """boto3 with no retry at all (conftest's {"max_attempts": 1} still retries once)."""
     return d.gateway.client(retries={"total_max_attempts": 1})
-
-
-def health(d: Deployment) -> dict:
-    with urllib.request.urlopen(f"{d.gateway.endpoint}/_airlock/health", timeout=5) as r:
-        return json.load(r)
-
-
-def wait_until(pred, what: str, timeout: float = WAIT_S, interval: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = pred()
-        if v:
-            return v
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
 
 
 def on_vault(d: Deployment, fn):
@@ -143,7 +126,7 @@ def assert_invisible(s3, key: str, old: bytes | None = None) -> None:
 
 def assert_voided_everywhere(d: Deployment, s3, key: str, seq: int, old: bytes | None = None) -> None:
     assert_invisible(s3, key, old)
-    h = health(d)
+    h = d.gateway.health()
     assert h["pending_aborts"] == 0, h
     assert h["last_seq"] == d.vault.status()["last_seq"]
     # the vault's history keeps the record, an ABORT voids it, its state does not show it
@@ -174,7 +157,7 @@ def test_put_without_ack_in_time_is_void(proxied, overwrite):
     try:
         seq = put_times_out(d, proxy, s3, key, os.urandom(5000))
         assert_invisible(s3, key, old)
-        assert health(d)["pending_aborts"] == 1
+        assert d.gateway.health()["pending_aborts"] == 1
     finally:
         proxy.command("release")
     time.sleep(0.5)   # whatever the proxy held has gone through by now
@@ -204,7 +187,7 @@ def test_void_survives_a_gateway_restart(proxied, how):
 
     d.start_gateway()
     s3 = client(d)
-    wait_until(lambda: health(d)["pending_aborts"] == 0, "the restarted gateway to reconcile")
+    wait_until(lambda: d.gateway.health()["pending_aborts"] == 0, "the restarted gateway to reconcile")
     assert_invisible(s3, "late")
     s3.put_object(Bucket="keep", Key="after", Body=b"after the restart")
     assert s3.get_object(Bucket="keep", Key="after")["Body"].read() == b"after the restart"

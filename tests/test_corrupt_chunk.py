@@ -7,9 +7,7 @@ to the primary's chunk files on disk; reads go through boto3 and aws-cli.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -22,11 +20,6 @@ MiB = 1 << 20
 def chunk_files(data: Path) -> list[Path]:
     root = data / "chunks"
     return sorted(p for p in root.glob("??/*") if p.is_file())
-
-
-def health(gw) -> dict:
-    with urllib.request.urlopen(f"{gw.endpoint}/_airlock/health", timeout=5) as r:
-        return json.load(r)
 
 
 def chunks_of(gw, bucket: str, key: str) -> list[str]:
@@ -90,13 +83,13 @@ def test_damaged_chunk_is_served_from_the_vault_and_repaired(dep, stored, damage
     # repaired in place: the file verifies again, and the repair was counted
     from airlock.chunk.store import ChunkStore
     assert ChunkStore(str(gw.data), fsync=False).read(victim)
-    stats = health(gw)["stats"]
+    stats = gw.health()["stats"]
     assert stats["chunks_repaired"] >= 1 and stats["chunks_from_vault"] >= 1
     assert "repaired chunk " + victim in gw.log_text()
     # a second read needs the vault no more
-    before = health(gw)["stats"]["chunks_from_vault"]
+    before = gw.health()["stats"]["chunks_from_vault"]
     assert s3.get_object(Bucket="damage", Key="big.bin")["Body"].read() == bodies["big.bin"]
-    assert health(gw)["stats"]["chunks_from_vault"] == before
+    assert gw.health()["stats"]["chunks_from_vault"] == before
 
 
 def test_ranged_read_of_a_damaged_chunk_is_correct(dep, stored):
@@ -116,7 +109,7 @@ def test_object_partly_local_partly_only_in_the_vault_is_served_whole(dep, store
     for d in digests[::2]:
         chunk_path(gw, d).unlink()
     assert s3.get_object(Bucket="damage", Key="big.bin")["Body"].read() == bodies["big.bin"]
-    assert health(gw)["stats"]["chunks_from_vault"] == len(digests[::2])
+    assert gw.health()["stats"]["chunks_from_vault"] == len(digests[::2])
 
 
 def test_aws_cli_download_of_damaged_objects_is_byte_identical(dep, stored, tmp_path):

@@ -3,11 +3,9 @@ reads keep working from the vault (degraded mode, claim 9), writes are
 refused, and `airlock restore` brings the primary back (claim 14)."""
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import time
-import urllib.request
 
 import pytest
 from botocore.exceptions import ClientError
@@ -17,19 +15,14 @@ from conftest import Deployment
 MiB = 1 << 20
 
 
-def health(gw) -> dict:
-    with urllib.request.urlopen(f"{gw.endpoint}/_airlock/health", timeout=5) as r:
-        return json.load(r)
-
-
 def wait_degraded(gw, timeout: float = 10.0) -> dict:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        h = health(gw)
+        h = gw.health()
         if h.get("primary_storage") == "failed":
             return h
         time.sleep(0.1)
-    raise AssertionError(f"gateway did not notice the lost storage: {health(gw)}")
+    raise AssertionError(f"gateway did not notice the lost storage: {gw.health()}")
 
 
 @pytest.fixture
@@ -85,9 +78,9 @@ def test_reads_survive_losing_the_primary_and_restore_brings_it_back(dep, tmp_pa
     last = r.stdout.strip().splitlines()[-1]
     assert last.startswith("restore:") and "failed=0" in last, r.stdout
     dep.start_gateway()
-    assert health(gw)["primary_storage"] == "ok"
+    assert gw.health()["primary_storage"] == "ok"
     for k, v in bodies.items():
         assert s3.get_object(Bucket="lifeline", Key=k)["Body"].read() == v
-    assert health(gw)["stats"]["chunks_from_vault"] == 0, "restore should have brought every chunk back"
+    assert gw.health()["stats"]["chunks_from_vault"] == 0, "restore should have brought every chunk back"
     s3.put_object(Bucket="lifeline", Key="after", Body=b"writes work again")
     dep.airlock("verify")

@@ -8,12 +8,10 @@ both domains hold the same state.
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -44,11 +42,6 @@ def client(d: Deployment):
     """boto3 with no retry at all: conftest's {"max_attempts": 1} still allows one
     retry (botocore counts retries there), which would hide a 503 behind a second try."""
     return d.gateway.client(retries={"total_max_attempts": 1})
-
-
-def health(d: Deployment) -> dict:
-    with urllib.request.urlopen(f"{d.gateway.endpoint}/_airlock/health", timeout=5) as r:
-        return json.load(r)
 
 
 def wait_until(pred, what: str, timeout: float = WAIT_S, interval: float = 0.02):
@@ -91,7 +84,7 @@ class PutThread(threading.Thread):
 
 
 def assert_domains_agree(d: Deployment) -> None:
-    h = health(d)
+    h = d.gateway.health()
     assert h["status"] == "ok", h
     assert d.vault.status()["last_seq"] == h["last_seq"]
     r = d.airlock("verify", check=False)
@@ -118,7 +111,7 @@ def test_put_is_invisible_until_vault_acks(proxied, size):
         assert put.is_alive(), "the PUT was answered before the vault's ack"
         assert proxy.stats()["up"] - up_before >= size   # every chunk went over the link
         assert_invisible(s3, "held", "obj")
-        assert health(d)["last_seq"] == before            # the primary log waits for the ack too
+        assert d.gateway.health()["last_seq"] == before            # the primary log waits for the ack too
         assert s3.get_object(Bucket="held", Key="other")["Body"].read() == b"already there"
         assert put.is_alive()
     finally:
@@ -139,7 +132,7 @@ def test_concurrent_puts_are_invisible_until_vault_acks(proxied):
     s3 = client(d)
     s3.create_bucket(Bucket="many")
     before = d.vault.status()["last_seq"]
-    stats_before = health(d)["replication_stats"]
+    stats_before = d.gateway.health()["replication_stats"]
     writers = 6
 
     proxy.command("hold down")
@@ -168,7 +161,7 @@ def test_concurrent_puts_are_invisible_until_vault_acks(proxied):
         assert s3.get_object(Bucket="many", Key=p.key)["Body"].read() == p.body
     assert d.vault.status()["last_seq"] == before + writers
     # group commit: the writers that queued behind the held ack shared a batch
-    stats = health(d)["replication_stats"]
+    stats = d.gateway.health()["replication_stats"]
     records = stats["records"] - stats_before["records"]
     batches = stats["batches"] - stats_before["batches"]
     assert records == writers

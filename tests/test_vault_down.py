@@ -8,25 +8,22 @@ logs hold the same gap-free sequence numbers.
 from __future__ import annotations
 
 import asyncio
-import json
 import sys
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 from botocore.exceptions import ClientError
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from conftest import Deployment  # noqa: E402
+from conftest import wait_until, Deployment  # noqa: E402
 from faultproxy import FaultProxy  # noqa: E402
 
 from airlock.log import payload as P  # noqa: E402
 
 ACK_TIMEOUT_S = 5.0                       # the Deployment default
 FAIL_BOUND_S = ACK_TIMEOUT_S + 6.0        # a 503 must come within this (a bound, not a performance claim)
-WAIT_S = 10.0
 
 EXISTING = {"a": b"alpha" * 100, "b": b"bravo", "dir/c": b"charlie" * 1000}
 
@@ -49,21 +46,6 @@ def client(d: Deployment):
     """boto3 with no retry at all: conftest's {"max_attempts": 1} still allows one
     retry (botocore counts retries there), which would hide a 503 behind a second try."""
     return d.gateway.client(retries={"total_max_attempts": 1})
-
-
-def health(d: Deployment) -> dict:
-    with urllib.request.urlopen(f"{d.gateway.endpoint}/_airlock/health", timeout=5) as r:
-        return json.load(r)
-
-
-def wait_until(pred, what: str, timeout: float = WAIT_S, interval: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = pred()
-        if v:
-            return v
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
 
 
 def vault_records(d: Deployment) -> list[tuple[int, int, bytes]]:
@@ -139,7 +121,7 @@ def assert_reads_work(s3, absent: list[str], also: tuple[str, ...] = ()) -> None
 def assert_gap_free_and_equal(d: Deployment, committed: int, voided: list[int] = ()) -> None:
     """Both logs end at the same sequence number; the vault's log is 1..N without
     gaps and holds exactly `committed` applied records plus ABORT records voiding `voided`."""
-    h = health(d)
+    h = d.gateway.health()
     vlast = d.vault.status()["last_seq"]
     assert h["last_seq"] == vlast, (h, vlast)
     assert h["pending_aborts"] == 0
@@ -169,7 +151,7 @@ def test_writes_fail_fast_and_reads_continue_while_the_vault_is_down(deployment,
         s3.delete_object(Bucket="keep", Key="b")
     assert e.value.response["ResponseMetadata"]["HTTPStatusCode"] == 503
     assert_reads_work(s3, absent=["new"])
-    h = health(d)
+    h = d.gateway.health()
     assert h["status"] == "degraded" and h["vault_connected"] is False
     assert h["last_seq"] == committed
 
@@ -234,15 +216,15 @@ def test_idle_link_cut_and_refused_connections(proxied):
 
     # a cut while idle: the link comes back on the next write
     proxy.command("cut")
-    wait_until(lambda: not health(d)["vault_connected"], "the gateway to notice the cut")
+    wait_until(lambda: not d.gateway.health()["vault_connected"], "the gateway to notice the cut")
     s3.put_object(Bucket="keep", Key="x1", Body=b"x1")
     committed += 1
-    assert health(d)["vault_connected"]
+    assert d.gateway.health()["vault_connected"]
 
     # the proxy refuses every connection for a while: writes 503, reads go on
     proxy.command("refuse on")
     proxy.command("cut")
-    wait_until(lambda: not health(d)["vault_connected"], "the gateway to notice the cut")
+    wait_until(lambda: not d.gateway.health()["vault_connected"], "the gateway to notice the cut")
     for _ in range(3):
         assert_put_fails_503(s3, "refused")
     assert_reads_work(s3, absent=["refused"], also=("x1",))
