@@ -181,6 +181,21 @@ class LinkClient:
         frame = await self.request(W.LIST, W.encode_json(query))
         return W.decode_json(frame.payload)
 
+    async def iter_objects(self, bucket: str, page: int = 1000, **query):
+        """Every object manifest of a bucket in key order, paging LIST
+        (extra query fields, e.g. snapshot=, pass through)."""
+        after = None
+        while True:
+            q = dict(query, bucket=bucket, limit=page)
+            if after is not None:
+                q["after"] = after
+            got = await self.list(**q)
+            for m in got["objects"]:
+                yield m
+            if not got["truncated"] or not got["objects"]:
+                return
+            after = got["objects"][-1]["key"]
+
     async def status(self) -> dict:
         frame = await self.request(W.STATUS)
         return W.decode_json(frame.payload)

@@ -53,20 +53,6 @@ def _same(cur: Manifest | None, snap: dict) -> bool:
             and cur.meta.to_json() == Manifest.from_json(snap).meta.to_json())
 
 
-async def _snapshot_objects(link, ref, bucket: str):
-    after = None
-    while True:
-        q = {"snapshot": ref, "bucket": bucket, "limit": LIST_PAGE}
-        if after is not None:
-            q["after"] = after
-        page = await link.list(**q)
-        for m in page["objects"]:
-            yield m
-        if not page["truncated"] or not page["objects"]:
-            return
-        after = page["objects"][-1]["key"]
-
-
 async def restore_snapshot(cfg: GatewayConfig, snapshot: str, bucket: str | None = None,
                            to_bucket: str | None = None, progress=None) -> PitrSummary:
     from airlock.gateway import make_engine
@@ -135,7 +121,7 @@ async def _restore_bucket(engine, link, ref, src: str, dst: str, src_info: dict,
         await engine.commit_object(restored)
         summary.written += 1
 
-    async for m in _snapshot_objects(link, ref, src):
+    async for m in link.iter_objects(src, page=LIST_PAGE, snapshot=ref):
         summary.objects += 1
         in_snapshot.add(m["key"])
         if _same(engine.index.object(dst, m["key"]), m):

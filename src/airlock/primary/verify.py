@@ -20,20 +20,6 @@ def _summary(m: dict) -> tuple:
     return (m["size"], m["etag"], tuple(tuple(c) for c in m["chunks"]))
 
 
-async def vault_objects(link: LinkClient, bucket: str):
-    after = None
-    while True:
-        q = {"bucket": bucket, "limit": LIST_PAGE}
-        if after is not None:
-            q["after"] = after
-        page = await link.list(**q)
-        for m in page["objects"]:
-            yield m
-        if not page["truncated"] or not page["objects"]:
-            return
-        after = page["objects"][-1]["key"]
-
-
 async def compare(data_dir: str, link: LinkClient) -> tuple[list[str], dict]:
     """Returns (differences, summary)."""
     index = committed_state(data_dir)
@@ -53,7 +39,7 @@ async def compare(data_dir: str, link: LinkClient) -> tuple[list[str], dict]:
             primary = {key: _summary(json.loads(manifest))
                        for key, _seq, manifest in index.scan_objects(b, None, "", LIST_PAGE)}
             vault = {}
-            async for m in vault_objects(link, b):
+            async for m in link.iter_objects(b, page=LIST_PAGE):
                 vault[m["key"]] = _summary(m)
             objects += len(primary)
             for k in sorted(primary.keys() - vault.keys()):

@@ -578,14 +578,19 @@ class VaultStore:
 
     def buckets(self) -> list[dict]:
         with self._lock:
-            view = self._view
-            events = {s: (k, b, body) for s, k, b, body in self._catalog.bucket_events()}
-            for e in view.bucket_events:
+            return self._buckets_as_of(None)
+
+    def _buckets_as_of(self, point: int | None) -> list[dict]:
+        """Buckets that exist after record `point` (None: now).  Lock held."""
+        view = self._view
+        events = {s: (k, b, body) for s, k, b, body in self._catalog.bucket_events()
+                  if point is None or s <= point}
+        for e in view.bucket_events:
+            if point is None or e.seq <= point:
                 events[e.seq] = (e.kind, e.bucket, e.body)
-            voids = set(view.voids)
         current: dict[str, dict] = {}
         for s in sorted(events):
-            if s in voids:
+            if s in view.voids:
                 continue
             kind, b, body = events[s]
             if kind == "bucket-create":
@@ -754,23 +759,7 @@ class VaultStore:
 
     def snapshot_buckets(self, snapshot_id, at: int | None = None) -> list[dict]:
         with self._lock:
-            p = self._snapshot_point(snapshot_id, at)
-            view = self._view
-            events = {s: (k, b, body) for s, k, b, body in self._catalog.bucket_events() if s <= p}
-            for e in view.bucket_events:
-                if e.seq <= p:
-                    events[e.seq] = (e.kind, e.bucket, e.body)
-            voids = set(view.voids)
-        current: dict[str, dict] = {}
-        for s in sorted(events):
-            if s in voids:
-                continue
-            kind, b, body = events[s]
-            if kind == "bucket-create":
-                current[b] = {"bucket": b, "owner": body.get("owner"), "created": body.get("created")}
-            else:
-                current.pop(b, None)
-        return [current[b] for b in sorted(current)]
+            return self._buckets_as_of(self._snapshot_point(snapshot_id, at))
 
     def snapshot_list_objects(self, snapshot_id, bucket: str, prefix: str = "", after: str | None = None,
                               limit: int = 1000, at: int | None = None) -> tuple[list[dict], bool]:
