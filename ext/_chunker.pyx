@@ -20,12 +20,18 @@ Invariants:
 What lives here: the gear table (generated at import from the documented
 splitmix64 seed, identical to the twin) and the scan loop, which runs with the
 GIL released over a const unsigned char pointer into any C-contiguous buffer
-(bytes, bytearray, memoryview).  What stays in Python: parameter validation,
-list building and BLAKE3 (the blake3 package, which itself releases the GIL
-for large inputs).
+(bytes, bytearray, memoryview).  The loop is the format's one-byte step
+unrolled eight times (no Python calls, table through a local pointer); it is
+not FastCDC 2020's two-bytes-per-step variant, which would change boundaries
+and measured slower here.  chunk_and_digest hashes each chunk right after
+scanning it (still in cache); StreamChunker scans the caller's buffer in place.
+What stays in Python: parameter validation, list building and BLAKE3 (the
+blake3 package, which itself releases the GIL for large inputs).
 """
 from libc.stdint cimport uint64_t
-from cpython.bytes cimport PyBytes_FromStringAndSize
+from libc.string cimport memcpy
+from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING
+from cpython.bytearray cimport PyByteArray_AS_STRING
 
 import blake3
 
@@ -109,9 +115,67 @@ cdef Params _params(min_size, avg_size, max_size) except *:
     return p
 
 
-cdef Py_ssize_t _scan(const unsigned char* d, Py_ssize_t n, Py_ssize_t* pos, uint64_t* hp,
+cdef inline Py_ssize_t _run(const unsigned char* q, Py_ssize_t count, uint64_t* hp,
+                            uint64_t mask) noexcept nogil:
+    """Roll the gear hash *hp over q[0..count); index of the first byte after which
+    (h & mask) == 0 (*hp is the hash including it), or -1 (*hp covers all count bytes).
+
+    One gear step per byte, exactly as the format says; the loop is unrolled by 8
+    so the counter/compare/branch overhead is paid once per 8 bytes (the hash is
+    one lea + one load per byte; ~1.4x faster than the plain loop, and faster than
+    FastCDC 2020's two-bytes-per-step variant on x86-64 -- see docs/performance.md).
+    """
+    cdef const uint64_t* g = GEAR      # local pointer: stays in a register
+    cdef uint64_t h = hp[0]
+    cdef Py_ssize_t k = 0
+    while k + 8 <= count:
+        h = (h << 1) + g[q[k + 0]]
+        if (h & mask) == 0:
+            hp[0] = h
+            return k + 0
+        h = (h << 1) + g[q[k + 1]]
+        if (h & mask) == 0:
+            hp[0] = h
+            return k + 1
+        h = (h << 1) + g[q[k + 2]]
+        if (h & mask) == 0:
+            hp[0] = h
+            return k + 2
+        h = (h << 1) + g[q[k + 3]]
+        if (h & mask) == 0:
+            hp[0] = h
+            return k + 3
+        h = (h << 1) + g[q[k + 4]]
+        if (h & mask) == 0:
+            hp[0] = h
+            return k + 4
+        h = (h << 1) + g[q[k + 5]]
+        if (h & mask) == 0:
+            hp[0] = h
+            return k + 5
+        h = (h << 1) + g[q[k + 6]]
+        if (h & mask) == 0:
+            hp[0] = h
+            return k + 6
+        h = (h << 1) + g[q[k + 7]]
+        if (h & mask) == 0:
+            hp[0] = h
+            return k + 7
+        k += 8
+    while k < count:
+        h = (h << 1) + g[q[k]]
+        if (h & mask) == 0:
+            hp[0] = h
+            return k
+        k += 1
+    hp[0] = h
+    return -1
+
+
+cdef Py_ssize_t _scan(const unsigned char* q, Py_ssize_t n, Py_ssize_t* pos, uint64_t* hp,
                       const Params* p) noexcept nogil:
-    """Chunk length of d[0..n) (a chunk boundary at 0), resuming at *pos with hash *hp.
+    """Chunk length of a chunk of which n bytes are available, resuming at chunk
+    offset *pos with hash *hp; q points at chunk byte *pos (never read if *pos >= n).
 
     Returns -1 if more data is needed; then *pos and *hp hold the resume state.
     """
@@ -119,18 +183,18 @@ cdef Py_ssize_t _scan(const unsigned char* d, Py_ssize_t n, Py_ssize_t* pos, uin
     cdef Py_ssize_t barrier = p.avg_size if p.avg_size < end else end
     cdef Py_ssize_t i = pos[0]
     cdef uint64_t h = hp[0]
-    cdef uint64_t mask_s = p.mask_s
-    cdef uint64_t mask_l = p.mask_l
-    while i < barrier:
-        h = (h << 1) + GEAR[d[i]]
-        if (h & mask_s) == 0:
-            return i + 1
-        i += 1
-    while i < end:
-        h = (h << 1) + GEAR[d[i]]
-        if (h & mask_l) == 0:
-            return i + 1
-        i += 1
+    cdef Py_ssize_t k
+    if i < barrier:
+        k = _run(q, barrier - i, &h, p.mask_s)
+        if k >= 0:
+            return i + k + 1
+        q += barrier - i
+        i = barrier
+    if i < end:
+        k = _run(q, end - i, &h, p.mask_l)
+        if k >= 0:
+            return i + k + 1
+        i = end
     if n >= p.max_size:
         return p.max_size
     pos[0] = i
@@ -145,6 +209,13 @@ cdef inline const unsigned char[::1] _bytes_view(data) except *:
         return memoryview(data).cast("B")
 
 
+cdef inline Py_ssize_t _scan_from(const unsigned char* chunk, Py_ssize_t n, Py_ssize_t* pos,
+                                   uint64_t* hp, const Params* p) noexcept nogil:
+    # _scan over a chunk that starts at `chunk` with n bytes available.
+    cdef Py_ssize_t at = pos[0] if pos[0] < n else n    # one past the end at most: never read
+    return _scan(chunk + at, n, pos, hp, p)
+
+
 def cut_point(data, min_size=MIN_SIZE, avg_size=AVG_SIZE, max_size=MAX_SIZE):
     """Length of the first chunk of `data`, or -1 if more data is needed to decide."""
     cdef Params p = _params(min_size, avg_size, max_size)
@@ -156,7 +227,7 @@ def cut_point(data, min_size=MIN_SIZE, avg_size=AVG_SIZE, max_size=MAX_SIZE):
     if n == 0:
         return -1
     with nogil:
-        cut = _scan(&v[0], n, &pos, &h, &p)
+        cut = _scan_from(&v[0], n, &pos, &h, &p)
     return cut
 
 
@@ -174,7 +245,7 @@ cdef list _boundaries(const unsigned char[::1] v, const Params* p):
         pos = p.min_size
         h = 0
         with nogil:
-            cut = _scan(base + start, n - start, &pos, &h, p)
+            cut = _scan_from(base + start, n - start, &pos, &h, p)
         start = n if cut < 0 else start + cut
         out.append(start)
     return out
@@ -190,11 +261,27 @@ def chunk_and_digest(data, min_size=MIN_SIZE, avg_size=AVG_SIZE, max_size=MAX_SI
     """(offset, length, blake3 digest) of every chunk of a complete buffer."""
     cdef Params p = _params(min_size, avg_size, max_size)
     mv = memoryview(data).cast("B")
+    cdef const unsigned char[::1] v = _bytes_view(mv)
+    cdef Py_ssize_t n = v.shape[0]
+    cdef Py_ssize_t start = 0
+    cdef Py_ssize_t pos, cut
+    cdef uint64_t h
+    cdef const unsigned char* base
     out = []
-    start = 0
-    for end in _boundaries(_bytes_view(mv), &p):
-        out.append((start, end - start, blake3.blake3(mv[start:end], max_threads=BLAKE3_THREADS).digest()))
-        start = end
+    if n == 0:
+        return out
+    base = &v[0]
+    while start < n:
+        pos = p.min_size
+        h = 0
+        with nogil:
+            cut = _scan_from(base + start, n - start, &pos, &h, &p)
+        if cut < 0:
+            cut = n - start
+        # Hash each chunk right after scanning it, while it is still in cache:
+        # scanning the whole buffer first and hashing after reads it from RAM twice.
+        out.append((start, cut, blake3.blake3(mv[start:start + cut], max_threads=BLAKE3_THREADS).digest()))
+        start += cut
     return out
 
 
@@ -204,10 +291,15 @@ cdef class StreamChunker:
     Holds fewer than max_size bytes between calls (a full max_size forces a cut),
     so the buffer never exceeds max_size + len(data) of the last update.
     Not thread-safe; the scan itself runs without the GIL.
+
+    Copies: the scan reads the caller's buffer in place (the resume state means
+    the held prefix never needs rescanning); each emitted chunk is built with one
+    copy (held prefix + the piece's bytes) straight into its bytes object, and only
+    the piece's unfinished tail is appended to the held prefix.
     """
     cdef Params _p
-    cdef bytearray _buf
-    cdef Py_ssize_t _pos
+    cdef bytearray _buf          # bytes of the unfinished chunk (its prefix), < max_size
+    cdef Py_ssize_t _pos         # chunk offset to resume the scan at (>= len(_buf))
     cdef uint64_t _hash
     cdef bint _finished
 
@@ -235,43 +327,46 @@ cdef class StreamChunker:
         """Bytes held for the unfinished chunk."""
         return len(self._buf)
 
-    cdef Py_ssize_t _drain(self, list out) except -1:
-        # Scan the buffer, append completed chunks to `out`, return bytes consumed.
-        # The memoryview lives only in this frame, so the caller may resize _buf after.
-        cdef const unsigned char[::1] v = self._buf
-        cdef Py_ssize_t n = v.shape[0]
-        cdef Py_ssize_t start = 0
-        cdef Py_ssize_t cut, pos
-        cdef uint64_t h
-        cdef const unsigned char* base
-        if n == 0:
-            return 0
-        base = &v[0]
-        while start < n:
-            pos = self._pos
-            h = self._hash
-            with nogil:
-                cut = _scan(base + start, n - start, &pos, &h, &self._p)
-            if cut < 0:
-                self._pos = pos
-                self._hash = h
-                break
-            chunk = PyBytes_FromStringAndSize(<const char*>(base + start), cut)
-            out.append((blake3.blake3(chunk, max_threads=BLAKE3_THREADS).digest(), chunk))
-            start += cut
-            self._pos = self._p.min_size
-            self._hash = 0
-        return start
-
     def update(self, data):
         """Feed bytes; return the chunks completed by them as (blake3 digest, chunk bytes)."""
         if self._finished:
             raise ValueError("StreamChunker.update after finish")
-        self._buf += data
+        cdef const unsigned char[::1] v = _bytes_view(data)
+        cdef Py_ssize_t m = v.shape[0]
+        cdef Py_ssize_t off = 0                  # bytes of `data` already emitted in chunks
+        cdef Py_ssize_t held = len(self._buf)    # chunk bytes held from earlier calls
+        cdef Py_ssize_t n, pos, cut
+        cdef uint64_t h
+        cdef const unsigned char* d
+        cdef char* dst
         out = []
-        cdef Py_ssize_t consumed = self._drain(out)
-        if consumed:
-            del self._buf[:consumed]
+        if m == 0:
+            return out
+        d = &v[0]
+        while off < m:
+            # Current chunk = _buf[0:held] + data[off:m]; its byte i (i >= held) is d[off + i - held].
+            n = held + (m - off)
+            pos = self._pos
+            h = self._hash
+            with nogil:
+                cut = _scan(d + off + ((pos if pos < n else n) - held), n, &pos, &h, &self._p)
+            if cut < 0:
+                self._pos = pos
+                self._hash = h
+                break
+            chunk = PyBytes_FromStringAndSize(NULL, cut)
+            dst = PyBytes_AS_STRING(chunk)
+            if held:
+                memcpy(dst, PyByteArray_AS_STRING(self._buf), held)
+                del self._buf[:]
+            memcpy(dst + held, d + off, cut - held)
+            out.append((blake3.blake3(chunk, max_threads=BLAKE3_THREADS).digest(), chunk))
+            off += cut - held
+            held = 0
+            self._pos = self._p.min_size
+            self._hash = 0
+        if off < m:
+            self._buf += v[off:m]
         return out
 
     def finish(self):

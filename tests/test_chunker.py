@@ -145,6 +145,34 @@ def test_stream_chunker_buffer_is_bounded(impl):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
+def test_stream_chunker_keeps_no_reference_to_callers_buffer(impl):
+    # The compiled update scans the caller's buffer in place; the unfinished tail
+    # must still be copied, so reusing the caller's buffer cannot change the chunks.
+    data = xof("reuse", 5000)
+    whole = impl.chunk_and_digest(data, *SMALL)
+    sc = impl.StreamChunker(*SMALL)
+    piece = bytearray(700)
+    got = []
+    for i in range(0, len(data), 700):
+        n = min(700, len(data) - i)
+        piece[:n] = data[i:i + n]
+        got += sc.update(memoryview(piece)[:n])
+        piece[:] = bytes(700)
+    got += sc.finish()
+    assert [(d, data[o:o + n]) for o, n, d in whole] == got
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_stream_piece_spanning_several_chunks_after_a_held_prefix(impl):
+    data = xof("span", 20_000)
+    whole = impl.chunk_and_digest(data, *SMALL)
+    sc = impl.StreamChunker(*SMALL)
+    got = sc.update(data[:10]) + sc.update(data[10:]) + sc.finish()
+    assert len(whole) > 10
+    assert [(d, data[o:o + n]) for o, n, d in whole] == got
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 def test_update_after_finish_is_refused(impl):
     sc = impl.StreamChunker(*SMALL)
     sc.update(b"abc")

@@ -3,8 +3,9 @@
 The format (gear table, masks, cut rule) is specified in docs/format/chunking.md.
 Boundaries must be byte-identical to the compiled module; tests/test_chunker.py
 checks that with hypothesis and with frozen known answers.  This twin is
-~100x slower than the compiled module; it exists so airlock runs without a C
-compiler and so the algorithm can be read in one page.
+100-300x slower than the compiled module (docs/performance.md); it exists so
+airlock runs without a C compiler and so the algorithm can be read in one page.
+The compiled scan unrolls the same one-byte step; the boundaries are the same.
 """
 from __future__ import annotations
 
