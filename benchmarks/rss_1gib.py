@@ -2,7 +2,9 @@
 
     python benchmarks/rss_1gib.py [--size-mib 1024] [--mode single|multipart|both]
 
-Writes a 1 GiB file of random bytes to a temp dir, starts airlock, and uploads
+Writes a 1 GiB file of random bytes to a temp dir, starts a gateway without a
+vault (peers.AirlockLocalOnly; rss_5gib.py measures the replicated deployment,
+gateway and vault, with a generated body), and uploads
 the file with boto3 from disk (the client never holds the body in memory):
 `single` is one PutObject streaming the file, `multipart` is upload_fileobj
 (8 MiB parts, 10 threads).  A sampler thread reads VmRSS from
@@ -66,7 +68,7 @@ def make_file(path: Path, size: int) -> str:
 
 def measure(mode: str, src: Path, size: int, work: Path) -> dict:
     from boto3.s3.transfer import TransferConfig
-    gw = peers.Airlock(work / f"airlock-{mode}").start()
+    gw = peers.AirlockLocalOnly(work / f"airlock-{mode}").start()
     try:
         s3 = gw.client(read_timeout=600, request_checksum_calculation="when_required")
         s3.create_bucket(Bucket="rss")

@@ -3,14 +3,18 @@
     python benchmarks/run.py            # full: 3 rounds x 5 s per cell
     python benchmarks/run.py --quick    # 2 rounds x 2 s per cell
 
-Starts airlock (`python -m airlock gateway`, temp data dir, fsync on) and every
-available peer (moto server; SeaweedFS if `weed` is installed) on loopback,
+Starts airlock as deployed -- `python -m airlock vault` plus `python -m airlock
+gateway --vault ...` (synchronous replication over the mutual-TLS link, fsync
+on both sides; temp data dirs) -- and every available peer (moto server;
+SeaweedFS if `weed` is installed) on loopback, optionally also a gateway
+without a vault (`--airlock-local-only`, for comparison),
 then runs a PUT/GET matrix -- object sizes 4 KiB, 1 MiB, 64 MiB at
 concurrencies 1, 4, 16 (64 MiB: 1, 4) -- interleaved between targets
 (cell by cell: airlock, peer, peer, airlock, ... for several rounds), so that
 machine noise hits every target alike.  Every cell is bounded by time and by
 an op count.  Writes benchmarks/results/<timestamp>.md (median ops/s and MiB/s,
-min-max over rounds, ratio airlock/peer) and <timestamp>.json (every sample).
+min-max over rounds, ratio airlock/peer, and the issue's targets marked met /
+not met) and <timestamp>.json (every sample).
 
 GETs use `wrk` against a presigned URL when wrk is installed (apt-get install
 wrk; --no-wrk forces boto3), PUTs always use the multiprocess boto3 loadgen
@@ -104,12 +108,43 @@ def summarize(samples: list[dict], target_names: list[str]) -> list[dict]:
     return rows
 
 
+# The issue's targets: (label, op, size, concurrency or None for every
+# concurrency measured, peer, minimum ratio airlock/peer of median ops/s).
+TARGETS = [
+    ("64 MiB PUT >= 1.5x SeaweedFS", "PUT", 64 * MiB, None, "seaweedfs", 1.5),
+    ("1 MiB PUT >= 1.5x SeaweedFS", "PUT", 1 * MiB, None, "seaweedfs", 1.5),
+    ("64 MiB GET >= 1.0x SeaweedFS", "GET", 64 * MiB, None, "seaweedfs", 1.0),
+    ("4 KiB PUT ops/s at 16 connections >= 1.0x SeaweedFS", "PUT", 4 * KiB, 16, "seaweedfs", 1.0),
+    ("4 KiB GET >= 1.0x SeaweedFS", "GET", 4 * KiB, None, "seaweedfs", 1.0),
+    ("every figure >= 5x moto", None, None, None, "moto", 5.0),
+]
+
+
+def check_targets(rows: list[dict]) -> list[dict]:
+    """Each target with the ratios it covers and met / not met (every cell it
+    covers must reach the bound)."""
+    out = []
+    for label, op, size, conc, peer, bound in TARGETS:
+        cells = []
+        for r in rows:
+            if (op and r["op"] != op) or (size and r["size"] != size) or (conc and r["concurrency"] != conc):
+                continue
+            a, b = r.get("airlock"), r.get(peer)
+            if a and b and b["ops_med"]:
+                cells.append((f"{r['op']} {human(r['size'])} c={r['concurrency']}", a["ops_med"] / b["ops_med"]))
+        met = bool(cells) and all(x >= bound for _, x in cells)
+        out.append({"target": label, "peer": peer, "bound": bound, "met": met if cells else None,
+                     "cells": cells})
+    return out
+
+
 def markdown(rows: list[dict], target_names: list[str], meta: dict) -> str:
     peers_ = [n for n in target_names if n != "airlock"]
     out = [f"# airlock benchmark {meta['timestamp']}", "",
            f"- machine: {meta['machine']}", f"- mode: {meta['mode']} ({meta['rounds']} rounds x {meta['duration']} s "
            f"per cell, interleaved cell by cell)", f"- GET client: {meta['get_client']}; PUT client: boto3 "
-           f"multiprocess (unique body per request)", ""]
+           f"multiprocess (unique body per request)", f"- airlock: {meta.get('airlock_build', '?')}",
+           f"- command: `{meta.get('command', '?')}`", ""]
     for n, notes in meta["notes"].items():
         out.append(f"- {n}: {notes}")
     out.append("")
@@ -132,6 +167,16 @@ def markdown(rows: list[dict], target_names: list[str], meta: dict) -> str:
             a, b = r.get("airlock"), r.get(p)
             cells.append(f"{a['ops_med'] / b['ops_med']:.2f}x" if a and b and b["ops_med"] else "-")
         out.append("| " + " | ".join(cells) + " |")
+    out += ["", "Ratios are airlock (replicated) median ops/s over the peer's median ops/s.", "",
+            "## Issue targets", ""]
+    for t in check_targets(rows):
+        verdict = {True: "**met**", False: "**not met**", None: "not measured (peer missing)"}[t["met"]]
+        detail = ", ".join(f"{c} {x:.2f}x" for c, x in t["cells"])
+        if t["peer"] == "moto" and t["cells"]:
+            below = [f"{c} {x:.2f}x" for c, x in t["cells"] if x < t["bound"]]
+            detail = (f"{len(t['cells']) - len(below)} of {len(t['cells'])} cells >= {t['bound']:g}x"
+                      + (f"; below: {', '.join(below)}" if below else ""))
+        out.append(f"- {t['target']}: {verdict} ({detail})")
     out.append("")
     return "\n".join(out)
 
@@ -156,6 +201,8 @@ def main(argv=None) -> int:
     ap.add_argument("--duration", type=float, help="override seconds per cell")
     ap.add_argument("--peers", default="moto,seaweedfs", help="comma-separated peers to include if available")
     ap.add_argument("--no-wrk", action="store_true", help="use the boto3 loadgen for GETs even if wrk exists")
+    ap.add_argument("--airlock-local-only", action="store_true",
+                    help="also run a gateway without a vault (local commit point) as an extra target")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
     rounds = args.rounds or (2 if args.quick else 3)
@@ -164,15 +211,19 @@ def main(argv=None) -> int:
     if not use_wrk and not args.no_wrk:
         print("note: wrk not found (apt-get install wrk); GETs use the boto3 loadgen", file=sys.stderr)
 
+    build = peers.airlock_build()
+    print(f"airlock: {build}", flush=True)
     work = peers.make_workdir()
     targets = [peers.Airlock(work / "airlock")]
+    if args.airlock_local_only:
+        targets.append(peers.AirlockLocalOnly(work / "airlock-local-only"))
     for name in filter(None, args.peers.split(",")):
         cls = peers.PEERS[name]
         if cls.available():
             targets.append(cls(work / name))
         else:
             print(f"note: peer {name} unavailable; install with: {cls.install_hint()}", file=sys.stderr)
-    if len(targets) == 1:
+    if len([t for t in targets if t.name in peers.PEERS]) == 0:
         print("warning: no peer available; airlock runs alone", file=sys.stderr)
     started = []
     t0 = time.time()
@@ -180,7 +231,11 @@ def main(argv=None) -> int:
         for t in targets:
             t.start()
             started.append(t)
-            print(f"started {t.name} at {t.endpoint} (pid {t.pid})", flush=True)
+            extra = f", vault pid {t.vault_pid}" if isinstance(t, peers.Airlock) else ""
+            print(f"started {t.name} at {t.endpoint} (pid {t.pid}{extra})", flush=True)
+        health = targets[0].health()
+        if health.get("replication") != "vault" or not health.get("vault_connected"):
+            raise RuntimeError(f"airlock gateway is not replicating to its vault: {health}")
         samples = run_matrix(targets, rounds, duration, use_wrk, log=lambda s: print(s, flush=True))
     finally:
         for t in started:
@@ -190,9 +245,12 @@ def main(argv=None) -> int:
     ts = time.strftime("%Y%m%d-%H%M%S")
     meta = {"timestamp": ts, "machine": machine(), "mode": "quick" if args.quick else "full",
             "rounds": rounds, "duration": duration, "get_client": "wrk (presigned URL)" if use_wrk else "boto3",
-            "notes": {t.name: t.notes for t in targets}, "wall_s": round(time.time() - t0, 1)}
-    rows = summarize(samples, names)
+            "notes": {t.name: t.notes for t in targets}, "wall_s": round(time.time() - t0, 1),
+            "airlock_build": build, "command": " ".join([os.path.basename(sys.executable)] + sys.argv)}
     args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"{ts}.json").write_text(json.dumps({"meta": meta, "samples": samples}, indent=1))
+    rows = summarize(samples, names)
+    meta["targets"] = check_targets(rows)
     md = markdown(rows, names, meta)
     (args.out / f"{ts}.md").write_text(md)
     (args.out / f"{ts}.json").write_text(json.dumps({"meta": meta, "summary": rows, "samples": samples}, indent=1))
