@@ -438,6 +438,7 @@ class Engine:
         verified against its digest before a byte of it is served."""
         end = m.size if end is None else end
         loop = asyncio.get_running_loop()
+        self.stats["gets"] += 1
         offset = 0
         for ref in m.chunks:
             c_start, c_end = offset, offset + ref.size
@@ -450,7 +451,6 @@ class Engine:
             lo = max(start - c_start, 0)
             hi = min(end, c_end) - c_start
             yield data if (lo == 0 and hi == ref.size) else memoryview(data)[lo:hi]
-        self.stats["gets"] += 1
 
     async def _read_chunk(self, loop, ref: ChunkRef) -> bytes:
         """A chunk's bytes, verified.  A missing or corrupt local copy is

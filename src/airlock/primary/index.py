@@ -18,6 +18,7 @@ import sqlite3
 from airlock.log import payload as P
 from airlock.primary.model import NULL_VERSION, Bucket, Manifest, ObjectMeta, ObjectVersion, Part, Upload
 
+BUCKET_RECORDS = frozenset({P.BUCKET_CREATE, P.BUCKET_DELETE, P.BUCKET_VERSIONING})
 INDEX_SCHEMA_VERSION = 2   # 2: buckets.versioning and the versions table (S3 versioning)
 
 _SCHEMA = """
@@ -47,6 +48,9 @@ class Index:
     def __init__(self, path: str):
         self.path = path
         self.db = self._open()
+        # bucket rows are read on every request (access checks, versioning
+        # state) and change only through bucket records: cached, dropped in apply()
+        self._bucket_rows: dict[str, tuple | None] = {}
 
     def _open(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
@@ -101,6 +105,9 @@ class Index:
         except BaseException:
             db.execute("ROLLBACK")
             raise
+        finally:
+            if self._bucket_rows and any(r[1] in BUCKET_RECORDS for r in records):
+                self._bucket_rows.clear()
 
     def _put_version(self, seq: int, m: dict) -> None:
         """An object-put or upload-complete: a new version, the latest one; a
@@ -169,9 +176,18 @@ class Index:
             db.execute("DELETE FROM uploads WHERE upload_id=?", (b["upload_id"],))
 
     # ------------------------------------------------------------------ buckets
+    def _bucket_row(self, name: str) -> tuple | None:
+        try:
+            return self._bucket_rows[name]
+        except KeyError:
+            row = self.db.execute("SELECT name, owner, created, versioning FROM buckets WHERE name=?",
+                                  (name,)).fetchone()
+            self._bucket_rows[name] = row
+            return row
+
     def bucket(self, name: str) -> Bucket | None:
-        row = self.db.execute("SELECT name, owner, created FROM buckets WHERE name=?", (name,)).fetchone()
-        return Bucket(*row) if row else None
+        row = self._bucket_row(name)
+        return Bucket(*row[:3]) if row else None
 
     def buckets(self, owner: str | None = None) -> list[Bucket]:
         if owner is None:
@@ -188,8 +204,8 @@ class Index:
 
     def versioning(self, name: str) -> str:
         """'' (never enabled), 'Enabled' or 'Suspended'."""
-        row = self.db.execute("SELECT versioning FROM buckets WHERE name=?", (name,)).fetchone()
-        return row[0] if row else ""
+        row = self._bucket_row(name)
+        return row[3] if row else ""
 
     # ------------------------------------------------------------------ versions
     def version(self, bucket: str, key: str, version_id: str) -> ObjectVersion | None:

@@ -11,6 +11,7 @@ delete) and call the engine; they never touch files.
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import secrets
 import time
@@ -78,8 +79,14 @@ class S3Request:
         return self.request.app["users_by_id"]
 
 
+_RID_PREFIX = secrets.token_hex(4).upper()      # per process: ids stay unique across restarts
+_rid_counter = itertools.count(1)
+
+
 def _new_request_id() -> str:
-    return secrets.token_hex(8).upper()
+    """16 hex digits like S3's: a random per-process prefix and a counter
+    (a fresh random id per request cost a getrandom() call every time)."""
+    return f"{_RID_PREFIX}{next(_rid_counter) & 0xFFFFFFFF:08X}"
 
 
 class S3App:

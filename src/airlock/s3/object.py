@@ -274,6 +274,11 @@ async def get_object(ctx) -> web.StreamResponse:
     first = None
     if length:
         first = await chunks.__anext__()
+    if len(first or b"") == length:
+        # the whole body is in hand (small objects, one chunk): one response,
+        # headers and body in a single write
+        await chunks.aclose()
+        return web.Response(status=status, headers=headers, body=bytes(first or b""))
     resp = web.StreamResponse(status=status, headers=headers)
     resp.content_length = length
     await resp.prepare(ctx.request)
