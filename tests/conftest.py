@@ -5,6 +5,7 @@ gateway` as its own OS process on a free port with its own data directory.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -289,6 +290,21 @@ class Deployment:
         if check and r.returncode != 0:
             raise AssertionError(f"airlock {' '.join(args)} exited {r.returncode}:\n{r.stdout}\n{r.stderr}")
         return r
+
+
+@contextlib.contextmanager
+def proxied_deployment(root: Path, ack_timeout: float):
+    """A Deployment whose link runs through a fault proxy (tests/faultproxy.py)."""
+    from faultproxy import FaultProxy
+    d = Deployment(root, ack_timeout=ack_timeout)
+    d.vault.start()
+    proxy = FaultProxy(d.vault.port).start()
+    d.use_proxy(proxy)
+    try:
+        d.start_gateway()
+        yield d, proxy
+    finally:
+        d.stop()
 
 
 @pytest.fixture

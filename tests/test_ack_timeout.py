@@ -23,7 +23,7 @@ import pytest
 from botocore.exceptions import ClientError
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from conftest import wait_until, Deployment  # noqa: E402
+from conftest import Deployment, proxied_deployment, wait_until  # noqa: E402
 from faultproxy import FaultProxy  # noqa: E402
 
 from airlock import errors as E  # noqa: E402
@@ -35,21 +35,11 @@ FAIL_BOUND_S = ACK_TIMEOUT_S + 6.0   # generous upper bound on the 503 (not a pe
 
 @pytest.fixture
 def proxied(tmp_path):
-    d = Deployment(tmp_path / "deploy", ack_timeout=ACK_TIMEOUT_S)
-    d.vault.start()
-    proxy = FaultProxy(d.vault.port).start()
-    d.use_proxy(proxy)
-    try:
-        d.start_gateway()
-        yield d, proxy
-    finally:
-        d.stop()
+    with proxied_deployment(tmp_path / "deploy", ACK_TIMEOUT_S) as dp:
+        yield dp
 
 
 # ---------------------------------------------------------------------- helpers
-def client(d: Deployment):
-    """boto3 with no retry at all (conftest's {"max_attempts": 1} still retries once)."""
-    return d.gateway.client(retries={"total_max_attempts": 1})
 
 
 def on_vault(d: Deployment, fn):
@@ -149,7 +139,7 @@ def assert_voided_everywhere(d: Deployment, s3, key: str, seq: int, old: bytes |
 @pytest.mark.parametrize("overwrite", [False, True], ids=["new-key", "overwrite"])
 def test_put_without_ack_in_time_is_void(proxied, overwrite):
     d, proxy = proxied
-    s3 = client(d)
+    s3 = d.gateway.client()
     s3.create_bucket(Bucket="keep")
     s3.put_object(Bucket="keep", Key="a", Body=b"the original")
     key, old = ("a", b"the original") if overwrite else ("late", None)
@@ -174,7 +164,7 @@ def test_put_without_ack_in_time_is_void(proxied, overwrite):
 @pytest.mark.parametrize("how", ["SIGTERM", "SIGKILL"])
 def test_void_survives_a_gateway_restart(proxied, how):
     d, proxy = proxied
-    s3 = client(d)
+    s3 = d.gateway.client()
     s3.create_bucket(Bucket="keep")
     try:
         seq = put_times_out(d, proxy, s3, "late", b"answered 503")
@@ -186,7 +176,7 @@ def test_void_survives_a_gateway_restart(proxied, how):
     assert seq in pending["seqs"]
 
     d.start_gateway()
-    s3 = client(d)
+    s3 = d.gateway.client()
     wait_until(lambda: d.gateway.health()["pending_aborts"] == 0, "the restarted gateway to reconcile")
     assert_invisible(s3, "late")
     s3.put_object(Bucket="keep", Key="after", Body=b"after the restart")
@@ -194,4 +184,4 @@ def test_void_survives_a_gateway_restart(proxied, how):
     assert_voided_everywhere(d, s3, "late", seq)
 
     d.gateway.restart()   # and once more, from a clean state
-    assert_invisible(client(d), "late")
+    assert_invisible(d.gateway.client(), "late")

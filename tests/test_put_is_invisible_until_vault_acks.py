@@ -18,8 +18,7 @@ import pytest
 from botocore.exceptions import ClientError
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from conftest import Deployment  # noqa: E402
-from faultproxy import FaultProxy  # noqa: E402
+from conftest import Deployment, proxied_deployment  # noqa: E402
 
 ACK_TIMEOUT_S = 10.0   # generous: the test inspects the gateway while the ack is held
 WAIT_S = 8.0           # bound of every poll below (< ACK_TIMEOUT_S)
@@ -27,21 +26,8 @@ WAIT_S = 8.0           # bound of every poll below (< ACK_TIMEOUT_S)
 
 @pytest.fixture
 def proxied(tmp_path):
-    d = Deployment(tmp_path / "deploy", ack_timeout=ACK_TIMEOUT_S)
-    d.vault.start()
-    proxy = FaultProxy(d.vault.port).start()
-    d.use_proxy(proxy)
-    try:
-        d.start_gateway()
-        yield d, proxy
-    finally:
-        d.stop()
-
-
-def client(d: Deployment):
-    """boto3 with no retry at all: conftest's {"max_attempts": 1} still allows one
-    retry (botocore counts retries there), which would hide a 503 behind a second try."""
-    return d.gateway.client(retries={"total_max_attempts": 1})
+    with proxied_deployment(tmp_path / "deploy", ACK_TIMEOUT_S) as dp:
+        yield dp
 
 
 def wait_until(pred, what: str, timeout: float = WAIT_S, interval: float = 0.02):
@@ -94,7 +80,7 @@ def assert_domains_agree(d: Deployment) -> None:
 @pytest.mark.parametrize("size", [1000, 3 * 1024 * 1024], ids=["small", "3MiB-multichunk"])
 def test_put_is_invisible_until_vault_acks(proxied, size):
     d, proxy = proxied
-    s3 = client(d)
+    s3 = d.gateway.client()
     s3.create_bucket(Bucket="held")
     s3.put_object(Bucket="held", Key="other", Body=b"already there")
     before = d.vault.status()["last_seq"]
@@ -129,14 +115,14 @@ def test_put_is_invisible_until_vault_acks(proxied, size):
 
 def test_concurrent_puts_are_invisible_until_vault_acks(proxied):
     d, proxy = proxied
-    s3 = client(d)
+    s3 = d.gateway.client()
     s3.create_bucket(Bucket="many")
     before = d.vault.status()["last_seq"]
     stats_before = d.gateway.health()["replication_stats"]
     writers = 6
 
     proxy.command("hold down")
-    puts = [PutThread(client(d), "many", f"k{i}", f"body {i}".encode() * 100) for i in range(writers)]
+    puts = [PutThread(d.gateway.client(), "many", f"k{i}", f"body {i}".encode() * 100) for i in range(writers)]
     try:
         for p in puts:
             p.start()

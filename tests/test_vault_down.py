@@ -17,8 +17,7 @@ import pytest
 from botocore.exceptions import ClientError
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from conftest import wait_until, Deployment  # noqa: E402
-from faultproxy import FaultProxy  # noqa: E402
+from conftest import Deployment, proxied_deployment, wait_until  # noqa: E402
 
 from airlock.log import payload as P  # noqa: E402
 
@@ -30,22 +29,11 @@ EXISTING = {"a": b"alpha" * 100, "b": b"bravo", "dir/c": b"charlie" * 1000}
 
 @pytest.fixture
 def proxied(tmp_path):
-    d = Deployment(tmp_path / "deploy", ack_timeout=ACK_TIMEOUT_S)
-    d.vault.start()
-    proxy = FaultProxy(d.vault.port).start()
-    d.use_proxy(proxy)
-    try:
-        d.start_gateway()
-        yield d, proxy
-    finally:
-        d.stop()
+    with proxied_deployment(tmp_path / "deploy", ACK_TIMEOUT_S) as dp:
+        yield dp
 
 
 # ---------------------------------------------------------------------- helpers
-def client(d: Deployment):
-    """boto3 with no retry at all: conftest's {"max_attempts": 1} still allows one
-    retry (botocore counts retries there), which would hide a 503 behind a second try."""
-    return d.gateway.client(retries={"total_max_attempts": 1})
 
 
 def vault_records(d: Deployment) -> list[tuple[int, int, bytes]]:
@@ -139,7 +127,7 @@ def assert_gap_free_and_equal(d: Deployment, committed: int, voided: list[int] =
 @pytest.mark.parametrize("how", ["SIGTERM", "SIGKILL"])
 def test_writes_fail_fast_and_reads_continue_while_the_vault_is_down(deployment, how):
     d = deployment
-    s3 = client(d)
+    s3 = d.gateway.client()
     seed(s3)
     committed = 1 + len(EXISTING)
 
@@ -167,7 +155,7 @@ def test_writes_fail_fast_and_reads_continue_while_the_vault_is_down(deployment,
 
 def test_link_cut_while_a_put_waits_for_its_ack(proxied):
     d, proxy = proxied
-    s3 = client(d)
+    s3 = d.gateway.client()
     seed(s3)
     committed = 1 + len(EXISTING)
     before = d.vault.status()["last_seq"]
@@ -210,7 +198,7 @@ def test_link_cut_while_a_put_waits_for_its_ack(proxied):
 
 def test_idle_link_cut_and_refused_connections(proxied):
     d, proxy = proxied
-    s3 = client(d)
+    s3 = d.gateway.client()
     seed(s3)
     committed = 1 + len(EXISTING)
 
