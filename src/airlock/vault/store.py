@@ -604,36 +604,20 @@ class VaultStore:
         """Current manifests in key order (overlay versions override the base)."""
         with self._lock:
             view = self._view
-            lo = after if after is not None and after >= prefix else None
-            ov_current = {}
-            for (b, k), _ in view.versions.items():
-                if b == bucket and k.startswith(prefix) and (lo is None or k > lo):
-                    e = view.latest(b, k)
-                    if e is not None:
-                        ov_current[k] = e
-            ov_keys = sorted(ov_current)
+            ov = self._overlay_keys(bucket, prefix, after, lambda b, k: view.latest(b, k))
             base = self._catalog.current_objects(bucket, prefix, after, view.voids)
-            out: list[dict] = []
-            i = 0
-            nxt = next(base, None)
-            while True:
-                if nxt is None and i >= len(ov_keys):
-                    return out, False
-                if i < len(ov_keys) and (nxt is None or ov_keys[i] <= nxt[0]):
-                    k = ov_keys[i]
-                    e = ov_current[k]
-                    i += 1
-                    if nxt is not None and nxt[0] == k:
-                        nxt = next(base, None)
-                    manifest = e.manifest if e.kind == "put" else None
-                else:
-                    manifest = nxt[3] if nxt[2] == "put" else None
-                    nxt = next(base, None)
-                if manifest is None:
-                    continue
-                if len(out) == limit:
-                    return out, True
-                out.append(manifest)
+            return _merge_listing(ov, base, limit)
+
+    def _overlay_keys(self, bucket: str, prefix: str, after: str | None, latest) -> dict[str, Entry]:
+        """{key: the overlays' entry that decides it} for keys in scope.  Lock held."""
+        lo = after if after is not None and after >= prefix else None
+        out: dict[str, Entry] = {}
+        for (b, k) in self._view.versions:
+            if b == bucket and k.startswith(prefix) and (lo is None or k > lo):
+                e = latest(b, k)
+                if e is not None:
+                    out[k] = e
+        return out
 
     def records(self, from_seq: int, max_count: int) -> list[tuple[int, int, bytes]]:
         """Records from the vault log, seq >= from_seq, at most max_count, only durable ones."""
@@ -766,39 +750,36 @@ class VaultStore:
         """Manifests as of the snapshot's point, in key order; (page, truncated)."""
         with self._lock:
             p = self._snapshot_point(snapshot_id, at)
-            view = self._view
-            lo = after if after is not None and after >= prefix else None
-            ov: dict[str, Entry] = {}
-            for (b, k) in view.versions:
-                if b == bucket and k.startswith(prefix) and (lo is None or k > lo):
-                    e = self._overlay_latest_at(b, k, p)
-                    if e is not None:
-                        ov[k] = e
-            ov_keys = sorted(ov)
+            ov = self._overlay_keys(bucket, prefix, after, lambda b, k: self._overlay_latest_at(b, k, p))
             base = snapshots.objects_as_of(self._catalog.db, bucket, prefix, after, p, self._void_seqs())
-            out: list[dict] = []
-            i = 0
+            return _merge_listing(ov, base, limit)
+
+
+def _merge_listing(ov: dict[str, Entry], base, limit: int) -> tuple[list[dict], bool]:
+    """One page of manifests in key order from the overlays' deciding entries
+    (newer) and the base's rows (key, seq, kind, manifest) (older); keys whose
+    deciding version is a delete marker are skipped.  (page, truncated)."""
+    ov_keys = sorted(ov)
+    out: list[dict] = []
+    i = 0
+    nxt = next(base, None)
+    while True:
+        if nxt is None and i >= len(ov_keys):
+            return out, False
+        if i < len(ov_keys) and (nxt is None or ov_keys[i] <= nxt[0]):
+            e = ov[ov_keys[i]]
+            if nxt is not None and nxt[0] == ov_keys[i]:
+                nxt = next(base, None)      # the overlays are newer than the base
+            i += 1
+            kind, manifest = e.kind, e.manifest
+        else:
+            kind, manifest = nxt[2], nxt[3]
             nxt = next(base, None)
-            while True:
-                if nxt is None and i >= len(ov_keys):
-                    return out, False
-                if i < len(ov_keys) and (nxt is None or ov_keys[i] <= nxt[0]):
-                    k = ov_keys[i]
-                    e = ov[k]
-                    i += 1
-                    kind, manifest = e.kind, e.manifest
-                    if nxt is not None and nxt[0] == k:
-                        if nxt[1] > e.seq:      # cannot happen (overlays are newer), kept for clarity
-                            kind, manifest = nxt[2], nxt[3]
-                        nxt = next(base, None)
-                else:
-                    kind, manifest = nxt[2], nxt[3]
-                    nxt = next(base, None)
-                if kind != "put" or manifest is None:
-                    continue
-                if len(out) == limit:
-                    return out, True
-                out.append(manifest)
+        if kind != "put" or manifest is None:
+            continue
+        if len(out) == limit:
+            return out, True
+        out.append(manifest)
 
 
 def _valid_header(path: str) -> bool:
