@@ -54,7 +54,41 @@ def wait_until(pred, what: str, timeout: float = 10.0, interval: float = 0.05):
     raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
 
 
-class Gateway:
+class _Daemon:
+    """A server process started by a test: stop() is SIGTERM, kill() is SIGKILL,
+    both by PID; the log file is closed either way."""
+
+    proc: subprocess.Popen | None = None
+    log_path: Path
+
+    def stop(self, timeout: float = 15) -> int | None:
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        rc = self.proc.returncode
+        self.proc = None
+        self._log.close()
+        return rc
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait()
+        if self.proc is not None:
+            self._log.close()
+        self.proc = None
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+class Gateway(_Daemon):
     """An `airlock gateway` process.  stop() is SIGTERM, kill() is SIGKILL."""
 
     def __init__(self, data: Path, config: Path | None = None, extra_env: dict | None = None,
@@ -83,35 +117,9 @@ class Gateway:
         wait_for_port(self.port, self.proc)
         return self
 
-    def stop(self, timeout: float = 15) -> int | None:
-        if self.proc is None:
-            return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        rc = self.proc.returncode
-        self.proc = None
-        self._log.close()
-        return rc
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait()
-        if self.proc is not None:
-            self._log.close()
-        self.proc = None
-
     def restart(self) -> "Gateway":
         self.stop()
         return self.start()
-
-    def log_text(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
     def health(self) -> dict:
         """The gateway's /_airlock/health document."""
@@ -178,7 +186,7 @@ def bucket(s3) -> str:
 # --------------------------------------------------------------------------
 # Two domains: a vault process and a gateway process joined by the link
 # --------------------------------------------------------------------------
-class Vault:
+class Vault(_Daemon):
     """An `airlock vault` process with its own data dir and keys."""
 
     def __init__(self, root: Path, port: int | None = None, extra_args: list[str] | None = None):
@@ -207,26 +215,6 @@ class Vault:
             time.sleep(0.05)
         return self
 
-    def stop(self, timeout: float = 15) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        if self.proc is not None:
-            self._log.close()
-        self.proc = None
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait()
-        if self.proc is not None:
-            self._log.close()
-        self.proc = None
-
     def admin(self, request: dict) -> dict:
         from airlock.vault.daemon import admin_request
         ans = admin_request(str(self.data / "admin.sock"), request)
@@ -235,9 +223,6 @@ class Vault:
 
     def status(self) -> dict:
         return self.admin({"op": "status"})
-
-    def log_text(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
 
 class Deployment:
