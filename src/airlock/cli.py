@@ -95,6 +95,8 @@ def _gateway_config(args) -> GatewayConfig:
         cfg.data = args.data_dir
     if args.no_fsync:
         cfg.fsync = False
+    if getattr(args, "chunk_sync", None):
+        cfg.chunk_sync = args.chunk_sync
     if args.vault:
         cfg.vault = _parse_listen(args.vault)
     if args.link_keys:
@@ -581,6 +583,9 @@ def build_parser() -> argparse.ArgumentParser:
     gw.add_argument("--link-keys", help="directory with primary.crt, primary.key, vault.crt")
     gw.add_argument("--ack-timeout", type=float, help="seconds to wait for the vault's ack before 503")
     gw.add_argument("--no-fsync", action="store_true", help="skip fsync (benchmarks of throw-away data only)")
+    gw.add_argument("--chunk-sync", choices=["vault", "local"], default=None,
+                    help="with a vault: 'vault' (default; chunk files are not fsynced, the vault's "
+                         "durable copy is the guarantee) or 'local' (fsync chunk files too)")
     gw.set_defaults(func=cmd_gateway)
 
     va = sub.add_parser("vault", help="run the vault (secondary domain)")

@@ -6,6 +6,8 @@
     region = "us-east-1"
     domains = ["localhost"]       # virtual-hosted-style: <bucket>.<domain>
     fsync = true                  # false only for throw-away benchmarks
+    chunk_sync = "vault"          # with a vault: "vault" (its durable copy is the guarantee;
+                                  # chunk files are not fsynced here) or "local" (fsync them too)
 
     [link]                        # the controlled link to the vault; without it the
     vault = "127.0.0.1:9001"      # gateway runs local-only (tests and benchmarks only)
@@ -34,6 +36,7 @@ DEFAULT_ACCESS_KEY = "AIRLOCKDEVACCESSKEY0"
 DEFAULT_SECRET_KEY = "airlock-dev-secret-key-change-me-0000000"
 DEFAULT_REGION = "us-east-1"
 DEFAULT_PORT = 9000
+CHUNK_SYNC_MODES = ("vault", "local")
 
 
 @dataclass(frozen=True)
@@ -52,6 +55,7 @@ class GatewayConfig:
     region: str = DEFAULT_REGION
     domains: list[str] = field(default_factory=lambda: ["localhost"])
     fsync: bool = True
+    chunk_sync: str = "vault"              # "vault" | "local"; see docs/format/records.md invariant 4
     users: list[User] = field(default_factory=list)
     vault: tuple[str, int] | None = None   # link target; None = local-only commit point
     link_keys: str | None = None
@@ -106,6 +110,11 @@ def load_gateway_config(path: str | None) -> GatewayConfig:
     cfg.region = str(g.get("region", cfg.region))
     cfg.domains = list(g.get("domains", cfg.domains))
     cfg.fsync = bool(g.get("fsync", cfg.fsync))
+    if "chunk_sync" in g:
+        cfg.chunk_sync = str(g["chunk_sync"])
+        if cfg.chunk_sync not in CHUNK_SYNC_MODES:
+            raise ConfigError(f"[gateway] chunk_sync must be one of {', '.join(CHUNK_SYNC_MODES)}, "
+                              f"got {cfg.chunk_sync!r}")
     link = table(raw, "link")
     if "vault" in link:
         cfg.vault = _parse_listen(str(link["vault"]))

@@ -55,7 +55,13 @@ def make_engine(cfg: GatewayConfig) -> Engine:
     else:
         log.warning("no vault configured: commits are durable in the primary log only "
                     "(local-only mode, for tests and benchmarks)")
-    return Engine(cfg.data, fsync=cfg.fsync, commit_point_factory=factory)
+    # With a vault, every chunk a record references is on the vault's stable
+    # storage before the record is acknowledged, and every local read is
+    # verified and repaired from the vault: fsyncing the primary's chunk files
+    # as well is optional (chunk_sync = "local").  Without a vault the chunk
+    # files are the only copy and are always fsynced.
+    chunk_fsync = cfg.fsync and (cfg.vault is None or cfg.chunk_sync == "local")
+    return Engine(cfg.data, fsync=cfg.fsync, chunk_fsync=chunk_fsync, commit_point_factory=factory)
 
 
 async def serve(cfg: GatewayConfig, on_ready=None, stop: asyncio.Event | None = None) -> None:

@@ -5,9 +5,11 @@ Layout (docs/format/chunkstore.md):
     <root>/chunks/<hex[0:2]>/<hex>        chunk file = CHUNK_HEADER + data
     <root>/chunks/tmp/                    files being written (removed on open)
 
-A chunk is written to tmp, fsynced, then renamed into place; the directory is
-fsynced by `sync_dirs` before the commit record that references it is written,
-so a durable record never points at a chunk that a crash could lose.  Chunks
+A chunk is written to tmp, fsynced (if `fsync`), then renamed into place; the
+directory is fsynced by `sync_dirs` before the commit record that references
+it is written.  A gateway with a vault runs this store with `fsync=False` by
+default (chunk_sync = "vault"): the vault's durable copy is the guarantee and
+reads repair what a power loss cut short.  Chunks
 are stored once per digest (dedup).  Every read is verified against the digest;
 a mismatch raises IntegrityError; the engine then fetches the chunk from the
 vault and writes the good copy back (`replace`).
@@ -97,6 +99,14 @@ class ChunkStore:
         os.makedirs(d, exist_ok=True)
         os.replace(self._write_tmp(digest, data), final)
         self.sync_dirs([d])
+
+    def discard(self, digest: str) -> None:
+        """Remove a damaged chunk file so that the next `put` of these bytes
+        writes it again (dedup would otherwise keep the bad copy)."""
+        try:
+            os.unlink(self.path(digest))
+        except FileNotFoundError:
+            pass
 
     def sync_dirs(self, dirs) -> None:
         if not self.fsync:

@@ -46,10 +46,12 @@ Verifier = Callable[[BodyDigests], None]
 
 
 class Engine:
-    def __init__(self, data_dir: str, *, fsync: bool = True, chunk_params: dict | None = None,
+    def __init__(self, data_dir: str, *, fsync: bool = True, chunk_fsync: bool | None = None,
+                 chunk_params: dict | None = None,
                  commit_point_factory: Callable[["Engine", str], CommitPoint] | None = None):
         self.data_dir = data_dir
         self.fsync = fsync
+        self.chunk_fsync = fsync if chunk_fsync is None else (fsync and chunk_fsync)
         self.chunk_params = chunk_params or {}
         self._commit_point_factory = commit_point_factory
         self.executor = ThreadPoolExecutor(WORKER_THREADS, thread_name_prefix="airlock-io")
@@ -70,7 +72,7 @@ class Engine:
         os.makedirs(self.data_dir, exist_ok=True)
         log_dir = os.path.join(self.data_dir, "log")
         os.makedirs(log_dir, exist_ok=True)
-        self.store = ChunkStore(self.data_dir, fsync=self.fsync)
+        self.store = ChunkStore(self.data_dir, fsync=self.chunk_fsync)
         if self._commit_point_factory is not None:
             self.commit_point = self._commit_point_factory(self, log_dir)
         else:

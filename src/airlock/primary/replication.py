@@ -309,7 +309,17 @@ class ReplicatedCommitPoint:
                 log.warning("vault lacks %d chunk(s) a record references; resending them", len(digests))
                 loop = asyncio.get_running_loop()
                 for d in digests:
-                    data = await loop.run_in_executor(self.executor, self.store.read, d)
+                    try:
+                        data = await loop.run_in_executor(self.executor, self.store.read, d)
+                    except (E.IntegrityError, OSError) as err:
+                        # The local copy is gone or damaged (with chunk_sync = "vault" a
+                        # chunk written just before a power loss may be; its first record
+                        # was then never acknowledged, so the vault lacks it too).  Drop it
+                        # so that the next upload of these bytes writes and ships it anew.
+                        await loop.run_in_executor(self.executor, self.store.discard, d)
+                        raise E.ReplicationError(
+                            f"chunk {d} is missing on the vault and damaged locally ({err}); "
+                            "dropped the local copy, the upload can be retried") from None
                     await self.link.put_chunk(d, data)
                     self.stats["missing_chunks_resent"] += 1
         raise AssertionError("unreachable")
