@@ -21,9 +21,15 @@ TIMEOUT_S = 5.0
 # --------------------------------------------------------------------------
 def test_worked_example_status_frame_matches_the_doc():
     frame = p.encode_frame(p.STATUS, 7)
-    prefix = bytes.fromhex("414c4e4b010d0000" "0700000000000000" "0000000000000000")
-    assert frame == prefix + blake3.blake3(prefix).digest(8)
+    prefix = bytes.fromhex("414c4e4b020d0000" "0700000000000000" "0000000000000000")
+    assert frame == prefix + bytes.fromhex("30462d73b26be043")
     assert len(frame) == p.HEADER_SIZE == 32
+
+
+def test_frame_checksum_is_crc64_nvme_with_its_published_check_value():
+    # CRC-64/NVME check value (CRC catalogue): "123456789" -> 0xae8b14860a799888
+    assert p._checksum(b"123456789", []) == 0xAE8B14860A799888
+    assert p._checksum(b"1234", [memoryview(b"56789")]) == 0xAE8B14860A799888
 
 
 def test_kinds_split_into_requests_and_responses():
@@ -84,7 +90,8 @@ GOOD = p.encode_frame(p.APPEND, 9, b"abc")[:32]
 
 @pytest.mark.parametrize("header, code, reason", [
     (_patched(GOOD, 0, "<4s", b"ALNX"), "bad_frame", "magic"),
-    (_patched(GOOD, 4, "<B", 2), "bad_frame", "version"),
+    (_patched(GOOD, 4, "<B", p.VERSION + 1), "bad_frame", "version"),
+    (_patched(GOOD, 4, "<B", 1), "bad_frame", "version"),
     (_patched(GOOD, 4, "<B", 0), "bad_frame", "version"),
     (_patched(GOOD, 6, "<H", 1), "bad_frame", "flags"),
     (_patched(GOOD, 6, "<H", 0x8000), "bad_frame", "flags"),
@@ -96,7 +103,7 @@ GOOD = p.encode_frame(p.APPEND, 9, b"abc")[:32]
     (_patched(GOOD, 5, "<B", 254), "unknown_kind", "kind"),
     (GOOD[:31], "bad_frame", "size"),
     (GOOD + b"\0", "bad_frame", "size"),
-], ids=["magic", "version2", "version0", "flag-bit0", "flag-bit15", "reserved", "length+1", "length-max",
+], ids=["magic", "version-next", "version1-blake3", "version0", "flag-bit0", "flag-bit15", "reserved", "length+1", "length-max",
         "kind0", "kind17", "kind254", "short", "long"])
 def test_bad_headers_are_refused_with_the_right_code(header, code, reason):
     with pytest.raises(FrameError) as ei:

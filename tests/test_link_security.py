@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-import blake3
+from awscrt.checksums import crc64nvme
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -68,7 +68,7 @@ def raw_header(kind: int, request_id: int, length: int, magic: bytes = W.MAGIC, 
                flags: int = 0, reserved: int = 0, payload: bytes = b"", bad_checksum: bool = False) -> bytes:
     """A frame header built by hand, so it can break any rule the codec enforces."""
     prefix = struct.pack("<4sBBHQII", magic, version, kind, flags, request_id, length, reserved)
-    checksum = blake3.blake3(prefix + payload).digest(W.CHECKSUM_SIZE)
+    checksum = struct.pack("<Q", crc64nvme(prefix + payload))
     if bad_checksum:
         checksum = bytes(b ^ 0xFF for b in checksum)
     return prefix + checksum
@@ -216,7 +216,8 @@ def test_foreign_identity_is_refused(dep, tmp_path):
 # ---------------------------------------------------------------------- (c) right key, bad frames
 MALFORMED = {
     "bad-magic": raw_header(W.STATUS, 7, 0, magic=b"XLNK"),
-    "bad-version": raw_header(W.STATUS, 7, 0, version=2),
+    "bad-version": raw_header(W.STATUS, 7, 0, version=W.VERSION + 1),
+    "old-version": raw_header(W.STATUS, 7, 0, version=1),
     "flags": raw_header(W.STATUS, 7, 0, flags=1),
     "reserved": raw_header(W.STATUS, 7, 0, reserved=5),
     "oversized": raw_header(W.APPEND, 7, W.MAX_FRAME_PAYLOAD + 1),   # and no payload follows
