@@ -26,8 +26,8 @@ from airlock.chunk.chunker import StreamChunker
 from airlock.chunk.store import ChunkStore
 from airlock.primary.model import BodyDigests, ChunkRef
 
-INLINE_FEED_BYTES = 64 * 1024       # below this a thread hop costs more than hashing inline (no-fsync stores only)
 BATCH_BYTES = 1 * 1024 * 1024       # coalesce socket reads to ~1 MiB before handing to a thread
+SPLIT_BYTES = 256 * 1024            # from this size a buffer is fed as two parallel jobs (MD5 | the rest)
 
 
 def _new_checksum(name: str):
@@ -52,13 +52,27 @@ class Ingest:
     def feed(self, data) -> list[tuple[str, bytes]]:
         """Consume one buffer; return the chunks it completed that were new to
         the store, as (digest hex, bytes), for shipping to the vault."""
-        self._size += len(data)
+        self.feed_md5(data)
+        return self.feed_rest(data)
+
+    # A large buffer is fed as two jobs on two threads at once (all of this
+    # releases the GIL): MD5, the costliest pass (~1.4 ms/MiB), on one; the
+    # SHA-256 / flexible checksums, the chunker and the chunk writes on the
+    # other.  Each job keeps its own state, so the two never touch the same
+    # object; buffers of one upload are still fed strictly in order.
+    def feed_md5(self, data) -> None:
         self._md5.update(data)
+
+    def feed_rest(self, data) -> list[tuple[str, bytes]]:
+        self._size += len(data)
         if self._sha256 is not None:
             self._sha256.update(data)
         for c in self._checksums.values():
             c.update(data)
         return self._store_chunks(self._chunker.update(data))
+
+    def feed_and_finish(self, data) -> list[tuple[str, bytes]]:
+        return (self.feed(data) if data else []) + self.finish()
 
     def finish(self) -> list[tuple[str, bytes]]:
         """End of body: store the last chunk and make the chunk directories durable."""
@@ -90,15 +104,19 @@ class Ingest:
 ShipChunks = Callable[[list], Awaitable[None]]
 
 
+async def _second(both: Awaitable[list]):
+    return (await both)[1]
+
+
 async def ingest_body(ingest: Ingest, body: AsyncIterator, executor: Executor | None,
                       ship: ShipChunks | None = None) -> BodyDigests:
     """Drive `ingest` over an async iterator of buffers; returns the digests.
 
-    Small bodies are hashed inline on the event loop when the store does not
-    fsync (a thread hop costs more than hashing 4 KiB); with fsync on, the
-    chunk file's fdatasync must never block the event loop, so every body is
-    fed on `executor`.  Larger bodies are coalesced to ~BATCH_BYTES and fed on
-    `executor`.  While one buffer is hashed and chunked on a worker thread,
+    Every body is fed on `executor`: writing a chunk file (create, write,
+    rename, and fdatasync when the store syncs) can wait on the file system
+    and must never block the event loop.  Bodies are coalesced to
+    ~BATCH_BYTES per hop; the last piece and `finish` share one hop, so a
+    small object costs a single one.  While one buffer is hashed and chunked on a worker thread,
     the event loop reads the next one from the socket and ships the chunks the
     previous buffer completed (`ship`, the commit point's way to stream chunks
     to the vault while the body is still arriving).  Feeds of one upload run
@@ -117,16 +135,23 @@ async def ingest_body(ingest: Ingest, body: AsyncIterator, executor: Executor | 
             if ship is not None and new:
                 await ship(new)
 
+    def start_feed(buf) -> asyncio.Future:
+        if len(buf) < SPLIT_BYTES:
+            return loop.run_in_executor(executor, ingest.feed, buf)
+        md5 = loop.run_in_executor(executor, ingest.feed_md5, buf)
+        rest = loop.run_in_executor(executor, ingest.feed_rest, buf)
+        return asyncio.ensure_future(_second(asyncio.gather(md5, rest)))
+
     async def submit(buf) -> None:
         nonlocal pending
         if pending is not None:
             fut, pending = pending, None
             new = await fut
-            pending = loop.run_in_executor(executor, ingest.feed, buf)
+            pending = start_feed(buf)
             if ship is not None and new:
                 await ship(new)
         else:
-            pending = loop.run_in_executor(executor, ingest.feed, buf)
+            pending = start_feed(buf)
 
     try:
         async for data in body:
@@ -139,19 +164,11 @@ async def ingest_body(ingest: Ingest, body: AsyncIterator, executor: Executor | 
                 batch, batch_len = [], 0
                 await submit(buf)
         await settle()
-        if batch:
-            buf = batch[0] if len(batch) == 1 else b"".join(batch)
-            if len(buf) <= INLINE_FEED_BYTES and ingest._size == 0 and not ingest.store.fsync:
-                new = ingest.feed(buf) + ingest.finish()
-                if ship is not None and new:
-                    await ship(new)
-                return ingest.digests()
-            await submit(buf)
-            await settle()
-        if ingest._size <= INLINE_FEED_BYTES and not ingest.store.fsync:
-            new = ingest.finish()
-        else:
-            new = await loop.run_in_executor(executor, ingest.finish)
+        last = batch[0] if len(batch) == 1 else b"".join(batch)
+        # the last piece and the end of the body in one hop to a worker: a
+        # small object costs one thread hop in all (creating the chunk file
+        # can wait on the file system's journal, never on the event loop)
+        new = await loop.run_in_executor(executor, ingest.feed_and_finish, last)
         if ship is not None and new:
             await ship(new)
         return ingest.digests()
