@@ -162,8 +162,84 @@ def wrk_available() -> bool:
 def wrk_get(url: str, size: int, concurrency: int, duration: float) -> dict:
     """GET one presigned URL with wrk; bounded by `duration` seconds."""
     threads = max(1, min(concurrency, os.cpu_count() or 1))
+    r = _run_wrk(["-t", str(threads), "-c", str(concurrency), url], duration)
+    r.update(op="GET", size=size, concurrency=concurrency, mib_per_s=r["ops_per_s"] * size / 2**20)
+    return r
+
+
+# A wrk script for PUTs: each wrk thread cycles through its own list of
+# presigned PUT paths (distinct keys, so no two requests in flight write the
+# same key) and sends a body that is unique per request: the base body with
+# (thread, counter) stamped every STAMP_STRIDE bytes, so CDC dedup never helps.
+_WRK_PUT_LUA = r"""
+local paths_file, size, stride = "%(paths)s", %(size)d, %(stride)d
+local counter = 0
+local nthreads = 0
+local tid = 0
+local paths = {}
+local tail = ""
+
+function setup(thread)
+  thread:set("tid", nthreads)
+  nthreads = nthreads + 1
+end
+
+function init(args)
+  tid = tonumber(wrk.thread:get("tid")) or 0
+  local i = 0
+  for line in io.lines(paths_file) do
+    if i %% %(threads)d == tid then paths[#paths + 1] = line end
+    i = i + 1
+  end
+  math.randomseed(tid * 7919 + 17)
+  local t = {}
+  for j = 1, stride do t[j] = string.char(math.random(0, 255)) end
+  tail = string.sub(table.concat(t), 23)          -- 22-byte stamp + random tail = one stride
+end
+
+function request()
+  counter = counter + 1
+  local out = {}
+  local n, i = 0, 0
+  while n < size do
+    i = i + 1
+    local piece = string.format("%%04d%%012d%%06d", tid, counter, i) .. tail
+    if n + #piece > size then piece = string.sub(piece, 1, size - n) end
+    out[i] = piece
+    n = n + #piece
+  end
+  local path = paths[(counter %% #paths) + 1]
+  return wrk.format("PUT", path, nil, table.concat(out))
+end
+"""
+
+
+def wrk_put(presign, size: int, concurrency: int, duration: float, keys: int = 1024) -> dict:
+    """PUT unique bodies of `size` bytes with wrk to `keys` presigned URLs
+    (`presign(key) -> url`); bounded by `duration` seconds."""
+    import tempfile
+    from urllib.parse import urlsplit
+    threads = max(1, min(concurrency, os.cpu_count() or 1))
+    urls = [presign(f"wrk/{size}/{i}") for i in range(max(keys, concurrency * 4))]
+    base = urlsplit(urls[0])
+    with tempfile.TemporaryDirectory(prefix="wrkput-") as d:
+        paths = os.path.join(d, "paths.txt")
+        with open(paths, "w") as f:
+            for u in urls:
+                s = urlsplit(u)
+                f.write(f"{s.path}?{s.query}\n")
+        script = os.path.join(d, "put.lua")
+        with open(script, "w") as f:
+            f.write(_WRK_PUT_LUA % {"paths": paths, "size": size, "stride": STAMP_STRIDE, "threads": threads})
+        r = _run_wrk(["-t", str(threads), "-c", str(concurrency), "-s", script,
+                      f"{base.scheme}://{base.netloc}/"], duration)
+    r.update(op="PUT", size=size, concurrency=concurrency, mib_per_s=r["ops_per_s"] * size / 2**20)
+    return r
+
+
+def _run_wrk(args: list[str], duration: float) -> dict:
     dur = max(1, round(duration))
-    r = subprocess.run(["wrk", f"-t{threads}", f"-c{concurrency}", f"-d{dur}s", "--timeout", "60s", url],
+    r = subprocess.run(["wrk", *args[:-1], f"-d{dur}s", "--timeout", "60s", args[-1]],
                        capture_output=True, text=True, timeout=dur + 90)
     out = r.stdout
     m = re.search(r"(\d+) requests in ([\d.]+)(ms|s|m)", out)
@@ -174,12 +250,10 @@ def wrk_get(url: str, size: int, concurrency: int, duration: float) -> dict:
     bad = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     errs = int(bad.group(1)) if bad else 0
     sock = re.search(r"Socket errors: (.*)", out)
-    lat50 = re.search(r"Latency\s+([\d.]+)(us|ms|s)", out)
+    lat = re.search(r"Latency\s+([\d.]+)(us|ms|s)", out)
+    avg_ms = float(lat.group(1)) * {"us": 1e-3, "ms": 1.0, "s": 1000.0}[lat.group(2)] if lat else None
     ok = n - errs
-    avg_ms = None
-    if lat50:
-        avg_ms = float(lat50.group(1)) * {"us": 1e-3, "ms": 1.0, "s": 1000.0}[lat50.group(2)]
-    return {"op": "GET", "size": size, "concurrency": concurrency, "client": "wrk",
-            "ops": ok, "errors": errs + (1 if sock else 0), "error_samples": [sock.group(1)] if sock else [],
-            "elapsed_s": t, "ops_per_s": ok / t, "mib_per_s": ok * size / t / 2**20,
+    return {"client": "wrk", "ops": ok, "errors": errs + (1 if sock else 0),
+            "error_samples": [sock.group(1)] if sock else [],
+            "elapsed_s": t, "ops_per_s": ok / t,
             "p50_ms": avg_ms, "p99_ms": None}

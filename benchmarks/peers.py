@@ -178,7 +178,9 @@ class Airlock(Target):
     (the 200 comes after the vault's durable ack), fsync on both sides."""
     name = "airlock"
     notes = ("vault + gateway, synchronous replication (200 only after the vault's durable ack), fsync on "
-             "both sides: gateway chunk fdatasync + log fdatasync, vault overlay fdatasync + log fdatasync")
+             "both sides: gateway log fdatasync (chunk files unsynced: chunk_sync = \"vault\", the default), "
+             "vault overlay fdatasync + log fdatasync")
+    gateway_args: list[str] = []
 
     def __init__(self, workdir: Path):
         super().__init__(workdir)
@@ -210,7 +212,7 @@ class Airlock(Target):
         self.proc = subprocess.Popen(
             cmd + ["gateway", "--data", str(self.workdir / "primary"), "--listen", f"127.0.0.1:{self.port}",
                    "--vault", f"127.0.0.1:{self.vault_port}",
-                   "--link-keys", str(self.workdir / "primary" / "keys")],
+                   "--link-keys", str(self.workdir / "primary" / "keys"), *self.gateway_args],
             stdout=self._log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         wait_http(self.port, self.proc)
         return self
@@ -234,6 +236,14 @@ class Airlock(Target):
         self.vault_proc = None
         if log:
             log.close()
+
+
+class AirlockChunkSyncLocal(Airlock):
+    """As Airlock, with `--chunk-sync local`: the primary also fdatasyncs every
+    chunk file and its directory before the commit (the pre-2026-11-25 default)."""
+    name = "airlock-chunk-local"
+    notes = ("as airlock, plus gateway chunk fdatasync + chunk-dir fsync per object (--chunk-sync local)")
+    gateway_args = ["--chunk-sync", "local"]
 
 
 class Moto(Target):
@@ -286,7 +296,7 @@ class SeaweedFS(Target):
                f"-master.port={ports['master']}", f"-volume.port={ports['volume']}",
                f"-filer.port={ports['filer']}", "-s3", f"-s3.port={ports['s3']}",
                f"-s3.config={cfg}", f"-iam.port={ports['iam']}", "-volume.max=0",
-               "-master.volumeSizeLimitMB=1024"]
+               "-master.volumeSizeLimitMB=1024", "-s3.port.iceberg=0", "-s3.port.lance=0"]
         self._spawn(cmd, cwd=data)
 
         def bucket_ops_work() -> bool:       # the S3 port opens before the filer is ready

@@ -16,9 +16,11 @@ an op count.  Writes benchmarks/results/<timestamp>.md (median ops/s and MiB/s,
 min-max over rounds, ratio airlock/peer, and the issue's targets marked met /
 not met) and <timestamp>.json (every sample).
 
-GETs use `wrk` against a presigned URL when wrk is installed (apt-get install
-wrk; --no-wrk forces boto3), PUTs always use the multiprocess boto3 loadgen
-(unique bodies per request, see loadgen.py).
+With `wrk` installed (apt-get install wrk) both PUTs and GETs are driven by
+wrk on presigned URLs: GETs of one pre-uploaded object, PUTs to 1024 keys per
+cell with a body unique per request (loadgen.wrk_put); a C client leaves the
+two cores to the servers.  --no-wrk (or no wrk) uses the multiprocess boto3
+loadgen instead (also unique bodies, see loadgen.py).
 """
 from __future__ import annotations
 
@@ -72,6 +74,13 @@ def run_matrix(targets, rounds: int, duration: float, use_wrk: bool, ops=("PUT",
                                     "get_object", Params={"Bucket": "bench", "Key": getkeys[(t.name, size)]},
                                     ExpiresIn=3600)
                                 r = loadgen.wrk_get(url, size, conc, duration)
+                            elif op == "PUT" and use_wrk:
+                                c = t.client()
+                                r = loadgen.wrk_put(
+                                    lambda k, c=c, rnd=rnd: c.generate_presigned_url(
+                                        "put_object", Params={"Bucket": "bench", "Key": f"r{rnd}/{k}"},
+                                        ExpiresIn=3600),
+                                    size, conc, duration, keys=64 if size >= 64 * MiB else 1024)
                             else:
                                 r = gen.run(endpoint=t.endpoint, access_key=peers.ACCESS_KEY,
                                             secret_key=peers.SECRET_KEY, bucket="bench", op=op,
@@ -142,8 +151,7 @@ def markdown(rows: list[dict], target_names: list[str], meta: dict) -> str:
     peers_ = [n for n in target_names if n != "airlock"]
     out = [f"# airlock benchmark {meta['timestamp']}", "",
            f"- machine: {meta['machine']}", f"- mode: {meta['mode']} ({meta['rounds']} rounds x {meta['duration']} s "
-           f"per cell, interleaved cell by cell)", f"- GET client: {meta['get_client']}; PUT client: boto3 "
-           f"multiprocess (unique body per request)", f"- airlock: {meta.get('airlock_build', '?')}",
+           f"per cell, interleaved cell by cell)", f"- client: {meta['get_client']} (unique body per PUT)", f"- airlock: {meta.get('airlock_build', '?')}",
            f"- command: `{meta.get('command', '?')}`", ""]
     for n, notes in meta["notes"].items():
         out.append(f"- {n}: {notes}")
@@ -200,7 +208,9 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, help="override the number of rounds")
     ap.add_argument("--duration", type=float, help="override seconds per cell")
     ap.add_argument("--peers", default="moto,seaweedfs", help="comma-separated peers to include if available")
-    ap.add_argument("--no-wrk", action="store_true", help="use the boto3 loadgen for GETs even if wrk exists")
+    ap.add_argument("--no-wrk", action="store_true", help="use the boto3 loadgen even if wrk exists")
+    ap.add_argument("--airlock-chunk-local", action="store_true",
+                    help="also run airlock with --chunk-sync local (chunk files fsynced too) as an extra target")
     ap.add_argument("--airlock-local-only", action="store_true",
                     help="also run a gateway without a vault (local commit point) as an extra target")
     ap.add_argument("--out", type=Path, default=RESULTS)
@@ -209,12 +219,14 @@ def main(argv=None) -> int:
     duration = args.duration or (2.0 if args.quick else 5.0)
     use_wrk = loadgen.wrk_available() and not args.no_wrk
     if not use_wrk and not args.no_wrk:
-        print("note: wrk not found (apt-get install wrk); GETs use the boto3 loadgen", file=sys.stderr)
+        print("note: wrk not found (apt-get install wrk); the boto3 loadgen drives every cell", file=sys.stderr)
 
     build = peers.airlock_build()
     print(f"airlock: {build}", flush=True)
     work = peers.make_workdir()
     targets = [peers.Airlock(work / "airlock")]
+    if args.airlock_chunk_local:
+        targets.append(peers.AirlockChunkSyncLocal(work / "airlock-chunk-local"))
     if args.airlock_local_only:
         targets.append(peers.AirlockLocalOnly(work / "airlock-local-only"))
     for name in filter(None, args.peers.split(",")):
@@ -244,7 +256,7 @@ def main(argv=None) -> int:
     names = [t.name for t in targets]
     ts = time.strftime("%Y%m%d-%H%M%S")
     meta = {"timestamp": ts, "machine": machine(), "mode": "quick" if args.quick else "full",
-            "rounds": rounds, "duration": duration, "get_client": "wrk (presigned URL)" if use_wrk else "boto3",
+            "rounds": rounds, "duration": duration, "get_client": "wrk (presigned URLs)" if use_wrk else "boto3 multiprocess",
             "notes": {t.name: t.notes for t in targets}, "wall_s": round(time.time() - t0, 1),
             "airlock_build": build, "command": " ".join([os.path.basename(sys.executable)] + sys.argv)}
     args.out.mkdir(parents=True, exist_ok=True)
