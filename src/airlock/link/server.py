@@ -22,6 +22,7 @@ import blake3
 
 from airlock import errors as E
 from airlock.link import protocol as W
+from airlock.link.stream import FrameProtocol, FrameWriter
 
 log = logging.getLogger("airlock.vault.link")
 
@@ -53,8 +54,9 @@ class LinkServer:
     async def _handshake(self, transport: asyncio.Transport) -> None:
         loop = asyncio.get_running_loop()
         peer = transport.get_extra_info("peername")
-        reader = asyncio.StreamReader(limit=2 * W.MAX_FRAME_PAYLOAD, loop=loop)
-        protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
+        # frames are read by a BufferedProtocol: TLS decrypts straight into
+        # their buffers (link/stream.py), no StreamReader copies
+        protocol = FrameProtocol(W.REQUEST_KINDS)
         if self.ssl_context is not None:
             try:
                 transport = await asyncio.wait_for(
@@ -71,8 +73,7 @@ class LinkServer:
             transport.set_protocol(protocol)
             protocol.connection_made(transport)
             transport.resume_reading()
-        writer = asyncio.StreamWriter(transport, protocol, reader, loop)
-        await self._accept(reader, writer)
+        await self._accept(protocol, FrameWriter(transport, protocol))
 
     @property
     def port(self) -> int:
@@ -90,7 +91,7 @@ class LinkServer:
             except (asyncio.CancelledError, Exception):
                 pass
 
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _accept(self, reader: FrameProtocol, writer: FrameWriter) -> None:
         peer = writer.get_extra_info("peername")
         sslobj = writer.get_extra_info("ssl_object")
         fp = None
@@ -125,7 +126,7 @@ class LinkServer:
         hello_done = False
         while True:
             try:
-                frame = await W.read_frame(reader, W.REQUEST_KINDS)
+                frame = await reader.read_frame()
             except W.ConnectionClosed:
                 log.info("primary %s disconnected", peer)
                 return
