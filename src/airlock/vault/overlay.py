@@ -76,14 +76,21 @@ def decode_header(buf) -> int:
 
 
 def encode_entry(etype: int, *body_parts) -> bytes:
-    length = sum(len(p) for p in body_parts)
+    return b"".join(encode_entry_parts(etype, *body_parts))
+
+
+def encode_entry_parts(etype: int, *body_parts) -> list:
+    """The entry as [header, *body_parts]: written with one writev, so a
+    chunk's bytes are not copied into a joined buffer first."""
+    parts = [memoryview(p).cast("B") for p in body_parts]
+    length = sum(p.nbytes for p in parts)
     if length > MAX_ENTRY_BODY:
         raise ValueError(f"overlay entry body of {length} bytes exceeds {MAX_ENTRY_BODY}")
     prefix = ENTRY_PREFIX.pack(ENTRY_MAGIC, etype, ENTRY_VERSION, 0, length)
     h = blake3.blake3(prefix)
-    for p in body_parts:
+    for p in parts:
         h.update(p)
-    return b"".join((prefix, h.digest(CHECKSUM_LEN), *[bytes(p) for p in body_parts]))
+    return [prefix + h.digest(CHECKSUM_LEN), *parts]
 
 
 class OverlayRecord(NamedTuple):
@@ -194,9 +201,10 @@ class Overlay:
     # ------------------------------------------------------------------ writing (newest overlay)
     def append_chunk(self, digest_hex: str, data) -> None:
         digest = bytes.fromhex(digest_hex)
-        entry = encode_entry(E_CHUNK, digest, data)
-        self._append(entry)
-        self.chunks[digest_hex] = (self.size - len(entry) + ENTRY_HEADER_SIZE + 32, len(entry) - ENTRY_HEADER_SIZE - 32)
+        parts = encode_entry_parts(E_CHUNK, digest, data)
+        start = self.size
+        self._append_parts(parts)
+        self.chunks[digest_hex] = (start + ENTRY_HEADER_SIZE + 32, self.size - start - ENTRY_HEADER_SIZE - 32)
 
     def append_record(self, seq: int, rtype: int, payload: bytes) -> None:
         if self.records and seq != self.records[-1].seq + 1:
@@ -231,6 +239,22 @@ class Overlay:
             raise RuntimeError(f"overlay {self.name} is sealed")
         _write_all(self.fd, entry)
         self.size += len(entry)
+
+    def _append_parts(self, parts: list) -> None:
+        if self.fd is None:
+            raise RuntimeError(f"overlay {self.name} is not open for writing")
+        if self.sealed:
+            raise RuntimeError(f"overlay {self.name} is sealed")
+        views = [memoryview(p).cast("B") for p in parts]
+        total = sum(v.nbytes for v in views)
+        while views:
+            n = os.writev(self.fd, views)
+            while views and n >= views[0].nbytes:
+                n -= views[0].nbytes
+                views.pop(0)
+            if views and n:
+                views[0] = views[0][n:]
+        self.size += total
 
     # ------------------------------------------------------------------ reading
     def read_chunk_at(self, offset: int, length: int) -> bytes:
