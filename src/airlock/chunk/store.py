@@ -16,6 +16,7 @@ vault and writes the good copy back (`replace`).
 """
 from __future__ import annotations
 
+import itertools
 import os
 import struct
 import threading
@@ -44,6 +45,8 @@ class ChunkStore:
         self.tmp = os.path.join(self.root, "tmp")
         self.fsync = fsync
         self._made: set[str] = set()
+        self._tmp_prefix = uuid.uuid4().hex[:12] + "-"   # unique per open store ...
+        self._tmp_ids = itertools.count()                # ... and per write (next() is atomic in CPython)
         self._lock = threading.Lock()
         os.makedirs(self.tmp, exist_ok=True)
         if not clean_tmp:
@@ -76,11 +79,16 @@ class ChunkStore:
 
     def _write_tmp(self, digest: str, data) -> str:
         """Write a complete chunk file under tmp/ and fdatasync it; returns its path."""
-        tmp = os.path.join(self.tmp, f"{digest}.{uuid.uuid4().hex}")
+        tmp = os.path.join(self.tmp, f"{digest}.{self._tmp_prefix}{next(self._tmp_ids)}")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:
-            os.write(fd, CHUNK_HEADER.pack(CHUNK_MAGIC, CHUNK_VERSION, 0, len(data)))
-            view = memoryview(data)
+            header = CHUNK_HEADER.pack(CHUNK_MAGIC, CHUNK_VERSION, 0, len(data))
+            view = memoryview(data).cast("B")
+            n = os.writev(fd, [header, view]) - len(header)   # one syscall for a whole small chunk
+            if n < 0:                                          # (a short write is finished below)
+                os.write(fd, header[len(header) + n:])
+                n = 0
+            view = view[n:]
             while view:
                 n = os.write(fd, view)
                 view = view[n:]
