@@ -178,8 +178,8 @@ class Airlock(Target):
     (the 200 comes after the vault's durable ack), fsync on both sides."""
     name = "airlock"
     notes = ("vault + gateway, synchronous replication (200 only after the vault's durable ack), fsync on "
-             "both sides: gateway log fdatasync (chunk files unsynced: chunk_sync = \"vault\", the default), "
-             "vault overlay fdatasync + log fdatasync")
+             "both sides: gateway chunk fdatasync + chunk-dir fsync + log fdatasync (chunk_sync = \"local\", "
+             "the default), vault overlay fdatasync + log fdatasync")
     gateway_args: list[str] = []
 
     def __init__(self, workdir: Path):
@@ -238,12 +238,12 @@ class Airlock(Target):
             log.close()
 
 
-class AirlockChunkSyncLocal(Airlock):
-    """As Airlock, with `--chunk-sync local`: the primary also fdatasyncs every
-    chunk file and its directory before the commit (the pre-2026-11-25 default)."""
-    name = "airlock-chunk-local"
-    notes = ("as airlock, plus gateway chunk fdatasync + chunk-dir fsync per object (--chunk-sync local)")
-    gateway_args = ["--chunk-sync", "local"]
+class AirlockChunkSyncVault(Airlock):
+    """As Airlock, with `--chunk-sync vault`: the primary does not fsync chunk
+    files (the vault's durable copy is the guarantee); its log is still fsynced."""
+    name = "airlock-chunk-vault"
+    notes = ("as airlock, without the gateway's chunk fdatasync + chunk-dir fsync (--chunk-sync vault)")
+    gateway_args = ["--chunk-sync", "vault"]
 
 
 class Moto(Target):

@@ -8,8 +8,8 @@ synchronous replication, fsync on both sides) and, for each path, drives one
 bounded load cell while `py-spy record` samples the gateway (and, for PUT
 paths, the vault) for the length of the cell:
 
-  put64m_c1   PUT 64 MiB, concurrency 1   (boto3 loadgen, unique bodies)
-  put4k_c16   PUT 4 KiB, concurrency 16   (boto3 loadgen, unique bodies)
+  put64m_c1   PUT 64 MiB, concurrency 1   (wrk on presigned URLs, unique bodies; boto3 without wrk)
+  put4k_c16   PUT 4 KiB, concurrency 16   (wrk on presigned URLs, unique bodies; boto3 without wrk)
   get4k_c16   GET 4 KiB, concurrency 16   (wrk on a presigned URL; boto3 if wrk is missing)
 
 py-spy runs with its defaults (blocking, idle threads not sampled): a sample
@@ -115,6 +115,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--paths", default=",".join(PATHS), help="comma-separated subset of " + ", ".join(PATHS))
     ap.add_argument("--rate", type=int, default=100, help="py-spy samples per second")
+    ap.add_argument("--boto3-puts", action="store_true", help="drive PUT paths with the boto3 loadgen even if wrk exists")
     ap.add_argument("--summarize", type=Path, metavar="DIR",
                     help="only (re)write the .txt summaries of the speedscope files in DIR")
     args = ap.parse_args(argv)
@@ -151,6 +152,11 @@ def main(argv=None) -> int:
                 url = s3.generate_presigned_url("get_object", Params={"Bucket": "bench", "Key": "get/4096"},
                                                 ExpiresIn=3600)
                 r = loadgen.wrk_get(url, size, conc, duration)
+            elif op == "PUT" and loadgen.wrk_available() and not args.boto3_puts:
+                time.sleep(lead)
+                r = loadgen.wrk_put(lambda k: s3.generate_presigned_url(
+                    "put_object", Params={"Bucket": "bench", "Key": f"{name}/{k}"}, ExpiresIn=3600),
+                    size, conc, duration, keys=64 if size >= 64 * MiB else 1024)
             else:
                 r = gen.run(endpoint=t.endpoint, access_key=peers.ACCESS_KEY, secret_key=peers.SECRET_KEY,
                             bucket="bench", op=op, size=size, concurrency=conc, duration=duration,

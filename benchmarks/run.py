@@ -209,8 +209,8 @@ def main(argv=None) -> int:
     ap.add_argument("--duration", type=float, help="override seconds per cell")
     ap.add_argument("--peers", default="moto,seaweedfs", help="comma-separated peers to include if available")
     ap.add_argument("--no-wrk", action="store_true", help="use the boto3 loadgen even if wrk exists")
-    ap.add_argument("--airlock-chunk-local", action="store_true",
-                    help="also run airlock with --chunk-sync local (chunk files fsynced too) as an extra target")
+    ap.add_argument("--airlock-chunk-vault", action="store_true",
+                    help="also run airlock with --chunk-sync vault (chunk files not fsynced) as an extra target")
     ap.add_argument("--airlock-local-only", action="store_true",
                     help="also run a gateway without a vault (local commit point) as an extra target")
     ap.add_argument("--out", type=Path, default=RESULTS)
@@ -225,8 +225,8 @@ def main(argv=None) -> int:
     print(f"airlock: {build}", flush=True)
     work = peers.make_workdir()
     targets = [peers.Airlock(work / "airlock")]
-    if args.airlock_chunk_local:
-        targets.append(peers.AirlockChunkSyncLocal(work / "airlock-chunk-local"))
+    if args.airlock_chunk_vault:
+        targets.append(peers.AirlockChunkSyncVault(work / "airlock-chunk-vault"))
     if args.airlock_local_only:
         targets.append(peers.AirlockLocalOnly(work / "airlock-local-only"))
     for name in filter(None, args.peers.split(",")):

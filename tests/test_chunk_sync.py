@@ -1,12 +1,13 @@
 """chunk_sync: with a vault, the primary's chunk files need not be fsynced.
 
 Every chunk a record references is on the vault's stable storage before the
-record is acknowledged, so by default (`chunk_sync = "vault"`) the gateway
-writes chunk files without fsync; a power loss can then cut the newest ones
+record is acknowledged, so with `chunk_sync = "vault"` the gateway writes
+chunk files without fsync; a power loss can then cut the newest ones
 short.  These tests cut them by hand (what an unsynced file can look like
 after a crash: missing, empty, half written) and check that nothing
 acknowledged is lost and that a damaged copy is never reused by dedup.
-`chunk_sync = "local"` keeps the per-chunk fsync (docs/format/chunkstore.md).
+`chunk_sync = "local"` (the default) keeps the per-chunk fsync
+(docs/format/chunkstore.md).
 
 Real processes: vault + gateway over the mutual-TLS link, boto3 clients.
 """
@@ -39,7 +40,9 @@ def chunk_path(gw, body: bytes) -> Path:
 
 @pytest.fixture
 def dep(tmp_path):
-    d = Deployment(tmp_path / "deploy", ack_timeout=3.0).start()
+    cfg = tmp_path / "gateway.toml"
+    cfg.write_text('[gateway]\nchunk_sync = "vault"\n')
+    d = Deployment(tmp_path / "deploy", ack_timeout=3.0, gateway_config=cfg).start()
     yield d
     d.stop()
 
@@ -97,7 +100,7 @@ def test_a_damaged_chunk_the_vault_never_got_is_not_reused_by_dedup(dep):
 
 def test_chunk_sync_local_keeps_working_end_to_end(tmp_path):
     cfg = tmp_path / "gateway.toml"
-    cfg.write_text('[gateway]\nchunk_sync = "local"\n')
+    cfg.write_text('[gateway]\nchunk_sync = "local"\n')   # the default, spelled out
     d = Deployment(tmp_path / "deploy", gateway_config=cfg).start()
     try:
         s3 = d.gateway.client()

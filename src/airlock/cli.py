@@ -584,8 +584,8 @@ def build_parser() -> argparse.ArgumentParser:
     gw.add_argument("--ack-timeout", type=float, help="seconds to wait for the vault's ack before 503")
     gw.add_argument("--no-fsync", action="store_true", help="skip fsync (benchmarks of throw-away data only)")
     gw.add_argument("--chunk-sync", choices=["vault", "local"], default=None,
-                    help="with a vault: 'vault' (default; chunk files are not fsynced, the vault's "
-                         "durable copy is the guarantee) or 'local' (fsync chunk files too)")
+                    help="'local' (default: fsync chunk files too) or, with a vault, 'vault' (chunk "
+                         "files are not fsynced; the vault's durable copy is the guarantee)")
     gw.set_defaults(func=cmd_gateway)
 
     va = sub.add_parser("vault", help="run the vault (secondary domain)")

@@ -6,8 +6,8 @@
     region = "us-east-1"
     domains = ["localhost"]       # virtual-hosted-style: <bucket>.<domain>
     fsync = true                  # false only for throw-away benchmarks
-    chunk_sync = "vault"          # with a vault: "vault" (its durable copy is the guarantee;
-                                  # chunk files are not fsynced here) or "local" (fsync them too)
+    chunk_sync = "local"          # "local": fsync chunk files too (default); with a vault,
+                                  # "vault": rely on the vault's durable copy, no chunk fsync here
 
     [link]                        # the controlled link to the vault; without it the
     vault = "127.0.0.1:9001"      # gateway runs local-only (tests and benchmarks only)
@@ -55,7 +55,7 @@ class GatewayConfig:
     region: str = DEFAULT_REGION
     domains: list[str] = field(default_factory=lambda: ["localhost"])
     fsync: bool = True
-    chunk_sync: str = "vault"              # "vault" | "local"; see docs/format/records.md invariant 4
+    chunk_sync: str = "local"              # "local" | "vault"; see docs/format/records.md invariant 4
     users: list[User] = field(default_factory=list)
     vault: tuple[str, int] | None = None   # link target; None = local-only commit point
     link_keys: str | None = None
