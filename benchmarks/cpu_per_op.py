@@ -1,0 +1,83 @@
+"""CPU per operation of each server process during one wrk cell.
+
+    python benchmarks/cpu_per_op.py --target airlock --op PUT --size 4096 --conc 16
+
+Starts one target (peers.py), runs one wrk cell (8 s; PUTs to presigned URLs
+with unique bodies, GETs of one object), and reads utime+stime of every
+server process from /proc/<pid>/stat before and after, plus wrk's own CPU
+(RUSAGE_CHILDREN) and the machine's busy share (/proc/stat).  Tells whether
+a cell is bound by one process's CPU (a Python process near 1.0 cores is
+bound by its GIL) or by something else.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import loadgen  # noqa: E402
+import peers  # noqa: E402
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def machine_idle() -> tuple[int, int]:
+    v = list(map(int, open("/proc/stat").readline().split()[1:]))
+    return v[3] + v[4], sum(v)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--target", default="airlock", choices=["airlock", "airlock-chunk-vault", "seaweedfs", "moto"])
+    ap.add_argument("--op", default="PUT", choices=["PUT", "GET"])
+    ap.add_argument("--size", type=int, default=4096)
+    ap.add_argument("--conc", type=int, default=16)
+    ap.add_argument("--seconds", type=float, default=8.0)
+    args = ap.parse_args(argv)
+    if not loadgen.wrk_available():
+        raise SystemExit("wrk is needed (apt-get install wrk)")
+    cls = {"airlock": peers.Airlock, "airlock-chunk-vault": peers.AirlockChunkSyncVault,
+           "seaweedfs": peers.SeaweedFS, "moto": peers.Moto}[args.target]
+    t = cls(peers.make_workdir() / args.target).start()
+    try:
+        c = t.client()
+        c.create_bucket(Bucket="bench")
+        pids = {"server": t.pid}
+        if isinstance(t, peers.Airlock):
+            pids = {"gateway": t.pid, "vault": t.vault_pid}
+        if args.op == "GET":
+            c.put_object(Bucket="bench", Key="g", Body=os.urandom(args.size))
+            url = c.generate_presigned_url("get_object", Params={"Bucket": "bench", "Key": "g"}, ExpiresIn=3600)
+        before = {n: cpu_seconds(p) for n, p in pids.items()}
+        ch0, i0, t0 = resource.getrusage(resource.RUSAGE_CHILDREN), machine_idle(), time.time()
+        if args.op == "PUT":
+            r = loadgen.wrk_put(lambda k: c.generate_presigned_url(
+                "put_object", Params={"Bucket": "bench", "Key": k}, ExpiresIn=3600), args.size, args.conc, args.seconds)
+        else:
+            r = loadgen.wrk_get(url, args.size, args.conc, args.seconds)
+        el = time.time() - t0
+        ch1, i1 = resource.getrusage(resource.RUSAGE_CHILDREN), machine_idle()
+        after = {n: cpu_seconds(p) for n, p in pids.items()}
+        print(f"{args.target} {args.op} {args.size} B c={args.conc}: {r['ops_per_s']:.0f} ops/s, "
+              f"{r['mib_per_s']:.1f} MiB/s, errors {r['errors']}")
+        for n in pids:
+            used = after[n] - before[n]
+            print(f"  {n}: {used / el:.2f} cores, {used / max(r['ops'], 1) * 1e3:.3f} ms CPU per op")
+        wrk = (ch1.ru_utime + ch1.ru_stime) - (ch0.ru_utime + ch0.ru_stime)
+        busy = (1 - (i1[0] - i0[0]) / max(i1[1] - i0[1], 1)) * (os.cpu_count() or 1)
+        print(f"  wrk: {wrk / el:.2f} cores; machine: {busy:.2f} of {os.cpu_count()} cores busy")
+    finally:
+        t.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
