@@ -10,8 +10,9 @@ Two targets on loopback, both with fsync on:
   local       `airlock gateway` without --vault (commit point = primary log)
 
 Cells: PUT 4 KiB at concurrency 1 and 16, PUT 64 MiB at concurrency 1 and 2,
-with the multiprocess boto3 load generator (loadgen.py: unique bodies, so no
-dedup).  Interleaved: every round runs each cell on both targets back to back,
+driven by wrk on presigned URLs when wrk is installed, else by the
+multiprocess boto3 load generator (loadgen.py; unique bodies either way, so
+no dedup).  Interleaved: every round runs each cell on both targets back to back,
 alternating which goes first, so machine noise hits both alike.  Reports per
 cell the median over rounds (min-max) of ops/s and p50 latency, and the ratio
 replicated/local of time per PUT (= local ops/s / replicated ops/s).  Writes
@@ -178,6 +179,7 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--quick", action="store_true", help="shorter cells")
     ap.add_argument("--keep", action="store_true", help="keep the data directories")
+    ap.add_argument("--no-wrk", action="store_true", help="boto3 loadgen even if wrk is installed")
     args = ap.parse_args()
     cells = QUICK_CELLS if args.quick else CELLS
     tmp = Path(tempfile.mkdtemp(prefix="airlock-replcost-"))
@@ -191,15 +193,22 @@ def main() -> int:
             targets[name].client().create_bucket(Bucket="bench")
         print(f"replicated: gateway pid {targets['replicated'].gateway_pid}, vault pid "
               f"{targets['replicated'].vault_pid}; local: gateway pid {targets['local'].gateway_pid}", flush=True)
-        gen = loadgen.LoadGen()
+        use_wrk = loadgen.wrk_available() and not args.no_wrk
+        gen = None if use_wrk else loadgen.LoadGen()
         for rnd in range(args.rounds):
             for ci, (size, conc, duration, max_ops) in enumerate(cells):
                 order = ["replicated", "local"] if (rnd + ci) % 2 == 0 else ["local", "replicated"]
                 for name in order:
                     t = targets[name]
-                    r = gen.run(endpoint=t.endpoint, access_key=ACCESS_KEY, secret_key=SECRET_KEY,
-                                bucket="bench", op="PUT", size=size, concurrency=conc, duration=duration,
-                                max_ops=max_ops, prefix=f"r{rnd}", keys_per_thread=2)
+                    if use_wrk:
+                        c = t.client()
+                        r = loadgen.wrk_put(lambda k, c=c: c.generate_presigned_url(
+                            "put_object", Params={"Bucket": "bench", "Key": k}, ExpiresIn=3600),
+                            size, conc, duration, keys=64 if size >= 64 * MiB else 1024)
+                    else:
+                        r = gen.run(endpoint=t.endpoint, access_key=ACCESS_KEY, secret_key=SECRET_KEY,
+                                    bucket="bench", op="PUT", size=size, concurrency=conc, duration=duration,
+                                    max_ops=max_ops, prefix=f"r{rnd}", keys_per_thread=2)
                     r.update(target=name, round=rnd)
                     samples.append(r)
                     print(f"round {rnd} {name:10s} PUT {human(size):>6s} c{conc:<2d} "
