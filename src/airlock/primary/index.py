@@ -44,6 +44,9 @@ CREATE TABLE IF NOT EXISTS parts (
 """
 
 
+OBJECT_ROW_CACHE_ROWS = 2048      # current-version rows kept (bounded: at most ~8 MiB of text)
+OBJECT_ROW_CACHE_TEXT = 4096      # only manifests up to this many characters (small objects)
+
 class Index:
     def __init__(self, path: str):
         self.path = path
@@ -51,6 +54,10 @@ class Index:
         # bucket rows are read on every request (access checks, versioning
         # state) and change only through bucket records: cached, dropped in apply()
         self._bucket_rows: dict[str, tuple | None] = {}
+        # current-version rows of small manifests, as stored (seq, JSON text):
+        # a GET of a small object then costs no SQLite query.  Cleared by every
+        # apply, so it never outlives a change (reads between writes gain).
+        self._object_rows: dict[tuple[str, str], tuple] = {}
 
     def _open(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
@@ -106,6 +113,7 @@ class Index:
             db.execute("ROLLBACK")
             raise
         finally:
+            self._object_rows.clear()
             if self._bucket_rows and any(r[1] in BUCKET_RECORDS for r in records):
                 self._bucket_rows.clear()
 
@@ -239,10 +247,16 @@ class Index:
 
     # ------------------------------------------------------------------ objects
     def object(self, bucket: str, key: str) -> Manifest | None:
-        row = self.db.execute("SELECT seq, manifest FROM objects WHERE bucket=? AND key=?",
-                              (bucket, key)).fetchone()
+        row = self._object_rows.get((bucket, key))
         if row is None:
-            return None
+            row = self.db.execute("SELECT seq, manifest FROM objects WHERE bucket=? AND key=?",
+                                  (bucket, key)).fetchone()
+            if row is None:
+                return None
+            if len(row[1]) <= OBJECT_ROW_CACHE_TEXT:
+                if len(self._object_rows) >= OBJECT_ROW_CACHE_ROWS:
+                    self._object_rows.clear()
+                self._object_rows[(bucket, key)] = row
         return Manifest.from_json(json.loads(row[1]), seq=row[0])
 
     def scan_objects(self, bucket: str, after: str | None, prefix: str, limit: int):

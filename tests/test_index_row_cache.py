@@ -1,0 +1,52 @@
+"""The index keeps rows of small current objects in memory for GETs; every
+committed change must be seen by the very next read (no stale object after
+an overwrite, a delete, a version removal, a bucket's deletion)."""
+from __future__ import annotations
+
+import pytest
+from botocore.exceptions import ClientError
+
+
+def body(s3, bucket, key, **kw):
+    return s3.get_object(Bucket=bucket, Key=key, **kw)["Body"].read()
+
+
+def test_a_read_right_after_an_overwrite_sees_the_new_object(s3, bucket):
+    for i in range(20):
+        s3.put_object(Bucket=bucket, Key="k", Body=f"v{i}".encode())
+        assert body(s3, bucket, "k") == f"v{i}".encode()
+        assert s3.head_object(Bucket=bucket, Key="k")["ContentLength"] == len(f"v{i}")
+
+
+def test_a_read_right_after_a_delete_is_404(s3, bucket):
+    s3.put_object(Bucket=bucket, Key="gone", Body=b"x")
+    assert body(s3, bucket, "gone") == b"x"
+    s3.delete_object(Bucket=bucket, Key="gone")
+    with pytest.raises(ClientError) as e:
+        s3.get_object(Bucket=bucket, Key="gone")
+    assert e.value.response["Error"]["Code"] == "NoSuchKey"
+
+
+def test_removing_the_current_version_makes_the_previous_one_current_at_once(s3, bucket):
+    s3.put_bucket_versioning(Bucket=bucket, VersioningConfiguration={"Status": "Enabled"})
+    s3.put_object(Bucket=bucket, Key="v", Body=b"old")
+    new = s3.put_object(Bucket=bucket, Key="v", Body=b"new")["VersionId"]
+    assert body(s3, bucket, "v") == b"new"
+    s3.delete_object(Bucket=bucket, Key="v", VersionId=new)
+    assert body(s3, bucket, "v") == b"old"
+    s3.delete_object(Bucket=bucket, Key="v")                       # a delete marker
+    with pytest.raises(ClientError) as e:
+        s3.get_object(Bucket=bucket, Key="v")
+    assert e.value.response["Error"]["Code"] == "NoSuchKey"
+
+
+def test_a_recreated_bucket_does_not_serve_the_old_buckets_objects(s3):
+    s3.create_bucket(Bucket="again")
+    s3.put_object(Bucket="again", Key="k", Body=b"first life")
+    assert body(s3, "again", "k") == b"first life"
+    s3.delete_object(Bucket="again", Key="k")
+    s3.delete_bucket(Bucket="again")
+    s3.create_bucket(Bucket="again")
+    with pytest.raises(ClientError) as e:
+        s3.get_object(Bucket="again", Key="k")
+    assert e.value.response["Error"]["Code"] == "NoSuchKey"
