@@ -18,7 +18,7 @@ import pytest
 from botocore.exceptions import ClientError
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from conftest import Deployment, proxied_deployment  # noqa: E402
+from conftest import Deployment, proxied_deployment, wait_until  # noqa: E402
 
 ACK_TIMEOUT_S = 10.0   # generous: the test inspects the gateway while the ack is held
 WAIT_S = 8.0           # bound of every poll below (< ACK_TIMEOUT_S)
@@ -28,16 +28,6 @@ WAIT_S = 8.0           # bound of every poll below (< ACK_TIMEOUT_S)
 def proxied(tmp_path):
     with proxied_deployment(tmp_path / "deploy", ACK_TIMEOUT_S) as dp:
         yield dp
-
-
-def wait_until(pred, what: str, timeout: float = WAIT_S, interval: float = 0.02):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = pred()
-        if v:
-            return v
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
 
 
 def assert_invisible(s3, bucket: str, key: str) -> None:
@@ -92,7 +82,7 @@ def test_put_is_invisible_until_vault_acks(proxied, size):
     put.start()
     try:
         # the vault made the record durable; only its ACK is held in the proxy
-        wait_until(lambda: d.vault.status()["last_seq"] > before, "the vault to append the record")
+        wait_until(lambda: d.vault.status()["last_seq"] > before, "the vault to append the record", timeout=WAIT_S, interval=0.02)
         assert d.vault.status()["last_seq"] == before + 1
         assert put.is_alive(), "the PUT was answered before the vault's ack"
         assert proxy.stats()["up"] - up_before >= size   # every chunk went over the link
@@ -127,7 +117,7 @@ def test_concurrent_puts_are_invisible_until_vault_acks(proxied):
         for p in puts:
             p.start()
         # the first batch reaches the vault; the others queue behind its held ack (window 1)
-        wait_until(lambda: d.vault.status()["last_seq"] > before, "the vault to append the first batch")
+        wait_until(lambda: d.vault.status()["last_seq"] > before, "the vault to append the first batch", timeout=WAIT_S, interval=0.02)
         time.sleep(1.0)   # let every writer finish its upload and queue its record
         assert all(p.is_alive() for p in puts), "a PUT was answered before the vault's ack"
         listed = s3.list_objects_v2(Bucket="many").get("Contents", [])

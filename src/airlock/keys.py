@@ -29,6 +29,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from airlock.errors import ConfigError
+from airlock.fsutil import fsync_dir
 
 __all__ = ["ROLES", "CERT_DAYS", "subject_name", "create_identity", "ensure_local_pair",
            "fingerprint", "LocalPair"]
@@ -60,14 +61,6 @@ def _write_atomic(path: Path, data: bytes, mode: int) -> None:
     finally:
         os.close(fd)
     os.replace(tmp, path)
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _certificate(role: str, key: ec.EllipticCurvePrivateKey, days: int) -> x509.Certificate:
@@ -119,7 +112,7 @@ def create_identity(directory, role: str, days: int = CERT_DAYS, overwrite: bool
                                 serialization.NoEncryption())
     _write_atomic(key_path, key_pem, KEY_MODE)
     _write_atomic(cert_path, cert.public_bytes(serialization.Encoding.PEM), CERT_MODE)
-    _fsync_dir(directory)
+    fsync_dir(directory)
     return cert_path, key_path
 
 
@@ -167,7 +160,7 @@ def _ensure_peer_copy(source: Path, target: Path) -> None:
         return
     _der(source)  # only ever copy something that parses as a certificate
     _write_atomic(target, source.read_bytes(), CERT_MODE)
-    _fsync_dir(target.parent)
+    fsync_dir(target.parent)
 
 
 def ensure_local_pair(data_dir) -> LocalPair:

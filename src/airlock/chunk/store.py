@@ -25,6 +25,7 @@ import uuid
 import blake3
 
 from airlock.errors import FormatError, IntegrityError
+from airlock.fsutil import fsync_dir
 
 CHUNK_MAGIC = b"ACHK"
 CHUNK_VERSION = 1
@@ -120,11 +121,7 @@ class ChunkStore:
         if not self.fsync:
             return
         for d in dirs:
-            fd = os.open(d, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            fsync_dir(d)
 
     def read(self, digest: str, verify: bool = True) -> bytes:
         """The chunk's bytes, verified against its digest."""

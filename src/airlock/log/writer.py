@@ -19,6 +19,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
+from airlock.fsutil import fsync_dir
 from airlock.log.reader import list_segments, scan_segment, segment_name
 from airlock.log.record import (
     MAX_PAYLOAD, SEGMENT_HEADER_SIZE, FormatError, decode_segment_header, encode_record,
@@ -242,12 +243,8 @@ class LogWriter:
         except BaseException:
             os.close(fd)
             raise
-        dfd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dfd)
-            self.fsync_count += 1
-        finally:
-            os.close(dfd)
+        fsync_dir(self.directory)
+        self.fsync_count += 1
         self._fd = fd
         self._seg_size = len(header)
         self._seg_has_records = False

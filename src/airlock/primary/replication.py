@@ -36,6 +36,7 @@ from collections.abc import Callable
 
 from airlock import errors as E
 from airlock.chunk.store import ChunkStore
+from airlock.fsutil import fsync_dir
 from airlock.link import protocol as W
 from airlock.link.client import LinkClient
 from airlock.log import payload as P
@@ -104,11 +105,7 @@ class ReplicatedCommitPoint:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self._aborts_path)
-        fd = os.open(os.path.dirname(self._aborts_path) or ".", os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_dir(os.path.dirname(self._aborts_path) or ".")
 
     def _local_durable(self, records) -> None:
         live = [r for r in records if r[0] not in self.void]

@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 
 from airlock import errors as E
 from airlock.chunk.store import ChunkStore
+from airlock.fsutil import fsync_dir
 from airlock.link.client import LinkClient
 from airlock.log.reader import read_log
 from airlock.log.record import FormatError as LogFormatError
@@ -108,7 +109,7 @@ def _open_log(log_dir: str, summary: RestoreSummary) -> LogWriter:
             n += 1
             aside = f"{log_dir}.damaged-{time.strftime('%Y%m%dT%H%M%S')}-{n}"
         os.rename(log_dir, aside)
-        _fsync_dir(os.path.dirname(os.path.abspath(log_dir)))
+        fsync_dir(os.path.dirname(os.path.abspath(log_dir)))
         summary.log_moved_aside = aside
         log.warning("the primary log is unreadable (%s); moved it aside to %s and starting an empty "
                     "one, to be filled from the vault", e, aside)
@@ -197,7 +198,7 @@ def _rebuild_index(data_dir: str, void: set[int]) -> Index:
     # the old WAL first: without it the old main file is still a consistent (older) index
     _unlink_db(path)
     os.replace(tmp, path)
-    _fsync_dir(data_dir)
+    fsync_dir(data_dir)
     return Index(path)
 
 
@@ -213,12 +214,6 @@ def _unlink(path: str) -> None:
         pass
 
 
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # ---------------------------------------------------------------------- 4. chunks

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 import blake3
 
 from airlock.errors import FormatError
+from airlock.fsutil import fsync_dir
 
 VOLUME_MAGIC = b"AVBASE\x00\x00"
 VOLUME_VERSION = 1
@@ -54,11 +55,7 @@ class BaseVolume:
             finally:
                 os.close(fd)
             if self.fsync:
-                dfd = os.open(os.path.dirname(path), os.O_RDONLY | os.O_DIRECTORY)
-                try:
-                    os.fsync(dfd)
-                finally:
-                    os.close(dfd)
+                fsync_dir(os.path.dirname(path))
         self.fd = os.open(path, os.O_RDWR)
         header = os.pread(self.fd, VOLUME_HEADER_SIZE, 0)
         magic, version, flags, reserved, _created = VOLUME_HEADER.unpack_from(header, 0)

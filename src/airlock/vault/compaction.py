@@ -26,7 +26,7 @@ import blake3
 
 from airlock.errors import IntegrityError
 from airlock.vault.catalog import classify
-from airlock.vault.overlay import fsync_dir
+from airlock.fsutil import fsync_dir
 
 if TYPE_CHECKING:
     from airlock.vault.store import VaultStore

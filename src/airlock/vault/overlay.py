@@ -17,6 +17,7 @@ from typing import NamedTuple
 import blake3
 
 from airlock.errors import FormatError
+from airlock.fsutil import fsync_dir
 
 OVERLAY_MAGIC = b"AVOVL\x00\x00\x00"
 OVERLAY_VERSION = 1
@@ -278,9 +279,3 @@ def _write_all(fd: int, data) -> None:
         view = view[n:]
 
 
-def fsync_dir(directory: str) -> None:
-    dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)

@@ -28,6 +28,7 @@ from itertools import islice, takewhile
 import blake3
 
 from airlock.errors import FormatError, IntegrityError, VaultRejected
+from airlock.fsutil import fsync_dir
 from airlock.log.reader import read_log
 from airlock.log.record import MAX_PAYLOAD
 from airlock.log.writer import LogWriter
@@ -37,7 +38,7 @@ from airlock.vault.catalog import (
     BUCKET_KINDS, OBJECT_KINDS, RECORD_ABORT, Catalog, Entry, Retention, classify, remove_catalog, version_dict,
 )
 from airlock.vault.overlay import (
-    NAME, OVERLAY_HEADER_SIZE, Overlay, decode_header, fsync_dir, list_overlays,
+    NAME, OVERLAY_HEADER_SIZE, Overlay, decode_header, list_overlays,
 )
 
 __all__ = ["VaultStore", "RECORD_ABORT", "OVERLAY_MAX_BYTES", "OVERLAY_MAX_AGE_S"]
