@@ -59,8 +59,7 @@ def main(argv=None) -> int:
         before = {n: cpu_seconds(p) for n, p in pids.items()}
         ch0, i0, t0 = resource.getrusage(resource.RUSAGE_CHILDREN), machine_idle(), time.time()
         if args.op == "PUT":
-            r = loadgen.wrk_put(lambda k: c.generate_presigned_url(
-                "put_object", Params={"Bucket": "bench", "Key": k}, ExpiresIn=3600), args.size, args.conc, args.seconds)
+            r = loadgen.wrk_put(loadgen.put_presigner(c, "bench"), args.size, args.conc, args.seconds)
         else:
             r = loadgen.wrk_get(url, args.size, args.conc, args.seconds)
         el = time.time() - t0

@@ -214,6 +214,14 @@ end
 """
 
 
+def put_presigner(client, bucket: str, prefix: str = "", expires: int = 3600):
+    """`presign(key) -> url` of a PutObject into bucket/prefix+key, for wrk_put."""
+    def presign(key: str) -> str:
+        return client.generate_presigned_url("put_object", Params={"Bucket": bucket, "Key": prefix + key},
+                                             ExpiresIn=expires)
+    return presign
+
+
 def wrk_put(presign, size: int, concurrency: int, duration: float, keys: int = 1024) -> dict:
     """PUT unique bodies of `size` bytes with wrk to `keys` presigned URLs
     (`presign(key) -> url`); bounded by `duration` seconds."""

@@ -130,11 +130,16 @@ class Target:
                             aws_secret_access_key=SECRET_KEY, region_name=REGION, config=Config(**conf))
 
 
+# Decided once, before _import_airlock_keys() may put src/ on this process's
+# sys.path (after which find_spec would find airlock here but not in a child).
+AIRLOCK_INSTALLED = importlib.util.find_spec("airlock") is not None
+
+
 def airlock_command() -> tuple[list[str], dict]:
     """`python -m airlock` with this interpreter; adds src/ to PYTHONPATH
-    unless airlock is importable already (installed with pip install -e .)."""
+    unless airlock is installed (pip install -e .)."""
     env = dict(os.environ)
-    if importlib.util.find_spec("airlock") is None:
+    if not AIRLOCK_INSTALLED:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO / "src"), env.get("PYTHONPATH")]))
     return [sys.executable, "-m", "airlock"], env
 
@@ -150,7 +155,7 @@ def airlock_build() -> str:
 
 def _import_airlock_keys():
     """airlock.keys from the installed package or, failing that, from src/."""
-    if importlib.util.find_spec("airlock") is None:
+    if not AIRLOCK_INSTALLED and str(REPO / "src") not in sys.path:
         sys.path.insert(0, str(REPO / "src"))
     from airlock import keys
     return keys
@@ -193,7 +198,7 @@ class Airlock(Target):
 
     def start(self) -> "Airlock":
         self.workdir.mkdir(parents=True, exist_ok=True)
-        cmd, env = airlock_command()                # before the import below puts src/ on sys.path
+        cmd, env = airlock_command()
         _import_airlock_keys().ensure_local_pair(self.workdir)
         self._log = open(self.workdir / f"{self.name}.log", "ab")
         self.vault_port = free_port()

@@ -154,9 +154,8 @@ def main(argv=None) -> int:
                 r = loadgen.wrk_get(url, size, conc, duration)
             elif op == "PUT" and loadgen.wrk_available() and not args.boto3_puts:
                 time.sleep(lead)
-                r = loadgen.wrk_put(lambda k: s3.generate_presigned_url(
-                    "put_object", Params={"Bucket": "bench", "Key": f"{name}/{k}"}, ExpiresIn=3600),
-                    size, conc, duration, keys=64 if size >= 64 * MiB else 1024)
+                r = loadgen.wrk_put(loadgen.put_presigner(s3, "bench", f"{name}/"), size, conc, duration,
+                                    keys=64 if size >= 64 * MiB else 1024)
             else:
                 r = gen.run(endpoint=t.endpoint, access_key=peers.ACCESS_KEY, secret_key=peers.SECRET_KEY,
                             bucket="bench", op=op, size=size, concurrency=conc, duration=duration,

@@ -25,10 +25,7 @@ import json
 import os
 import platform
 import shutil
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -37,91 +34,15 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import loadgen  # noqa: E402
+import peers  # noqa: E402
 
 KiB, MiB = 1024, 1024 * 1024
-ACCESS_KEY = "AKIABENCHREPLICATION"
-SECRET_KEY = "bench-secret-key-replication-cost-000000"
 # (size, concurrency, seconds, max ops) per cell
 CELLS = [(4 * KiB, 1, 5.0, 20000), (4 * KiB, 16, 5.0, 40000),
          (64 * MiB, 1, 20.0, 6), (64 * MiB, 2, 20.0, 8)]
 QUICK_CELLS = [(4 * KiB, 1, 2.0, 5000), (4 * KiB, 16, 2.0, 10000),
                (64 * MiB, 1, 10.0, 3), (64 * MiB, 2, 10.0, 4)]
 RESULTS = Path(__file__).resolve().parent / "results"
-START_TIMEOUT_S = 30.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_port(port: int, proc: subprocess.Popen) -> None:
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"process exited during start ({proc.returncode})")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise TimeoutError(f"port {port} did not open")
-
-
-class Target:
-    def __init__(self, name: str, root: Path, replicated: bool):
-        self.name, self.root, self.replicated = name, root, replicated
-        self.port = free_port()
-        self.endpoint = f"http://127.0.0.1:{self.port}"
-        self.procs: list[subprocess.Popen] = []
-
-    def start(self) -> "Target":
-        py = [sys.executable, "-m", "airlock"]
-        env = dict(os.environ, AIRLOCK_ACCESS_KEY=ACCESS_KEY, AIRLOCK_SECRET_KEY=SECRET_KEY)
-        log = open(self.root / f"{self.name}.log", "ab")
-        gw = py + ["gateway", "--data", str(self.root / "primary"), "--listen", f"127.0.0.1:{self.port}"]
-        if self.replicated:
-            from airlock.keys import ensure_local_pair
-            ensure_local_pair(self.root)
-            vport = free_port()
-            vault = subprocess.Popen(py + ["vault", "--data", str(self.root / "vault"),
-                                           "--listen", f"127.0.0.1:{vport}",
-                                           "--keys", str(self.root / "vault" / "keys")],
-                                     stdout=log, stderr=subprocess.STDOUT)
-            self.procs.append(vault)
-            sock = self.root / "vault" / "admin.sock"
-            deadline = time.monotonic() + START_TIMEOUT_S
-            while not sock.exists():
-                if vault.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("vault did not start")
-                time.sleep(0.05)
-            self.vault_pid = vault.pid
-            gw += ["--vault", f"127.0.0.1:{vport}", "--link-keys", str(self.root / "primary" / "keys")]
-        g = subprocess.Popen(gw, stdout=log, stderr=subprocess.STDOUT, env=env)
-        self.procs.append(g)
-        self.gateway_pid = g.pid
-        wait_port(self.port, g)
-        return self
-
-    def stop(self) -> None:
-        for p in reversed(self.procs):        # gateway first, then the vault
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-                try:
-                    p.wait(15)
-                except subprocess.TimeoutExpired:
-                    p.kill()
-                    p.wait()
-
-    def client(self):
-        import boto3
-        from botocore.config import Config
-        return boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id=ACCESS_KEY,
-                            aws_secret_access_key=SECRET_KEY, region_name="us-east-1",
-                            config=Config(s3={"addressing_style": "path"}))
-
-
 def human(n: int) -> str:
     return f"{n // MiB} MiB" if n >= MiB else f"{n // KiB} KiB"
 
@@ -187,12 +108,11 @@ def main() -> int:
     gen = None
     samples: list[dict] = []
     try:
-        for name, repl in (("replicated", True), ("local", False)):
-            (tmp / name).mkdir()
-            targets[name] = Target(name, tmp / name, repl).start()
+        for name, cls in (("replicated", peers.Airlock), ("local", peers.AirlockLocalOnly)):
+            targets[name] = cls(tmp / name).start()
             targets[name].client().create_bucket(Bucket="bench")
-        print(f"replicated: gateway pid {targets['replicated'].gateway_pid}, vault pid "
-              f"{targets['replicated'].vault_pid}; local: gateway pid {targets['local'].gateway_pid}", flush=True)
+        print(f"replicated: gateway pid {targets['replicated'].pid}, vault pid "
+              f"{targets['replicated'].vault_pid}; local: gateway pid {targets['local'].pid}", flush=True)
         use_wrk = loadgen.wrk_available() and not args.no_wrk
         gen = None if use_wrk else loadgen.LoadGen()
         for rnd in range(args.rounds):
@@ -201,12 +121,10 @@ def main() -> int:
                 for name in order:
                     t = targets[name]
                     if use_wrk:
-                        c = t.client()
-                        r = loadgen.wrk_put(lambda k, c=c: c.generate_presigned_url(
-                            "put_object", Params={"Bucket": "bench", "Key": k}, ExpiresIn=3600),
-                            size, conc, duration, keys=64 if size >= 64 * MiB else 1024)
+                        r = loadgen.wrk_put(loadgen.put_presigner(t.client(), "bench"), size, conc, duration,
+                                            keys=64 if size >= 64 * MiB else 1024)
                     else:
-                        r = gen.run(endpoint=t.endpoint, access_key=ACCESS_KEY, secret_key=SECRET_KEY,
+                        r = gen.run(endpoint=t.endpoint, access_key=peers.ACCESS_KEY, secret_key=peers.SECRET_KEY,
                                     bucket="bench", op="PUT", size=size, concurrency=conc, duration=duration,
                                     max_ops=max_ops, prefix=f"r{rnd}", keys_per_thread=2)
                     r.update(target=name, round=rnd)

@@ -75,12 +75,8 @@ def run_matrix(targets, rounds: int, duration: float, use_wrk: bool, ops=("PUT",
                                     ExpiresIn=3600)
                                 r = loadgen.wrk_get(url, size, conc, duration)
                             elif op == "PUT" and use_wrk:
-                                c = t.client()
-                                r = loadgen.wrk_put(
-                                    lambda k, c=c, rnd=rnd: c.generate_presigned_url(
-                                        "put_object", Params={"Bucket": "bench", "Key": f"r{rnd}/{k}"},
-                                        ExpiresIn=3600),
-                                    size, conc, duration, keys=64 if size >= 64 * MiB else 1024)
+                                r = loadgen.wrk_put(loadgen.put_presigner(t.client(), "bench", f"r{rnd}/"),
+                                                    size, conc, duration, keys=64 if size >= 64 * MiB else 1024)
                             else:
                                 r = gen.run(endpoint=t.endpoint, access_key=peers.ACCESS_KEY,
                                             secret_key=peers.SECRET_KEY, bucket="bench", op=op,
