@@ -9,9 +9,10 @@ Data flow (one upload):
                                                    |-> md5 / sha256 / checksum
                                                    |-> StreamChunker -> ChunkStore.put
 
-`feed` runs on a worker thread: hashlib, blake3 and the compiled chunker all
-release the GIL, so several uploads proceed in parallel on both cores while the
-event loop keeps reading sockets.  At most two buffers of one upload are in
+`feed` runs on a worker thread (for buffers of SPLIT_BYTES and more, as two
+jobs on two threads: MD5, and everything else): hashlib, blake3 and the
+compiled chunker all release the GIL, so uploads proceed in parallel on both
+cores while the event loop keeps reading sockets.  At most two buffers of one upload are in
 flight (one hashing, one being read), so memory stays bounded whatever the
 object size.
 """
