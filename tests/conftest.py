@@ -22,6 +22,10 @@ ACCESS_KEY = "AKIATESTAIRLOCK00001"
 SECRET_KEY = "test-secret-key-for-airlock-0000000000000"
 REGION = "us-east-1"
 START_TIMEOUT_S = 30.0
+# Gateways run with the default process count ("auto": one per CPU, at most
+# 4) unless AIRLOCK_TEST_WORKERS=N (or "auto") says otherwise for the whole
+# suite; test_gateway_workers.py sets its own.
+GATEWAY_WORKERS = os.environ.get("AIRLOCK_TEST_WORKERS")
 
 
 def free_port() -> int:
@@ -111,6 +115,8 @@ class Gateway(_Daemon):
                "--listen", f"127.0.0.1:{self.port}"]
         if self.config is not None:
             cmd += ["--config", str(self.config)]
+        if GATEWAY_WORKERS and "--workers" not in self.extra_args:
+            cmd += ["--workers", GATEWAY_WORKERS]
         cmd += self.extra_args
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env)

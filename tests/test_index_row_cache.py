@@ -50,3 +50,36 @@ def test_a_recreated_bucket_does_not_serve_the_old_buckets_objects(s3):
     with pytest.raises(ClientError) as e:
         s3.get_object(Bucket="again", Key="k")
     assert e.value.response["Error"]["Code"] == "NoSuchKey"
+
+
+def test_a_read_only_view_drops_its_cached_rows_when_another_connection_commits(tmp_path):
+    """A gateway worker reads the leader's index through its own read-only
+    connection; its row and bucket caches must not outlive a commit made by
+    the leader's connection (SQLite data_version)."""
+    from airlock.log import payload as P
+    from airlock.primary.index import Index
+    from airlock.primary.model import Manifest, ObjectMeta
+
+    path = str(tmp_path / "index.sqlite")
+    writer = Index(path)
+    reader = Index(path, readonly=True)
+
+    def put(seq, text):
+        m = Manifest(bucket="b", key="k", size=len(text), etag=f"e{seq}", mtime=float(seq),
+                     meta=ObjectMeta(), chunks=[])
+        writer.apply([(seq, P.OBJECT_PUT, m.to_json())])
+
+    writer.apply([(1, P.BUCKET_CREATE, {"bucket": "b", "owner": "o", "created": 1.0})])
+    assert reader.bucket("b") is not None and reader.versioning("b") == ""
+    put(2, "one")
+    assert reader.object("b", "k").etag == "e2"        # cached now
+    put(3, "two")
+    assert reader.object("b", "k").etag == "e3"
+    writer.apply([(4, P.BUCKET_VERSIONING, {"bucket": "b", "status": "Enabled"})])
+    assert reader.versioning("b") == "Enabled"
+    writer.apply([(5, P.OBJECT_DELETE, {"bucket": "b", "key": "k", "mtime": 5.0})])
+    assert reader.object("b", "k") is None
+    with pytest.raises(Exception):
+        reader.db.execute("INSERT INTO meta VALUES ('x', 'y')")   # it is read-only
+    reader.close()
+    writer.close()

@@ -21,7 +21,7 @@ import sys
 import time
 
 from airlock import __version__
-from airlock.config import DEFAULT_PORT, GatewayConfig, _parse_listen, load_gateway_config
+from airlock.config import DEFAULT_PORT, GatewayConfig, _parse_listen, check_workers, load_gateway_config
 from airlock.errors import AirlockError, ConfigError
 
 DEPLOYMENT_FILE = "deployment.json"
@@ -32,7 +32,10 @@ CHILD_START_TIMEOUT_S = 30.0
 def _print_gateway_ready(cfg: GatewayConfig) -> None:
     host = "127.0.0.1" if cfg.host in ("0.0.0.0", "") else cfg.host
     mode = f"vault at {cfg.vault[0]}:{cfg.vault[1]}" if cfg.vault else "LOCAL-ONLY (no vault)"
-    print(f"airlock gateway ready on http://{host}:{cfg.port} (replication: {mode})", flush=True)
+    from airlock.config import gateway_processes
+    n = gateway_processes(cfg)
+    procs = "1 process" if n == 1 else f"{n} processes"
+    print(f"airlock gateway ready on http://{host}:{cfg.port} (replication: {mode}; {procs})", flush=True)
 
 
 def _print_endpoint(cfg: GatewayConfig, data: str, vault_port: int | None) -> None:
@@ -103,6 +106,8 @@ def _gateway_config(args) -> GatewayConfig:
         cfg.link_keys = args.link_keys
     if args.ack_timeout is not None:
         cfg.ack_timeout = args.ack_timeout
+    if args.workers is not None:
+        cfg.workers = check_workers(args.workers, "--workers")
     return cfg
 
 
@@ -537,7 +542,7 @@ def cmd_status(args) -> int:
     if g is not None:
         print(f"gateway: {g.get('status')}  replication={g.get('replication', '-')} "
               f"vault_connected={g.get('vault_connected', '-')} last_seq={g.get('last_seq', '-')} "
-              f"primary_storage={g.get('primary_storage', '-')}")
+              f"primary_storage={g.get('primary_storage', '-')} processes={len(g.get('processes') or [1])}")
         if g.get("degraded_reason"):
             print(f"  DEGRADED: {g['degraded_reason']}; reads served from the vault, writes refused")
         st = g.get("stats") or {}
@@ -586,6 +591,9 @@ def build_parser() -> argparse.ArgumentParser:
     gw.add_argument("--chunk-sync", choices=["vault", "local"], default=None,
                     help="'local' (default: fsync chunk files too) or, with a vault, 'vault' (chunk "
                          "files are not fsynced; the vault's durable copy is the guarantee)")
+    gw.add_argument("--workers", default=None,
+                    help="gateway processes serving the port: N or 'auto' (default: one per CPU, at "
+                         "most 4); each one past the first is a worker that commits through the first")
     gw.set_defaults(func=cmd_gateway)
 
     va = sub.add_parser("vault", help="run the vault (secondary domain)")

@@ -8,6 +8,8 @@
     fsync = true                  # false only for throw-away benchmarks
     chunk_sync = "local"          # "local": fsync chunk files too (default); with a vault,
                                   # "vault": rely on the vault's durable copy, no chunk fsync here
+    workers = "auto"              # processes serving S3 on the port: 1 leader + (workers-1)
+                                  # workers that commit through it; "auto": one per CPU, at most 4
 
     [link]                        # the controlled link to the vault; without it the
     vault = "127.0.0.1:9001"      # gateway runs local-only (tests and benchmarks only)
@@ -37,6 +39,8 @@ DEFAULT_SECRET_KEY = "airlock-dev-secret-key-change-me-0000000"
 DEFAULT_REGION = "us-east-1"
 DEFAULT_PORT = 9000
 CHUNK_SYNC_MODES = ("vault", "local")
+MAX_WORKERS = 64
+AUTO_MAX_WORKERS = 4
 
 
 @dataclass(frozen=True)
@@ -60,6 +64,7 @@ class GatewayConfig:
     vault: tuple[str, int] | None = None   # link target; None = local-only commit point
     link_keys: str | None = None
     ack_timeout: float = 10.0
+    workers: int | str = "auto"            # gateway processes: N, or "auto" (see gateway_processes)
 
     def user_by_key(self) -> dict[str, User]:
         return {u.access_key: u for u in self.users}
@@ -77,6 +82,30 @@ def _parse_listen(value: str) -> tuple[str, int]:
     if not sep or not port.isdigit():
         raise ConfigError(f"listen must be host:port, got {value!r}")
     return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def check_workers(value, what: str) -> int | str:
+    """A gateway process count: "auto" or a whole number 1..MAX_WORKERS, else ConfigError."""
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    if value == "auto":
+        return value
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_WORKERS:
+        raise ConfigError(f"{what} must be \"auto\" or a whole number from 1 to {MAX_WORKERS}, got {value!r}")
+    return value
+
+
+def gateway_processes(cfg: "GatewayConfig") -> int:
+    """How many processes serve the gateway's port.  "auto": one per CPU this
+    process may run on, at most AUTO_MAX_WORKERS (past that the leader's
+    commit path, not HTTP, limits writes, and each process costs memory)."""
+    if cfg.workers != "auto":
+        return int(cfg.workers)
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    return max(1, min(cpus, AUTO_MAX_WORKERS))
 
 
 def read_toml(path: str | None) -> dict:
@@ -115,6 +144,8 @@ def load_gateway_config(path: str | None) -> GatewayConfig:
         if cfg.chunk_sync not in CHUNK_SYNC_MODES:
             raise ConfigError(f"[gateway] chunk_sync must be one of {', '.join(CHUNK_SYNC_MODES)}, "
                               f"got {cfg.chunk_sync!r}")
+    if "workers" in g:
+        cfg.workers = check_workers(g["workers"], "[gateway] workers")
     link = table(raw, "link")
     if "vault" in link:
         cfg.vault = _parse_listen(str(link["vault"]))

@@ -10,7 +10,7 @@ import signal
 
 from aiohttp import web
 
-from airlock.config import GatewayConfig
+from airlock.config import GatewayConfig, gateway_processes
 from airlock.errors import ConfigError
 from airlock.primary.engine import Engine
 from airlock.s3.app import make_app
@@ -18,6 +18,7 @@ from airlock.s3.app import make_app
 log = logging.getLogger("airlock.gateway")
 
 SHUTDOWN_GRACE_S = 10.0   # seconds in-flight requests get to finish on SIGTERM
+PORT_WAIT_S = 3.0         # how long a taken port is retried before giving up
 
 
 def link_paths(keys_dir: str) -> tuple[str, str, str]:
@@ -65,8 +66,37 @@ def make_engine(cfg: GatewayConfig) -> Engine:
     return Engine(cfg.data, fsync=cfg.fsync, chunk_fsync=chunk_fsync, commit_point_factory=factory)
 
 
+def refuse_taken_port(host: str, port: int) -> None:
+    """ConfigError if something listens on host:port already.  This matters
+    beyond the message: with SO_REUSEPORT (several gateway processes) a
+    second gateway of the same user could bind the port a running one
+    serves, and the kernel would split clients between two stores.  A plain
+    bind (no SO_REUSEPORT) fails if anyone listens there."""
+    if port == 0:
+        return
+    import errno
+    import socket
+    import time
+    deadline = time.monotonic() + PORT_WAIT_S
+    for family, kind, proto, _name, addr in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM):
+        while True:
+            with socket.socket(family, kind, proto) as s:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                try:
+                    s.bind(addr)
+                    break
+                except OSError as e:
+                    # the workers of a gateway killed a moment ago leave within
+                    # milliseconds of their leader: give them that long
+                    if e.errno == errno.EADDRINUSE and time.monotonic() < deadline:
+                        time.sleep(0.05)
+                        continue
+                    raise ConfigError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+
+
 async def serve(cfg: GatewayConfig, on_ready=None, stop: asyncio.Event | None = None) -> None:
     from airlock.primary.datalock import PrimaryLock
+    refuse_taken_port(cfg.host, cfg.port)   # a clear error, before anything is opened
     lock = PrimaryLock(cfg.data)     # one gateway per data directory; restore takes it too
     try:
         engine = make_engine(cfg)
@@ -79,8 +109,18 @@ async def serve(cfg: GatewayConfig, on_ready=None, stop: asyncio.Event | None = 
     runner = web.AppRunner(app, access_log=None, handle_signals=False,
                            shutdown_timeout=SHUTDOWN_GRACE_S)
     await runner.setup()
-    site = web.TCPSite(runner, cfg.host, cfg.port, backlog=1024, reuse_address=True)
+    # With workers, every process listens on the port (SO_REUSEPORT) and the
+    # kernel spreads connections over them (primary/leader.py, worker.py).
+    processes = gateway_processes(cfg)
+    site = web.TCPSite(runner, cfg.host, cfg.port, backlog=1024, reuse_address=True,
+                       reuse_port=processes > 1 or None)
     await site.start()
+    pool = None
+    if processes > 1:
+        from airlock.primary.leader import WorkerPool
+        port = site._server.sockets[0].getsockname()[1]
+        pool = WorkerPool(engine, cfg, port, processes)
+        await pool.start()
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -91,6 +131,8 @@ async def serve(cfg: GatewayConfig, on_ready=None, stop: asyncio.Event | None = 
         await stop.wait()
     finally:
         log.info("stopping gateway")
+        if pool is not None:
+            await pool.stop()
         await runner.cleanup()
         await engine.close()
         lock.release()

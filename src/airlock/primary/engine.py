@@ -18,7 +18,7 @@ import logging
 import os
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 
 from airlock import errors as E
@@ -66,6 +66,10 @@ class Engine:
         # records what becomes current (for the vault), which must not race
         # another write to the same key.  {(bucket, key): [lock, users]}
         self._key_locks: dict[tuple[str, str], list] = {}
+        # async callables returning another gateway process's {"pid", "role", "stats"} (workers)
+        self.stats_sources: list[Callable[[], Awaitable[dict]]] = []
+        # called on entering degraded mode (the leader stops its workers)
+        self.on_degraded: list[Callable[[], None]] = []
 
     # ------------------------------------------------------------------ lifecycle
     def open(self) -> None:
@@ -144,6 +148,44 @@ class Engine:
             if slot[1] == 0:
                 self._key_locks.pop((bucket, key), None)
 
+    async def health(self) -> dict:
+        """The health document (/_airlock/health): commit point, link, storage,
+        counters (summed over the gateway's processes, see `stats_sources`)."""
+        cp = self.commit_point
+        replicated = hasattr(cp, "link")
+        stats = dict(self.stats)
+        processes = [{"pid": os.getpid(), "role": "leader", "stats": dict(self.stats)}]
+        for source in self.stats_sources:
+            try:
+                proc = await source()
+            except Exception as e:     # a worker restarting: its counters are missing this once
+                log.debug("counters of a gateway process not available: %s", e)
+                continue
+            if proc:
+                processes.append(proc)
+                for k, v in proc["stats"].items():
+                    stats[k] = stats.get(k, 0) + v
+        body = {
+            "status": "ok",
+            "last_seq": cp.last_seq,
+            "replication": "vault" if replicated else "local-only",
+            "stats": stats,
+        }
+        if len(processes) > 1:
+            body["processes"] = processes
+        if replicated:
+            body["vault_connected"] = cp.healthy
+            body["pending_aborts"] = len(cp.pending_aborts)
+            body["replication_stats"] = cp.stats
+            if not cp.healthy:
+                body["status"] = "degraded"
+        body["primary_storage"] = "ok" if self.degraded is None else "failed"
+        if self.degraded is not None:
+            body["status"] = "degraded"
+            body["degraded_reason"] = self.degraded
+            body["serving_reads_from"] = "vault"
+        return body
+
     # ------------------------------------------------------------------ degraded mode
     @property
     def vault_link(self):
@@ -188,6 +230,8 @@ class Engine:
         if hasattr(self.commit_point, "paused"):
             self.commit_point.paused = True   # no reconciling into a log that is gone
         log.error("DEGRADED: %s; serving reads from the vault, refusing writes", reason)
+        for hook in self.on_degraded:
+            hook()
         link = self.vault_link
         if link is None:
             log.error("no vault configured: nothing to serve from")

@@ -48,9 +48,14 @@ OBJECT_ROW_CACHE_ROWS = 2048      # current-version rows kept (bounded: at most 
 OBJECT_ROW_CACHE_TEXT = 4096      # only manifests up to this many characters (small objects)
 
 class Index:
-    def __init__(self, path: str):
+    def __init__(self, path: str, *, readonly: bool = False):
+        """`readonly`: a gateway worker's view of the leader's index (another
+        process writes it); its caches are dropped whenever SQLite's
+        data_version says another connection committed."""
         self.path = path
-        self.db = self._open()
+        self.readonly = readonly
+        self.db = self._open_readonly() if readonly else self._open()
+        self._data_version = None
         # bucket rows are read on every request (access checks, versioning
         # state) and change only through bucket records: cached, dropped in apply()
         self._bucket_rows: dict[str, tuple | None] = {}
@@ -73,6 +78,24 @@ class Index:
         elif int(row[0]) != INDEX_SCHEMA_VERSION:
             raise sqlite3.DatabaseError(f"index schema {row[0]} != {INDEX_SCHEMA_VERSION}")
         return db
+
+    def _open_readonly(self) -> sqlite3.Connection:
+        from urllib.parse import quote
+        db = sqlite3.connect(f"file:{quote(self.path)}?mode=ro", uri=True, isolation_level=None,
+                             check_same_thread=False)
+        row = db.execute("SELECT v FROM meta WHERE k='schema'").fetchone()
+        if row is None or int(row[0]) != INDEX_SCHEMA_VERSION:
+            raise sqlite3.DatabaseError(f"index schema {row and row[0]} != {INDEX_SCHEMA_VERSION}")
+        return db
+
+    def _sync(self) -> None:
+        """Drop the caches if another connection has committed since the last
+        look (read-only views only; the writer clears them in apply)."""
+        v = self.db.execute("PRAGMA data_version").fetchone()[0]
+        if v != self._data_version:
+            self._data_version = v
+            self._object_rows.clear()
+            self._bucket_rows.clear()
 
     @classmethod
     def open_or_rebuild(cls, path: str) -> tuple["Index", bool]:
@@ -185,6 +208,8 @@ class Index:
 
     # ------------------------------------------------------------------ buckets
     def _bucket_row(self, name: str) -> tuple | None:
+        if self.readonly:
+            self._sync()
         try:
             return self._bucket_rows[name]
         except KeyError:
@@ -247,6 +272,8 @@ class Index:
 
     # ------------------------------------------------------------------ objects
     def object(self, bucket: str, key: str) -> Manifest | None:
+        if self.readonly:
+            self._sync()
         row = self._object_rows.get((bucket, key))
         if row is None:
             row = self.db.execute("SELECT seq, manifest FROM objects WHERE bucket=? AND key=?",

@@ -100,28 +100,9 @@ class S3App:
         u = self.users.get(access_key)
         return u.secret_key if u else None
 
-    def health(self) -> web.Response:
+    async def health(self) -> web.Response:
         """Liveness and replication state, for operators and `airlock status`."""
-        cp = self.engine.commit_point
-        replicated = hasattr(cp, "link")
-        body = {
-            "status": "ok",
-            "last_seq": cp.last_seq,
-            "replication": "vault" if replicated else "local-only",
-            "stats": self.engine.stats,
-        }
-        if replicated:
-            body["vault_connected"] = cp.healthy
-            body["pending_aborts"] = len(cp.pending_aborts)
-            body["replication_stats"] = cp.stats
-            if not cp.healthy:
-                body["status"] = "degraded"
-        body["primary_storage"] = "ok" if self.engine.degraded is None else "failed"
-        if self.engine.degraded is not None:
-            body["status"] = "degraded"
-            body["degraded_reason"] = self.engine.degraded
-            body["serving_reads_from"] = "vault"
-        return web.json_response(body, status=200)
+        return web.json_response(await self.engine.health(), status=200)
 
     # ------------------------------------------------------------------ addressing
     def _address(self, request: web.Request) -> tuple[str | None, str | None, bool]:
@@ -172,7 +153,7 @@ class S3App:
 
     async def _handle(self, request: web.Request, rid: str) -> web.StreamResponse:
         if request.rel_url.raw_path == HEALTH_PATH and request.method in ("GET", "HEAD"):
-            return self.health()
+            return await self.health()
         bucket, key, vhost = self._address(request)
         query = MultiDict(request.rel_url.query)
         ctx = S3Request(request=request, request_id=rid, bucket=bucket, key=key, query=query,

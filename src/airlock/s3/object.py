@@ -97,16 +97,27 @@ def write_precondition(headers):
         raise E.NotImplementedS3("If-None-Match on writes only supports '*'.", Header="If-None-Match")
     if if_match is None and if_none is None:
         return None
+    return WritePrecondition(if_match, if_none)
 
-    def check(current: Manifest | None) -> None:
-        if if_none is not None and current is not None:
+
+class WritePrecondition:
+    """The check of a conditional write, run by the engine against the
+    current object just before the commit (under the key's write lock).  A
+    plain object, so a gateway worker can hand it to the leader."""
+
+    def __init__(self, if_match: str | None, if_none: str | None):
+        self.if_match = if_match
+        self.if_none = if_none
+
+    def __call__(self, current: Manifest | None) -> None:
+        if self.if_none is not None and current is not None:
             raise E.PreconditionFailed(Condition="If-None-Match")
-        if if_match is not None:
+        if self.if_match is not None:
             if current is None:
                 raise E.NoSuchKey()
-            if current.etag not in _etags(if_match) and "*" not in _etags(if_match):
+            tags = _etags(self.if_match)
+            if current.etag not in tags and "*" not in tags:
                 raise E.PreconditionFailed(Condition="If-Match")
-    return check
 
 
 def check_read_conditions(headers, m: Manifest, prefix: str = "") -> None:

@@ -1,0 +1,184 @@
+"""The leader's side of a multi-process gateway: start, serve and supervise workers.
+
+The leader is the gateway process that owns the commit point (primary log,
+vault link), the index writer and the data-directory lock.  It serves S3 on
+the port like every worker, and answers its workers' calls
+(docs/format/ipc.md) by running its own engine's methods, so every write
+still goes through one commit point, one set of key locks and one index.
+See primary/worker.py for the worker's side.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import socket
+import sys
+import time
+
+from airlock import errors as E
+from airlock.config import GatewayConfig
+from airlock.primary.engine import Engine
+from airlock.primary.ipc import VERSION, Peer
+from airlock.primary.worker import CARRY_CHUNKS, FORWARDED
+
+log = logging.getLogger("airlock.leader")
+
+RESTART_DELAY_S = 1.0        # a worker that died is started again after this long ...
+MAX_RESTART_DELAY_S = 30.0   # ... doubled up to this while it keeps dying young
+STATS_TIMEOUT_S = 5.0        # a worker's counters for /_airlock/health, or left out
+STABLE_S = 60.0              # a worker that lived this long died "old": back to RESTART_DELAY_S
+STOP_GRACE_S = 15.0          # a stopping worker gets this long to finish, then SIGKILL
+
+
+class Worker:
+    def __init__(self, slot: int):
+        self.slot = slot
+        self.proc: asyncio.subprocess.Process | None = None
+        self.peer: Peer | None = None
+        self.restarts = 0
+
+
+class WorkerPool:
+    def __init__(self, engine: Engine, cfg: GatewayConfig, port: int, processes: int):
+        self.engine = engine
+        self.cfg = cfg
+        self.port = port
+        self.workers = [Worker(i) for i in range(1, processes)]
+        self.stopping = False
+        self._supervisors: list[asyncio.Task] = []
+        self._tasks: set[asyncio.Task] = set()
+        self.handlers = {name: getattr(engine, name) for name in FORWARDED}
+        for name in CARRY_CHUNKS:
+            self.handlers["ship_and_" + name] = self._ship_and(getattr(engine, name))
+        self.handlers.update(hello=self._hello, ship_chunks=self._ship_chunks,
+                             chunk_from_vault=self._chunk_from_vault, health=engine.health,
+                             storage_failed=self._storage_failed)
+        engine.stats_sources.extend(self._stats_of(w) for w in self.workers)
+        engine.on_degraded.append(self._on_degraded)
+
+    # ------------------------------------------------------------------ calls from workers
+    async def _hello(self):
+        return VERSION, self.cfg, self.port, self.engine.vault_link is not None
+
+    async def _ship_chunks(self, chunks):
+        """`chunks`: [(digest, bytes)] or, for large chunks, [(digest, size)]
+        whose files the worker has stored already: read them here."""
+        self.engine._refuse_writes_if_degraded()
+        if any(isinstance(data, int) for _d, data in chunks):
+            chunks = await asyncio.get_running_loop().run_in_executor(self.engine.executor, self._load, chunks)
+        await self.engine.commit_point.ship_chunks(chunks)
+
+    def _load(self, chunks):
+        out = []
+        for d, data in chunks:
+            if isinstance(data, int):
+                # not verified here: the vault checks every chunk against its
+                # digest and refuses a bad one, and the record that references
+                # it then goes through the missing-chunk repair (replication.py)
+                data = self.engine.store.read(d, verify=False)
+            out.append((d, data))
+        return out
+
+    def _ship_and(self, method):
+        """A commit call that carries the body's new chunks: ship, then commit
+        (the chunks are on their way to the vault before the record is)."""
+        async def call(chunks, *args, **kwargs):
+            await self._ship_chunks(chunks)
+            return await method(*args, **kwargs)
+        return call
+
+    async def _chunk_from_vault(self, ref, problem):
+        return await self.engine._chunk_from_vault(asyncio.get_running_loop(), ref, problem)
+
+    async def _storage_failed(self, reason: str):
+        # the switch runs in a task of the leader's own: it stops the worker
+        # that called, and must not depend on that worker's channel
+        self._spawn_task(self.engine.enter_degraded_mode(reason))
+
+    def _spawn_task(self, coro) -> None:
+        t = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(t)
+        t.add_done_callback(self._task_done)
+
+    def _task_done(self, t: asyncio.Task) -> None:
+        self._tasks.discard(t)
+        if not t.cancelled() and t.exception() is not None:
+            log.error("gateway leader task failed: %r", t.exception())
+
+    def _stats_of(self, w: Worker):
+        async def stats() -> dict:
+            if w.peer is None or w.peer.closed.is_set():
+                return {}
+            proc = await asyncio.wait_for(w.peer.call("stats"), STATS_TIMEOUT_S)
+            return {**proc, "restarts": w.restarts} if proc else proc
+        return stats
+
+    # ------------------------------------------------------------------ lifecycle
+    async def start(self) -> None:
+        for w in self.workers:
+            await self._spawn(w)
+            self._supervisors.append(asyncio.get_running_loop().create_task(self._supervise(w)))
+
+    async def _spawn(self, w: Worker) -> None:
+        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            w.proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "airlock.primary.worker", str(theirs.fileno()),
+                pass_fds=(theirs.fileno(),))
+        finally:
+            theirs.close()
+        w.peer = Peer(mine, self.handlers)
+        await w.peer.start()
+        log.info("gateway worker %d started (pid %d)", w.slot, w.proc.pid)
+
+    async def _supervise(self, w: Worker) -> None:
+        delay = RESTART_DELAY_S
+        while True:
+            started = time.monotonic()
+            rc = await w.proc.wait()
+            await w.peer.aclose()
+            if self.stopping or self.engine.degraded is not None:
+                return
+            # a worker that keeps dying is started again less and less often
+            delay = RESTART_DELAY_S if time.monotonic() - started > STABLE_S else min(delay * 2, MAX_RESTART_DELAY_S)
+            w.restarts += 1
+            log.error("gateway worker %d (pid %d) exited with %s; starting it again in %.0f s",
+                      w.slot, w.proc.pid, rc, delay)
+            await asyncio.sleep(delay)
+            if self.stopping or self.engine.degraded is not None:
+                return
+            try:
+                await self._spawn(w)
+            except OSError as e:
+                log.error("could not start gateway worker %d: %s", w.slot, e)
+                return
+
+    def _on_degraded(self) -> None:
+        """The primary's storage failed: the leader serves (from the vault) alone."""
+        self._spawn_task(self._stop_workers())
+
+    async def _stop_workers(self) -> None:
+        async def stop_one(w: Worker) -> None:
+            if w.proc is None or w.proc.returncode is not None:
+                return
+            try:
+                w.proc.send_signal(signal.SIGTERM)
+            except ProcessLookupError:
+                return
+            try:
+                await asyncio.wait_for(w.proc.wait(), STOP_GRACE_S)
+            except asyncio.TimeoutError:
+                log.error("gateway worker %d did not stop in %.0f s; killing it", w.slot, STOP_GRACE_S)
+                w.proc.kill()
+                await w.proc.wait()
+        await asyncio.gather(*(stop_one(w) for w in self.workers))
+
+    async def stop(self) -> None:
+        self.stopping = True
+        await self._stop_workers()
+        for t in self._supervisors:
+            t.cancel()
+        for w in self.workers:
+            if w.peer is not None:
+                await w.peer.aclose()

@@ -1,0 +1,256 @@
+"""A gateway worker process: serves S3 on the leader's port, commits through it.
+
+With `[gateway] workers = N` the gateway is one leader and N-1 workers
+(docs/architecture.md, "Gateway processes").  Every process accepts
+connections on the same port (SO_REUSEPORT; the kernel spreads new
+connections over them) and does the per-request work itself: HTTP, SigV4,
+reading the body, MD5 / chunking / BLAKE3, writing chunk files, reading the
+index and chunk files for GETs and listings.  What must happen in one place
+goes to the leader over the private channel (docs/format/ipc.md):
+
+    worker: body -> Ingest (chunks into the shared chunk store)
+                 -> ship_chunks ----------------> leader: commit point -> vault
+                 -> commit_object(manifest) ----> leader: key lock, precondition,
+                                                  version id, log + vault ack, index
+            <- manifest (seq, version id) ------  (visible in every process now)
+
+The index is the leader's SQLite file, opened read-only; the leader applies a
+record before it answers the call, so a read in any process that starts
+after a write was acknowledged sees it.  A worker that finds the primary's
+storage gone tells the leader and exits (the leader serves degraded reads
+alone); a worker whose channel closes (leader gone) exits.
+
+Run as `python -m airlock.primary.worker FD` by the leader only.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import logging
+import os
+import signal
+import socket
+import sys
+
+from aiohttp import web
+
+from airlock import errors as E
+from airlock.chunk.store import ChunkStore
+from airlock.primary.engine import Engine
+from airlock.primary.index import Index
+from airlock.primary.ipc import VERSION, Peer
+from airlock.primary.model import ChunkRef
+
+log = logging.getLogger("airlock.worker")
+
+# The engine's write methods; a worker forwards each one to the leader,
+# whose engine runs it (locks, preconditions, commit, index) and returns its result.
+FORWARDED = ("create_bucket", "delete_bucket", "set_versioning", "commit_object", "delete_object",
+             "create_upload", "commit_part", "abort_upload", "complete_upload")
+
+
+# New chunks of the body being ingested by this request (its own asyncio
+# task, so its own context) that are small enough to ride along with the
+# commit call instead of costing a call of their own: [chunks, bytes].
+_held: contextvars.ContextVar[list | None] = contextvars.ContextVar("airlock_held_chunks", default=None)
+HOLD_BYTES = 256 * 1024
+SHIP_BY_REFERENCE = 64 * 1024      # chunks this large are sent as (digest, size); see ship_chunks
+
+
+class _LeaderCommitPoint:
+    """The commit point as a worker sees it: chunks go to the leader's."""
+
+    def __init__(self, peer: Peer, replicated: bool):
+        self.peer = peer
+        self.replicated = replicated
+        self.last_seq = 0
+
+    async def ship_chunks(self, chunks: list[tuple[str, bytes]]) -> None:
+        if not self.replicated:
+            return                   # local-only: the leader's commit point ships nothing either
+        # Large chunks go by reference: their files are in the shared chunk
+        # store already (Ingest stores a chunk before it is shipped), and the
+        # leader reading one costs less than copying it through the channel.
+        chunks = [(d, len(data) if len(data) >= SHIP_BY_REFERENCE else bytes(data)) for d, data in chunks]
+        held = _held.get()
+        if held is not None:
+            size = sum(data if isinstance(data, int) else len(data) for _d, data in chunks)
+            if held[1] + size <= HOLD_BYTES:
+                held[0].extend(chunks)
+                held[1] += size
+                return
+            if held[0]:            # keep the order: what was held goes first
+                chunks = held[0] + chunks
+                held[0], held[1] = [], 0
+        await self.peer.call("ship_chunks", chunks)
+
+    async def commit(self, rtype: int, payload: bytes) -> int:   # never: writes are forwarded whole
+        raise E.InternalError("a gateway worker does not commit records itself")
+
+    async def close(self) -> None:
+        pass
+
+
+class WorkerEngine(Engine):
+    """The engine of a worker: local reads and ingest, writes through the leader."""
+
+    def __init__(self, data_dir: str, peer: Peer, *, replicated: bool, **kw):
+        super().__init__(data_dir, **kw)
+        self.peer = peer
+        self.replicated = replicated
+        self.stop: asyncio.Event | None = None     # set: the worker process winds down
+
+    def open(self) -> None:
+        # clean_tmp=False: tmp/ holds the other processes' writes in progress
+        self.store = ChunkStore(self.data_dir, fsync=self.chunk_fsync, clean_tmp=False)
+        self.index = Index(os.path.join(self.data_dir, "index.sqlite"), readonly=True)
+        self.commit_point = _LeaderCommitPoint(self.peer, self.replicated)
+
+    @property
+    def vault_link(self):
+        # only tested for "is there a vault to fall back to"; the leader holds the link
+        return self.peer if self.replicated else None
+
+    async def ingest(self, body, **kw):
+        # the new chunks of a small body go to the leader with the commit
+        # call that follows (commit_object / commit_part), in one message
+        _held.set([[], 0])
+        try:
+            return await super().ingest(body, **kw)
+        except BaseException:
+            await self._ship_held()
+            raise
+
+    async def put_object(self, *args, **kwargs):
+        try:
+            return await super().put_object(*args, **kwargs)
+        except BaseException:
+            await self._ship_held()
+            raise
+
+    async def upload_part(self, *args, **kwargs):
+        try:
+            return await super().upload_part(*args, **kwargs)
+        except BaseException:
+            await self._ship_held()
+            raise
+
+    async def _ship_held(self) -> None:
+        """The request failed after storing chunks it still holds (a bad
+        digest, a refused precondition, a dropped client): ship them anyway,
+        as a single-process gateway would have during the body, so that the
+        vault has every chunk file the store has and a later upload that
+        reuses them (dedup) finds them there."""
+        held = _held.get()
+        _held.set(None)
+        if held and held[0]:
+            try:
+                await self.peer.call("ship_chunks", held[0])
+            except Exception as e:          # best effort; the missing-chunk repair covers the rest
+                log.warning("could not ship the chunks of a failed upload: %s", e)
+
+    async def _chunk_from_vault(self, loop, ref: ChunkRef, problem: str) -> bytes:
+        # the leader fetches, verifies, repairs the local copy and counts it
+        return await self.peer.call("chunk_from_vault", ref, problem)
+
+    async def health(self) -> dict:
+        return await self.peer.call("health")
+
+    async def enter_degraded_mode(self, reason: str) -> None:
+        if self.degraded is not None:
+            return
+        self.degraded = reason
+        log.error("worker %d: %s; handing over to the leader and exiting", os.getpid(), reason)
+        try:
+            await self.peer.call("storage_failed", reason)
+        finally:
+            if self.stop is not None:
+                self.stop.set()
+
+
+# commit calls that carry the request's held chunks to the leader (as ship_and_<name>)
+CARRY_CHUNKS = ("commit_object", "commit_part")
+
+
+def _forward(name: str):
+    async def forwarded(self, *args, **kwargs):
+        self._refuse_writes_if_degraded()
+        if name in CARRY_CHUNKS:
+            held = _held.get()
+            if held is not None:
+                _held.set(None)
+                if held[0]:
+                    return await self.peer.call("ship_and_" + name, held[0], *args, **kwargs)
+        return await self.peer.call(name, *args, **kwargs)
+    forwarded.__name__ = name
+    forwarded.__doc__ = f"Engine.{name}, run by the leader."
+    return forwarded
+
+
+for _name in FORWARDED:
+    setattr(WorkerEngine, _name, _forward(_name))
+
+
+async def run(fd: int) -> None:
+    from airlock.s3.app import make_app
+    from airlock.gateway import SHUTDOWN_GRACE_S
+    sock = socket.socket(fileno=fd)
+    stop = asyncio.Event()
+
+    async def on_stop() -> None:
+        stop.set()
+
+    engine_box: list[WorkerEngine] = []
+
+    async def on_stats() -> dict:
+        if not engine_box:
+            return {}
+        return {"pid": os.getpid(), "role": "worker", "stats": dict(engine_box[0].stats)}
+
+    peer = Peer(sock, {"stop": on_stop, "stats": on_stats})
+    await peer.start()
+    version, cfg, port, replicated = await peer.call("hello")
+    if version != VERSION:
+        raise SystemExit(f"gateway worker: channel version {version} != {VERSION}")
+    chunk_fsync = cfg.fsync and (cfg.vault is None or cfg.chunk_sync == "local")
+    engine = WorkerEngine(cfg.data, peer, replicated=replicated, fsync=cfg.fsync, chunk_fsync=chunk_fsync)
+    engine.stop = stop
+    engine.open()
+    engine_box.append(engine)
+    await engine.start()
+    app = make_app(engine, cfg)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=SHUTDOWN_GRACE_S)
+    await runner.setup()
+    site = web.TCPSite(runner, cfg.host, port, backlog=1024, reuse_address=True, reuse_port=True)
+    await site.start()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    log.info("gateway worker %d serving on port %d", os.getpid(), port)
+    orphaned = asyncio.ensure_future(peer.closed.wait())
+    await asyncio.wait([asyncio.ensure_future(stop.wait()), orphaned], return_when=asyncio.FIRST_COMPLETED)
+    if orphaned.done() and not stop.is_set():
+        # The leader is gone (crashed or killed): nothing can commit any more
+        # and a new gateway may be starting on this port and data directory.
+        # Stop listening at once and leave without waiting for keep-alive
+        # connections or requests that could only fail.
+        log.error("gateway worker %d: the leader is gone; exiting", os.getpid())
+        await site.stop()
+        os._exit(1)
+    await runner.cleanup()           # stops listening, lets in-flight requests finish
+    await engine.close()
+    await peer.aclose()
+
+
+def main(argv: list[str]) -> int:
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s worker[{os.getpid()}] %(levelname)s "
+                        f"%(name)s: %(message)s")
+    if len(argv) != 2 or not argv[1].isdigit():
+        print("usage: python -m airlock.primary.worker FD (started by the gateway's leader)", file=sys.stderr)
+        return 2
+    asyncio.run(run(int(argv[1])))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

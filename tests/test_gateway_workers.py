@@ -1,0 +1,281 @@
+"""A gateway of several processes (leader + workers, `--workers N`) behaves as
+one: every write goes through the leader's commit point, a write acknowledged
+by one process is read by any other, conditional writes on one key race
+correctly across processes, a dead worker is replaced, a dead leader takes its
+workers with it, and losing the primary's storage leaves the leader serving
+from the vault alone."""
+from __future__ import annotations
+
+import concurrent.futures as cf
+import os
+import shutil
+import signal
+import subprocess
+import sys
+
+import boto3
+import pytest
+from botocore.config import Config
+from botocore.exceptions import ClientError
+
+from conftest import ACCESS_KEY, SECRET_KEY, Deployment, Gateway, wait_until
+
+WORKERS = 3
+
+
+def fresh_client(gw):
+    """A client with its own connection pool: each new connection may land on
+    any of the gateway's processes (the kernel picks, SO_REUSEPORT)."""
+    return boto3.client("s3", endpoint_url=gw.endpoint, aws_access_key_id=ACCESS_KEY,
+                        aws_secret_access_key=SECRET_KEY, region_name="us-east-1",
+                        config=Config(s3={"addressing_style": "path"}, retries={"total_max_attempts": 1},
+                                      max_pool_connections=1))
+
+
+def health_or_none(gw) -> dict | None:
+    """The health document, or None while the answering process is going away."""
+    try:
+        return gw.health()
+    except OSError:
+        return None
+
+
+def serving(gw, n: int) -> bool:
+    h = health_or_none(gw)
+    return h is not None and len(h.get("processes", [])) == n
+
+
+def worker_pids(gw) -> list[int]:
+    out = subprocess.run(["pgrep", "-P", str(gw.proc.pid), "-f", "airlock.primary.worker"],
+                         capture_output=True, text=True).stdout.split()
+    return sorted(int(p) for p in out)
+
+
+@pytest.fixture
+def dep(tmp_path):
+    d = Deployment(tmp_path / "deploy")
+    d.gateway.extra_args = []
+    d.vault.start()
+    d.gateway.extra_args = d._gateway_args() + ["--workers", str(WORKERS)]
+    d.gateway.start()
+    wait_until(lambda: len(worker_pids(d.gateway)) == WORKERS - 1, "workers started")
+    wait_until(lambda: serving(d.gateway, WORKERS), "workers serving")
+    yield d
+    d.stop()
+
+
+def test_writes_from_any_process_are_read_by_every_other_and_reach_the_vault(dep):
+    gw = dep.gateway
+    fresh_client(gw).create_bucket(Bucket="many")
+    fresh_client(gw).put_bucket_versioning(Bucket="many", VersioningConfiguration={"Status": "Enabled"})
+
+    def one(i: int):
+        body = os.urandom(500 + 997 * i)
+        vid = fresh_client(gw).put_object(Bucket="many", Key=f"k/{i}", Body=body)["VersionId"]
+        # read back at once over several new connections (so from other processes)
+        for _ in range(4):
+            got = fresh_client(gw).get_object(Bucket="many", Key=f"k/{i}")
+            assert got["Body"].read() == body and got["VersionId"] == vid
+        return vid
+
+    with cf.ThreadPoolExecutor(8) as ex:
+        vids = list(ex.map(one, range(48)))
+    assert len(set(vids)) == 48
+    big = os.urandom(9 << 20)                      # chunks shipped to the vault through the leader
+    fresh_client(gw).put_object(Bucket="many", Key="big", Body=big)
+    assert fresh_client(gw).get_object(Bucket="many", Key="big")["Body"].read() == big
+    keys = [o["Key"] for o in fresh_client(gw).list_objects_v2(Bucket="many")["Contents"]]
+    assert len(keys) == 49
+
+    wait_until(lambda: serving(gw, WORKERS), "every process answers the health call")
+    h = gw.health()
+    assert h["vault_connected"] and len(h["processes"]) == WORKERS
+    assert [p["role"] for p in h["processes"]].count("leader") == 1
+    assert h["stats"]["puts"] == 49
+    # every process served some of the reads: the port really is shared
+    assert all(p["stats"]["gets"] > 0 for p in h["processes"]), h["processes"]
+    assert h["stats"]["gets"] == sum(p["stats"]["gets"] for p in h["processes"])
+    r = dep.airlock("verify")
+    assert "equal" in r.stdout.lower(), r.stdout
+
+
+def test_conditional_creates_of_one_key_from_many_processes_let_exactly_one_win(dep):
+    gw = dep.gateway
+    fresh_client(gw).create_bucket(Bucket="race")
+
+    def attempt(i: int):
+        try:
+            fresh_client(gw).put_object(Bucket="race", Key="only-once", Body=f"writer {i}".encode(),
+                                        IfNoneMatch="*")
+            return i
+        except ClientError as e:
+            assert e.response["Error"]["Code"] == "PreconditionFailed", e.response
+            return None
+
+    first = None
+    for round_ in range(3):
+        with cf.ThreadPoolExecutor(12) as ex:
+            winners = [w for w in ex.map(attempt, range(24)) if w is not None]
+        assert len(winners) == (1 if round_ == 0 else 0), winners
+        first = first if first is not None else winners[0]
+    assert fresh_client(gw).get_object(Bucket="race", Key="only-once")["Body"].read() == f"writer {first}".encode()
+
+
+def test_a_worker_killed_amid_writes_loses_nothing_acknowledged_and_is_replaced(dep):
+    gw = dep.gateway
+    fresh_client(gw).create_bucket(Bucket="sturdy")
+    fresh_client(gw).put_bucket_versioning(Bucket="sturdy", VersioningConfiguration={"Status": "Enabled"})
+    acked: dict[str, bytes] = {}
+    race_winners: list[str] = []
+    victim = worker_pids(gw)[0]
+
+    def writer(i: int) -> None:
+        body = os.urandom(2000 + i)
+        try:
+            fresh_client(gw).put_object(Bucket="sturdy", Key=f"o{i}", Body=body)
+            acked[f"o{i}"] = body
+        except Exception:        # noqa: BLE001 -- the killed process's requests fail; that is allowed
+            pass
+        try:                     # conditional creates of one key, racing across processes
+            fresh_client(gw).put_object(Bucket="sturdy", Key="once", Body=f"{i}".encode(), IfNoneMatch="*")
+            race_winners.append(f"{i}")
+        except Exception:        # noqa: BLE001 -- 412, or the killed process
+            pass
+        if i == 20:
+            os.kill(victim, signal.SIGKILL)
+
+    with cf.ThreadPoolExecutor(8) as ex:
+        list(ex.map(writer, range(60)))
+    wait_until(lambda: len(worker_pids(gw)) == WORKERS - 1 and victim not in worker_pids(gw),
+               "the killed worker replaced")
+    wait_until(lambda: serving(gw, WORKERS), "replacement serving")
+    assert len(acked) >= 30
+    for k, v in acked.items():
+        assert fresh_client(gw).get_object(Bucket="sturdy", Key=k)["Body"].read() == v
+    # at most one conditional create won, and the object is the winner's
+    assert len(race_winners) <= 1
+    if race_winners:
+        got = fresh_client(gw).get_object(Bucket="sturdy", Key="once")["Body"].read()
+        assert got == race_winners[0].encode()
+    versions = fresh_client(gw).list_object_versions(Bucket="sturdy", Prefix="once").get("Versions", [])
+    assert len(versions) <= 1        # a second "winner" would have left a second version
+    fresh_client(gw).put_object(Bucket="sturdy", Key="after", Body=b"after the restart")
+    assert "exited with -9; starting it again" in gw.log_text()
+    assert "equal" in dep.airlock("verify").stdout.lower()
+
+
+def test_a_failed_upload_through_a_worker_still_ships_its_chunks(dep):
+    """A worker holds a small body's chunks to send them with the commit; if
+    the upload fails (here: a wrong Content-MD5) it ships them anyway, so an
+    identical upload later (dedup: no chunk is new) finds them on the vault."""
+    import base64
+    import hashlib
+    gw = dep.gateway
+    fresh_client(gw).create_bucket(Bucket="retry")
+    for i in range(8):                   # fresh connections: most land on workers
+        body = os.urandom(3000 + i)
+        with pytest.raises(ClientError) as e:
+            fresh_client(gw).put_object(Bucket="retry", Key=f"r{i}", Body=body,
+                                        ContentMD5=base64.b64encode(hashlib.md5(b"other").digest()).decode())
+        assert e.value.response["Error"]["Code"] == "BadDigest"
+        fresh_client(gw).put_object(Bucket="retry", Key=f"r{i}", Body=body)
+        assert fresh_client(gw).get_object(Bucket="retry", Key=f"r{i}")["Body"].read() == body
+    assert gw.health()["replication_stats"]["missing_chunks_resent"] == 0
+
+
+def test_a_killed_leader_takes_its_workers_with_it(dep):
+    gw = dep.gateway
+    fresh_client(gw).create_bucket(Bucket="after")
+    fresh_client(gw).put_object(Bucket="after", Key="k", Body=b"written before the kill")
+    pids = worker_pids(gw)
+    assert len(pids) == WORKERS - 1
+    gw.kill()
+
+    def all_gone():
+        return all(not os.path.exists(f"/proc/{p}") or _is_zombie(p) for p in pids)
+    wait_until(all_gone, "workers exit when the leader is gone", timeout=15)
+    # the port and the data directory are free again: a single-process
+    # gateway (no SO_REUSEPORT) can take both, and has every write
+    dep.gateway.extra_args = dep._gateway_args() + ["--workers", "1"]
+    dep.gateway.start()
+    assert fresh_client(gw).get_object(Bucket="after", Key="k")["Body"].read() == b"written before the kill"
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+def test_losing_the_primary_stops_the_workers_and_the_leader_serves_from_the_vault(dep, tmp_path):
+    gw = dep.gateway
+    fresh_client(gw).create_bucket(Bucket="lifeboat")
+    bodies = {f"x{i}": os.urandom(200_000 * i + 5) for i in range(5)}
+    for k, v in bodies.items():
+        fresh_client(gw).put_object(Bucket="lifeboat", Key=k, Body=v)
+    pids = worker_pids(gw)
+    shutil.rmtree(gw.data)
+    wait_until(lambda: (health_or_none(gw) or {}).get("primary_storage") == "failed", "degraded mode")
+    wait_until(lambda: all(not os.path.exists(f"/proc/{p}") or _is_zombie(p) for p in pids),
+               "workers stopped", timeout=20)
+    for k, v in bodies.items():
+        assert fresh_client(gw).get_object(Bucket="lifeboat", Key=k)["Body"].read() == v
+    with pytest.raises(ClientError) as e:
+        fresh_client(gw).put_object(Bucket="lifeboat", Key="new", Body=b"x")
+    assert e.value.response["Error"]["Code"] == "ServiceUnavailable"
+    assert worker_pids(gw) == []          # and none is started again while degraded
+
+
+@pytest.mark.parametrize("value", ["0", "65", "two", "-1"])
+def test_a_bad_worker_count_is_refused_with_one_line(tmp_path, value):
+    r = subprocess.run([sys.executable, "-m", "airlock", "gateway", "--data", str(tmp_path / "p"),
+                        f"--workers={value}"], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--workers" in lines[0], r.stderr
+    assert not (tmp_path / "p").exists()
+
+
+def test_auto_means_one_process_per_cpu_up_to_four():
+    from airlock.config import AUTO_MAX_WORKERS, GatewayConfig, gateway_processes
+    n = gateway_processes(GatewayConfig())                  # the default is "auto"
+    assert 1 <= n <= AUTO_MAX_WORKERS == 4
+    assert n == min(len(os.sched_getaffinity(0)), 4)
+    assert gateway_processes(GatewayConfig(workers=1)) == 1
+
+
+def test_a_single_process_gateway_serves_without_workers(tmp_path):
+    gw = Gateway(tmp_path / "one", extra_args=["--workers", "1"]).start()
+    try:
+        s3 = fresh_client(gw)
+        s3.create_bucket(Bucket="one")
+        s3.put_object(Bucket="one", Key="k", Body=b"v")
+        assert s3.get_object(Bucket="one", Key="k")["Body"].read() == b"v"
+        assert worker_pids(gw) == [] and "processes" not in gw.health()
+    finally:
+        assert gw.stop() == 0
+
+
+def test_a_bad_worker_count_in_the_config_file_is_refused(tmp_path):
+    cfg = tmp_path / "gw.toml"
+    cfg.write_text('[gateway]\nworkers = "many"\n')
+    r = subprocess.run([sys.executable, "-m", "airlock", "gateway", "--data", str(tmp_path / "p"),
+                        "--config", str(cfg)], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 2 and "[gateway] workers" in r.stderr
+
+
+def test_a_local_only_gateway_with_workers_serves_and_stops_cleanly(tmp_path):
+    gw = Gateway(tmp_path / "solo", extra_args=["--workers", "2"]).start()
+    try:
+        wait_until(lambda: len(worker_pids(gw)) == 1, "worker started")
+        pids = worker_pids(gw)
+        fresh_client(gw).create_bucket(Bucket="solo")
+        for i in range(10):
+            fresh_client(gw).put_object(Bucket="solo", Key=f"{i}", Body=b"%d" % i)
+        for i in range(10):
+            assert fresh_client(gw).get_object(Bucket="solo", Key=f"{i}")["Body"].read() == b"%d" % i
+    finally:
+        assert gw.stop() == 0
+    assert all(not os.path.exists(f"/proc/{p}") or _is_zombie(p) for p in pids)
