@@ -41,18 +41,23 @@ def main(argv=None) -> int:
     ap.add_argument("--size", type=int, default=4096)
     ap.add_argument("--conc", type=int, default=16)
     ap.add_argument("--seconds", type=float, default=8.0)
+    ap.add_argument("--workers", type=int, default=None, help="airlock gateway processes (--workers)")
     args = ap.parse_args(argv)
     if not loadgen.wrk_available():
         raise SystemExit("wrk is needed (apt-get install wrk)")
     cls = {"airlock": peers.Airlock, "airlock-chunk-vault": peers.AirlockChunkSyncVault,
            "seaweedfs": peers.SeaweedFS, "moto": peers.Moto}[args.target]
-    t = cls(peers.make_workdir() / args.target).start()
+    kw = {"workers": args.workers} if args.workers and issubclass(cls, peers.Airlock) else {}
+    t = cls(peers.make_workdir() / args.target, **kw).start()
     try:
         c = t.client()
         c.create_bucket(Bucket="bench")
         pids = {"server": t.pid}
         if isinstance(t, peers.Airlock):
             pids = {"gateway": t.pid, "vault": t.vault_pid}
+            for p in t.gateway_processes():
+                if p["role"] == "worker":
+                    pids[f"worker {p['pid']}"] = p["pid"]
         if args.op == "GET":
             c.put_object(Bucket="bench", Key="g", Body=os.urandom(args.size))
             url = c.generate_presigned_url("get_object", Params={"Bucket": "bench", "Key": "g"}, ExpiresIn=3600)

@@ -187,10 +187,15 @@ class Airlock(Target):
              "the default), vault overlay fdatasync + log fdatasync")
     gateway_args: list[str] = []
 
-    def __init__(self, workdir: Path):
+    def __init__(self, workdir: Path, workers: int | None = None, name: str | None = None):
         super().__init__(workdir)
         self.vault_proc: subprocess.Popen | None = None
         self.vault_port = 0
+        if workers is not None:          # gateway processes (leader + workers), else the default
+            self.gateway_args = [*self.gateway_args, "--workers", str(workers)]
+            self.notes = f"{self.notes}; gateway of {workers} processes (--workers {workers})"
+        if name is not None:
+            self.name = name
 
     @property
     def vault_pid(self) -> int:
@@ -221,6 +226,21 @@ class Airlock(Target):
             stdout=self._log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         wait_http(self.port, self.proc)
         return self
+
+    def gateway_processes(self, settle: float = 1.0, timeout: float = 20.0) -> list[dict]:
+        """The gateway's processes ({"pid", "role", "stats"}) once their
+        number has not changed for `settle` seconds (workers start after the
+        leader answers)."""
+        deadline = time.monotonic() + timeout
+        last, since = None, time.monotonic()
+        while time.monotonic() < deadline:
+            procs = self.health().get("processes") or [{"pid": self.pid, "role": "leader"}]
+            if last is None or len(procs) != len(last):
+                last, since = procs, time.monotonic()
+            elif time.monotonic() - since >= settle:
+                break
+            time.sleep(0.1)
+        return last
 
     def health(self) -> dict:
         import urllib.request

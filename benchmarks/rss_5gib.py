@@ -1,5 +1,5 @@
 """Peak RSS of the gateway AND the vault while a replicated airlock receives a
-large object (default 5 GiB).
+large object (default 5 GiB); with several gateway processes, of each one.
 
     python benchmarks/rss_5gib.py                         # 5 GiB, single PutObject then multipart
     python benchmarks/rss_5gib.py --size-mib 1024 --mode multipart
@@ -98,6 +98,8 @@ def measure(mode: str, size: int, work: Path) -> dict:
                       response_checksum_validation="when_required")
         s3.create_bucket(Bucket="rss")
         pids = {"gateway": t.pid, "vault": t.vault_pid}
+        for i, p in enumerate(q for q in t.gateway_processes() if q["role"] == "worker"):
+            pids[f"worker{i + 1}"] = p["pid"]
         idle = {k: status_kib(p, "VmRSS") for k, p in pids.items()}
         samplers = {k: Sampler(p) for k, p in pids.items()}
         for s in samplers.values():
@@ -140,7 +142,7 @@ def main(argv=None) -> int:
             r = measure(mode, size, work)
             results.append(r)
             print(f"{mode:9s} {args.size_mib} MiB in {r['seconds']:.1f} s ({r['mib_per_s']:.0f} MiB/s)", flush=True)
-            for k in ("gateway", "vault"):
+            for k in [k for k in r["samples"]]:
                 peak = max(r[f"{k}_peak_rss_sampled_mib"], r[f"{k}_vmhwm_mib"])
                 print(f"  {k:7s} RSS idle {r[f'{k}_idle_rss_mib']:.0f} MiB, peak sampled every 50 ms "
                       f"{r[f'{k}_peak_rss_sampled_mib']:.0f} MiB ({r['samples'][k]} samples), "

@@ -209,6 +209,11 @@ def main(argv=None) -> int:
                     help="also run airlock with --chunk-sync vault (chunk files not fsynced) as an extra target")
     ap.add_argument("--airlock-local-only", action="store_true",
                     help="also run a gateway without a vault (local commit point) as an extra target")
+    ap.add_argument("--airlock-workers", type=int, default=None,
+                    help="gateway processes of the airlock target (default: the gateway's default)")
+    ap.add_argument("--airlock-also-workers", type=int, default=None, metavar="N",
+                    help="also run airlock with a gateway of N processes as an extra target (airlock-wN)")
+    ap.add_argument("--sizes", default="4K,1M,64M", help="object sizes to run, of 4K,1M,64M")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
     rounds = args.rounds or (2 if args.quick else 3)
@@ -220,7 +225,10 @@ def main(argv=None) -> int:
     build = peers.airlock_build()
     print(f"airlock: {build}", flush=True)
     work = peers.make_workdir()
-    targets = [peers.Airlock(work / "airlock")]
+    targets = [peers.Airlock(work / "airlock", workers=args.airlock_workers)]
+    if args.airlock_also_workers:
+        n = args.airlock_also_workers
+        targets.append(peers.Airlock(work / f"airlock-w{n}", workers=n, name=f"airlock-w{n}"))
     if args.airlock_chunk_vault:
         targets.append(peers.AirlockChunkSyncVault(work / "airlock-chunk-vault"))
     if args.airlock_local_only:
@@ -244,7 +252,8 @@ def main(argv=None) -> int:
         health = targets[0].health()
         if health.get("replication") != "vault" or not health.get("vault_connected"):
             raise RuntimeError(f"airlock gateway is not replicating to its vault: {health}")
-        samples = run_matrix(targets, rounds, duration, use_wrk, log=lambda s: print(s, flush=True))
+        sizes = [{"4K": 4 * KiB, "1M": MiB, "64M": 64 * MiB}[x] for x in args.sizes.split(",")]
+        samples = run_matrix(targets, rounds, duration, use_wrk, sizes=sizes, log=lambda s: print(s, flush=True))
     finally:
         for t in started:
             t.stop()
