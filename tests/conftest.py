@@ -121,7 +121,25 @@ class Gateway(_Daemon):
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env)
         wait_for_port(self.port, self.proc)
+        self._wait_healthy()
         return self
+
+    def _wait_healthy(self, timeout: float = START_TIMEOUT_S) -> None:
+        """Ready = this process answers its health call.  An open port alone
+        is not proof: right after a kill -9 the old gateway's worker may
+        still hold the port for a moment, and a connect would reach it."""
+        import urllib.error
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"gateway exited early with {self.proc.returncode}:\n{self.log_text()}")
+            try:
+                if self.health().get("status"):
+                    return
+            except (OSError, urllib.error.HTTPError, ValueError):
+                pass
+            time.sleep(0.05)
+        raise TimeoutError(f"gateway on port {self.port} did not become healthy within {timeout}s")
 
     def restart(self) -> "Gateway":
         self.stop()

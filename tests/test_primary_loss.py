@@ -84,3 +84,34 @@ def test_reads_survive_losing_the_primary_and_restore_brings_it_back(dep, tmp_pa
     assert gw.health()["stats"]["chunks_from_vault"] == 0, "restore should have brought every chunk back"
     s3.put_object(Bucket="lifeline", Key="after", Body=b"writes work again")
     dep.airlock("verify")
+
+
+def test_losing_the_primary_while_the_vault_is_down_serves_from_the_vault_once_it_is_back(dep):
+    """Degraded mode needs the vault's log to rebuild the index; if the vault
+    cannot be reached at that moment the gateway keeps trying (writes are
+    refused meanwhile) and serves from the vault as soon as it is back."""
+    from conftest import wait_until
+    gw = dep.gateway
+    s3 = gw.client()
+    s3.create_bucket(Bucket="patient")
+    body = os.urandom(300_000)
+    s3.put_object(Bucket="patient", Key="k", Body=body)
+    dep.vault.stop()
+    shutil.rmtree(gw.data)
+
+    def health():
+        try:
+            return gw.health()
+        except OSError:          # a worker going away as the gateway degrades
+            return {}
+    wait_until(lambda: health().get("primary_storage") == "failed", "degraded", timeout=15)
+    time.sleep(3)                # several failed tries to reach the vault
+    h = health()
+    assert h.get("vault_state_loaded") is False, h
+    with pytest.raises(ClientError) as e:
+        s3.put_object(Bucket="patient", Key="new", Body=b"x")
+    assert e.value.response["Error"]["Code"] == "ServiceUnavailable"
+    dep.vault.start()
+    wait_until(lambda: health().get("vault_state_loaded") is True, "vault state loaded", timeout=30)
+    assert gw.client().get_object(Bucket="patient", Key="k")["Body"].read() == body
+    assert [o["Key"] for o in gw.client().list_objects_v2(Bucket="patient")["Contents"]] == ["k"]

@@ -61,6 +61,7 @@ class Engine:
         self.stats = {"puts": 0, "gets": 0, "integrity_errors": 0, "replayed": 0,
                       "chunks_from_vault": 0, "chunks_repaired": 0, "repair_failures": 0}
         self.degraded: str | None = None      # why the primary's storage is not used, if it is not
+        self.serving_from_vault = False       # degraded, and the index now comes from the vault
         self._monitor: asyncio.Task | None = None
         # Writes to one key are committed one at a time: a version removal
         # records what becomes current (for the vault), which must not race
@@ -184,6 +185,8 @@ class Engine:
             body["status"] = "degraded"
             body["degraded_reason"] = self.degraded
             body["serving_reads_from"] = "vault"
+            # False while the vault's state could not be loaded yet (retried every second)
+            body["vault_state_loaded"] = self.serving_from_vault
         return body
 
     # ------------------------------------------------------------------ degraded mode
@@ -211,11 +214,13 @@ class Engine:
     async def _watch_storage(self) -> None:
         while True:
             await asyncio.sleep(STORAGE_PROBE_INTERVAL_S)
-            if self.degraded is None and not self.storage_ok():
-                try:
+            try:
+                if self.degraded is None and not self.storage_ok():
                     await self.enter_degraded_mode("the primary data directory is gone or unreadable")
-                except Exception:
-                    log.exception("could not switch to serving from the vault")
+                elif self.degraded is not None and not self.serving_from_vault and self.vault_link is not None:
+                    await self._serve_from_vault()      # the first try failed (vault unreachable?)
+            except Exception:
+                log.exception("could not switch to serving from the vault; trying again")
 
     async def enter_degraded_mode(self, reason: str) -> None:
         """The primary's storage failed outright: serve reads from the vault.
@@ -232,10 +237,16 @@ class Engine:
         log.error("DEGRADED: %s; serving reads from the vault, refusing writes", reason)
         for hook in self.on_degraded:
             hook()
-        link = self.vault_link
-        if link is None:
+        if self.vault_link is None:
             log.error("no vault configured: nothing to serve from")
             return
+        await self._serve_from_vault()
+
+    async def _serve_from_vault(self) -> None:
+        """Degraded mode's second half: the index rebuilt in memory from the
+        vault's log.  Retried by the storage watch until it succeeds (writes
+        are refused from the moment `degraded` is set)."""
+        link = self.vault_link
         await self.commit_point.ensure_link(reconcile=False)
         records: list[tuple[int, int, bytes]] = []
         seq = 1
@@ -253,6 +264,7 @@ class Engine:
         index.apply([(s, rtype, P.decode_payload(rtype, payload))
                      for s, rtype, payload in records if s not in void])
         self.index = index
+        self.serving_from_vault = True
         log.error("DEGRADED: serving %d vault records' state from memory", len(records))
 
     # ------------------------------------------------------------------ buckets

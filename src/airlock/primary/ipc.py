@@ -56,9 +56,13 @@ def decode_error(name: str, message: str | None, extra: dict, headers) -> BaseEx
 
 
 class Peer:
-    def __init__(self, sock: socket.socket, handlers: dict[str, Handler]):
+    def __init__(self, sock: socket.socket, handlers: dict[str, Handler],
+                 on_lost: Callable[[], None] | None = None):
+        """`on_lost` runs synchronously when the OTHER side closes the
+        channel (or it breaks), before any pending call learns of it."""
         self.sock = sock
         self.handlers = handlers
+        self.on_lost = on_lost
         self._ids = itertools.count(1)
         self._waiting: dict[int, asyncio.Future] = {}
         self._reader: asyncio.StreamReader | None = None
@@ -78,8 +82,11 @@ class Peer:
         fut = asyncio.get_running_loop().create_future()
         self._waiting[cid] = fut
         try:
-            self._send(CALL, cid, (name, args, kwargs))
-            await self._writer.drain()
+            try:
+                self._send(CALL, cid, (name, args, kwargs))
+                await self._writer.drain()
+            except (ConnectionError, OSError):
+                self._lost()
             return await fut
         finally:
             self._waiting.pop(cid, None)
@@ -115,7 +122,7 @@ class Peer:
         except (asyncio.IncompleteReadError, ConnectionError, OSError):
             pass
         finally:
-            self._close()
+            self._lost()
 
     async def _serve(self, cid: int, name: str, args, kwargs) -> None:
         handler = self.handlers.get(name)
@@ -139,7 +146,13 @@ class Peer:
                 self._send(ERROR, cid, encode_error(E.InternalError(f"gateway call {name!r}: {e}")))
             await self._writer.drain()
         except (ConnectionError, OSError):
-            self._close()
+            self._lost()
+
+    def _lost(self) -> None:
+        """The channel broke or the other side closed it (not `aclose`)."""
+        if self.on_lost is not None and not self.closed.is_set():
+            self.on_lost()
+        self._close()
 
     def _close(self) -> None:
         if self.closed.is_set():

@@ -156,6 +156,9 @@ class WorkerEngine(Engine):
     async def health(self) -> dict:
         return await self.peer.call("health")
 
+    async def _serve_from_vault(self) -> None:
+        pass                         # the leader does, once it knows (storage_failed)
+
     async def enter_degraded_mode(self, reason: str) -> None:
         if self.degraded is not None:
             return
@@ -207,7 +210,18 @@ async def run(fd: int) -> None:
             return {}
         return {"pid": os.getpid(), "role": "worker", "stats": dict(engine_box[0].stats)}
 
-    peer = Peer(sock, {"stop": on_stop, "stats": on_stats})
+    def leader_lost() -> None:
+        # The leader is gone (crashed, killed).  A write this worker forwarded
+        # may or may not have been committed before it died, so its client
+        # must not get an S3 error (an error means "not visible, ever",
+        # docs/architecture.md): leave now, before any waiting request can
+        # answer, and let every connection drop as in a crash.  This also
+        # frees the port for the next gateway at once.
+        log.error("gateway worker %d: the leader is gone; exiting", os.getpid())
+        logging.shutdown()
+        os._exit(1)
+
+    peer = Peer(sock, {"stop": on_stop, "stats": on_stats}, on_lost=leader_lost)
     await peer.start()
     version, cfg, port, replicated = await peer.call("hello")
     if version != VERSION:
@@ -227,16 +241,8 @@ async def run(fd: int) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     log.info("gateway worker %d serving on port %d", os.getpid(), port)
-    orphaned = asyncio.ensure_future(peer.closed.wait())
-    await asyncio.wait([asyncio.ensure_future(stop.wait()), orphaned], return_when=asyncio.FIRST_COMPLETED)
-    if orphaned.done() and not stop.is_set():
-        # The leader is gone (crashed or killed): nothing can commit any more
-        # and a new gateway may be starting on this port and data directory.
-        # Stop listening at once and leave without waiting for keep-alive
-        # connections or requests that could only fail.
-        log.error("gateway worker %d: the leader is gone; exiting", os.getpid())
-        await site.stop()
-        os._exit(1)
+    await asyncio.wait([asyncio.ensure_future(stop.wait()), asyncio.ensure_future(peer.closed.wait())],
+                       return_when=asyncio.FIRST_COMPLETED)
     await runner.cleanup()           # stops listening, lets in-flight requests finish
     await engine.close()
     await peer.aclose()
