@@ -28,8 +28,31 @@ START_TIMEOUT_S = 30.0
 GATEWAY_WORKERS = os.environ.get("AIRLOCK_TEST_WORKERS")
 
 
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        lo, hi = open("/proc/sys/net/ipv4/ip_local_port_range").read().split()
+        return int(lo), int(hi)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
 def free_port() -> int:
-    with socket.socket() as s:
+    """A free port OUTSIDE the kernel's ephemeral range: a port the kernel
+    handed out by bind(0) can be taken as the source port of any outgoing
+    connection (a link, a client) before the server that was to listen on
+    it starts, and the server then fails with "address already in use"."""
+    import random
+    lo, hi = _ephemeral_range()
+    candidates = [p for p in range(10000, 30000) if not lo <= p <= hi] or list(range(1024, 10000))
+    for _ in range(200):
+        port = random.choice(candidates)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as s:       # give up on the range; take any
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
