@@ -36,16 +36,25 @@ def _ephemeral_range() -> tuple[int, int]:
         return 32768, 60999
 
 
+_handed_out: set[int] = set()
+
+
 def free_port() -> int:
-    """A free port OUTSIDE the kernel's ephemeral range: a port the kernel
-    handed out by bind(0) can be taken as the source port of any outgoing
-    connection (a link, a client) before the server that was to listen on
-    it starts, and the server then fails with "address already in use"."""
+    """A free port, never the same one twice in this test run, and OUTSIDE
+    the kernel's ephemeral range.  bind(0) can return the same port to two
+    calls made before either server listens (a vault and its gateway got
+    the same port once), and a port from the ephemeral range can be taken
+    as the source port of an outgoing connection (a link, a client) before
+    its server starts; either way the server fails with "address already
+    in use"."""
     import random
     lo, hi = _ephemeral_range()
     candidates = [p for p in range(10000, 30000) if not lo <= p <= hi] or list(range(1024, 10000))
     for _ in range(200):
         port = random.choice(candidates)
+        if port in _handed_out:
+            continue
+        _handed_out.add(port)
         with socket.socket() as s:
             try:
                 s.bind(("127.0.0.1", port))
@@ -297,7 +306,11 @@ class Deployment:
 
     def start(self) -> "Deployment":
         self.vault.start()
-        self.start_gateway()
+        try:
+            self.start_gateway()
+        except BaseException:
+            self.vault.stop()        # a fixture whose setup fails gets no teardown
+            raise
         return self
 
     def start_gateway(self) -> Gateway:
