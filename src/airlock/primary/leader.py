@@ -16,7 +16,6 @@ import socket
 import sys
 import time
 
-from airlock import errors as E
 from airlock.config import GatewayConfig
 from airlock.primary.engine import Engine
 from airlock.primary.ipc import VERSION, Peer

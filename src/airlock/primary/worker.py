@@ -114,26 +114,9 @@ class WorkerEngine(Engine):
     async def ingest(self, body, **kw):
         # the new chunks of a small body go to the leader with the commit
         # call that follows (commit_object / commit_part), in one message
+        # (if the upload fails before that call, see SHIP_HELD_ON_FAILURE)
         _held.set([[], 0])
-        try:
-            return await super().ingest(body, **kw)
-        except BaseException:
-            await self._ship_held()
-            raise
-
-    async def put_object(self, *args, **kwargs):
-        try:
-            return await super().put_object(*args, **kwargs)
-        except BaseException:
-            await self._ship_held()
-            raise
-
-    async def upload_part(self, *args, **kwargs):
-        try:
-            return await super().upload_part(*args, **kwargs)
-        except BaseException:
-            await self._ship_held()
-            raise
+        return await super().ingest(body, **kw)
 
     async def _ship_held(self) -> None:
         """The request failed after storing chunks it still holds (a bad
@@ -193,6 +176,28 @@ def _forward(name: str):
 for _name in FORWARDED:
     setattr(WorkerEngine, _name, _forward(_name))
 
+# the engine methods that ingest a body and then commit it: if one fails in
+# between (bad digest, client gone), the chunks it held are shipped anyway
+SHIP_HELD_ON_FAILURE = ("put_object", "upload_part")
+
+
+def _ship_held_on_failure(name: str):
+    method = getattr(Engine, name)
+
+    async def wrapped(self, *args, **kwargs):
+        try:
+            return await method(self, *args, **kwargs)
+        except BaseException:
+            await self._ship_held()
+            raise
+    wrapped.__name__ = name
+    wrapped.__doc__ = method.__doc__
+    return wrapped
+
+
+for _name in SHIP_HELD_ON_FAILURE:
+    setattr(WorkerEngine, _name, _ship_held_on_failure(_name))
+
 
 async def run(fd: int) -> None:
     from airlock.s3.app import make_app
@@ -203,12 +208,12 @@ async def run(fd: int) -> None:
     async def on_stop() -> None:
         stop.set()
 
-    engine_box: list[WorkerEngine] = []
+    engine: WorkerEngine | None = None      # the leader may ask for counters before it exists
 
     async def on_stats() -> dict:
-        if not engine_box:
+        if engine is None:
             return {}
-        return {"pid": os.getpid(), "role": "worker", "stats": dict(engine_box[0].stats)}
+        return {"pid": os.getpid(), "role": "worker", "stats": dict(engine.stats)}
 
     def leader_lost() -> None:
         # The leader is gone (crashed, killed).  A write this worker forwarded
@@ -230,7 +235,6 @@ async def run(fd: int) -> None:
     engine = WorkerEngine(cfg.data, peer, replicated=replicated, fsync=cfg.fsync, chunk_fsync=chunk_fsync)
     engine.stop = stop
     engine.open()
-    engine_box.append(engine)
     await engine.start()
     app = make_app(engine, cfg)
     runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=SHUTDOWN_GRACE_S)
