@@ -34,6 +34,26 @@ def machine_idle() -> tuple[int, int]:
     return v[3] + v[4], sum(v)
 
 
+def measure(args, c, pids: dict, url: str | None) -> None:
+    before = {n: cpu_seconds(p) for n, p in pids.items()}
+    ch0, i0, t0 = resource.getrusage(resource.RUSAGE_CHILDREN), machine_idle(), time.time()
+    if args.op == "PUT":
+        r = loadgen.wrk_put(loadgen.put_presigner(c, "bench"), args.size, args.conc, args.seconds)
+    else:
+        r = loadgen.wrk_get(url, args.size, args.conc, args.seconds)
+    el = time.time() - t0
+    ch1, i1 = resource.getrusage(resource.RUSAGE_CHILDREN), machine_idle()
+    after = {n: cpu_seconds(p) for n, p in pids.items()}
+    print(f"{args.target} {args.op} {args.size} B c={args.conc}: {r['ops_per_s']:.0f} ops/s, "
+          f"{r['mib_per_s']:.1f} MiB/s, errors {r['errors']}")
+    for n in pids:
+        used = after[n] - before[n]
+        print(f"  {n}: {used / el:.2f} cores, {used / max(r['ops'], 1) * 1e3:.3f} ms CPU per op")
+    wrk = (ch1.ru_utime + ch1.ru_stime) - (ch0.ru_utime + ch0.ru_stime)
+    busy = (1 - (i1[0] - i0[0]) / max(i1[1] - i0[1], 1)) * (os.cpu_count() or 1)
+    print(f"  wrk: {wrk / el:.2f} cores; machine: {busy:.2f} of {os.cpu_count()} cores busy")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--target", default="airlock", choices=["airlock", "airlock-chunk-vault", "seaweedfs", "moto"])
@@ -42,12 +62,18 @@ def main(argv=None) -> int:
     ap.add_argument("--conc", type=int, default=16)
     ap.add_argument("--seconds", type=float, default=8.0)
     ap.add_argument("--workers", type=int, default=None, help="airlock gateway processes (--workers)")
+    ap.add_argument("--link-delay-ms", type=float, default=0.0,
+                    help="airlock: run the link through benchmarks/delay_proxy.py adding this much each way")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="run the cell this many times on the same deployment (shows warm-up)")
     args = ap.parse_args(argv)
     if not loadgen.wrk_available():
         raise SystemExit("wrk is needed (apt-get install wrk)")
     cls = {"airlock": peers.Airlock, "airlock-chunk-vault": peers.AirlockChunkSyncVault,
            "seaweedfs": peers.SeaweedFS, "moto": peers.Moto}[args.target]
-    kw = {"workers": args.workers} if args.workers and issubclass(cls, peers.Airlock) else {}
+    kw = {}
+    if issubclass(cls, peers.Airlock):
+        kw = {"workers": args.workers, "link_delay_ms": args.link_delay_ms}
     t = cls(peers.make_workdir() / args.target, **kw).start()
     try:
         c = t.client()
@@ -61,23 +87,8 @@ def main(argv=None) -> int:
         if args.op == "GET":
             c.put_object(Bucket="bench", Key="g", Body=os.urandom(args.size))
             url = c.generate_presigned_url("get_object", Params={"Bucket": "bench", "Key": "g"}, ExpiresIn=3600)
-        before = {n: cpu_seconds(p) for n, p in pids.items()}
-        ch0, i0, t0 = resource.getrusage(resource.RUSAGE_CHILDREN), machine_idle(), time.time()
-        if args.op == "PUT":
-            r = loadgen.wrk_put(loadgen.put_presigner(c, "bench"), args.size, args.conc, args.seconds)
-        else:
-            r = loadgen.wrk_get(url, args.size, args.conc, args.seconds)
-        el = time.time() - t0
-        ch1, i1 = resource.getrusage(resource.RUSAGE_CHILDREN), machine_idle()
-        after = {n: cpu_seconds(p) for n, p in pids.items()}
-        print(f"{args.target} {args.op} {args.size} B c={args.conc}: {r['ops_per_s']:.0f} ops/s, "
-              f"{r['mib_per_s']:.1f} MiB/s, errors {r['errors']}")
-        for n in pids:
-            used = after[n] - before[n]
-            print(f"  {n}: {used / el:.2f} cores, {used / max(r['ops'], 1) * 1e3:.3f} ms CPU per op")
-        wrk = (ch1.ru_utime + ch1.ru_stime) - (ch0.ru_utime + ch0.ru_stime)
-        busy = (1 - (i1[0] - i0[0]) / max(i1[1] - i0[1], 1)) * (os.cpu_count() or 1)
-        print(f"  wrk: {wrk / el:.2f} cores; machine: {busy:.2f} of {os.cpu_count()} cores busy")
+        for _ in range(max(1, args.repeat)):
+            measure(args, c, pids, url if args.op == "GET" else None)
     finally:
         t.stop()
     return 0

@@ -187,10 +187,15 @@ class Airlock(Target):
              "the default), vault overlay fdatasync + log fdatasync")
     gateway_args: list[str] = []
 
-    def __init__(self, workdir: Path, workers: int | None = None, name: str | None = None):
+    def __init__(self, workdir: Path, workers: int | None = None, name: str | None = None,
+                 link_delay_ms: float = 0.0):
         super().__init__(workdir)
         self.vault_proc: subprocess.Popen | None = None
+        self.proxy_proc: subprocess.Popen | None = None
         self.vault_port = 0
+        self.link_delay_ms = link_delay_ms     # > 0: the link runs through delay_proxy.py
+        if link_delay_ms > 0:
+            self.notes = f"{self.notes}; link through a proxy adding {link_delay_ms:g} ms each way"
         if workers is not None:          # gateway processes (leader + workers), else the default
             self.gateway_args = [*self.gateway_args, "--workers", str(workers)]
             self.notes = f"{self.notes}; gateway of {workers} processes (--workers {workers})"
@@ -217,11 +222,19 @@ class Airlock(Target):
             if self.vault_proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"vault did not start (see {self.workdir / (self.name + '.log')})")
             time.sleep(0.05)
+        link_port = self.vault_port
+        if self.link_delay_ms > 0:
+            link_port = free_port()
+            self.proxy_proc = subprocess.Popen(
+                [sys.executable, str(Path(__file__).resolve().parent / "delay_proxy.py"), str(link_port),
+                 str(self.vault_port), str(self.link_delay_ms)],
+                stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
+            wait_http(link_port, self.proxy_proc)
         self.port = free_port()
         env.update(AIRLOCK_ACCESS_KEY=ACCESS_KEY, AIRLOCK_SECRET_KEY=SECRET_KEY)
         self.proc = subprocess.Popen(
             cmd + ["gateway", "--data", str(self.workdir / "primary"), "--listen", f"127.0.0.1:{self.port}",
-                   "--vault", f"127.0.0.1:{self.vault_port}",
+                   "--vault", f"127.0.0.1:{link_port}",
                    "--link-keys", str(self.workdir / "primary" / "keys"), *self.gateway_args],
             stdout=self._log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         wait_http(self.port, self.proc)
@@ -259,6 +272,10 @@ class Airlock(Target):
                 os.killpg(self.vault_proc.pid, signal.SIGKILL)
                 self.vault_proc.wait()
         self.vault_proc = None
+        if self.proxy_proc is not None:
+            self.proxy_proc.terminate()
+            self.proxy_proc.wait(10)
+            self.proxy_proc = None
         if log:
             log.close()
 
