@@ -481,3 +481,46 @@ def test_overlay_of_an_unknown_version_is_refused_not_guessed(store):
     with pytest.raises(FormatError, match="version 2"):
         VaultStore(store.data_dir).open()
     assert struct.unpack_from("<H", open(path, "rb").read(), 8)[0] == 2     # left untouched
+
+
+# ---------------------------------------------------------------------- early writeback
+def test_chunk_data_is_written_back_while_it_arrives_and_the_append_still_syncs(tmp_path):
+    s = VaultStore(tmp_path / "vault").open()
+    try:
+        f = Feed(s)
+        f.send(f.bucket("b"))
+        parts = [body(i, 1 << 20) for i in range(10)]        # more than WRITEBACK_BYTES
+        rec = f.put("b", "k", *parts)
+        assert s._writeback_job is not None
+        s._writeback_job.result(30)                            # an early fdatasync ran, and succeeded
+        assert f.send(rec) == 2
+        assert b"".join(s.read_chunk(d) for d, _n in s.manifest("b", "k")["chunks"]) == b"".join(parts)
+    finally:
+        s.close_sync()
+
+
+def test_a_failed_early_writeback_refuses_every_later_append(tmp_path, monkeypatch):
+    # an fsync error may be reported to one fdatasync call only: the one that
+    # saw it must stop the store, or a later APPEND could be acknowledged
+    # over chunk data that never reached the disk
+    import errno
+    s = VaultStore(tmp_path / "vault").open()
+    try:
+        f = Feed(s)
+        f.send(f.bucket("b"))
+        real = os.fdatasync
+
+        def failing(fd):
+            raise OSError(errno.EIO, "injected write-back error")
+        monkeypatch.setattr(os, "fdatasync", failing)
+        rec = f.put("b", "k", *[body(i, 1 << 20) for i in range(8)])   # the 8th MiB starts a writeback
+        s._writeback_job.result(30)
+        monkeypatch.setattr(os, "fdatasync", real)
+        with pytest.raises(VaultRejected) as ei:
+            f.send(rec)
+        assert ei.value.code == "internal"
+        assert s.last_seq == 1
+        with pytest.raises(VaultRejected):
+            s.put_chunk(blake3.blake3(b"more").hexdigest(), b"more")
+    finally:
+        s.close_sync()

@@ -21,6 +21,7 @@ import os
 import struct
 import threading
 import uuid
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import blake3
 
@@ -32,6 +33,7 @@ CHUNK_VERSION = 1
 # magic(4) version(u16) flags(u16) length(u64), little-endian
 CHUNK_HEADER = struct.Struct("<4sHHQ")
 CHUNK_HEADER_SIZE = CHUNK_HEADER.size  # 16
+WRITER_THREADS = 4      # chunk files written (and fdatasynced) at once by `put_async`
 
 
 def digest_of(data) -> str:
@@ -49,6 +51,7 @@ class ChunkStore:
         self._tmp_prefix = uuid.uuid4().hex[:12] + "-"   # unique per open store ...
         self._tmp_ids = itertools.count()                # ... and per write (next() is atomic in CPython)
         self._lock = threading.Lock()
+        self._writers: ThreadPoolExecutor | None = None
         os.makedirs(self.tmp, exist_ok=True)
         if not clean_tmp:
             return
@@ -77,6 +80,16 @@ class ChunkStore:
                 self._made.add(d)
         os.replace(self._write_tmp(digest, data), final)
         return d
+
+    def put_async(self, digest: str, data) -> Future:
+        """`put` on one of the store's writer threads (its own pool: callers
+        may be threads of another pool that wait for the result).  Lets one
+        upload write and sync several chunk files at once while it hashes
+        the next buffer; the future's result is `put`'s."""
+        with self._lock:
+            if self._writers is None:
+                self._writers = ThreadPoolExecutor(WRITER_THREADS, thread_name_prefix="airlock-chunk-writer")
+        return self._writers.submit(self.put, digest, data)
 
     def _write_tmp(self, digest: str, data) -> str:
         """Write a complete chunk file under tmp/ and fdatasync it; returns its path."""

@@ -348,7 +348,11 @@ class Engine:
         self._refuse_writes_if_degraded()
         ing = Ingest(self.store, want_sha256=want_sha256, checksum_algorithms=checksum_algorithms,
                      chunk_params=self.chunk_params)
-        return await ingest_body(ing, body, self.executor, ship=self.commit_point.ship_chunks)
+        return await ingest_body(ing, body, self.executor, ship=self._shipper(ing))
+
+    def _shipper(self, ingest: Ingest):
+        """How one upload's new chunks go to the vault while its body arrives."""
+        return self.commit_point.ship_chunks
 
     async def put_object(self, bucket: str, key: str, body: AsyncIterator, meta: ObjectMeta, *,
                          want_sha256: bool = False, checksum_algorithms: tuple[str, ...] = (),

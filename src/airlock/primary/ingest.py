@@ -8,13 +8,19 @@ Data flow (one upload):
     event loop: read socket -> decoded buffer --(executor)--> Ingest.feed
                                                    |-> md5 / sha256 / checksum
                                                    |-> StreamChunker -> ChunkStore.put
+                                                        (chunks >= ASYNC_WRITE_BYTES: put_async,
+                                                         on the store's writer threads)
 
 `feed` runs on a worker thread (for buffers of SPLIT_BYTES and more, as two
 jobs on two threads: MD5, and everything else): hashlib, blake3 and the
 compiled chunker all release the GIL, so uploads proceed in parallel on both
 cores while the event loop keeps reading sockets.  At most two buffers of one upload are in
 flight (one hashing, one being read), so memory stays bounded whatever the
-object size.
+object size.  Large chunk files are written and fdatasynced on the chunk
+store's own writer threads, up to MAX_WRITES_IN_FLIGHT per upload, while the
+next buffer is hashed; `finish` waits for all of them (and syncs the chunk
+directories) before the upload may be committed, so the durability order is
+unchanged: every chunk file is durable before a record references it.
 """
 from __future__ import annotations
 
@@ -29,6 +35,8 @@ from airlock.primary.model import BodyDigests, ChunkRef
 
 BATCH_BYTES = 1 * 1024 * 1024       # coalesce socket reads to ~1 MiB before handing to a thread
 SPLIT_BYTES = 256 * 1024            # from this size a buffer is fed as two parallel jobs (MD5 | the rest)
+ASYNC_WRITE_BYTES = 256 * 1024      # chunks from this size are written on the store's writer threads ...
+MAX_WRITES_IN_FLIGHT = 4            # ... at most this many per upload at once (bounds memory)
 
 
 def _new_checksum(name: str):
@@ -49,6 +57,8 @@ class Ingest:
         self._chunks: list[ChunkRef] = []
         self._size = 0
         self._dirs: set[str] = set()
+        self._writes: list = []            # chunk writes in flight on the store's writer threads
+        self.writing: dict = {}            # digest hex -> future of its chunk file's write (large chunks)
 
     def feed(self, data) -> list[tuple[str, bytes]]:
         """Consume one buffer; return the chunks it completed that were new to
@@ -76,8 +86,10 @@ class Ingest:
         return (self.feed(data) if data else []) + self.finish()
 
     def finish(self) -> list[tuple[str, bytes]]:
-        """End of body: store the last chunk and make the chunk directories durable."""
+        """End of body: store the last chunk and make the chunk files and
+        their directories durable (every write of this upload has finished)."""
         new = self._store_chunks(self._chunker.finish())
+        self._wait_writes(0)
         self.store.sync_dirs(self._dirs)
         return new
 
@@ -91,15 +103,37 @@ class Ingest:
         )
 
     def _store_chunks(self, chunks) -> list[tuple[str, bytes]]:
+        """Store the chunks a buffer completed; returns the ones new to the
+        store.  A large chunk's file is written (and fdatasynced) on the
+        store's writer threads while the caller goes on hashing: the disk
+        works while the CPU does.  Small ones are written here (a thread hop
+        would cost more than the write)."""
         new = []
         for digest, data in chunks:
             hexd = digest.hex()
+            self._chunks.append(ChunkRef(hexd, len(data)))
+            if len(data) >= ASYNC_WRITE_BYTES:
+                if self.store.has(hexd):
+                    continue
+                self._wait_writes(MAX_WRITES_IN_FLIGHT - 1)
+                fut = self.store.put_async(hexd, data)
+                self._writes.append(fut)
+                self.writing[hexd] = fut
+                new.append((hexd, data))
+                continue
             d = self.store.put(hexd, data)
             if d is not None:
                 self._dirs.add(d)
                 new.append((hexd, data))
-            self._chunks.append(ChunkRef(hexd, len(data)))
         return new
+
+    def _wait_writes(self, keep: int) -> None:
+        """Wait until at most `keep` chunk writes are in flight; the first
+        failed one raises (the upload fails, as if it had been written here)."""
+        while len(self._writes) > keep:
+            d = self._writes.pop(0).result()
+            if d is not None:
+                self._dirs.add(d)
 
 
 ShipChunks = Callable[[list], Awaitable[None]]

@@ -118,6 +118,18 @@ class WorkerEngine(Engine):
         _held.set([[], 0])
         return await super().ingest(body, **kw)
 
+    def _shipper(self, ingest):
+        async def ship(chunks):
+            # a chunk sent by reference is read from its file by the leader:
+            # wait for the writes still in flight (Ingest writes large chunk
+            # files on the store's writer threads)
+            for d, data in chunks:
+                fut = ingest.writing.get(d)
+                if fut is not None and len(data) >= SHIP_BY_REFERENCE:
+                    await asyncio.wrap_future(fut)
+            await self.commit_point.ship_chunks(chunks)
+        return ship
+
     async def _ship_held(self) -> None:
         """The request failed after storing chunks it still holds (a bad
         digest, a refused precondition, a dropped client): ship them anyway,

@@ -23,6 +23,7 @@ import os
 import sqlite3
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from itertools import islice, takewhile
 
 import blake3
@@ -47,6 +48,7 @@ log = logging.getLogger("airlock.vault")
 
 OVERLAY_MAX_BYTES = 256 * 2**20   # bytes; seal past this so one merge (and one recovery scan) stays bounded
 OVERLAY_MAX_AGE_S = 600.0         # seconds; seal older overlays so compaction can reach recent changes
+WRITEBACK_BYTES = 8 * 2**20       # chunk bytes received between early (background) overlay fdatasyncs
 READ_RETRIES = 5                  # read-chain walks when compaction deletes an overlay under a reader
 
 
@@ -107,6 +109,9 @@ class VaultStore:
         self._lock = threading.RLock()
         self._compact_lock = threading.Lock()
         self._append_lock: asyncio.Lock | None = None
+        self._unsynced = 0                       # chunk bytes appended since the last early writeback
+        self._writeback: ThreadPoolExecutor | None = None
+        self._writeback_job = None
         self._overlays: list[Overlay] = []
         self._view = _OverlayView([])
         self._log: LogWriter | None = None
@@ -288,8 +293,16 @@ class VaultStore:
             await self._log.aclose()
         self.close_sync()
 
+    def _writeback_pool(self) -> ThreadPoolExecutor:
+        if self._writeback is None:
+            self._writeback = ThreadPoolExecutor(1, thread_name_prefix="vault-writeback")
+        return self._writeback
+
     def close_sync(self) -> None:
         """Close files without awaiting the log (no appends may be in flight)."""
+        if self._writeback is not None:
+            self._writeback.shutdown(wait=True)     # an early writeback may hold a dup of the overlay fd
+            self._writeback = None
         with self._lock:
             if self._log is not None and self._log._flusher is None:
                 self._log.close()
@@ -324,6 +337,13 @@ class VaultStore:
             except OSError as e:
                 self._failed = e
                 raise
+            self._unsynced += len(data)
+            if self.fsync and self._unsynced >= WRITEBACK_BYTES and (
+                    self._writeback_job is None or self._writeback_job.done()):
+                # Start writing this data back now, while the rest of the upload
+                # arrives, so that the fdatasync the APPEND waits for is short.
+                self._unsynced = 0
+                self._writeback_job = self._writeback_pool().submit(self._early_writeback)
 
     def missing_chunks(self, records) -> list[str]:
         """Chunk ids referenced by these (seq, rtype, payload) records that the vault lacks."""
@@ -466,6 +486,16 @@ class VaultStore:
                 os.fdatasync(fd)
             finally:
                 os.close(fd)
+
+    def _early_writeback(self) -> None:
+        try:
+            self._sync_newest()
+        except OSError as e:
+            # the error may be reported to this fdatasync only, not to the
+            # APPEND's: no append may succeed after it
+            log.error("vault overlay writeback failed; refusing further appends until reopened: %r", e)
+            with self._lock:
+                self._failed = e
 
     def _check_usable(self) -> None:
         if self._failed is not None:

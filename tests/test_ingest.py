@@ -1,0 +1,68 @@
+"""Ingest of a body: large chunk files are written on the chunk store's
+writer threads while the next buffer is hashed, and the upload ends only
+when every one of them is durable (primary/ingest.py).  Real files, real
+fsync, the real thread pools."""
+from __future__ import annotations
+
+import asyncio
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from airlock.chunk.store import ChunkStore
+from airlock.primary.ingest import ASYNC_WRITE_BYTES, Ingest, ingest_body
+
+MiB = 1024 * 1024
+
+
+async def _body(data: bytes, piece: int = 64 * 1024):
+    for i in range(0, len(data), piece):
+        yield data[i:i + piece]
+
+
+def _ingest(store: ChunkStore, data: bytes, shipped: list):
+    async def ship(chunks):
+        shipped.extend(chunks)
+
+    async def run():
+        with ThreadPoolExecutor(4) as pool:
+            ing = Ingest(store)
+            return ing, await ingest_body(ing, _body(data), pool, ship=ship)
+    return asyncio.run(run())
+
+
+def test_every_chunk_file_of_a_large_body_is_in_place_and_verified_when_ingest_returns(tmp_path):
+    store = ChunkStore(str(tmp_path))
+    data = os.urandom(9 * MiB)
+    shipped: list = []
+    ing, digests = _ingest(store, data, shipped)
+    assert digests.size == len(data)
+    assert len(digests.chunks) >= 3
+    assert any(c.size >= ASYNC_WRITE_BYTES for c in digests.chunks)
+    # written on the writer threads, all finished
+    assert ing.writing and all(f.done() and f.exception() is None for f in ing.writing.values())
+    # every chunk is a complete file, read back against its digest
+    assert b"".join(store.read(c.digest) for c in digests.chunks) == data
+    # and every new chunk was handed to the vault shipper, in body order
+    assert [d for d, _ in shipped] == [c.digest for c in digests.chunks]
+
+
+def test_a_body_seen_before_writes_and_ships_nothing_new(tmp_path):
+    store = ChunkStore(str(tmp_path))
+    data = os.urandom(3 * MiB)
+    _ingest(store, data, [])
+    shipped: list = []
+    ing, digests = _ingest(store, data, shipped)
+    assert shipped == [] and ing.writing == {}
+    assert b"".join(store.read(c.digest) for c in digests.chunks) == data
+
+
+def test_a_chunk_file_that_cannot_be_written_fails_the_upload(tmp_path):
+    store = ChunkStore(str(tmp_path))
+    # every fan-out directory name is taken by a plain file: no chunk file can be created
+    for i in range(256):
+        with open(os.path.join(store.root, f"{i:02x}"), "w"):
+            pass
+    with pytest.raises(OSError):
+        _ingest(store, os.urandom(3 * MiB), [])
