@@ -99,6 +99,24 @@ def test_writes_from_any_process_are_read_by_every_other_and_reach_the_vault(dep
     assert "equal" in r.stdout.lower(), r.stdout
 
 
+def test_large_uploads_on_every_process_reach_the_vault_whole(dep):
+    # chunks of 256 KiB and more are written on writer threads; a worker names
+    # them to the leader (which reads the file) only once they are written
+    gw = dep.gateway
+    fresh_client(gw).create_bucket(Bucket="large")
+    bodies = {f"o{i}": os.urandom((3 << 20) + 4099 * i) for i in range(10)}
+    with cf.ThreadPoolExecutor(4) as ex:
+        list(ex.map(lambda kv: fresh_client(gw).put_object(Bucket="large", Key=kv[0], Body=kv[1]),
+                    bodies.items()))
+    for k, b in bodies.items():
+        assert fresh_client(gw).get_object(Bucket="large", Key=k)["Body"].read() == b
+    h = wait_until(lambda: health_or_none(gw), "health")
+    # every chunk reached the vault while its body streamed: none had to be resent
+    assert h["replication_stats"]["missing_chunks_resent"] == 0, h["replication_stats"]
+    r = dep.airlock("verify")
+    assert "equal" in r.stdout.lower(), r.stdout
+
+
 def test_conditional_creates_of_one_key_from_many_processes_let_exactly_one_win(dep):
     gw = dep.gateway
     fresh_client(gw).create_bucket(Bucket="race")
