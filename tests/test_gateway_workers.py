@@ -201,6 +201,21 @@ def test_a_failed_upload_through_a_worker_still_ships_its_chunks(dep):
     assert gw.health()["replication_stats"]["missing_chunks_resent"] == 0
 
 
+def test_the_unfinished_chunk_files_of_a_dead_worker_are_removed(dep):
+    gw = dep.gateway
+    victim = worker_pids(gw)[0]
+    tmp = gw.data / "chunks" / "tmp"
+    theirs = tmp / f"{'ab' * 32}.worker{victim}-7"        # a write the worker did not finish
+    other = tmp / f"{'cd' * 32}.worker{victim + 1000000}-1"  # another owner's: left alone
+    theirs.write_bytes(b"partial")
+    other.write_bytes(b"partial")
+    os.kill(victim, signal.SIGKILL)
+    wait_until(lambda: not theirs.exists(), "the dead worker's tmp file is removed", timeout=15)
+    assert other.exists()
+    wait_until(lambda: len(worker_pids(gw)) == WORKERS - 1 and victim not in worker_pids(gw),
+               "the worker is replaced", timeout=20)
+
+
 def test_a_killed_leader_takes_its_workers_with_it(dep):
     gw = dep.gateway
     fresh_client(gw).create_bucket(Bucket="after")

@@ -41,14 +41,16 @@ def digest_of(data) -> str:
 
 
 class ChunkStore:
-    def __init__(self, root: str, *, fsync: bool = True, clean_tmp: bool = True):
+    def __init__(self, root: str, *, fsync: bool = True, clean_tmp: bool = True, owner: str | None = None):
         """`clean_tmp=False` for tools that share the store with a running
-        gateway (scrub): its tmp/ holds that gateway's writes in progress."""
+        gateway (scrub): its tmp/ holds that gateway's writes in progress.
+        `owner` names this store's tmp files (default: a random id), so that
+        another process can remove them once this one is gone (remove_tmp)."""
         self.root = os.path.join(root, "chunks")
         self.tmp = os.path.join(self.root, "tmp")
         self.fsync = fsync
         self._made: set[str] = set()
-        self._tmp_prefix = uuid.uuid4().hex[:12] + "-"   # unique per open store ...
+        self._tmp_prefix = (owner or uuid.uuid4().hex[:12]) + "-"   # unique per open store ...
         self._tmp_ids = itertools.count()                # ... and per write (next() is atomic in CPython)
         self._lock = threading.Lock()
         self._writers: ThreadPoolExecutor | None = None
@@ -111,6 +113,20 @@ class ChunkStore:
         finally:
             os.close(fd)
         return tmp
+
+    def remove_tmp(self, owner: str) -> int:
+        """Remove the tmp files of the store opened with `owner` (a process
+        that died mid-write; its writes never completed).  Returns how many."""
+        mark = f".{owner}-"
+        n = 0
+        for name in os.listdir(self.tmp):
+            if mark in name:
+                try:
+                    os.unlink(os.path.join(self.tmp, name))
+                    n += 1
+                except FileNotFoundError:
+                    pass
+        return n
 
     def replace(self, digest: str, data) -> None:
         """Write a good copy of a chunk over a missing or damaged one (tmp +

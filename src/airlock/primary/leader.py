@@ -19,7 +19,7 @@ import time
 from airlock.config import GatewayConfig
 from airlock.primary.engine import Engine
 from airlock.primary.ipc import VERSION, Peer
-from airlock.primary.worker import CARRY_CHUNKS, FORWARDED
+from airlock.primary.worker import CARRY_CHUNKS, FORWARDED, tmp_owner
 
 log = logging.getLogger("airlock.leader")
 
@@ -137,6 +137,7 @@ class WorkerPool:
             started = time.monotonic()
             rc = await w.proc.wait()
             await w.peer.aclose()
+            await self._remove_tmp_of(w)
             if self.stopping or self.engine.degraded is not None:
                 return
             # a worker that keeps dying is started again less and less often
@@ -152,6 +153,20 @@ class WorkerPool:
             except OSError as e:
                 log.error("could not start gateway worker %d: %s", w.slot, e)
                 return
+
+    async def _remove_tmp_of(self, w: Worker) -> None:
+        """A worker that died mid-upload leaves the chunk files it was writing
+        in chunks/tmp/; they never completed (a completed write is renamed)."""
+        if self.engine.degraded is not None:
+            return
+        try:
+            n = await asyncio.get_running_loop().run_in_executor(
+                self.engine.executor, self.engine.store.remove_tmp, tmp_owner(w.proc.pid))
+        except OSError as e:
+            log.warning("could not remove the unfinished chunk files of worker %d: %s", w.slot, e)
+            return
+        if n:
+            log.info("removed %d unfinished chunk file(s) of gateway worker %d (pid %d)", n, w.slot, w.proc.pid)
 
     def _on_degraded(self) -> None:
         """The primary's storage failed: the leader serves (from the vault) alone."""

@@ -57,6 +57,12 @@ HOLD_BYTES = 256 * 1024
 SHIP_BY_REFERENCE = 64 * 1024      # chunks this large are sent as (digest, size); see ship_chunks
 
 
+def tmp_owner(pid: int) -> str:
+    """The name a worker's chunk store gives its tmp files: the leader removes
+    them when that worker dies (ChunkStore.remove_tmp)."""
+    return f"worker{pid}"
+
+
 class _LeaderCommitPoint:
     """The commit point as a worker sees it: chunks go to the leader's."""
 
@@ -102,7 +108,8 @@ class WorkerEngine(Engine):
 
     def open(self) -> None:
         # clean_tmp=False: tmp/ holds the other processes' writes in progress
-        self.store = ChunkStore(self.data_dir, fsync=self.chunk_fsync, clean_tmp=False)
+        self.store = ChunkStore(self.data_dir, fsync=self.chunk_fsync, clean_tmp=False,
+                                owner=tmp_owner(os.getpid()))
         self.index = Index(os.path.join(self.data_dir, "index.sqlite"), readonly=True)
         self.commit_point = _LeaderCommitPoint(self.peer, self.replicated)
 
