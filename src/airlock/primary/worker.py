@@ -75,7 +75,7 @@ class _LeaderCommitPoint:
         if not self.replicated:
             return                   # local-only: the leader's commit point ships nothing either
         # Large chunks go by reference: their files are in the shared chunk
-        # store already (Ingest stores a chunk before it is shipped), and the
+        # store already (WorkerEngine._shipper waits for a chunk's write), and the
         # leader reading one costs less than copying it through the channel.
         chunks = [(d, len(data) if len(data) >= SHIP_BY_REFERENCE else bytes(data)) for d, data in chunks]
         held = _held.get()
