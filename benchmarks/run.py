@@ -21,6 +21,12 @@ wrk on presigned URLs: GETs of one pre-uploaded object, PUTs to 1024 keys per
 cell with a body unique per request (loadgen.wrk_put); a C client leaves the
 two cores to the servers.  --no-wrk (or no wrk) uses the multiprocess boto3
 loadgen instead (also unique bodies, see loadgen.py).
+
+--warmup S first drives every target, unmeasured, for S seconds (half 4 KiB
+PUT c=16, half 1 MiB PUT c=4): a fresh airlock data directory is about half
+as fast for its first ~10-15 s (docs/performance.md), which otherwise lands
+in round 0.  Default 0, so earlier results stay comparable; the report says
+which was used.
 """
 from __future__ import annotations
 
@@ -50,8 +56,21 @@ def human(n: int) -> str:
     return f"{n // MiB} MiB" if n >= MiB else f"{n // KiB} KiB"
 
 
+def warm_up(targets, seconds: float, use_wrk: bool, gen, log=print) -> None:
+    """Unmeasured PUT load on every target (see the module doc, --warmup)."""
+    for t in targets:
+        for size, conc in ((4 * KiB, 16), (MiB, 4)):
+            if use_wrk:
+                r = loadgen.wrk_put(loadgen.put_presigner(t.client(), "bench", "warmup/"), size, conc, seconds / 2)
+            else:
+                r = gen.run(endpoint=t.endpoint, access_key=peers.ACCESS_KEY, secret_key=peers.SECRET_KEY,
+                            bucket="bench", op="PUT", size=size, concurrency=conc, duration=seconds / 2,
+                            max_ops=MAX_OPS[size], prefix="warmup")
+            log(f"warm-up  {t.name:9s} PUT {human(size):>7s} c={conc:<2d} {r['ops_per_s']:9.1f} ops/s (not counted)")
+
+
 def run_matrix(targets, rounds: int, duration: float, use_wrk: bool, ops=("PUT", "GET"),
-               sizes=SIZES, log=print) -> list[dict]:
+               sizes=SIZES, log=print, warmup: float = 0.0) -> list[dict]:
     gen = loadgen.LoadGen()
     samples: list[dict] = []
     try:
@@ -63,6 +82,8 @@ def run_matrix(targets, rounds: int, duration: float, use_wrk: bool, ops=("PUT",
                 key = f"get/{size}"
                 c.put_object(Bucket="bench", Key=key, Body=os.urandom(size))
                 getkeys[(t.name, size)] = key
+        if warmup > 0:
+            warm_up(targets, warmup, use_wrk, gen, log)
         for rnd in range(rounds):
             order = targets if rnd % 2 == 0 else list(reversed(targets))
             for size in sizes:
@@ -147,7 +168,7 @@ def markdown(rows: list[dict], target_names: list[str], meta: dict) -> str:
     peers_ = [n for n in target_names if n != "airlock"]
     out = [f"# airlock benchmark {meta['timestamp']}", "",
            f"- machine: {meta['machine']}", f"- mode: {meta['mode']} ({meta['rounds']} rounds x {meta['duration']} s "
-           f"per cell, interleaved cell by cell)", f"- client: {meta['get_client']} (unique body per PUT)", f"- airlock: {meta.get('airlock_build', '?')}",
+           f"per cell, interleaved cell by cell; unmeasured warm-up {meta.get('warmup', 0):g} s per target)", f"- client: {meta['get_client']} (unique body per PUT)", f"- airlock: {meta.get('airlock_build', '?')}",
            f"- command: `{meta.get('command', '?')}`", ""]
     for n, notes in meta["notes"].items():
         out.append(f"- {n}: {notes}")
@@ -214,6 +235,8 @@ def main(argv=None) -> int:
     ap.add_argument("--airlock-also-workers", type=int, default=None, metavar="N",
                     help="also run airlock with a gateway of N processes as an extra target (airlock-wN)")
     ap.add_argument("--sizes", default="4K,1M,64M", help="object sizes to run, of 4K,1M,64M")
+    ap.add_argument("--warmup", type=float, default=0.0, metavar="S",
+                    help="unmeasured PUT load on every target for S seconds before round 0 (default 0)")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
     rounds = args.rounds or (2 if args.quick else 3)
@@ -253,7 +276,8 @@ def main(argv=None) -> int:
         if health.get("replication") != "vault" or not health.get("vault_connected"):
             raise RuntimeError(f"airlock gateway is not replicating to its vault: {health}")
         sizes = [{"4K": 4 * KiB, "1M": MiB, "64M": 64 * MiB}[x] for x in args.sizes.split(",")]
-        samples = run_matrix(targets, rounds, duration, use_wrk, sizes=sizes, log=lambda s: print(s, flush=True))
+        samples = run_matrix(targets, rounds, duration, use_wrk, sizes=sizes, log=lambda s: print(s, flush=True),
+                             warmup=args.warmup)
     finally:
         for t in started:
             t.stop()
@@ -261,7 +285,7 @@ def main(argv=None) -> int:
     names = [t.name for t in targets]
     ts = time.strftime("%Y%m%d-%H%M%S")
     meta = {"timestamp": ts, "machine": machine(), "mode": "quick" if args.quick else "full",
-            "rounds": rounds, "duration": duration, "get_client": "wrk (presigned URLs)" if use_wrk else "boto3 multiprocess",
+            "rounds": rounds, "duration": duration, "warmup": args.warmup, "get_client": "wrk (presigned URLs)" if use_wrk else "boto3 multiprocess",
             "notes": {t.name: t.notes for t in targets}, "wall_s": round(time.time() - t0, 1),
             "airlock_build": build, "command": " ".join([os.path.basename(sys.executable)] + sys.argv)}
     args.out.mkdir(parents=True, exist_ok=True)
