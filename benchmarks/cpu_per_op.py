@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 import resource
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -74,7 +75,8 @@ def main(argv=None) -> int:
     kw = {}
     if issubclass(cls, peers.Airlock):
         kw = {"workers": args.workers, "link_delay_ms": args.link_delay_ms}
-    t = cls(peers.make_workdir() / args.target, **kw).start()
+    work = peers.make_workdir()
+    t = cls(work / args.target, **kw).start()
     try:
         c = t.client()
         c.create_bucket(Bucket="bench")
@@ -91,6 +93,7 @@ def main(argv=None) -> int:
             measure(args, c, pids, url if args.op == "GET" else None)
     finally:
         t.stop()
+        shutil.rmtree(work, ignore_errors=True)    # a few cells of large PUTs leave gigabytes
     return 0
 
 
