@@ -66,3 +66,13 @@ def test_a_chunk_file_that_cannot_be_written_fails_the_upload(tmp_path):
             pass
     with pytest.raises(OSError):
         _ingest(store, os.urandom(3 * MiB), [])
+
+
+def test_a_chunk_repeated_within_one_body_is_written_and_shipped_once(tmp_path):
+    store = ChunkStore(str(tmp_path))
+    data = bytes(12 * MiB)          # no content-defined cut: identical chunks of the maximum size
+    shipped: list = []
+    _ing, digests = _ingest(store, data, shipped)
+    assert len(digests.chunks) >= 3 and len({c.digest for c in digests.chunks}) == 1
+    assert [d for d, _ in shipped] == [digests.chunks[0].digest]
+    assert b"".join(store.read(c.digest) for c in digests.chunks) == data

@@ -113,8 +113,8 @@ class Ingest:
             hexd = digest.hex()
             self._chunks.append(ChunkRef(hexd, len(data)))
             if len(data) >= ASYNC_WRITE_BYTES:
-                if self.store.has(hexd):
-                    continue
+                if hexd in self.writing or self.store.has(hexd):
+                    continue                    # written for this body already (or being written), or stored
                 self._wait_writes(MAX_WRITES_IN_FLIGHT - 1)
                 fut = self.store.put_async(hexd, data)
                 self._writes.append(fut)
