@@ -56,16 +56,21 @@ def human(n: int) -> str:
     return f"{n // MiB} MiB" if n >= MiB else f"{n // KiB} KiB"
 
 
+def put_cell(t, size: int, conc: int, duration: float, use_wrk: bool, gen, prefix: str) -> dict:
+    """One PUT cell on target t: wrk on presigned URLs, or the boto3 loadgen."""
+    if use_wrk:
+        return loadgen.wrk_put(loadgen.put_presigner(t.client(), "bench", f"{prefix}/"),
+                               size, conc, duration, keys=64 if size >= 64 * MiB else 1024)
+    return gen.run(endpoint=t.endpoint, access_key=peers.ACCESS_KEY, secret_key=peers.SECRET_KEY,
+                   bucket="bench", op="PUT", size=size, concurrency=conc, duration=duration,
+                   max_ops=MAX_OPS[size], prefix=prefix, keys_per_thread=2 if size >= 64 * MiB else 8)
+
+
 def warm_up(targets, seconds: float, use_wrk: bool, gen, log=print) -> None:
     """Unmeasured PUT load on every target (see the module doc, --warmup)."""
     for t in targets:
         for size, conc in ((4 * KiB, 16), (MiB, 4)):
-            if use_wrk:
-                r = loadgen.wrk_put(loadgen.put_presigner(t.client(), "bench", "warmup/"), size, conc, seconds / 2)
-            else:
-                r = gen.run(endpoint=t.endpoint, access_key=peers.ACCESS_KEY, secret_key=peers.SECRET_KEY,
-                            bucket="bench", op="PUT", size=size, concurrency=conc, duration=seconds / 2,
-                            max_ops=MAX_OPS[size], prefix="warmup")
+            r = put_cell(t, size, conc, seconds / 2, use_wrk, gen, "warmup")
             log(f"warm-up  {t.name:9s} PUT {human(size):>7s} c={conc:<2d} {r['ops_per_s']:9.1f} ops/s (not counted)")
 
 
@@ -95,9 +100,8 @@ def run_matrix(targets, rounds: int, duration: float, use_wrk: bool, ops=("PUT",
                                     "get_object", Params={"Bucket": "bench", "Key": getkeys[(t.name, size)]},
                                     ExpiresIn=3600)
                                 r = loadgen.wrk_get(url, size, conc, duration)
-                            elif op == "PUT" and use_wrk:
-                                r = loadgen.wrk_put(loadgen.put_presigner(t.client(), "bench", f"r{rnd}/"),
-                                                    size, conc, duration, keys=64 if size >= 64 * MiB else 1024)
+                            elif op == "PUT":
+                                r = put_cell(t, size, conc, duration, use_wrk, gen, f"r{rnd}")
                             else:
                                 r = gen.run(endpoint=t.endpoint, access_key=peers.ACCESS_KEY,
                                             secret_key=peers.SECRET_KEY, bucket="bench", op=op,
