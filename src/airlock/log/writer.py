@@ -124,6 +124,11 @@ class LogWriter:
             self.fsync_count += 1
 
     @property
+    def failed(self) -> BaseException | None:
+        """The error that stopped this writer (it refuses appends), or None."""
+        return self._failed
+
+    @property
     def next_seq(self) -> int:
         """The sequence number the next append() call will take."""
         return self._next_seq

@@ -80,6 +80,8 @@ class Engine:
         self.store = ChunkStore(self.data_dir, fsync=self.chunk_fsync)
         if self._commit_point_factory is not None:
             self.commit_point = self._commit_point_factory(self, log_dir)
+            if hasattr(self.commit_point, "on_local_failure"):
+                self.commit_point.on_local_failure = self._primary_log_failed
         else:
             self.commit_point = LocalCommitPoint(log_dir, self._on_durable)
         index_path = os.path.join(self.data_dir, "index.sqlite")
@@ -221,6 +223,11 @@ class Engine:
                     await self._serve_from_vault()      # the first try failed (vault unreachable?)
             except Exception:
                 log.exception("could not switch to serving from the vault; trying again")
+
+    async def _primary_log_failed(self, exc: BaseException) -> None:
+        """The replicated commit point could not write records the vault had
+        acknowledged (replication.py): they are served from the vault now."""
+        await self.enter_degraded_mode(f"the primary log cannot be written ({exc})")
 
     async def enter_degraded_mode(self, reason: str) -> None:
         """The primary's storage failed outright: serve reads from the vault.

@@ -25,6 +25,14 @@ link comes back the primary reconciles (`_reconcile`):
 The result: a change that got 503 is visible nowhere, and no sequence number
 is ever applied twice (the vault accepts a retransmission only if it is
 byte-identical, docs/format/link.md).
+
+The primary log fails after an acknowledgement (write or fdatasync error,
+or the index refusing the batch).  The vault holds the records, so they
+happened: their clients hear success, and `on_local_failure` (the engine:
+degraded mode, reads served from the vault's log) runs before they do, so a
+read that follows sees the change.  Nothing is sent to the vault after that:
+a failed log (or a paused commit point) refuses batches before they go out,
+with 503.  A restart on repaired storage reconciles the records in.
 """
 from __future__ import annotations
 
@@ -32,7 +40,7 @@ import asyncio
 import json
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from airlock import errors as E
 from airlock.chunk.store import ChunkStore
@@ -72,6 +80,10 @@ class ReplicatedCommitPoint:
         self._ready = False
         self._keeper: asyncio.Task | None = None
         self.paused = False       # set by the engine in degraded mode: the primary log is unusable
+        # awaited once when the primary log fails after the vault acknowledged
+        # (the engine switches to serving from the vault); see the module doc
+        self.on_local_failure: Callable[[BaseException], Awaitable[None]] | None = None
+        self._local_failure: asyncio.Task | None = None
         self._next_seq = self.log.last_seq + 1
         self.stats = {"batches": 0, "records": 0, "ack_failures": 0, "reconciled": 0,
                       "chunks_shipped": 0, "bytes_shipped": 0, "missing_chunks_resent": 0}
@@ -245,17 +257,44 @@ class ReplicatedCommitPoint:
             # local durability (group fsync) runs while the next batch goes to the vault
             asyncio.get_running_loop().create_task(self._finish(batch, local))
 
-    async def _finish(self, batch, local_tasks) -> None:
-        results = await asyncio.gather(*local_tasks, return_exceptions=True)
-        for (_r, _p, fut), res in zip(batch, results):
+    async def _finish(self, batch, local) -> None:
+        """`local`: [(seq, task of its primary log append)] of an acknowledged batch."""
+        results = await asyncio.gather(*(t for _s, t in local), return_exceptions=True)
+        failed = next((r for r in results if isinstance(r, BaseException)), None)
+        if failed is not None:
+            await self._primary_log_failed(failed)
+        for (_r, _p, fut), (seq, _t), res in zip(batch, local, results):
             if fut.done():
                 continue
-            if isinstance(res, BaseException):
-                fut.set_exception(res)
-            else:
-                fut.set_result(res)
+            # the vault acknowledged: the change happened even if the primary
+            # log could not take it (it is served from the vault from now on)
+            fut.set_result(seq if isinstance(res, BaseException) else res)
 
-    async def _commit_batch(self, records: list[tuple[int, bytes]]) -> list[asyncio.Task]:
+    async def _primary_log_failed(self, exc: BaseException) -> None:
+        """Acknowledged records could not be made durable locally.  Switch
+        (once) to serving from the vault and wait, within the ack timeout,
+        until that is done, so that the records' clients can read them."""
+        if self._local_failure is None:
+            log.error("the primary log failed after the vault acknowledged: %s; "
+                      "these changes are durable in the vault only", exc)
+            self.paused = True
+            hook = self.on_local_failure
+            if hook is None:
+                return
+            self._local_failure = asyncio.get_running_loop().create_task(hook(exc))
+        try:
+            await asyncio.wait_for(asyncio.shield(self._local_failure), self.ack_timeout)
+        except Exception as e:      # the vault's state not loaded yet: the records are durable all the same
+            log.error("serving from the vault after the primary log failed: %r", e)
+
+    def _refuse_if_log_unusable(self) -> None:
+        if self.paused or self.log.failed is not None:
+            # the primary cannot record what the vault would acknowledge: send nothing
+            raise E.ServiceUnavailable(
+                "The primary's log cannot be written; writes are refused until the primary is restored.")
+
+    async def _commit_batch(self, records: list[tuple[int, bytes]]) -> list[tuple[int, asyncio.Task]]:
+        self._refuse_if_log_unusable()
         async with self._lock:
             try:
                 await self._ensure_ready()
@@ -263,9 +302,10 @@ class ReplicatedCommitPoint:
                 raise E.VaultUnavailable("the vault did not answer in time") from None
             return await self._replicate(records)
 
-    async def _replicate(self, records: list[tuple[int, bytes]]) -> list[asyncio.Task]:
+    async def _replicate(self, records: list[tuple[int, bytes]]) -> list[tuple[int, asyncio.Task]]:
         """Send one batch, await the vault's durable ack, start the local
-        appends (in sequence order) and return their tasks.  Lock held."""
+        appends (in sequence order) and return (seq, task) for each.  Lock held."""
+        self._refuse_if_log_unusable()
         first = self._next_seq
         numbered = [(first + i, rtype, payload) for i, (rtype, payload) in enumerate(records)]
         self._next_seq = first + len(numbered)
@@ -287,10 +327,10 @@ class ReplicatedCommitPoint:
             raise E.ReplicationError(f"vault acknowledged {acked}, expected {numbered[-1][0]}")
         self.stats["batches"] += 1
         self.stats["records"] += len(numbered)
-        tasks = [asyncio.ensure_future(self.log.append(rtype, payload)) for _s, rtype, payload in numbered]
+        tasks = [(s, asyncio.ensure_future(self.log.append(rtype, payload))) for s, rtype, payload in numbered]
         # let the appends take their sequence numbers now, in order, before anyone else can
         await asyncio.sleep(0)
-        if self.log.next_seq != self._next_seq:
+        if self.log.next_seq != self._next_seq and self.log.failed is None:
             raise E.ReplicationError(
                 f"primary log at {self.log.next_seq - 1}, replication at {self._next_seq - 1}")
         return tasks

@@ -1,0 +1,159 @@
+"""The primary log cannot be written after the vault acknowledged a change.
+
+The vault's durable ack is the commit point: a change the vault acknowledged
+happened, whatever the primary's disk does next.  So when the primary log
+refuses a write after the ack, the client still hears success (its change is
+served from the vault: the gateway degrades, claim 9), and nothing after that
+is sent to the vault: later writes answer 503 and exist nowhere.  A restart on
+repaired storage takes the acknowledged change from the vault (reconcile).
+
+The fault is real: the active log segment is made immutable (FS_IMMUTABLE_FL,
+what `chattr +i` sets), so the gateway's next write(2) to it fails with EPERM.
+"""
+from __future__ import annotations
+
+import array
+import fcntl
+import os
+from pathlib import Path
+
+import pytest
+from botocore.exceptions import BotoCoreError, ClientError
+
+from conftest import Deployment, wait_until
+
+FS_IOC_GETFLAGS = 0x80086601
+FS_IOC_SETFLAGS = 0x40086602
+FS_IMMUTABLE_FL = 0x00000010
+
+
+def _set_immutable(path: Path, on: bool) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        flags = array.array("l", [0])
+        fcntl.ioctl(fd, FS_IOC_GETFLAGS, flags, True)
+        flags[0] = (flags[0] | FS_IMMUTABLE_FL) if on else (flags[0] & ~FS_IMMUTABLE_FL)
+        fcntl.ioctl(fd, FS_IOC_SETFLAGS, flags, True)
+    finally:
+        os.close(fd)
+
+
+def _immutable_supported(tmp: Path) -> str | None:
+    probe = tmp / "immutable-probe"
+    probe.write_bytes(b"x")
+    try:
+        _set_immutable(probe, True)
+    except OSError as e:
+        return f"cannot set FS_IMMUTABLE_FL here ({e}); needs root on ext4/xfs/btrfs"
+    _set_immutable(probe, False)
+    probe.unlink()
+    return None
+
+
+def _active_segment(gw) -> Path:
+    return sorted((gw.data / "log").glob("seg-*.log"))[-1]
+
+
+@pytest.fixture
+def dep(tmp_path):
+    why = _immutable_supported(tmp_path)
+    if why:
+        pytest.skip(why)
+    d = Deployment(tmp_path / "deploy").start()
+    seg = None
+    try:
+        yield d
+    finally:
+        for seg in (d.gateway.data / "log").glob("seg-*.log"):
+            _set_immutable(seg, False)       # or pytest cannot remove tmp_path
+        d.stop()
+
+
+def test_a_change_the_vault_acknowledged_succeeds_when_the_primary_log_fails(dep):
+    gw = dep.gateway
+    s3 = gw.client()
+    s3.create_bucket(Bucket="ledger")
+    s3.put_object(Bucket="ledger", Key="before", Body=b"written while all was well")
+    seg = _active_segment(gw)
+    _set_immutable(seg, True)
+
+    body = os.urandom(200_000)
+    put = s3.put_object(Bucket="ledger", Key="acked", Body=body)
+    assert put["ResponseMetadata"]["HTTPStatusCode"] == 200
+
+    def health():
+        try:
+            return gw.health()
+        except OSError:          # a worker going away as the gateway degrades
+            return {}
+    h = health()
+    assert h["status"] == "degraded" and h["primary_storage"] == "failed", h
+    assert "log" in h["degraded_reason"], h
+    # the acknowledged change is readable at once (served from the vault)
+    assert s3.get_object(Bucket="ledger", Key="acked")["Body"].read() == body
+    assert s3.get_object(Bucket="ledger", Key="before")["Body"].read() == b"written while all was well"
+    vault_last = dep.vault.status()["last_seq"]
+
+    # nothing more reaches the vault: later writes are refused
+    with pytest.raises(ClientError) as e:
+        s3.put_object(Bucket="ledger", Key="refused", Body=b"never stored")
+    assert e.value.response["Error"]["Code"] == "ServiceUnavailable"
+    assert dep.vault.status()["last_seq"] == vault_last
+
+    # storage repaired, gateway restarted: the primary takes the change from the vault
+    gw.stop()
+    _set_immutable(seg, False)
+    dep.start_gateway()
+    wait_until(lambda: gw.health()["status"] == "ok", "gateway healthy", timeout=15)
+    assert gw.health()["last_seq"] == vault_last
+    assert s3.get_object(Bucket="ledger", Key="acked")["Body"].read() == body
+    with pytest.raises(ClientError) as e:
+        s3.head_object(Bucket="ledger", Key="refused")
+    assert e.value.response["Error"]["Code"] == "404"
+    s3.put_object(Bucket="ledger", Key="after", Body=b"writes work again")
+    dep.airlock("verify")
+
+
+def test_concurrent_writes_when_the_primary_log_fails_are_visible_exactly_when_they_succeeded(dep):
+    """Writes racing the failure: those answered 200 are kept (in the vault,
+    then on the restarted primary), those answered 503 exist nowhere."""
+    from concurrent.futures import ThreadPoolExecutor
+    gw = dep.gateway
+    s3 = gw.client()
+    s3.create_bucket(Bucket="race")
+    for i in range(4):
+        s3.put_object(Bucket="race", Key=f"warm{i}", Body=b"w")
+    seg = _active_segment(gw)
+    bodies = {f"k{i:02d}": os.urandom(1000 + i) for i in range(24)}
+
+    def put(key):
+        try:
+            gw.client().put_object(Bucket="race", Key=key, Body=bodies[key])
+            return key, "ok"
+        except ClientError as e:
+            return key, e.response["Error"]["Code"]
+        except (OSError, BotoCoreError) as e:
+            # a connection still in the listen queue of a worker that stops as
+            # the gateway degrades is reset unanswered: no claim either way
+            return key, f"connection: {e}"
+
+    _set_immutable(seg, True)
+    with ThreadPoolExecutor(12) as pool:
+        outcome = dict(pool.map(put, sorted(bodies)))
+    assert "ok" in outcome.values(), outcome
+    assert set(outcome.values()) <= {"ok", "ServiceUnavailable"} | {v for v in outcome.values()
+                                                                     if v.startswith("connection")}, outcome
+
+    gw.stop()
+    _set_immutable(seg, False)
+    dep.start_gateway()
+    wait_until(lambda: gw.health()["status"] == "ok", "gateway healthy", timeout=15)
+    s3 = gw.client()
+    for key, result in outcome.items():
+        if result == "ok":
+            assert s3.get_object(Bucket="race", Key=key)["Body"].read() == bodies[key], key
+        elif result == "ServiceUnavailable":
+            with pytest.raises(ClientError) as e:
+                s3.head_object(Bucket="race", Key=key)
+            assert e.value.response["Error"]["Code"] == "404", key
+    dep.airlock("verify")
