@@ -25,9 +25,11 @@ import loadgen  # noqa: E402
 import peers  # noqa: E402
 
 
-def cpu_seconds(pid: int) -> float:
+def cpu_seconds(pid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds of one process, all its threads."""
     fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    tck = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tck, int(fields[12]) / tck
 
 
 def machine_idle() -> tuple[int, int]:
@@ -48,8 +50,10 @@ def measure(args, c, pids: dict, url: str | None) -> None:
     print(f"{args.target} {args.op} {args.size} B c={args.conc}: {r['ops_per_s']:.0f} ops/s, "
           f"{r['mib_per_s']:.1f} MiB/s, errors {r['errors']}")
     for n in pids:
-        used = after[n] - before[n]
-        print(f"  {n}: {used / el:.2f} cores, {used / max(r['ops'], 1) * 1e3:.3f} ms CPU per op")
+        user, system = after[n][0] - before[n][0], after[n][1] - before[n][1]
+        used, ops = user + system, max(r["ops"], 1)
+        print(f"  {n}: {used / el:.2f} cores, {used / ops * 1e3:.3f} ms CPU per op "
+              f"(user {user / ops * 1e3:.3f}, system {system / ops * 1e3:.3f})")
     wrk = (ch1.ru_utime + ch1.ru_stime) - (ch0.ru_utime + ch0.ru_stime)
     busy = (1 - (i1[0] - i0[0]) / max(i1[1] - i0[1], 1)) * (os.cpu_count() or 1)
     print(f"  wrk: {wrk / el:.2f} cores; machine: {busy:.2f} of {os.cpu_count()} cores busy")
@@ -67,6 +71,10 @@ def main(argv=None) -> int:
                     help="airlock: run the link through benchmarks/delay_proxy.py adding this much each way")
     ap.add_argument("--repeat", type=int, default=1,
                     help="run the cell this many times on the same deployment (shows warm-up)")
+    ap.add_argument("--keep-data", action="store_true",
+                    help="leave the data directory (printed) instead of removing it: on ext4 without a "
+                         "journal, files deleted in the last minutes make the next run's file creation "
+                         "slow (docs/performance.md), so back-to-back A/B runs should delete at the end")
     args = ap.parse_args(argv)
     if not loadgen.wrk_available():
         raise SystemExit("wrk is needed (apt-get install wrk)")
@@ -93,7 +101,10 @@ def main(argv=None) -> int:
             measure(args, c, pids, url if args.op == "GET" else None)
     finally:
         t.stop()
-        shutil.rmtree(work, ignore_errors=True)    # a few cells of large PUTs leave gigabytes
+        if args.keep_data:
+            print(f"data left in {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)    # a few cells of large PUTs leave gigabytes
     return 0
 
 
