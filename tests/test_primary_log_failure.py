@@ -157,3 +157,64 @@ def test_concurrent_writes_when_the_primary_log_fails_are_visible_exactly_when_t
                 s3.head_object(Bucket="race", Key=key)
             assert e.value.response["Error"]["Code"] == "404", key
     dep.airlock("verify")
+
+
+def test_records_the_vault_holds_beyond_a_failed_primary_log_are_served_from_the_vault(tmp_path):
+    """At reconnect the primary takes the records the vault holds beyond its
+    log (reconcile); if its log refuses them, it degrades instead of failing
+    every write with an error and hiding those records."""
+    why = _immutable_supported(tmp_path)
+    if why:
+        pytest.skip(why)
+    import time
+    from conftest import proxied_deployment
+    with proxied_deployment(tmp_path / "deploy", ack_timeout=2.0) as (d, proxy):
+        gw = d.gateway
+        s3 = gw.client()
+        seg = None
+        try:
+            s3.create_bucket(Bucket="keep")
+            s3.put_object(Bucket="keep", Key="base", Body=b"durable everywhere")
+            # a PUT whose ACK is held past the timeout: 503, the vault holds it, the primary does not
+            before = d.vault.status()["last_seq"]
+            proxy.command("hold down")
+            with pytest.raises(ClientError) as e:
+                s3.put_object(Bucket="keep", Key="void", Body=b"answered 503")
+            assert e.value.response["Error"]["Code"] == "ServiceUnavailable"
+            assert d.vault.status()["last_seq"] == before + 1
+            time.sleep(0.5)
+            seg = _active_segment(gw)
+            _set_immutable(seg, True)
+            proxy.command("pass")            # the link comes back: reconcile meets the failed log
+
+            def health():
+                try:
+                    return gw.health()
+                except OSError:
+                    return {}
+            wait_until(lambda: health().get("vault_state_loaded") is True, "serving from the vault", timeout=20)
+            h = health()
+            assert h["primary_storage"] == "failed" and "log" in h["degraded_reason"], h
+            assert s3.get_object(Bucket="keep", Key="base")["Body"].read() == b"durable everywhere"
+            with pytest.raises(ClientError) as e:
+                s3.head_object(Bucket="keep", Key="void")      # a 503 stays invisible
+            assert e.value.response["Error"]["Code"] == "404"
+            with pytest.raises(ClientError) as e:
+                s3.put_object(Bucket="keep", Key="later", Body=b"refused")
+            assert e.value.response["Error"]["Code"] == "ServiceUnavailable"
+            assert d.vault.status()["last_seq"] == before + 1
+
+            gw.stop()
+            _set_immutable(seg, False)
+            d.start_gateway()
+            wait_until(lambda: gw.health()["status"] == "ok", "gateway healthy", timeout=15)
+            assert gw.health()["pending_aborts"] == 0
+            with pytest.raises(ClientError) as e:
+                s3.head_object(Bucket="keep", Key="void")
+            assert e.value.response["Error"]["Code"] == "404"
+            assert s3.get_object(Bucket="keep", Key="base")["Body"].read() == b"durable everywhere"
+            s3.put_object(Bucket="keep", Key="after", Body=b"writes work again")
+            d.airlock("verify")
+        finally:
+            if seg is not None:
+                _set_immutable(seg, False)

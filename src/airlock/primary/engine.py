@@ -224,10 +224,14 @@ class Engine:
             except Exception:
                 log.exception("could not switch to serving from the vault; trying again")
 
-    async def _primary_log_failed(self, exc: BaseException) -> None:
-        """The replicated commit point could not write records the vault had
-        acknowledged (replication.py): they are served from the vault now."""
-        await self.enter_degraded_mode(f"the primary log cannot be written ({exc})")
+    def _primary_log_failed(self, exc: BaseException) -> Awaitable[None]:
+        """The replicated commit point could not write records the vault
+        holds (replication.py): they are served from the vault from now on.
+        Degraded at once (writes refused); returns the awaitable that loads
+        the vault's state."""
+        if self.degraded is None:
+            self._mark_degraded(f"the primary log cannot be written ({exc})")
+        return self._serve_from_vault()
 
     async def enter_degraded_mode(self, reason: str) -> None:
         """The primary's storage failed outright: serve reads from the vault.
@@ -238,16 +242,20 @@ class Engine:
         vault already).  Writes answer 503 until the primary is restored."""
         if self.degraded is not None:
             return
+        self._mark_degraded(reason)
+        if self.vault_link is None:
+            log.error("no vault configured: nothing to serve from")
+            return
+        await self._serve_from_vault()
+
+    def _mark_degraded(self, reason: str) -> None:
+        """Degraded mode's first half: writes refused from now on, workers stopped."""
         self.degraded = reason
         if hasattr(self.commit_point, "paused"):
             self.commit_point.paused = True   # no reconciling into a log that is gone
         log.error("DEGRADED: %s; serving reads from the vault, refusing writes", reason)
         for hook in self.on_degraded:
             hook()
-        if self.vault_link is None:
-            log.error("no vault configured: nothing to serve from")
-            return
-        await self._serve_from_vault()
 
     async def _serve_from_vault(self) -> None:
         """Degraded mode's second half: the index rebuilt in memory from the

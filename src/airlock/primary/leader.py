@@ -115,6 +115,8 @@ class WorkerPool:
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
+        if self.engine.degraded is not None:
+            return              # degraded already at start (its log refused the vault's records): serve alone
         for w in self.workers:
             await self._spawn(w)
             self._supervisors.append(asyncio.get_running_loop().create_task(self._supervise(w)))

@@ -32,7 +32,8 @@ happened: their clients hear success, and `on_local_failure` (the engine:
 degraded mode, reads served from the vault's log) runs before they do, so a
 read that follows sees the change.  Nothing is sent to the vault after that:
 a failed log (or a paused commit point) refuses batches before they go out,
-with 503.  A restart on repaired storage reconciles the records in.
+with 503.  The same holds when the log refuses the records reconciliation
+takes from the vault.  A restart on repaired storage reconciles them in.
 """
 from __future__ import annotations
 
@@ -48,7 +49,7 @@ from airlock.fsutil import fsync_dir
 from airlock.link import protocol as W
 from airlock.link.client import LinkClient
 from airlock.log import payload as P
-from airlock.log.writer import LogWriter
+from airlock.log.writer import LogWriteError, LogWriter
 
 log = logging.getLogger("airlock.replication")
 
@@ -203,7 +204,13 @@ class ReplicatedCommitPoint:
                 if s in self.pending_aborts:
                     self.void.add(s)
                 seq += 1
-            got = await asyncio.gather(*(self.log.append(rtype, payload) for _s, rtype, payload in records))
+            try:
+                got = await asyncio.gather(*(self.log.append(rtype, payload) for _s, rtype, payload in records))
+            except LogWriteError as e:
+                # the vault holds records the primary cannot record: they are
+                # served from the vault (not awaited: that needs this lock)
+                await self._primary_log_failed(e, wait=False)
+                raise E.ReplicationError(f"the primary log cannot take the vault's records: {e}") from None
             if list(got) != [r[0] for r in records]:
                 raise E.ReplicationError(f"primary log sequence diverged while reconciling: {got[:3]}...")
             fetched += len(records)
@@ -270,18 +277,22 @@ class ReplicatedCommitPoint:
             # log could not take it (it is served from the vault from now on)
             fut.set_result(seq if isinstance(res, BaseException) else res)
 
-    async def _primary_log_failed(self, exc: BaseException) -> None:
-        """Acknowledged records could not be made durable locally.  Switch
+    async def _primary_log_failed(self, exc: BaseException, wait: bool = True) -> None:
+        """Records the vault holds could not be made durable locally.  Switch
         (once) to serving from the vault and wait, within the ack timeout,
         until that is done, so that the records' clients can read them."""
         if self._local_failure is None:
-            log.error("the primary log failed after the vault acknowledged: %s; "
-                      "these changes are durable in the vault only", exc)
+            log.error("the primary log failed on records the vault holds: %s; "
+                      "they are durable in the vault only", exc)
             self.paused = True
             hook = self.on_local_failure
             if hook is None:
                 return
-            self._local_failure = asyncio.get_running_loop().create_task(hook(exc))
+            # the hook degrades the engine at once and returns what loads the vault's state
+            self._local_failure = asyncio.ensure_future(hook(exc))
+            self._local_failure.add_done_callback(_log_failure_of)
+        if not wait:
+            return
         try:
             await asyncio.wait_for(asyncio.shield(self._local_failure), self.ack_timeout)
         except Exception as e:      # the vault's state not loaded yet: the records are durable all the same
@@ -377,6 +388,12 @@ class ReplicatedCommitPoint:
             fut.add_done_callback(_log_chunk_refusal)
         self.stats["chunks_shipped"] += len(chunks)
         self.stats["bytes_shipped"] += sum(len(d) for _h, d in chunks)
+
+
+def _log_failure_of(task: "asyncio.Task") -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("switching to serving from the vault failed (retried by the storage watch): %r",
+                  task.exception())
 
 
 def _log_chunk_refusal(fut: "asyncio.Future") -> None:
