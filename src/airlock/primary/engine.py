@@ -745,11 +745,22 @@ def committed_state(data_dir: str) -> Index:
     return index
 
 
+def _random_id(nbytes: int) -> str:
+    """URL-safe base64 of `nbytes` random bytes that does not begin with "-":
+    command lines take such a value for an option (`aws s3api upload-part
+    --upload-id -Xb2...` fails: "expected one argument"), and S3's ids never
+    begin with one."""
+    while True:
+        s = base64.urlsafe_b64encode(secrets.token_bytes(nbytes)).decode().rstrip("=")
+        if s[0] != "-":
+            return s
+
+
 def _new_version_id() -> str:
     """32 URL-safe characters, random (192 bits), like S3's; order comes from
     the sequence number, not the id."""
-    return base64.urlsafe_b64encode(secrets.token_bytes(24)).decode()
+    return _random_id(24)
 
 
 def _new_upload_id() -> str:
-    return base64.urlsafe_b64encode(secrets.token_bytes(36)).decode().rstrip("=")
+    return _random_id(36)
