@@ -289,7 +289,11 @@ class ReplicatedCommitPoint:
             if hook is None:
                 return
             # the hook degrades the engine at once and returns what loads the vault's state
-            self._local_failure = asyncio.ensure_future(hook(exc))
+            try:
+                self._local_failure = asyncio.ensure_future(hook(exc))
+            except Exception:      # never leave the batch's clients waiting on a broken hook
+                log.exception("switching to degraded mode failed")
+                return
             self._local_failure.add_done_callback(_log_failure_of)
         if not wait:
             return
