@@ -7,14 +7,17 @@ served from the vault: the gateway degrades, claim 9), and nothing after that
 is sent to the vault: later writes answer 503 and exist nowhere.  A restart on
 repaired storage takes the acknowledged change from the vault (reconcile).
 
-The fault is real: the active log segment is made immutable (FS_IMMUTABLE_FL,
-what `chattr +i` sets), so the gateway's next write(2) to it fails with EPERM.
+The fault is real and needs no privilege: the gateway's leader (the process
+that writes the primary log) gets RLIMIT_FSIZE = the active log segment's
+size (prlimit(2)), so its next append gets a short write and then EFBIG, a
+torn tail that recovery cuts after the restart.  The warm-up records make the
+segment larger than any chunk file the leader writes afterwards.
 """
 from __future__ import annotations
 
-import array
-import fcntl
 import os
+import resource
+import time
 from pathlib import Path
 
 import pytest
@@ -22,51 +25,27 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from conftest import Deployment, wait_until
 
-FS_IOC_GETFLAGS = 0x80086601
-FS_IOC_SETFLAGS = 0x40086602
-FS_IMMUTABLE_FL = 0x00000010
-
-
-def _set_immutable(path: Path, on: bool) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        flags = array.array("l", [0])
-        fcntl.ioctl(fd, FS_IOC_GETFLAGS, flags, True)
-        flags[0] = (flags[0] | FS_IMMUTABLE_FL) if on else (flags[0] & ~FS_IMMUTABLE_FL)
-        fcntl.ioctl(fd, FS_IOC_SETFLAGS, flags, True)
-    finally:
-        os.close(fd)
-
-
-def _immutable_supported(tmp: Path) -> str | None:
-    probe = tmp / "immutable-probe"
-    probe.write_bytes(b"x")
-    try:
-        _set_immutable(probe, True)
-    except OSError as e:
-        return f"cannot set FS_IMMUTABLE_FL here ({e}); needs root on ext4/xfs/btrfs"
-    _set_immutable(probe, False)
-    probe.unlink()
-    return None
-
 
 def _active_segment(gw) -> Path:
     return sorted((gw.data / "log").glob("seg-*.log"))[-1]
 
 
+def _fail_next_log_append(gw) -> None:
+    """The leader can no longer grow any file past the active segment's size."""
+    size = _active_segment(gw).stat().st_size
+    resource.prlimit(gw.proc.pid, resource.RLIMIT_FSIZE, (size, size))
+
+
+def _warm(s3, bucket: str, n: int = 30) -> None:
+    for i in range(n):
+        s3.put_object(Bucket=bucket, Key=f"warm{i:02d}", Body=b"w")
+
+
 @pytest.fixture
 def dep(tmp_path):
-    why = _immutable_supported(tmp_path)
-    if why:
-        pytest.skip(why)
     d = Deployment(tmp_path / "deploy").start()
-    seg = None
-    try:
-        yield d
-    finally:
-        for seg in (d.gateway.data / "log").glob("seg-*.log"):
-            _set_immutable(seg, False)       # or pytest cannot remove tmp_path
-        d.stop()
+    yield d
+    d.stop()
 
 
 def test_a_change_the_vault_acknowledged_succeeds_when_the_primary_log_fails(dep):
@@ -74,10 +53,10 @@ def test_a_change_the_vault_acknowledged_succeeds_when_the_primary_log_fails(dep
     s3 = gw.client()
     s3.create_bucket(Bucket="ledger")
     s3.put_object(Bucket="ledger", Key="before", Body=b"written while all was well")
-    seg = _active_segment(gw)
-    _set_immutable(seg, True)
+    _warm(s3, "ledger")
+    _fail_next_log_append(gw)
 
-    body = os.urandom(200_000)
+    body = os.urandom(2000)
     put = s3.put_object(Bucket="ledger", Key="acked", Body=body)
     assert put["ResponseMetadata"]["HTTPStatusCode"] == 200
 
@@ -100,9 +79,9 @@ def test_a_change_the_vault_acknowledged_succeeds_when_the_primary_log_fails(dep
     assert e.value.response["Error"]["Code"] == "ServiceUnavailable"
     assert dep.vault.status()["last_seq"] == vault_last
 
-    # storage repaired, gateway restarted: the primary takes the change from the vault
+    # storage repaired (a new process has no limit), gateway restarted: the
+    # primary cuts the torn tail and takes the change from the vault
     gw.stop()
-    _set_immutable(seg, False)
     dep.start_gateway()
     wait_until(lambda: gw.health()["status"] == "ok", "gateway healthy", timeout=15)
     assert gw.health()["last_seq"] == vault_last
@@ -121,9 +100,7 @@ def test_concurrent_writes_when_the_primary_log_fails_are_visible_exactly_when_t
     gw = dep.gateway
     s3 = gw.client()
     s3.create_bucket(Bucket="race")
-    for i in range(4):
-        s3.put_object(Bucket="race", Key=f"warm{i}", Body=b"w")
-    seg = _active_segment(gw)
+    _warm(s3, "race")
     bodies = {f"k{i:02d}": os.urandom(1000 + i) for i in range(24)}
 
     def put(key):
@@ -137,7 +114,7 @@ def test_concurrent_writes_when_the_primary_log_fails_are_visible_exactly_when_t
             # the gateway degrades is reset unanswered: no claim either way
             return key, f"connection: {e}"
 
-    _set_immutable(seg, True)
+    _fail_next_log_append(gw)
     with ThreadPoolExecutor(12) as pool:
         outcome = dict(pool.map(put, sorted(bodies)))
     assert "ok" in outcome.values(), outcome
@@ -145,7 +122,6 @@ def test_concurrent_writes_when_the_primary_log_fails_are_visible_exactly_when_t
                                                                      if v.startswith("connection")}, outcome
 
     gw.stop()
-    _set_immutable(seg, False)
     dep.start_gateway()
     wait_until(lambda: gw.health()["status"] == "ok", "gateway healthy", timeout=15)
     s3 = gw.client()
@@ -163,58 +139,48 @@ def test_records_the_vault_holds_beyond_a_failed_primary_log_are_served_from_the
     """At reconnect the primary takes the records the vault holds beyond its
     log (reconcile); if its log refuses them, it degrades instead of failing
     every write with an error and hiding those records."""
-    why = _immutable_supported(tmp_path)
-    if why:
-        pytest.skip(why)
-    import time
     from conftest import proxied_deployment
     with proxied_deployment(tmp_path / "deploy", ack_timeout=2.0) as (d, proxy):
         gw = d.gateway
         s3 = gw.client()
-        seg = None
-        try:
-            s3.create_bucket(Bucket="keep")
-            s3.put_object(Bucket="keep", Key="base", Body=b"durable everywhere")
-            # a PUT whose ACK is held past the timeout: 503, the vault holds it, the primary does not
-            before = d.vault.status()["last_seq"]
-            proxy.command("hold down")
-            with pytest.raises(ClientError) as e:
-                s3.put_object(Bucket="keep", Key="void", Body=b"answered 503")
-            assert e.value.response["Error"]["Code"] == "ServiceUnavailable"
-            assert d.vault.status()["last_seq"] == before + 1
-            time.sleep(0.5)
-            seg = _active_segment(gw)
-            _set_immutable(seg, True)
-            proxy.command("pass")            # the link comes back: reconcile meets the failed log
+        s3.create_bucket(Bucket="keep")
+        s3.put_object(Bucket="keep", Key="base", Body=b"durable everywhere")
+        _warm(s3, "keep")
+        # a PUT whose ACK is held past the timeout: 503, the vault holds it, the primary does not
+        before = d.vault.status()["last_seq"]
+        proxy.command("hold down")
+        with pytest.raises(ClientError) as e:
+            s3.put_object(Bucket="keep", Key="void", Body=b"answered 503")
+        assert e.value.response["Error"]["Code"] == "ServiceUnavailable"
+        assert d.vault.status()["last_seq"] == before + 1
+        time.sleep(0.5)
+        _fail_next_log_append(gw)
+        proxy.command("pass")            # the link comes back: reconcile meets the failed log
 
-            def health():
-                try:
-                    return gw.health()
-                except OSError:
-                    return {}
-            wait_until(lambda: health().get("vault_state_loaded") is True, "serving from the vault", timeout=20)
-            h = health()
-            assert h["primary_storage"] == "failed" and "log" in h["degraded_reason"], h
-            assert s3.get_object(Bucket="keep", Key="base")["Body"].read() == b"durable everywhere"
-            with pytest.raises(ClientError) as e:
-                s3.head_object(Bucket="keep", Key="void")      # a 503 stays invisible
-            assert e.value.response["Error"]["Code"] == "404"
-            with pytest.raises(ClientError) as e:
-                s3.put_object(Bucket="keep", Key="later", Body=b"refused")
-            assert e.value.response["Error"]["Code"] == "ServiceUnavailable"
-            assert d.vault.status()["last_seq"] == before + 1
+        def health():
+            try:
+                return gw.health()
+            except OSError:
+                return {}
+        wait_until(lambda: health().get("vault_state_loaded") is True, "serving from the vault", timeout=20)
+        h = health()
+        assert h["primary_storage"] == "failed" and "log" in h["degraded_reason"], h
+        assert s3.get_object(Bucket="keep", Key="base")["Body"].read() == b"durable everywhere"
+        with pytest.raises(ClientError) as e:
+            s3.head_object(Bucket="keep", Key="void")      # a 503 stays invisible
+        assert e.value.response["Error"]["Code"] == "404"
+        with pytest.raises(ClientError) as e:
+            s3.put_object(Bucket="keep", Key="later", Body=b"refused")
+        assert e.value.response["Error"]["Code"] == "ServiceUnavailable"
+        assert d.vault.status()["last_seq"] == before + 1
 
-            gw.stop()
-            _set_immutable(seg, False)
-            d.start_gateway()
-            wait_until(lambda: gw.health()["status"] == "ok", "gateway healthy", timeout=15)
-            assert gw.health()["pending_aborts"] == 0
-            with pytest.raises(ClientError) as e:
-                s3.head_object(Bucket="keep", Key="void")
-            assert e.value.response["Error"]["Code"] == "404"
-            assert s3.get_object(Bucket="keep", Key="base")["Body"].read() == b"durable everywhere"
-            s3.put_object(Bucket="keep", Key="after", Body=b"writes work again")
-            d.airlock("verify")
-        finally:
-            if seg is not None:
-                _set_immutable(seg, False)
+        gw.stop()
+        d.start_gateway()
+        wait_until(lambda: gw.health()["status"] == "ok", "gateway healthy", timeout=15)
+        assert gw.health()["pending_aborts"] == 0
+        with pytest.raises(ClientError) as e:
+            s3.head_object(Bucket="keep", Key="void")
+        assert e.value.response["Error"]["Code"] == "404"
+        assert s3.get_object(Bucket="keep", Key="base")["Body"].read() == b"durable everywhere"
+        s3.put_object(Bucket="keep", Key="after", Body=b"writes work again")
+        d.airlock("verify")
