@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 from botocore.exceptions import BotoCoreError, ClientError
 
-from conftest import Deployment, wait_until
+from conftest import wait_until
 
 
 def _active_segment(gw) -> Path:
@@ -41,14 +41,8 @@ def _warm(s3, bucket: str, n: int = 30) -> None:
         s3.put_object(Bucket=bucket, Key=f"warm{i:02d}", Body=b"w")
 
 
-@pytest.fixture
-def dep(tmp_path):
-    d = Deployment(tmp_path / "deploy").start()
-    yield d
-    d.stop()
-
-
-def test_a_change_the_vault_acknowledged_succeeds_when_the_primary_log_fails(dep):
+def test_a_change_the_vault_acknowledged_succeeds_when_the_primary_log_fails(deployment):
+    dep = deployment
     gw = dep.gateway
     s3 = gw.client()
     s3.create_bucket(Bucket="ledger")
@@ -93,10 +87,11 @@ def test_a_change_the_vault_acknowledged_succeeds_when_the_primary_log_fails(dep
     dep.airlock("verify")
 
 
-def test_concurrent_writes_when_the_primary_log_fails_are_visible_exactly_when_they_succeeded(dep):
+def test_concurrent_writes_when_the_primary_log_fails_are_visible_exactly_when_they_succeeded(deployment):
     """Writes racing the failure: those answered 200 are kept (in the vault,
     then on the restarted primary), those answered 503 exist nowhere."""
     from concurrent.futures import ThreadPoolExecutor
+    dep = deployment
     gw = dep.gateway
     s3 = gw.client()
     s3.create_bucket(Bucket="race")

@@ -52,7 +52,8 @@ def make_engine(cfg: GatewayConfig) -> Engine:
             from airlock.primary.replication import ReplicatedCommitPoint
             return ReplicatedCommitPoint(log_dir, engine._on_durable, link, engine.store,
                                          engine.data_dir, ack_timeout=cfg.ack_timeout,
-                                         executor=engine.executor)
+                                         executor=engine.executor,
+                                         on_local_failure=engine._primary_log_failed)
     else:
         log.warning("no vault configured: commits are durable in the primary log only "
                     "(local-only mode, for tests and benchmarks)")

@@ -80,8 +80,6 @@ class Engine:
         self.store = ChunkStore(self.data_dir, fsync=self.chunk_fsync)
         if self._commit_point_factory is not None:
             self.commit_point = self._commit_point_factory(self, log_dir)
-            if hasattr(self.commit_point, "on_local_failure"):
-                self.commit_point.on_local_failure = self._primary_log_failed
         else:
             self.commit_point = LocalCommitPoint(log_dir, self._on_durable)
         index_path = os.path.join(self.data_dir, "index.sqlite")

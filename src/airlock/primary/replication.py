@@ -64,7 +64,8 @@ MISSING_CHUNK_RETRIES = 2     # APPEND refused for missing chunks: resend them t
 class ReplicatedCommitPoint:
     def __init__(self, log_dir: str, on_durable: Callable[[list], None], link: LinkClient,
                  store: ChunkStore, state_dir: str, ack_timeout: float = ACK_TIMEOUT_S,
-                 executor=None):
+                 executor=None,
+                 on_local_failure: Callable[[BaseException], Awaitable[None]] | None = None):
         self._engine_on_durable = on_durable
         self.log = LogWriter(log_dir, on_durable=self._local_durable)
         self.log.open()
@@ -81,9 +82,9 @@ class ReplicatedCommitPoint:
         self._ready = False
         self._keeper: asyncio.Task | None = None
         self.paused = False       # set by the engine in degraded mode: the primary log is unusable
-        # awaited once when the primary log fails after the vault acknowledged
+        # awaited once when the primary log fails on records the vault holds
         # (the engine switches to serving from the vault); see the module doc
-        self.on_local_failure: Callable[[BaseException], Awaitable[None]] | None = None
+        self.on_local_failure = on_local_failure
         self._local_failure: asyncio.Task | None = None
         self._next_seq = self.log.last_seq + 1
         self.stats = {"batches": 0, "records": 0, "ack_failures": 0, "reconciled": 0,
@@ -309,8 +310,9 @@ class ReplicatedCommitPoint:
                 "The primary's log cannot be written; writes are refused until the primary is restored.")
 
     async def _commit_batch(self, records: list[tuple[int, bytes]]) -> list[tuple[int, asyncio.Task]]:
-        self._refuse_if_log_unusable()
         async with self._lock:
+            # checked with the lock held: the batch before may have failed the log meanwhile
+            self._refuse_if_log_unusable()
             try:
                 await self._ensure_ready()
             except asyncio.TimeoutError:
@@ -320,7 +322,6 @@ class ReplicatedCommitPoint:
     async def _replicate(self, records: list[tuple[int, bytes]]) -> list[tuple[int, asyncio.Task]]:
         """Send one batch, await the vault's durable ack, start the local
         appends (in sequence order) and return (seq, task) for each.  Lock held."""
-        self._refuse_if_log_unusable()
         first = self._next_seq
         numbered = [(first + i, rtype, payload) for i, (rtype, payload) in enumerate(records)]
         self._next_seq = first + len(numbered)
