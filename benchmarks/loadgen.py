@@ -171,13 +171,24 @@ def wrk_get(url: str, size: int, concurrency: int, duration: float) -> dict:
 # presigned PUT paths (distinct keys, so no two requests in flight write the
 # same key) and sends a body that is unique per request: the base body with
 # (thread, counter) stamped every STAMP_STRIDE bytes, so CDC dedup never helps.
+#
+# The body is built once per thread in a LuaJIT FFI buffer and only its
+# stamps are rewritten per request; the request is one copy out of that
+# buffer.  The first version built every body from Lua strings (a 16 KiB
+# string per stamp, a concat, and wrk.format's second concat): ~2.3 ms of
+# wrk CPU per 1 MiB PUT and ~150 ms per 64 MiB PUT, spent between two
+# requests of one connection, so at c=1 the client was a third to half of
+# every target's cycle.  The bytes sent are identical (checked by sending
+# both versions to a sink and comparing every body).
 _WRK_PUT_LUA = r"""
+local ffi = require("ffi")
 local paths_file, size, stride = "%(paths)s", %(size)d, %(stride)d
 local counter = 0
 local nthreads = 0
 local tid = 0
 local paths = {}
-local tail = ""
+local HEAD_ROOM = 8192          -- bytes before the body for the request line and headers
+local buf = nil                 -- HEAD_ROOM + size bytes: the body is built here once, then stamped in place
 
 function setup(thread)
   thread:set("tid", nthreads)
@@ -194,22 +205,30 @@ function init(args)
   math.randomseed(tid * 7919 + 17)
   local t = {}
   for j = 1, stride do t[j] = string.char(math.random(0, 255)) end
-  tail = string.sub(table.concat(t), 23)          -- 22-byte stamp + random tail = one stride
+  local tail = string.sub(table.concat(t), 23)    -- 22-byte stamp + random tail = one stride
+  buf = ffi.new("uint8_t[?]", HEAD_ROOM + size)
+  local off = 22
+  while off < size do
+    ffi.copy(buf + HEAD_ROOM + off, tail, math.min(#tail, size - off))
+    off = off + stride
+  end
 end
 
 function request()
   counter = counter + 1
-  local out = {}
-  local n, i = 0, 0
-  while n < size do
+  local i, off = 0, 0
+  while off < size do
     i = i + 1
-    local piece = string.format("%%04d%%012d%%06d", tid, counter, i) .. tail
-    if n + #piece > size then piece = string.sub(piece, 1, size - n) end
-    out[i] = piece
-    n = n + #piece
+    local stamp = string.format("%%04d%%012d%%06d", tid, counter, i)
+    ffi.copy(buf + HEAD_ROOM + off, stamp, math.min(22, size - off))
+    off = off + stride
   end
   local path = paths[(counter %% #paths) + 1]
-  return wrk.format("PUT", path, nil, table.concat(out))
+  local head = string.format("PUT %%s HTTP/1.1\r\nHost: %%s\r\nContent-Length: %%d\r\n\r\n",
+                             path, wrk.headers["Host"], size)
+  local at = HEAD_ROOM - #head
+  ffi.copy(buf + at, head, #head)
+  return ffi.string(buf + at, #head + size)
 end
 """
 
