@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import re
+import secrets
 import shutil
 import statistics
 import struct
@@ -178,15 +179,23 @@ def wrk_get(url: str, size: int, concurrency: int, duration: float) -> dict:
 # string per stamp, a concat, and wrk.format's second concat): ~2.3 ms of
 # wrk CPU per 1 MiB PUT and ~150 ms per 64 MiB PUT, spent between two
 # requests of one connection, so at c=1 the client was a third to half of
-# every target's cycle.  The bytes sent are identical (checked by sending
-# both versions to a sink and comparing every body).
+# every target's cycle.
+#
+# Every stamp starts with a random per-invocation `run` nonce (which also
+# seeds the random tail).  Without it each wrk run re-sent the previous run's
+# bodies byte for byte (the counter restarts at 1), so every PUT cell after
+# the first on one deployment -- matrix rounds 1 and 2, the --warmup, the
+# --repeat cells of cpu_per_op.py -- stored bodies airlock already held: dedup,
+# no chunk write, nothing shipped to the vault.  SeaweedFS and moto do not
+# dedup, so the ratios flattered airlock (docs/performance.md, 2026-11-26).
 _WRK_PUT_LUA = r"""
 local ffi = require("ffi")
-local paths_file, size, stride = "%(paths)s", %(size)d, %(stride)d
+local paths_file, size, stride, run = "%(paths)s", %(size)d, %(stride)d, %(run)d
 local counter = 0
 local nthreads = 0
 local tid = 0
 local paths = {}
+local STAMP = 30               -- bytes: run (8 hex), thread (4), request (12), piece (6)
 local HEAD_ROOM = 8192          -- bytes before the body for the request line and headers
 local buf = nil                 -- HEAD_ROOM + size bytes: the body is built here once, then stamped in place
 
@@ -202,12 +211,12 @@ function init(args)
     if i %% %(threads)d == tid then paths[#paths + 1] = line end
     i = i + 1
   end
-  math.randomseed(tid * 7919 + 17)
+  math.randomseed(run + tid * 7919 + 17)
   local t = {}
   for j = 1, stride do t[j] = string.char(math.random(0, 255)) end
-  local tail = string.sub(table.concat(t), 23)    -- 22-byte stamp + random tail = one stride
+  local tail = string.sub(table.concat(t), STAMP + 1)    -- stamp + random tail = one stride
   buf = ffi.new("uint8_t[?]", HEAD_ROOM + size)
-  local off = 22
+  local off = STAMP
   while off < size do
     ffi.copy(buf + HEAD_ROOM + off, tail, math.min(#tail, size - off))
     off = off + stride
@@ -219,8 +228,8 @@ function request()
   local i, off = 0, 0
   while off < size do
     i = i + 1
-    local stamp = string.format("%%04d%%012d%%06d", tid, counter, i)
-    ffi.copy(buf + HEAD_ROOM + off, stamp, math.min(22, size - off))
+    local stamp = string.format("%%08x%%04d%%012d%%06d", run, tid, counter, i)
+    ffi.copy(buf + HEAD_ROOM + off, stamp, math.min(STAMP, size - off))
     off = off + stride
   end
   local path = paths[(counter %% #paths) + 1]
@@ -257,7 +266,8 @@ def wrk_put(presign, size: int, concurrency: int, duration: float, keys: int = 1
                 f.write(f"{s.path}?{s.query}\n")
         script = os.path.join(d, "put.lua")
         with open(script, "w") as f:
-            f.write(_WRK_PUT_LUA % {"paths": paths, "size": size, "stride": STAMP_STRIDE, "threads": threads})
+            f.write(_WRK_PUT_LUA % {"paths": paths, "size": size, "stride": STAMP_STRIDE, "threads": threads,
+                                    "run": secrets.randbits(32)})
         r = _run_wrk(["-t", str(threads), "-c", str(concurrency), "-s", script,
                       f"{base.scheme}://{base.netloc}/"], duration)
     r.update(op="PUT", size=size, concurrency=concurrency, mib_per_s=r["ops_per_s"] * size / 2**20)
