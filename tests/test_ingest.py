@@ -76,3 +76,34 @@ def test_a_chunk_repeated_within_one_body_is_written_and_shipped_once(tmp_path):
     assert len(digests.chunks) >= 3 and len({c.digest for c in digests.chunks}) == 1
     assert [d for d, _ in shipped] == [digests.chunks[0].digest]
     assert b"".join(store.read(c.digest) for c in digests.chunks) == data
+
+
+def test_the_last_chunks_are_shipped_while_their_files_sync_and_ingest_returns_once_they_are_durable(tmp_path):
+    # the vault receives an upload's tail while this disk syncs it; the commit
+    # (after ingest_body returns) still finds every chunk file durable
+    store = ChunkStore(str(tmp_path))
+    data = os.urandom(3 * MiB // 2)
+    seen: list = []
+
+    async def run():
+        with ThreadPoolExecutor(4) as pool:
+            ing = Ingest(store)
+
+            async def ship(chunks):
+                seen.append((ing.durable, [d for d, _ in chunks]))
+            digests = await ingest_body(ing, _body(data), pool, ship=ship)
+            return ing, digests
+    ing, digests = asyncio.run(run())
+    assert seen and seen[-1][0] is False            # shipped before the wait for its write
+    assert [d for _durable, ds in seen for d in ds] == [c.digest for c in digests.chunks]
+    assert ing.durable
+    assert all(f.done() and f.exception() is None for f in ing.writing.values())
+    assert b"".join(store.read(c.digest) for c in digests.chunks) == data
+
+
+def test_a_small_body_is_durable_within_its_single_hop(tmp_path):
+    store = ChunkStore(str(tmp_path))
+    ing = Ingest(store)
+    new = ing.feed_and_finish(os.urandom(4096))
+    assert ing.durable and len(new) == 1
+    assert store.read(new[0][0]) == new[0][1]

@@ -16,7 +16,7 @@ import pytest
 
 from airlock.errors import IntegrityError, VaultRejected
 from airlock.log import payload as P
-from airlock.vault.store import RECORD_ABORT, VaultStore
+from airlock.vault.store import RECORD_ABORT, WRITEBACK_BYTES, VaultStore
 
 SRC = str(Path(__file__).resolve().parent.parent / "src")
 
@@ -513,7 +513,7 @@ def test_a_failed_early_writeback_refuses_every_later_append(tmp_path, monkeypat
         def failing(fd):
             raise OSError(errno.EIO, "injected write-back error")
         monkeypatch.setattr(os, "fdatasync", failing)
-        rec = f.put("b", "k", *[body(i, 1 << 20) for i in range(8)])   # the 8th MiB starts a writeback
+        rec = f.put("b", "k", body(0, WRITEBACK_BYTES))     # this much chunk data starts a writeback
         s._writeback_job.result(30)
         monkeypatch.setattr(os, "fdatasync", real)
         with pytest.raises(VaultRejected) as ei:

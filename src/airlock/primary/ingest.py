@@ -18,9 +18,11 @@ cores while the event loop keeps reading sockets.  At most two buffers of one up
 flight (one hashing, one being read), so memory stays bounded whatever the
 object size.  Large chunk files are written and fdatasynced on the chunk
 store's own writer threads, up to MAX_WRITES_IN_FLIGHT per upload, while the
-next buffer is hashed; `finish` waits for all of them (and syncs the chunk
-directories) before the upload may be committed, so the durability order is
-unchanged: every chunk file is durable before a record references it.
+next buffer is hashed; `wait_durable` waits for all of them (and syncs the
+chunk directories) before the upload may be committed, so the durability
+order is unchanged: every chunk file is durable before a record references
+it.  The last chunks are shipped to the vault before that wait, not after
+it, so the two domains' disks sync an upload's tail at the same time.
 """
 from __future__ import annotations
 
@@ -59,6 +61,7 @@ class Ingest:
         self._dirs: set[str] = set()
         self._writes: list = []            # chunk writes in flight on the store's writer threads
         self.writing: dict = {}            # digest hex -> future of its chunk file's write (large chunks)
+        self._durable = False              # every chunk file and directory of this body is synced
 
     def feed(self, data) -> list[tuple[str, bytes]]:
         """Consume one buffer; return the chunks it completed that were new to
@@ -83,15 +86,33 @@ class Ingest:
         return self._store_chunks(self._chunker.update(data))
 
     def feed_and_finish(self, data) -> list[tuple[str, bytes]]:
-        return (self.feed(data) if data else []) + self.finish()
+        """The last buffer and the end of the body.  Returns the new chunks
+        at once; if large chunk writes are still in flight they are left to
+        `wait_durable`, so that the caller can ship those chunks to the vault
+        while the disk syncs them (a small body's chunk files are durable on
+        return, in this one thread hop)."""
+        new = (self.feed(data) if data else []) + self._store_chunks(self._chunker.finish())
+        if not self._writes:
+            self.wait_durable()
+        return new
 
     def finish(self) -> list[tuple[str, bytes]]:
         """End of body: store the last chunk and make the chunk files and
         their directories durable (every write of this upload has finished)."""
         new = self._store_chunks(self._chunker.finish())
+        self.wait_durable()
+        return new
+
+    @property
+    def durable(self) -> bool:
+        return self._durable
+
+    def wait_durable(self) -> None:
+        """Wait for every chunk write of this upload and sync the chunk
+        directories: after this a record may reference the chunks."""
         self._wait_writes(0)
         self.store.sync_dirs(self._dirs)
-        return new
+        self._durable = True
 
     def digests(self) -> BodyDigests:
         return BodyDigests(
@@ -206,6 +227,10 @@ async def ingest_body(ingest: Ingest, body: AsyncIterator, executor: Executor | 
         new = await loop.run_in_executor(executor, ingest.feed_and_finish, last)
         if ship is not None and new:
             await ship(new)
+        if not ingest.durable:
+            # large chunks still being written and synced: the vault has been
+            # receiving them meanwhile; the commit waits for both disks
+            await loop.run_in_executor(executor, ingest.wait_durable)
         return ingest.digests()
     finally:
         if pending is not None and not pending.done():

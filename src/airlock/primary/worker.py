@@ -71,13 +71,16 @@ class _LeaderCommitPoint:
         self.replicated = replicated
         self.last_seq = 0
 
-    async def ship_chunks(self, chunks: list[tuple[str, bytes]]) -> None:
+    async def ship_chunks(self, chunks: list[tuple[str, bytes]], inline: frozenset = frozenset()) -> None:
         if not self.replicated:
             return                   # local-only: the leader's commit point ships nothing either
         # Large chunks go by reference: their files are in the shared chunk
-        # store already (WorkerEngine._shipper waits for a chunk's write), and the
-        # leader reading one costs less than copying it through the channel.
-        chunks = [(d, len(data) if len(data) >= SHIP_BY_REFERENCE else bytes(data)) for d, data in chunks]
+        # store already, and the leader reading one costs less than copying
+        # it through the channel.  Those in `inline` do not have their file
+        # yet (still being written and synced, see WorkerEngine._shipper):
+        # their bytes go through the channel.
+        chunks = [(d, len(data) if len(data) >= SHIP_BY_REFERENCE and d not in inline else bytes(data))
+                  for d, data in chunks]
         held = _held.get()
         if held is not None:
             size = sum(data if isinstance(data, int) else len(data) for _d, data in chunks)
@@ -127,14 +130,22 @@ class WorkerEngine(Engine):
 
     def _shipper(self, ingest):
         async def ship(chunks):
-            # a chunk sent by reference is read from its file by the leader:
-            # wait for the writes still in flight (Ingest writes large chunk
-            # files on the store's writer threads)
+            # A chunk sent by reference is read from its file by the leader,
+            # and Ingest writes large chunk files on the store's writer
+            # threads.  One whose write (create, write, fdatasync, rename) is
+            # still in flight goes inline instead of waiting for it: the vault
+            # then receives it while this disk syncs it, as in a single
+            # process.  (The commit still waits for the write: Ingest.wait_durable.)
+            inline = set()
             for d, data in chunks:
                 fut = ingest.writing.get(d)
-                if fut is not None and len(data) >= SHIP_BY_REFERENCE:
-                    await asyncio.wrap_future(fut)
-            await self.commit_point.ship_chunks(chunks)
+                if fut is None or len(data) < SHIP_BY_REFERENCE:
+                    continue
+                if not fut.done():
+                    inline.add(d)
+                elif fut.exception() is not None:
+                    raise fut.exception()      # the upload fails, as it would have at the wait
+            await self.commit_point.ship_chunks(chunks, frozenset(inline))
         return ship
 
     async def _ship_held(self) -> None:

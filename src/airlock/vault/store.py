@@ -48,7 +48,7 @@ log = logging.getLogger("airlock.vault")
 
 OVERLAY_MAX_BYTES = 256 * 2**20   # bytes; seal past this so one merge (and one recovery scan) stays bounded
 OVERLAY_MAX_AGE_S = 600.0         # seconds; seal older overlays so compaction can reach recent changes
-WRITEBACK_BYTES = 8 * 2**20       # chunk bytes received between early (background) overlay fdatasyncs
+WRITEBACK_BYTES = 1 * 2**20       # chunk bytes received between early (background) overlay fdatasyncs
 READ_RETRIES = 5                  # read-chain walks when compaction deletes an overlay under a reader
 
 
