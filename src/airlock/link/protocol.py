@@ -150,6 +150,10 @@ class LinkRecord(NamedTuple):
 # --------------------------------------------------------------------------
 # frames
 # --------------------------------------------------------------------------
+COALESCE_BYTES = 64 * 1024      # frames up to this size are written in one piece (write_frame)
+SMALL_PART_BYTES = 4096         # leading payload parts up to this size are joined to a large frame's header
+
+
 def _buffers(payload) -> list[memoryview]:
     """Normalize a bytes-like payload, or a sequence of bytes-like parts, to flat byte views."""
     if isinstance(payload, (bytes, bytearray, memoryview)):
@@ -288,9 +292,20 @@ async def write_frame(writer: asyncio.StreamWriter, kind: int, request_id: int, 
     writer never interleave frames.
     """
     parts = _buffers(payload)
-    writer.write(_header(kind, request_id, parts))
-    for p in parts:
-        writer.write(p)
+    header = _header(kind, request_id, parts)
+    if sum(p.nbytes for p in parts) <= COALESCE_BYTES:
+        # one write: one TLS record and one send() instead of one per part
+        # (a 4 KiB PUT_CHUNK was three of each); the copy is small
+        writer.write(b"".join((header, *parts)))
+    else:
+        # large parts (chunk data) are handed over as they are, without a
+        # copy; small leading parts (a chunk's digest) ride with the header
+        i = 0
+        while i < len(parts) and parts[i].nbytes <= SMALL_PART_BYTES:
+            i += 1
+        writer.write(b"".join((header, *parts[:i])))
+        for p in parts[i:]:
+            writer.write(p)
     await writer.drain()
 
 

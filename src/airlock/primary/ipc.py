@@ -24,6 +24,7 @@ VERSION = 1
 CALL, REPLY, ERROR = 1, 2, 3
 HEADER = struct.Struct("<4sBBII")
 MAX_BODY = 256 << 20
+COALESCE_BYTES = 64 * 1024      # messages up to this size are written with their header in one piece
 
 Handler = Callable[..., Awaitable]
 
@@ -95,8 +96,12 @@ class Peer:
         body = pickle.dumps(obj, protocol=5)
         if len(body) > MAX_BODY:
             raise E.InternalError(f"gateway channel frame of {len(body)} bytes is over the bound")
-        self._writer.write(HEADER.pack(MAGIC, VERSION, kind, cid, len(body)))
-        self._writer.write(body)
+        head = HEADER.pack(MAGIC, VERSION, kind, cid, len(body))
+        if len(body) <= COALESCE_BYTES:
+            self._writer.write(head + body)     # one send() for a small message, not two
+        else:
+            self._writer.write(head)
+            self._writer.write(body)
 
     async def _run(self) -> None:
         try:
