@@ -107,3 +107,66 @@ def test_a_small_body_is_durable_within_its_single_hop(tmp_path):
     new = ing.feed_and_finish(os.urandom(4096))
     assert ing.durable and len(new) == 1
     assert store.read(new[0][0]) == new[0][1]
+
+
+def test_a_failed_ship_at_the_end_still_leaves_the_written_chunk_files_durable(tmp_path):
+    # the upload fails, but its chunk files stay in the store where a later
+    # upload may find them (dedup): they must not be left half-synced
+    store = ChunkStore(str(tmp_path))
+    data = os.urandom(600 * 1024)       # one buffer: shipped once, at the end, with a large write in flight
+    box: dict = {}
+
+    async def run():
+        with ThreadPoolExecutor(4) as pool:
+            ing = box["ing"] = Ingest(store)
+
+            async def ship(chunks):
+                raise ConnectionError("link lost")
+            await ingest_body(ing, _body(data), pool, ship=ship)
+    with pytest.raises(ConnectionError):
+        asyncio.run(run())
+    ing = box["ing"]
+    assert ing.writing and ing.durable
+    assert all(f.done() and f.exception() is None for f in ing.writing.values())
+    for d in ing.writing:
+        assert store.has(d)
+
+
+def test_a_failed_ship_mid_body_still_leaves_the_written_chunk_files_durable(tmp_path):
+    store = ChunkStore(str(tmp_path))
+    data = os.urandom(9 * MiB)          # ships after every 1 MiB buffer; the first one that has a chunk fails
+    box: dict = {}
+
+    async def run():
+        with ThreadPoolExecutor(4) as pool:
+            ing = box["ing"] = Ingest(store)
+
+            async def ship(chunks):
+                raise ConnectionError("link lost")
+            await ingest_body(ing, _body(data), pool, ship=ship)
+    with pytest.raises(ConnectionError):
+        asyncio.run(run())
+    ing = box["ing"]
+    assert ing.writing and ing.durable
+    assert all(f.done() and f.exception() is None for f in ing.writing.values())
+
+
+@pytest.mark.parametrize("size", [4096, 600 * 1024])
+def test_a_body_found_in_the_store_still_syncs_its_chunk_directories_before_the_commit(tmp_path, monkeypatch, size):
+    # another upload may have renamed the chunk file into place but not yet
+    # fsynced its directory; without a vault nothing could repair a lost entry
+    import airlock.chunk.store as store_mod
+    store = ChunkStore(str(tmp_path))
+    data = os.urandom(size)
+    _ingest(store, data, [])
+    synced: list = []
+    real = store_mod.fsync_dir
+
+    def spy(d):
+        synced.append(os.path.abspath(d))
+        real(d)
+    monkeypatch.setattr(store_mod, "fsync_dir", spy)
+    shipped: list = []
+    ing, digests = _ingest(store, data, shipped)
+    assert shipped == [] and ing.durable
+    assert {os.path.abspath(store.dir_of(c.digest)) for c in digests.chunks} <= set(synced)

@@ -66,6 +66,9 @@ class ChunkStore:
     def path(self, digest: str) -> str:
         return os.path.join(self.root, digest[:2], digest)
 
+    def dir_of(self, digest: str) -> str:
+        return os.path.dirname(self.path(digest))
+
     def has(self, digest: str) -> bool:
         return os.path.exists(self.path(digest))
 

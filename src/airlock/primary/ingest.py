@@ -28,12 +28,15 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import Executor
 
 from airlock.chunk.chunker import StreamChunker
 from airlock.chunk.store import ChunkStore
 from airlock.primary.model import BodyDigests, ChunkRef
+
+log = logging.getLogger("airlock.ingest")
 
 BATCH_BYTES = 1 * 1024 * 1024       # coalesce socket reads to ~1 MiB before handing to a thread
 SPLIT_BYTES = 256 * 1024            # from this size a buffer is fed as two parallel jobs (MD5 | the rest)
@@ -134,8 +137,11 @@ class Ingest:
             hexd = digest.hex()
             self._chunks.append(ChunkRef(hexd, len(data)))
             if len(data) >= ASYNC_WRITE_BYTES:
-                if hexd in self.writing or self.store.has(hexd):
-                    continue                    # written for this body already (or being written), or stored
+                if hexd in self.writing:
+                    continue                    # written for this body already (or being written)
+                if self.store.has(hexd):
+                    self._dirs.add(self.store.dir_of(hexd))     # see below
+                    continue
                 self._wait_writes(MAX_WRITES_IN_FLIGHT - 1)
                 fut = self.store.put_async(hexd, data)
                 self._writes.append(fut)
@@ -146,6 +152,12 @@ class Ingest:
             if d is not None:
                 self._dirs.add(d)
                 new.append((hexd, data))
+            else:
+                # Stored already (dedup) -- possibly just now by another
+                # upload that has renamed the file but not yet synced its
+                # directory.  Sync it here too before this upload's record may
+                # reference it: without a vault nothing could repair it.
+                self._dirs.add(self.store.dir_of(hexd))
         return new
 
     def _wait_writes(self, keep: int) -> None:
@@ -239,3 +251,11 @@ async def ingest_body(ingest: Ingest, body: AsyncIterator, executor: Executor | 
                 await pending
             except Exception:
                 pass
+        if not ingest.durable and ingest.writing:
+            # the upload failed (body, digest or shipping) with large chunk
+            # writes started: their files stay in the store, where a later
+            # upload may find them (dedup), so finish making them durable
+            try:
+                await loop.run_in_executor(executor, ingest.wait_durable)
+            except Exception as e:      # the upload's own error is the one to report
+                log.warning("chunk files of a failed upload could not be synced: %r", e)
