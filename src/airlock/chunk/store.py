@@ -72,19 +72,21 @@ class ChunkStore:
     def has(self, digest: str) -> bool:
         return os.path.exists(self.path(digest))
 
-    def put(self, digest: str, data) -> str | None:
-        """Store `data` under `digest` unless present.  Returns the directory
-        that needs an fsync before a record may reference the chunk (or None)."""
+    def put(self, digest: str, data) -> tuple[str, bool]:
+        """Store `data` under `digest` unless present.  Returns (directory,
+        written).  The directory needs an fsync before a record may reference
+        the chunk even when this call did not write it: another writer may
+        have renamed the file into place without having synced it yet."""
         final = self.path(digest)
-        if os.path.exists(final):
-            return None
         d = os.path.dirname(final)
+        if os.path.exists(final):
+            return d, False
         if d not in self._made:
             os.makedirs(d, exist_ok=True)
             with self._lock:
                 self._made.add(d)
         os.replace(self._write_tmp(digest, data), final)
-        return d
+        return d, True
 
     def put_async(self, digest: str, data) -> Future:
         """`put` on one of the store's writer threads (its own pool: callers

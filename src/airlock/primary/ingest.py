@@ -64,7 +64,7 @@ class Ingest:
         self._dirs: set[str] = set()
         self._writes: list = []            # chunk writes in flight on the store's writer threads
         self.writing: dict = {}            # digest hex -> future of its chunk file's write (large chunks)
-        self._durable = False              # every chunk file and directory of this body is synced
+        self.durable = False               # every chunk file and directory of this body is synced
 
     def feed(self, data) -> list[tuple[str, bytes]]:
         """Consume one buffer; return the chunks it completed that were new to
@@ -99,23 +99,12 @@ class Ingest:
             self.wait_durable()
         return new
 
-    def finish(self) -> list[tuple[str, bytes]]:
-        """End of body: store the last chunk and make the chunk files and
-        their directories durable (every write of this upload has finished)."""
-        new = self._store_chunks(self._chunker.finish())
-        self.wait_durable()
-        return new
-
-    @property
-    def durable(self) -> bool:
-        return self._durable
-
     def wait_durable(self) -> None:
         """Wait for every chunk write of this upload and sync the chunk
         directories: after this a record may reference the chunks."""
         self._wait_writes(0)
         self.store.sync_dirs(self._dirs)
-        self._durable = True
+        self.durable = True
 
     def digests(self) -> BodyDigests:
         return BodyDigests(
@@ -140,7 +129,7 @@ class Ingest:
                 if hexd in self.writing:
                     continue                    # written for this body already (or being written)
                 if self.store.has(hexd):
-                    self._dirs.add(self.store.dir_of(hexd))     # see below
+                    self._dirs.add(self.store.dir_of(hexd))     # see ChunkStore.put
                     continue
                 self._wait_writes(MAX_WRITES_IN_FLIGHT - 1)
                 fut = self.store.put_async(hexd, data)
@@ -148,25 +137,18 @@ class Ingest:
                 self.writing[hexd] = fut
                 new.append((hexd, data))
                 continue
-            d = self.store.put(hexd, data)
-            if d is not None:
-                self._dirs.add(d)
+            d, written = self.store.put(hexd, data)
+            self._dirs.add(d)
+            if written:
                 new.append((hexd, data))
-            else:
-                # Stored already (dedup) -- possibly just now by another
-                # upload that has renamed the file but not yet synced its
-                # directory.  Sync it here too before this upload's record may
-                # reference it: without a vault nothing could repair it.
-                self._dirs.add(self.store.dir_of(hexd))
         return new
 
     def _wait_writes(self, keep: int) -> None:
         """Wait until at most `keep` chunk writes are in flight; the first
         failed one raises (the upload fails, as if it had been written here)."""
         while len(self._writes) > keep:
-            d = self._writes.pop(0).result()
-            if d is not None:
-                self._dirs.add(d)
+            d, _written = self._writes.pop(0).result()
+            self._dirs.add(d)
 
 
 ShipChunks = Callable[[list], Awaitable[None]]
@@ -183,8 +165,8 @@ async def ingest_body(ingest: Ingest, body: AsyncIterator, executor: Executor | 
     Every body is fed on `executor`: writing a chunk file (create, write,
     rename, and fdatasync when the store syncs) can wait on the file system
     and must never block the event loop.  Bodies are coalesced to
-    ~BATCH_BYTES per hop; the last piece and `finish` share one hop, so a
-    small object costs a single one.  While one buffer is hashed and chunked on a worker thread,
+    ~BATCH_BYTES per hop; the last piece and the end of the body share one
+    hop (`feed_and_finish`), so a small object costs a single one.  While one buffer is hashed and chunked on a worker thread,
     the event loop reads the next one from the socket and ships the chunks the
     previous buffer completed (`ship`, the commit point's way to stream chunks
     to the vault while the body is still arriving).  Feeds of one upload run
