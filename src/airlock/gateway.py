@@ -60,8 +60,9 @@ def make_engine(cfg: GatewayConfig) -> Engine:
     # With a vault, every chunk a record references is on the vault's stable
     # storage before the record is acknowledged, and every local read is
     # verified and repaired from the vault: fsyncing the primary's chunk files
-    # as well can be turned off (chunk_sync = "vault"; measured no faster on
-    # the benchmark machine, docs/performance.md, so "local" is the default).
+    # as well can be turned off (chunk_sync = "vault": +20-30% on 4 KiB PUTs,
+    # docs/performance.md; "local" stays the default because it lets the
+    # primary stand alone through a double failure, docs/architecture.md).
     # Without a vault the chunk files are the only copy and are always fsynced.
     chunk_fsync = cfg.fsync and (cfg.vault is None or cfg.chunk_sync == "local")
     return Engine(cfg.data, fsync=cfg.fsync, chunk_fsync=chunk_fsync, commit_point_factory=factory)

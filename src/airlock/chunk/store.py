@@ -26,7 +26,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import blake3
 
 from airlock.errors import FormatError, IntegrityError
-from airlock.fsutil import fsync_dir
+from airlock.fsutil import DIRECT_MIN_BYTES, fsync_dir, open_direct, write_around_cache
 
 CHUNK_MAGIC = b"ACHK"
 CHUNK_VERSION = 1
@@ -54,6 +54,7 @@ class ChunkStore:
         self._tmp_ids = itertools.count()                # ... and per write (next() is atomic in CPython)
         self._lock = threading.Lock()
         self._writers: ThreadPoolExecutor | None = None
+        self._direct = True      # large synced chunk files bypass the page cache (until the fs refuses)
         os.makedirs(self.tmp, exist_ok=True)
         if not clean_tmp:
             return
@@ -105,14 +106,19 @@ class ChunkStore:
         try:
             header = CHUNK_HEADER.pack(CHUNK_MAGIC, CHUNK_VERSION, 0, len(data))
             view = memoryview(data).cast("B")
-            n = os.writev(fd, [header, view]) - len(header)   # one syscall for a whole small chunk
-            if n < 0:                                          # (a short write is finished below)
-                os.write(fd, header[len(header) + n:])
-                n = 0
-            view = view[n:]
-            while view:
-                n = os.write(fd, view)
-                view = view[n:]
+            # a large chunk file is synced at once and read back only by
+            # GETs: its whole blocks bypass the page cache (fsutil)
+            dfd = None
+            if self.fsync and self._direct and view.nbytes >= DIRECT_MIN_BYTES:
+                dfd = open_direct(tmp)
+                if dfd is None:
+                    self._direct = False
+            try:
+                if not write_around_cache(fd, dfd, 0, [header, view]):
+                    self._direct = False
+            finally:
+                if dfd is not None:
+                    os.close(dfd)
             if self.fsync:
                 os.fdatasync(fd)
         finally:

@@ -17,7 +17,7 @@ from typing import NamedTuple
 import blake3
 
 from airlock.errors import FormatError
-from airlock.fsutil import fsync_dir
+from airlock.fsutil import fsync_dir, open_direct, write_around_cache
 
 OVERLAY_MAGIC = b"AVOVL\x00\x00\x00"
 OVERLAY_VERSION = 1
@@ -112,6 +112,7 @@ class Overlay:
         self.sealed = False
         self.size = OVERLAY_HEADER_SIZE
         self.fd: int | None = None                       # write fd, newest overlay only
+        self._dfd: int | None = None                     # the same file with O_DIRECT (large chunk entries)
 
     @property
     def first_seq(self) -> int | None:
@@ -129,7 +130,7 @@ class Overlay:
     @classmethod
     def create(cls, directory: str, created_ns: int, fsync: bool = True) -> "Overlay":
         path = os.path.join(directory, overlay_name(created_ns))
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o644)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:
             _write_all(fd, encode_header(created_ns))
             if fsync:
@@ -141,6 +142,7 @@ class Overlay:
             fsync_dir(directory)
         ov = cls(path, created_ns)
         ov.fd = fd
+        ov._dfd = open_direct(path)
         return ov
 
     @classmethod
@@ -197,7 +199,11 @@ class Overlay:
         return ov, o, status
 
     def open_for_append(self) -> None:
-        self.fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
+        """Writes go at `size` (the file's size after `scan`, and `truncate`
+        of a torn tail), by pwrite: not O_APPEND, which Linux lets override
+        pwrite's offset."""
+        self.fd = os.open(self.path, os.O_WRONLY)
+        self._dfd = open_direct(self.path)
 
     # ------------------------------------------------------------------ writing (newest overlay)
     def append_chunk(self, digest_hex: str, data) -> None:
@@ -238,7 +244,7 @@ class Overlay:
             raise RuntimeError(f"overlay {self.name} is not open for writing")
         if self.sealed:
             raise RuntimeError(f"overlay {self.name} is sealed")
-        _write_all(self.fd, entry)
+        write_around_cache(self.fd, None, self.size, [entry])
         self.size += len(entry)
 
     def _append_parts(self, parts: list) -> None:
@@ -246,15 +252,11 @@ class Overlay:
             raise RuntimeError(f"overlay {self.name} is not open for writing")
         if self.sealed:
             raise RuntimeError(f"overlay {self.name} is sealed")
-        views = [memoryview(p).cast("B") for p in parts]
-        total = sum(v.nbytes for v in views)
-        while views:
-            n = os.writev(self.fd, views)
-            while views and n >= views[0].nbytes:
-                n -= views[0].nbytes
-                views.pop(0)
-            if views and n:
-                views[0] = views[0][n:]
+        total = sum(memoryview(p).nbytes for p in parts)
+        # a large chunk's whole blocks bypass the page cache (fsutil): the
+        # vault fdatasyncs them before its ACK and seldom reads them back
+        if not write_around_cache(self.fd, self._dfd, self.size, parts):
+            self._close_direct()
         self.size += total
 
     # ------------------------------------------------------------------ reading
@@ -267,9 +269,15 @@ class Overlay:
         return data
 
     def close(self) -> None:
+        self._close_direct()
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None
+
+    def _close_direct(self) -> None:
+        if self._dfd is not None:
+            os.close(self._dfd)
+            self._dfd = None
 
 
 def _write_all(fd: int, data) -> None:
