@@ -1,7 +1,8 @@
-"""Large chunk files and vault overlay entries are written around the page
-cache (fsutil.write_around_cache): the bytes on disk must be exactly those of
-the plain write path, at every offset and size, and a file system that
-refuses O_DIRECT must only change the path, never the bytes."""
+"""Large chunk files, vault overlay entries and base volume extents are
+written around the page cache (fsutil.write_around_cache): the bytes on disk
+must be exactly those of the plain write path, at every offset and size, and
+a file system that refuses O_DIRECT must only change the path, never the
+bytes."""
 from __future__ import annotations
 
 import errno
@@ -15,6 +16,7 @@ import airlock.chunk.store as store_mod
 from airlock import fsutil
 from airlock.chunk.store import ChunkStore
 from airlock.fsutil import DIRECT_BLOCK, DIRECT_MIN_BYTES, STAGING_BYTES, open_direct, write_around_cache
+from airlock.vault.base import VOLUME_HEADER_SIZE, BaseVolume
 from airlock.vault.overlay import OVERLAY_HEADER_SIZE, Overlay
 
 pytestmark = pytest.mark.skipif(not fsutil.DIRECT_IO, reason="no O_DIRECT here (or AIRLOCK_DIRECT_IO=0)")
@@ -172,3 +174,29 @@ def test_an_overlay_reopened_after_a_torn_tail_appends_at_the_cut_around_the_cac
     assert status2 == "ok" and end2 == os.path.getsize(ov.path)
     assert again.read_chunk_at(*again.chunks[blake3.blake3(first).hexdigest()]) == first
     assert again.read_chunk_at(*again.chunks[blake3.blake3(second).hexdigest()]) == second
+
+
+def _fill_volume(path, extents):
+    vol = BaseVolume(str(path)).open()
+    end = VOLUME_HEADER_SIZE
+    for data in extents:
+        end += vol.write_extent(end, blake3.blake3(data).hexdigest(), data)
+    vol.sync()
+    return vol, end
+
+
+def test_base_volume_extents_are_byte_identical_with_and_without_direct_io_and_scan_back(tmp_path, monkeypatch):
+    rnd = random.Random(5)
+    extents = [rnd.randbytes(n) for n in (10, (1 << 20) + 3, 300 * 1024, 7, 4 << 20, DIRECT_MIN_BYTES)]
+    a, end = _fill_volume(tmp_path / "a.dat", extents)
+    monkeypatch.setattr(fsutil, "DIRECT_IO", False)
+    b, _ = _fill_volume(tmp_path / "b.dat", extents)
+    head = VOLUME_HEADER_SIZE        # the headers differ only in their creation time
+    assert (tmp_path / "a.dat").read_bytes()[head:] == (tmp_path / "b.dat").read_bytes()[head:]
+    assert a.size() == end
+    found = list(a.scan())
+    assert [d for d, *_ in found] == [blake3.blake3(x).hexdigest() for x in extents] and not a.damaged
+    for (_d, off, n, _e), data in zip(found, extents):
+        assert a.read_data(off, n) == data
+    a.close()
+    b.close()

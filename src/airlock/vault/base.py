@@ -15,7 +15,7 @@ from collections.abc import Iterator
 import blake3
 
 from airlock.errors import FormatError
-from airlock.fsutil import fsync_dir
+from airlock.fsutil import fsync_dir, open_direct, write_around_cache
 
 VOLUME_MAGIC = b"AVBASE\x00\x00"
 VOLUME_VERSION = 1
@@ -30,11 +30,12 @@ EXTENT_OVERHEAD = EXTENT_HEADER_SIZE + 8         # header + trailing checksum
 MAX_EXTENT_DATA = 64 * 1024 * 1024               # bytes; bounds what a torn length field can claim
 
 
-def encode_extent(digest_hex: str, data) -> bytes:
+def encode_extent_parts(digest_hex: str, data) -> list:
+    """The extent as [header, data, checksum]: written without joining them."""
     header = EXTENT_HEADER.pack(EXTENT_MAGIC, EXTENT_VERSION, 0, len(data), bytes.fromhex(digest_hex))
     h = blake3.blake3(header)
     h.update(data)
-    return b"".join((header, bytes(data), h.digest(8)))
+    return [header, data, h.digest(8)]
 
 
 class BaseVolume:
@@ -42,6 +43,7 @@ class BaseVolume:
         self.path = path
         self.fsync = fsync
         self.fd: int | None = None
+        self._dfd: int | None = None       # the same file with O_DIRECT (extents, fsutil.write_around_cache)
 
     def open(self) -> "BaseVolume":
         if not os.path.exists(path := self.path) or os.path.getsize(path) < VOLUME_HEADER_SIZE:
@@ -57,6 +59,7 @@ class BaseVolume:
             if self.fsync:
                 fsync_dir(os.path.dirname(path))
         self.fd = os.open(path, os.O_RDWR)
+        self._dfd = open_direct(path)
         header = os.pread(self.fd, VOLUME_HEADER_SIZE, 0)
         magic, version, flags, reserved, _created = VOLUME_HEADER.unpack_from(header, 0)
         if magic != VOLUME_MAGIC or blake3.blake3(header[:24]).digest(8) != header[24:32]:
@@ -81,14 +84,14 @@ class BaseVolume:
         return size - end
 
     def write_extent(self, offset: int, digest_hex: str, data) -> int:
-        """Write one extent at `offset` (not synced); returns its size."""
-        buf = memoryview(encode_extent(digest_hex, data))
-        o = offset
-        while buf:
-            n = os.pwrite(self.fd, buf, o)
-            buf = buf[n:]
-            o += n
-        return o - offset
+        """Write one extent at `offset` (not synced); returns its size.
+        Compaction writes extents back to back, so a large one's whole
+        blocks bypass the page cache (fsutil.write_around_cache)."""
+        parts = encode_extent_parts(digest_hex, data)
+        if not write_around_cache(self.fd, self._dfd, offset, parts):
+            os.close(self._dfd)
+            self._dfd = None
+        return sum(memoryview(p).nbytes for p in parts)
 
     def sync(self) -> None:
         if self.fsync:
@@ -155,6 +158,9 @@ class BaseVolume:
         return None
 
     def close(self) -> None:
+        if self._dfd is not None:
+            os.close(self._dfd)
+            self._dfd = None
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None
