@@ -113,7 +113,9 @@ def _gateway_config(args) -> GatewayConfig:
 
 def cmd_gateway(args) -> int:
     cfg = _gateway_config(args)
+    from airlock import malloc
     from airlock.gateway import serve
+    malloc.tune()
     asyncio.run(serve(cfg, on_ready=_print_gateway_ready))
     return 0
 
@@ -136,7 +138,9 @@ def _vault_config(args):
 
 def cmd_vault(args) -> int:
     cfg = _vault_config(args)
+    from airlock import malloc
     from airlock.vault.daemon import serve_vault
+    malloc.tune()
 
     def ready(cfg, vault) -> None:
         print(f"airlock vault ready: link on {cfg.host}:{vault.link.port} (mutual TLS), "

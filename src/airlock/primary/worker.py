@@ -35,6 +35,7 @@ import sys
 from aiohttp import web
 
 from airlock import errors as E
+from airlock import malloc
 from airlock.chunk.store import ChunkStore
 from airlock.primary.engine import Engine
 from airlock.primary.index import Index
@@ -288,6 +289,7 @@ def main(argv: list[str]) -> int:
     if len(argv) != 2 or not argv[1].isdigit():
         print("usage: python -m airlock.primary.worker FD (started by the gateway's leader)", file=sys.stderr)
         return 2
+    malloc.tune()
     asyncio.run(run(int(argv[1])))
     return 0
 

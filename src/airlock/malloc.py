@@ -1,0 +1,64 @@
+"""The C allocator's settings for airlock's server processes (gateway
+leader, gateway workers, vault).
+
+A large PUT moves every byte through buffers of 64 KiB to 4 MiB (socket
+reads coalesced to 1 MiB, chunks, link frames, the gateway channel), freed
+as soon as they are passed on.  glibc's malloc serves buffers over its
+dynamic mmap threshold with fresh mmaps and gives a heap's free top back to
+the kernel once it exceeds the trim threshold, so in steady state most of
+those buffers land on pages the kernel has to fault in and zero again.  On
+the 2-core benchmark VM that fault-and-zero is the largest system-CPU item
+left in a 64 MiB PUT that a gateway worker receives (docs/performance.md,
+2026-11-26).  Keeping up to TRIM_THRESHOLD of freed memory per heap, and
+serving buffers up to MMAP_THRESHOLD from it, lets them reuse warm pages.
+ARENA_MAX bounds how many heaps (one per thread by default, up to 8 per
+core) may each keep that much: the threads that allocate large buffers run
+Python code and mostly hold the GIL anyway.
+
+Peak RSS stays bounded: see `benchmarks/rss_5gib.py` figures in
+docs/performance.md.  Only glibc is tuned (other C libraries are left as
+they are); `AIRLOCK_MALLOC_TUNE=0` in the environment leaves glibc's
+defaults (a diagnostic switch, used for A/B measurements).
+"""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import logging
+import os
+import platform
+
+log = logging.getLogger("airlock.malloc")
+
+M_TRIM_THRESHOLD = -1        # glibc <malloc.h>
+M_MMAP_THRESHOLD = -3
+M_ARENA_MAX = -8
+
+TRIM_THRESHOLD = 32 << 20    # bytes of free memory a heap keeps at its top
+MMAP_THRESHOLD = 8 << 20     # bytes; larger requests get their own mmap (chunks are at most 4 MiB)
+ARENA_MAX = 4                # heaps per process
+
+_done: bool | None = None
+
+
+def tune() -> bool:
+    """Apply the settings once per process; True if they are in effect."""
+    global _done
+    if _done is not None:
+        return _done
+    _done = False
+    if os.environ.get("AIRLOCK_MALLOC_TUNE", "1") == "0" or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
+    mallopt.restype = ctypes.c_int
+    ok = all(mallopt(param, value) == 1 for param, value in (
+        (M_ARENA_MAX, ARENA_MAX), (M_MMAP_THRESHOLD, MMAP_THRESHOLD), (M_TRIM_THRESHOLD, TRIM_THRESHOLD)))
+    if not ok:
+        log.warning("mallopt refused airlock's allocator settings; glibc's defaults stay")
+    _done = ok
+    return ok
