@@ -8,6 +8,7 @@ import asyncio
 import os
 from concurrent.futures import ThreadPoolExecutor
 
+import blake3
 import pytest
 
 from airlock.chunk.store import ChunkStore
@@ -155,3 +156,23 @@ def test_a_body_found_in_the_store_still_syncs_its_chunk_directories_before_the_
     ing, digests = _ingest(store, data, shipped)
     assert shipped == [] and ing.durable
     assert {os.path.abspath(store.dir_of(c.digest)) for c in digests.chunks} <= set(synced)
+
+
+@pytest.mark.parametrize("size", [4096, ASYNC_WRITE_BYTES + 1])
+def test_a_chunk_write_that_fails_leaves_no_tmp_file_and_no_chunk(tmp_path, monkeypatch, size):
+    # a full disk (ENOSPC at the sync) must not also keep the failed upload's bytes in tmp/
+    store = ChunkStore(str(tmp_path))
+    data = os.urandom(size)
+    digest = blake3.blake3(data).hexdigest()
+
+    def full(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fdatasync", full)
+    with pytest.raises(OSError, match="No space"):
+        store.put(digest, data)
+    monkeypatch.undo()
+    assert os.listdir(store.tmp) == []
+    assert not store.has(digest)
+    store.put(digest, data)                        # space again: the same bytes store normally
+    assert store.read(digest) == data

@@ -100,8 +100,21 @@ class ChunkStore:
         return self._writers.submit(self.put, digest, data)
 
     def _write_tmp(self, digest: str, data) -> str:
-        """Write a complete chunk file under tmp/ and fdatasync it; returns its path."""
+        """Write a complete chunk file under tmp/ and fdatasync it; returns its
+        path.  A write that fails (ENOSPC, EIO) removes its tmp file: a full
+        disk must not also fill with the leftovers of failed uploads."""
         tmp = os.path.join(self.tmp, f"{digest}.{self._tmp_prefix}{next(self._tmp_ids)}")
+        try:
+            self._write_file(tmp, data)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise
+        return tmp
+
+    def _write_file(self, tmp: str, data) -> None:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:
             header = CHUNK_HEADER.pack(CHUNK_MAGIC, CHUNK_VERSION, 0, len(data))
@@ -123,7 +136,6 @@ class ChunkStore:
                 os.fdatasync(fd)
         finally:
             os.close(fd)
-        return tmp
 
     def remove_tmp(self, owner: str) -> int:
         """Remove the tmp files of the store opened with `owner` (a process
