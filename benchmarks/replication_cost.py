@@ -13,7 +13,12 @@ Cells: PUT 4 KiB at concurrency 1 and 16, PUT 64 MiB at concurrency 1 and 2,
 driven by wrk on presigned URLs when wrk is installed, else by the
 multiprocess boto3 load generator (loadgen.py; unique bodies either way, so
 no dedup).  Interleaved: every round runs each cell on both targets back to back,
-alternating which goes first, so machine noise hits both alike.  Reports per
+alternating which goes first, so machine noise hits both alike.  Each round
+runs on fresh deployments and deletes them afterwards: nothing is ever
+deleted by the cells (the vault keeps every version, the primary has no
+chunk GC yet), and one round writes ~30 GB at today's speeds, so three
+rounds on one deployment filled this machine's disk (ENOSPC, 2026-11-26).
+The deletion happens between rounds, untimed.  Reports per
 cell the median over rounds (min-max) of ops/s and p50 latency, and the ratio
 replicated/local of time per PUT (= local ops/s / replicated ops/s).  Writes
 benchmarks/results/replication-cost-<timestamp>.{json,md}.
@@ -108,14 +113,19 @@ def main() -> int:
     gen = None
     samples: list[dict] = []
     try:
-        for name, cls in (("replicated", peers.Airlock), ("local", peers.AirlockLocalOnly)):
-            targets[name] = cls(tmp / name).start()
-            targets[name].client().create_bucket(Bucket="bench")
-        print(f"replicated: gateway pid {targets['replicated'].pid}, vault pid "
-              f"{targets['replicated'].vault_pid}; local: gateway pid {targets['local'].pid}", flush=True)
         use_wrk = loadgen.wrk_available() and not args.no_wrk
         gen = None if use_wrk else loadgen.LoadGen()
         for rnd in range(args.rounds):
+            for t in targets.values():
+                t.stop()
+            targets.clear()
+            if not args.keep:
+                shutil.rmtree(tmp / f"r{rnd - 1}", ignore_errors=True)
+            for name, cls in (("replicated", peers.Airlock), ("local", peers.AirlockLocalOnly)):
+                targets[name] = cls(tmp / f"r{rnd}" / name).start()
+                targets[name].client().create_bucket(Bucket="bench")
+            print(f"round {rnd}: replicated gateway pid {targets['replicated'].pid}, vault pid "
+                  f"{targets['replicated'].vault_pid}; local gateway pid {targets['local'].pid}", flush=True)
             for ci, (size, conc, duration, max_ops) in enumerate(cells):
                 order = ["replicated", "local"] if (rnd + ci) % 2 == 0 else ["local", "replicated"]
                 for name in order:
