@@ -394,8 +394,9 @@ def _authenticate_presigned_v2(method, raw_path, raw_query, query, headers, look
     lines += [f"{k}:{','.join(amz[k])}" for k in sorted(amz)]
     lines.append(resource)
     string_to_sign = "\n".join(lines)
-    expected = base64.b64encode(
-        hmac.new(secret.encode(), string_to_sign.encode("utf-8", "surrogateescape"), hashlib.sha1).digest())
+    mac = _v2_hmac(secret).copy()
+    mac.update(string_to_sign.encode("utf-8", "surrogateescape"))
+    expected = base64.b64encode(mac.digest())
     if not hmac.compare_digest(expected, provided.encode("utf-8", "replace")):
         raise SignatureDoesNotMatch(AWSAccessKeyId=access_key, StringToSign=string_to_sign,
                                     SignatureProvided=provided)
@@ -407,6 +408,13 @@ def _authenticate_presigned_v2(method, raw_path, raw_query, query, headers, look
 # ---------------------------------------------------------------------------
 # shared
 # ---------------------------------------------------------------------------
+@lru_cache(maxsize=64)
+def _v2_hmac(secret: str) -> "hmac.HMAC":
+    """HMAC-SHA1 keyed with a user's secret, before any message: each
+    presigned V2 request copies it (copy() skips the two key-pad hashes)."""
+    return hmac.new(secret.encode(), digestmod=hashlib.sha1)
+
+
 def _parse_credential(value: str, error: type, prefix: str) -> tuple[str, str, str]:
     parts = value.split("/")
     if len(parts) != 5 or not parts[0]:

@@ -9,6 +9,7 @@ the handlers before they get here.
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import xml.etree.ElementTree as ET
 from xml.sax.saxutils import escape as _escape
 
@@ -44,7 +45,13 @@ def iso8601(ts: float) -> str:
 
 def http_date(ts: float) -> str:
     """RFC 7231 date for Last-Modified: Wed, 25 Nov 2026 10:32:16 GMT."""
-    d = _dt.datetime.fromtimestamp(int(ts), tz=_dt.timezone.utc)
+    return _http_date(int(ts))
+
+
+@functools.lru_cache(maxsize=4096)
+def _http_date(second: int) -> str:
+    # one object's Last-Modified is formatted once, not per GET / HEAD
+    d = _dt.datetime.fromtimestamp(second, tz=_dt.timezone.utc)
     return d.strftime("%a, %d %b %Y %H:%M:%S GMT")
 
 
