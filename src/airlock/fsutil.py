@@ -56,20 +56,29 @@ def open_direct(path: str, flags: int = os.O_WRONLY) -> int | None:
         raise
 
 
+class CacheBypass:
+    """The O_DIRECT descriptor of a file a writer keeps open (an overlay, the
+    base volume), for `write_around_cache`; dropped for good once the file
+    system refuses it, after which every write goes through the cache."""
+
+    def __init__(self, path: str):
+        self.fd = open_direct(path)
+
+    def write(self, fd: int, offset: int, parts) -> None:
+        if not write_around_cache(fd, self.fd, offset, parts):
+            self.close()
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
 def _staging() -> mmap.mmap:
     buf = getattr(_local, "buf", None)
     if buf is None:
         buf = _local.buf = mmap.mmap(-1, STAGING_BYTES)    # page-aligned, so DIRECT_BLOCK-aligned
     return buf
-
-
-def _pwrite_all(fd: int, view: memoryview, offset: int) -> None:
-    while view:
-        n = os.pwrite(fd, view, offset)
-        if n <= 0:
-            raise OSError(errno.EIO, f"pwrite at {offset} wrote nothing")
-        view = view[n:]
-        offset += n
 
 
 def write_around_cache(fd: int, dfd: int | None, offset: int, parts) -> bool:
@@ -105,7 +114,7 @@ def write_around_cache(fd: int, dfd: int | None, offset: int, parts) -> bool:
             ok = False
             written = 0
         if written < n:                                      # refused or short: the rest through the cache
-            _pwrite_all(fd, memoryview(staging)[written:n], pos + written)
+            _pwritev_all(fd, [memoryview(staging)[written:n]], pos + written)
         pos += n
     _write_run(fd, last, views, last - offset, end - last)   # tail: the partial block the next run completes
     return ok
@@ -113,7 +122,10 @@ def write_around_cache(fd: int, dfd: int | None, offset: int, parts) -> bool:
 
 def _write_run(fd: int, offset: int, views: list, start: int, length: int) -> None:
     """Write bytes [start, start+length) of the concatenated views at `offset` (one pwritev)."""
-    pending = list(_slices(views, start, length))
+    _pwritev_all(fd, list(_slices(views, start, length)), offset)
+
+
+def _pwritev_all(fd: int, pending: list, offset: int) -> None:
     while pending:
         n = os.pwritev(fd, pending, offset)
         if n <= 0:

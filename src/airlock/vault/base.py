@@ -15,7 +15,7 @@ from collections.abc import Iterator
 import blake3
 
 from airlock.errors import FormatError
-from airlock.fsutil import fsync_dir, open_direct, write_around_cache
+from airlock.fsutil import CacheBypass, fsync_dir
 
 VOLUME_MAGIC = b"AVBASE\x00\x00"
 VOLUME_VERSION = 1
@@ -43,7 +43,7 @@ class BaseVolume:
         self.path = path
         self.fsync = fsync
         self.fd: int | None = None
-        self._dfd: int | None = None       # the same file with O_DIRECT (extents, fsutil.write_around_cache)
+        self._direct: CacheBypass | None = None     # its O_DIRECT descriptor (extents)
 
     def open(self) -> "BaseVolume":
         if not os.path.exists(path := self.path) or os.path.getsize(path) < VOLUME_HEADER_SIZE:
@@ -59,7 +59,7 @@ class BaseVolume:
             if self.fsync:
                 fsync_dir(os.path.dirname(path))
         self.fd = os.open(path, os.O_RDWR)
-        self._dfd = open_direct(path)
+        self._direct = CacheBypass(path)
         header = os.pread(self.fd, VOLUME_HEADER_SIZE, 0)
         magic, version, flags, reserved, _created = VOLUME_HEADER.unpack_from(header, 0)
         if magic != VOLUME_MAGIC or blake3.blake3(header[:24]).digest(8) != header[24:32]:
@@ -88,9 +88,7 @@ class BaseVolume:
         Compaction writes extents back to back, so a large one's whole
         blocks bypass the page cache (fsutil.write_around_cache)."""
         parts = encode_extent_parts(digest_hex, data)
-        if not write_around_cache(self.fd, self._dfd, offset, parts):
-            os.close(self._dfd)
-            self._dfd = None
+        self._direct.write(self.fd, offset, parts)
         return sum(memoryview(p).nbytes for p in parts)
 
     def sync(self) -> None:
@@ -158,9 +156,9 @@ class BaseVolume:
         return None
 
     def close(self) -> None:
-        if self._dfd is not None:
-            os.close(self._dfd)
-            self._dfd = None
+        if self._direct is not None:
+            self._direct.close()
+            self._direct = None
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None

@@ -17,7 +17,7 @@ from typing import NamedTuple
 import blake3
 
 from airlock.errors import FormatError
-from airlock.fsutil import fsync_dir, open_direct, write_around_cache
+from airlock.fsutil import CacheBypass, fsync_dir
 
 OVERLAY_MAGIC = b"AVOVL\x00\x00\x00"
 OVERLAY_VERSION = 1
@@ -112,7 +112,7 @@ class Overlay:
         self.sealed = False
         self.size = OVERLAY_HEADER_SIZE
         self.fd: int | None = None                       # write fd, newest overlay only
-        self._dfd: int | None = None                     # the same file with O_DIRECT (large chunk entries)
+        self._direct: CacheBypass | None = None          # its O_DIRECT descriptor (large chunk entries)
 
     @property
     def first_seq(self) -> int | None:
@@ -142,7 +142,7 @@ class Overlay:
             fsync_dir(directory)
         ov = cls(path, created_ns)
         ov.fd = fd
-        ov._dfd = open_direct(path)
+        ov._direct = CacheBypass(path)
         return ov
 
     @classmethod
@@ -203,7 +203,7 @@ class Overlay:
         of a torn tail), by pwrite: not O_APPEND, which Linux lets override
         pwrite's offset."""
         self.fd = os.open(self.path, os.O_WRONLY)
-        self._dfd = open_direct(self.path)
+        self._direct = CacheBypass(self.path)
 
     # ------------------------------------------------------------------ writing (newest overlay)
     def append_chunk(self, digest_hex: str, data) -> None:
@@ -240,12 +240,7 @@ class Overlay:
         self.size = end
 
     def _append(self, entry: bytes) -> None:
-        if self.fd is None:
-            raise RuntimeError(f"overlay {self.name} is not open for writing")
-        if self.sealed:
-            raise RuntimeError(f"overlay {self.name} is sealed")
-        write_around_cache(self.fd, None, self.size, [entry])
-        self.size += len(entry)
+        self._append_parts([entry])
 
     def _append_parts(self, parts: list) -> None:
         if self.fd is None:
@@ -255,8 +250,7 @@ class Overlay:
         total = sum(memoryview(p).nbytes for p in parts)
         # a large chunk's whole blocks bypass the page cache (fsutil): the
         # vault fdatasyncs them before its ACK and seldom reads them back
-        if not write_around_cache(self.fd, self._dfd, self.size, parts):
-            self._close_direct()
+        self._direct.write(self.fd, self.size, parts)
         self.size += total
 
     # ------------------------------------------------------------------ reading
@@ -269,15 +263,12 @@ class Overlay:
         return data
 
     def close(self) -> None:
-        self._close_direct()
+        if self._direct is not None:
+            self._direct.close()
+            self._direct = None
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None
-
-    def _close_direct(self) -> None:
-        if self._dfd is not None:
-            os.close(self._dfd)
-            self._dfd = None
 
 
 def _write_all(fd: int, data) -> None:
