@@ -83,3 +83,27 @@ def test_a_read_only_view_drops_its_cached_rows_when_another_connection_commits(
         reader.db.execute("INSERT INTO meta VALUES ('x', 'y')")   # it is read-only
     reader.close()
     writer.close()
+
+
+def test_a_cached_small_object_reads_back_exactly_as_committed(tmp_path):
+    """The cache keeps decoded manifests: a hit must equal what a fresh
+    decode of the stored row gives (metadata, checksums, parts, version)."""
+    from airlock.log import payload as P
+    from airlock.primary.index import Index
+    from airlock.primary.model import ChunkRef, Manifest, ObjectMeta
+
+    idx = Index(str(tmp_path / "index.sqlite"))
+    idx.apply([(1, P.BUCKET_CREATE, {"bucket": "b", "owner": "o", "created": 1.0})])
+    m = Manifest(bucket="b", key="k", size=7, etag="abc-2", mtime=2.5,
+                 meta=ObjectMeta(headers={"content-type": "text/plain"}, user={"a": "1"}, tagging="t=v"),
+                 chunks=[ChunkRef("00" * 32, 3), ChunkRef("11" * 32, 4)],
+                 checksums={"CRC32": "AAAAAA=="}, checksum_type="COMPOSITE", parts=[3, 4],
+                 part_checksums=[{"CRC32": "AQ=="}, {"CRC32": "Ag=="}], version_id="v1")
+    idx.apply([(2, P.OBJECT_PUT, m.to_json())])
+    first, second = idx.object("b", "k"), idx.object("b", "k")     # a miss, then a hit
+    assert second is first                                           # served from the cache
+    assert first == m.replace(seq=2)
+    idx.close()
+    fresh = Index(str(tmp_path / "index.sqlite"))                    # nothing cached
+    assert fresh.object("b", "k") == m.replace(seq=2)
+    fresh.close()

@@ -44,7 +44,7 @@ CREATE TABLE IF NOT EXISTS parts (
 """
 
 
-OBJECT_ROW_CACHE_ROWS = 2048      # current-version rows kept (bounded: at most ~8 MiB of text)
+OBJECT_ROW_CACHE_ROWS = 2048      # current-version manifests kept (bounded: small ones only, below)
 OBJECT_ROW_CACHE_TEXT = 4096      # only manifests up to this many characters (small objects)
 
 class Index:
@@ -59,10 +59,12 @@ class Index:
         # bucket rows are read on every request (access checks, versioning
         # state) and change only through bucket records: cached, dropped in apply()
         self._bucket_rows: dict[str, tuple | None] = {}
-        # current-version rows of small manifests, as stored (seq, JSON text):
-        # a GET of a small object then costs no SQLite query.  Cleared by every
+        # current versions of small objects, decoded: a GET of a small object
+        # then costs no SQLite query and no JSON parse.  Cleared by every
         # apply, so it never outlives a change (reads between writes gain).
-        self._object_rows: dict[tuple[str, str], tuple] = {}
+        # The same Manifest is returned to every reader: callers treat what
+        # the index returns as read-only (they build new manifests to commit).
+        self._object_rows: dict[tuple[str, str], Manifest] = {}
 
     def _open(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
@@ -274,17 +276,19 @@ class Index:
     def object(self, bucket: str, key: str) -> Manifest | None:
         if self.readonly:
             self._sync()
-        row = self._object_rows.get((bucket, key))
+        m = self._object_rows.get((bucket, key))
+        if m is not None:
+            return m
+        row = self.db.execute("SELECT seq, manifest FROM objects WHERE bucket=? AND key=?",
+                              (bucket, key)).fetchone()
         if row is None:
-            row = self.db.execute("SELECT seq, manifest FROM objects WHERE bucket=? AND key=?",
-                                  (bucket, key)).fetchone()
-            if row is None:
-                return None
-            if len(row[1]) <= OBJECT_ROW_CACHE_TEXT:
-                if len(self._object_rows) >= OBJECT_ROW_CACHE_ROWS:
-                    self._object_rows.clear()
-                self._object_rows[(bucket, key)] = row
-        return Manifest.from_json(json.loads(row[1]), seq=row[0])
+            return None
+        m = Manifest.from_json(json.loads(row[1]), seq=row[0])
+        if len(row[1]) <= OBJECT_ROW_CACHE_TEXT:
+            if len(self._object_rows) >= OBJECT_ROW_CACHE_ROWS:
+                self._object_rows.clear()
+            self._object_rows[(bucket, key)] = m
+        return m
 
     def scan_objects(self, bucket: str, after: str | None, prefix: str, limit: int):
         """Yield manifests with key > after (or >= prefix) and key starting with
