@@ -524,3 +524,42 @@ def test_a_failed_early_writeback_refuses_every_later_append(tmp_path, monkeypat
             s.put_chunk(blake3.blake3(b"more").hexdigest(), b"more")
     finally:
         s.close_sync()
+
+
+def test_recovery_after_a_failed_writeback_cuts_the_unsynced_chunks_and_asks_for_them_again(tmp_path, monkeypatch):
+    # after a failed fdatasync the chunk bytes may sit in the page cache
+    # only: recovery in place must not count them as held, even though they
+    # read back intact from the cache (docs/format/vault.md, "Recovery in place")
+    import errno
+    s = VaultStore(tmp_path / "vault").open()
+    try:
+        f = Feed(s)
+        f.send(f.bucket("b"))
+        real = os.fdatasync
+
+        def failing(fd):
+            raise OSError(errno.EIO, "injected write-back error")
+        monkeypatch.setattr(os, "fdatasync", failing)
+        data = body(0, WRITEBACK_BYTES)
+        rec = f.put("b", "k", data)
+        s._writeback_job.result(30)
+        monkeypatch.setattr(os, "fdatasync", real)
+        assert s.failed is not None
+        assert asyncio.run(s.reopen()) is True
+        assert s.failed is None and s.last_seq == 1
+        digest = blake3.blake3(data).hexdigest()
+        assert not s.has_chunk(digest)                      # cut with the unsynced tail
+        with pytest.raises(VaultRejected) as ei:
+            f.send(rec)
+        assert ei.value.code == "missing_chunks" and ei.value.digests == [digest]
+        s.put_chunk(digest, data)                           # what the primary does on missing_chunks
+        assert f.send(rec) == 2
+        assert s.read_chunk(digest) == data
+    finally:
+        s.close_sync()
+    again = VaultStore(tmp_path / "vault").open()
+    try:
+        assert again.last_seq == 2 and again.read_chunk(digest) == data
+        assert again.recovery["torn_overlays"] == []
+    finally:
+        again.close_sync()

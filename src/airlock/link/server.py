@@ -169,6 +169,10 @@ class LinkServer:
                 await W.write_frame(writer, W.ERROR, frame.request_id,
                                     W.error_payload("digest_mismatch", str(e)))
                 continue
+            except OSError as e:    # a full disk, an I/O error: the store says what it does next
+                log.error("vault failed serving %s: %r", W.KIND_NAMES.get(frame.kind), e)
+                await W.write_frame(writer, W.ERROR, frame.request_id, W.error_payload("internal", str(e)))
+                continue
             except Exception as e:  # never crash the vault on one request
                 log.exception("vault failed serving %s", W.KIND_NAMES.get(frame.kind))
                 await W.write_frame(writer, W.ERROR, frame.request_id, W.error_payload("internal", str(e)))
@@ -208,6 +212,14 @@ class LinkServer:
             hello = W.decode_json(frame.payload)
             if hello.get("protocol") != W.VERSION:
                 raise W.FrameError(f"unsupported link protocol {hello.get('protocol')!r}")
+            if getattr(st, "failed", None) is not None:
+                # A store that failed a write may hold durable records past its
+                # last_seq (the log took them, the overlay did not): a primary
+                # reconciling now would reuse their sequence numbers.  No HELLO
+                # until it has recovered (VaultStore.reopen) and knows its end.
+                err = E.VaultRejected(f"vault store failed a write and is recovering: {st.failed!r}")
+                err.code = "internal"
+                raise err
             return W.HELLO_OK, W.encode_json({"protocol": W.VERSION, "vault_id": self.vault_id,
                                               "last_seq": st.last_seq})
         if k == W.GET_CHUNK:

@@ -66,6 +66,8 @@ class LogWriter:
         self._fd: int | None = None
         self._seg_size = 0
         self._seg_has_records = False
+        self._seg_path: str | None = None
+        self._synced_size = 0             # bytes of the active segment known durable (last good sync)
         self._pending: list[_Pending] = []
         self._flusher: asyncio.Task | None = None
         self._failed: BaseException | None = None
@@ -98,6 +100,7 @@ class LogWriter:
                     self.fsync_count += 1
             self._fd = os.open(path, os.O_WRONLY | os.O_APPEND)
             self._seg_size = scan.end
+            self._seg_path, self._synced_size = path, scan.end
             self._seg_has_records = bool(scan.records)
             self.last_seq = first_seq + len(scan.records) - 1
         self._next_seq = self.last_seq + 1
@@ -127,6 +130,14 @@ class LogWriter:
     def failed(self) -> BaseException | None:
         """The error that stopped this writer (it refuses appends), or None."""
         return self._failed
+
+    @property
+    def durable_end(self) -> tuple[str | None, int]:
+        """(active segment, its size at the last successful sync).  Bytes past
+        it were written without a sync that succeeded: after a failure they
+        may be in the page cache only, so a store that recovers in-process
+        cuts them (VaultStore.reopen) rather than trusting what it reads."""
+        return self._seg_path, self._synced_size
 
     @property
     def next_seq(self) -> int:
@@ -231,6 +242,7 @@ class LogWriter:
             buf = buf[n:]
         os.fdatasync(self._fd)
         self.fsync_count += 1
+        self._synced_size = self._seg_size
 
     def _rotate(self, first_seq: int) -> None:
         os.close(self._fd)
@@ -253,6 +265,7 @@ class LogWriter:
         self._fd = fd
         self._seg_size = len(header)
         self._seg_has_records = False
+        self._seg_path, self._synced_size = path, len(header)
 
     # ------------------------------------------------------------------ closing
     def close(self) -> None:

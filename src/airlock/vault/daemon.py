@@ -25,6 +25,7 @@ log = logging.getLogger("airlock.vault")
 
 DEFAULT_VAULT_PORT = 9001
 SEAL_CHECK_INTERVAL_S = 5.0      # how often the age limit of the open overlay is checked
+RECOVER_INTERVAL_S = 2.0         # how often a store that failed a write tries to recover in place
 ADMIN_SOCKET = "admin.sock"
 LOCK_FILE = "LOCK"
 
@@ -179,6 +180,7 @@ class Vault:
         finally:
             os.umask(old)
         self._tasks.append(asyncio.get_running_loop().create_task(self._seal_by_age()))
+        self._tasks.append(asyncio.get_running_loop().create_task(self._recover_in_place()))
         if self.cfg.snapshots.every > 0:
             self._tasks.append(asyncio.get_running_loop().create_task(self._periodic_snapshots()))
 
@@ -205,6 +207,19 @@ class Vault:
                 await asyncio.get_running_loop().run_in_executor(self.executor, self.store.maybe_seal)
             except Exception:
                 log.exception("sealing the open overlay by age failed")
+
+    async def _recover_in_place(self) -> None:
+        """A store that failed a write (a full disk, an I/O error) refuses
+        appends and HELLOs; try to recover it in place every few seconds, so
+        that a disk with space again needs no operator (VaultStore.reopen)."""
+        while True:
+            await asyncio.sleep(RECOVER_INTERVAL_S)
+            if self.store.failed is None:
+                continue
+            try:
+                await self.store.reopen()
+            except Exception:
+                log.exception("recovering the vault store in place failed")
 
     async def _periodic_snapshots(self) -> None:
         sched = self.cfg.snapshots

@@ -111,6 +111,9 @@ class Overlay:
         self.records: list[OverlayRecord] = []
         self.sealed = False
         self.size = OVERLAY_HEADER_SIZE
+        # bytes known durable: the size at the last fdatasync that succeeded
+        # (the whole file, for one found on disk at open)
+        self.synced_size = OVERLAY_HEADER_SIZE
         self.fd: int | None = None                       # write fd, newest overlay only
         self._direct: CacheBypass | None = None          # its O_DIRECT descriptor (large chunk entries)
 
@@ -195,7 +198,7 @@ class Overlay:
             else:
                 raise FormatError(f"{path}: entry at {o} has unknown type {etype}")
             o += ENTRY_HEADER_SIZE + length
-        ov.size = o
+        ov.size = ov.synced_size = o
         return ov, o, status
 
     def open_for_append(self) -> None:
@@ -224,12 +227,15 @@ class Overlay:
         self._append(encode_entry(E_SEAL, body))
         if fsync:
             os.fdatasync(self.fd)
+            self.synced_size = self.size
         self.sealed = True
         self.close()
 
     def sync(self) -> None:
         if self.fd is not None:
+            size = self.size
             os.fdatasync(self.fd)
+            self.synced_size = max(self.synced_size, size)
 
     def truncate(self, end: int, fsync: bool = True) -> None:
         with open(self.path, "r+b") as f:
@@ -238,6 +244,7 @@ class Overlay:
             if fsync:
                 os.fsync(f.fileno())
         self.size = end
+        self.synced_size = min(self.synced_size, end)
 
     def _append(self, entry: bytes) -> None:
         self._append_parts([entry])

@@ -336,6 +336,7 @@ class VaultStore:
                 self._overlays[-1].append_chunk(digest_hex, data)
             except OSError as e:
                 self._failed = e
+                log.error("vault chunk write failed; refusing appends until recovered in place: %r", e)
                 raise
             self._unsynced += len(data)
             if self.fsync and self._unsynced >= WRITEBACK_BYTES and (
@@ -453,9 +454,63 @@ class VaultStore:
                     self._seal_if_due()
             except BaseException as e:
                 self._failed = e
-                log.error("vault append failed; refusing further appends until reopened: %r", e)
+                log.error("vault append failed; refusing appends until recovered in place: %r", e)
                 raise
             return self.last_seq
+
+    # ================================================================== recovery in place
+    async def reopen(self) -> bool:
+        """Recover from a failed write without a restart (a full disk that has
+        space again, docs/format/vault.md "Recovery in place").  Everything
+        written after the last sync that succeeded is cut -- the log's active
+        segment and the newest overlay go back to their durable ends, since
+        after a failed write or fdatasync the page cache may hold bytes the
+        disk does not -- and then the store recovers exactly as at start.
+        Records the vault acknowledged were synced, so they are kept; records
+        of the failed batch were never acknowledged, and the primary resends
+        (or voids) them when it reconnects.  Returns True if the store takes
+        appends again; on failure it stays failed (with the new error) and
+        may be retried."""
+        if self._failed is None:
+            return True
+        if self._append_lock is None:
+            self._append_lock = asyncio.Lock()
+        async with self._append_lock:          # no append in flight while the files are swapped
+            if self._failed is None:
+                return True
+            if self._log is not None:
+                await self._log.aclose()
+            return await asyncio.to_thread(self._reopen_sync)
+
+    def _reopen_sync(self) -> bool:
+        with self._compact_lock:               # no merge touches the overlays or the base meanwhile
+            if self._writeback is not None:
+                self._writeback.shutdown(wait=True)
+                self._writeback = None
+            with self._lock:
+                cuts = []
+                if self._log is not None:
+                    cuts.append(self._log.durable_end)
+                if self._overlays and not self._overlays[-1].sealed:
+                    ov = self._overlays[-1]
+                    cuts.append((ov.path, ov.synced_size))
+                cause = self._failed
+                self.close_sync()
+                self._log = None
+                self._overlays, self._view = [], _OverlayView([])
+                self._unsynced, self._writeback_job = 0, None
+                try:
+                    for path, end in cuts:
+                        _cut_to(path, end, self.fsync)
+                    self.open()
+                except BaseException as e:  # noqa: BLE001 - still failed; the caller retries
+                    log.error("vault store could not recover in place (after %r): %r", cause, e)
+                    self._failed = e
+                    return False
+                self._failed = None
+                log.warning("vault store recovered in place after %r: log at %d, cut %s", cause,
+                            self.last_seq, ", ".join(f"{os.path.basename(p)}@{n}" for p, n in cuts) or "nothing")
+                return True
 
     def _stored_record(self, seq: int) -> tuple[int, bytes] | None:
         with self._lock:
@@ -479,13 +534,16 @@ class VaultStore:
         # are not held up by the fdatasync; an overlay sealed meanwhile was
         # fdatasynced by its seal, which covers the same chunks.
         with self._lock:
-            fd = self._overlays[-1].fd
-            fd = os.dup(fd) if fd is not None else None
+            ov = self._overlays[-1]
+            size = ov.size
+            fd = os.dup(ov.fd) if ov.fd is not None else None
         if fd is not None:
             try:
                 os.fdatasync(fd)
             finally:
                 os.close(fd)
+            with self._lock:
+                ov.synced_size = max(ov.synced_size, size)
 
     def _early_writeback(self) -> None:
         try:
@@ -493,13 +551,18 @@ class VaultStore:
         except OSError as e:
             # the error may be reported to this fdatasync only, not to the
             # APPEND's: no append may succeed after it
-            log.error("vault overlay writeback failed; refusing further appends until reopened: %r", e)
+            log.error("vault overlay writeback failed; refusing appends until recovered in place: %r", e)
             with self._lock:
                 self._failed = e
 
+    @property
+    def failed(self) -> BaseException | None:
+        """The write error that stopped appends (until `reopen`), or None."""
+        return self._failed
+
     def _check_usable(self) -> None:
         if self._failed is not None:
-            raise _rejected("internal", f"vault store failed earlier and must be reopened: {self._failed!r}")
+            raise _rejected("internal", f"vault store failed a write and is recovering: {self._failed!r}")
         if self._catalog is None:
             raise RuntimeError("VaultStore is not open")
 
@@ -662,6 +725,8 @@ class VaultStore:
 
     def status(self) -> dict:
         with self._lock:
+            if self._catalog is None:          # closed: a recovery in place failed (retried)
+                return {"last_seq": self.last_seq, "failed": repr(self._failed), "overlays": []}
             overlays = [{"name": ov.name, "created": ov.created_ns / 1e9, "sealed": ov.sealed,
                          "bytes": ov.size, "chunks": len(ov.chunks), "records": len(ov.records)}
                         for ov in self._overlays]
@@ -669,6 +734,7 @@ class VaultStore:
             retention = {"keep_versions": self.retention.keep_versions, "keep_days": self.retention.keep_days,
                          **self._catalog.prune_stats()}
             return {"last_seq": self.last_seq, "overlays": overlays,
+                    **({"failed": repr(self._failed)} if self._failed is not None else {}),
                     "base": {"bytes": self._catalog.volume_end, "chunks": counts["chunks"],
                              "versions": counts["versions"]},
                     "merged_through_seq": self._catalog.merged_through_seq,
@@ -811,6 +877,16 @@ def _merge_listing(ov: dict[str, Entry], base, limit: int) -> tuple[list[dict], 
         if len(out) == limit:
             return out, True
         out.append(manifest)
+
+
+def _cut_to(path: str | None, end: int, fsync: bool) -> None:
+    """Truncate `path` to `end` bytes if it is longer (and sync the cut)."""
+    if path is None or not os.path.exists(path) or os.path.getsize(path) <= end:
+        return
+    with open(path, "r+b") as f:
+        f.truncate(end)
+        if fsync:
+            os.fsync(f.fileno())
 
 
 def _valid_header(path: str) -> bool:

@@ -1,0 +1,173 @@
+"""The vault's disk fills up, then has space again: no operator needed.
+
+A real full file system: the vault runs on its own small ext4 image, mounted
+in a private mount namespace that only the vault process sees (so nothing on
+this machine is left mounted when it exits), with a filler file that leaves
+a few MiB free.  PUTs fill the rest, the vault's write fails with ENOSPC,
+and writes answer errors; once the filler is removed, the vault recovers in
+place (VaultStore.reopen) and writes resume.  Every acknowledged object
+survives, no object whose PUT failed ever becomes visible, and a restart of
+the vault on the same image finds the same state.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+from botocore.exceptions import ClientError
+from conftest import Deployment, Vault, wait_until
+
+IMAGE_BYTES = 64 * 2**20
+FREE_AFTER_FILLER = 6 * 2**20     # what the vault may still write before the disk is full
+BODY = 512 * 1024
+MAX_PUTS = 60                     # bounded: the disk is full long before this
+ADMIN_TIMEOUT_S = 20.0
+
+
+def _unavailable() -> str | None:
+    if os.geteuid() != 0:
+        return "mounting a file system image needs root"
+    for tool in ("unshare", "mount", "mkfs.ext4"):
+        if shutil.which(tool) is None:
+            return f"`{tool}` is not installed"
+    if not os.path.exists("/dev/loop-control"):
+        return "no loop devices here"
+    return None
+
+
+_skip = _unavailable()
+pytestmark = pytest.mark.skipif(_skip is not None, reason=_skip or "")
+
+
+class VaultOnSmallDisk(Vault):
+    """A vault whose data directory is a small ext4 image, mounted in the
+    vault's own mount namespace.  Its files are reached from outside through
+    /proc/<pid>/root."""
+
+    def __init__(self, root, image):
+        super().__init__(root)
+        self.image = image
+        self.mnt = self.root / "vaultfs"
+        self.mnt.mkdir(exist_ok=True)
+
+    def inside(self, *parts) -> str:
+        return os.path.join(f"/proc/{self.proc.pid}/root", str(self.mnt).lstrip("/"), *parts)
+
+    def start(self, filler: bool = False) -> "VaultOnSmallDisk":
+        fill = ""
+        if filler:
+            fill = (f'avail=$(df --output=avail -B1 "$M" | tail -1); '
+                    f'head -c $((avail - {FREE_AFTER_FILLER})) /dev/zero > "$M/filler" && sync && ')
+        script = (f'M={self.mnt}; mount -o loop {self.image} "$M" && mkdir -p "$M/vault" && {fill}'
+                  f'exec "$@"')
+        cmd = ["unshare", "-m", "--propagation", "private", "sh", "-c", script, "vault-on-small-disk",
+               sys.executable, "-m", "airlock", "vault", "--data", str(self.mnt / "vault"),
+               "--listen", f"127.0.0.1:{self.port}", "--keys", str(self.keys)]
+        self._log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + ADMIN_TIMEOUT_S
+        while not os.path.exists(self.inside("vault", "admin.sock")):
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"vault exited early with {self.proc.returncode}:\n{self.log_text()}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"vault did not start:\n{self.log_text()}")
+            time.sleep(0.05)
+        return self
+
+    def admin(self, request: dict) -> dict:
+        from airlock.vault.daemon import admin_request
+        # the socket's path through /proc/<pid>/root is too long for AF_UNIX;
+        # a descriptor of its directory gives a short one
+        fd = os.open(self.inside("vault"), os.O_PATH | os.O_DIRECTORY)
+        try:
+            ans = admin_request(f"/proc/self/fd/{fd}/admin.sock", request)
+        finally:
+            os.close(fd)
+        assert ans.get("ok"), ans
+        return ans["result"]
+
+
+def test_a_vault_whose_disk_filled_up_takes_writes_again_once_it_has_space(tmp_path):
+    root = tmp_path / "deploy"
+    dep = Deployment(root, ack_timeout=5.0)
+    image = tmp_path / "vault.img"
+    with open(image, "wb") as f:
+        f.truncate(IMAGE_BYTES)
+    subprocess.run(["mkfs.ext4", "-q", "-F", "-m", "0", str(image)], check=True, capture_output=True)
+    dep.vault = vault = VaultOnSmallDisk(root, image)
+    dep.link_port = vault.port
+    vault.start(filler=True)
+    try:
+        dep.start_gateway()
+        s3 = dep.gateway.client()
+        s3.create_bucket(Bucket="full")
+
+        # 1. fill the vault's disk; every PUT is acknowledged or fails, nothing in between
+        acked, failed = {}, {}
+        for i in range(MAX_PUTS):
+            body = os.urandom(BODY)
+            try:
+                s3.put_object(Bucket="full", Key=f"k{i}", Body=body)
+                acked[f"k{i}"] = body
+            except ClientError as e:
+                failed[f"k{i}"] = e.response["Error"]["Code"]
+                break
+        assert failed, f"{MAX_PUTS} PUTs of {BODY} bytes fit into {FREE_AFTER_FILLER} bytes"
+        assert len(acked) >= 3
+        assert list(failed.values())[0] in ("ServiceUnavailable", "InternalError"), failed
+        status = vault.status()
+        assert "No space left" in status.get("failed", ""), status
+
+        # 2. while it stays full: writes fail, reads of what was acknowledged work
+        with pytest.raises(ClientError):
+            s3.put_object(Bucket="full", Key="while-full", Body=b"x" * 1000)
+        for k, body in acked.items():
+            assert s3.get_object(Bucket="full", Key=k)["Body"].read() == body
+        assert "failed" in vault.status()
+
+        # 3. space again: the vault recovers by itself, writes resume
+        os.unlink(vault.inside("filler"))
+        after = os.urandom(BODY)
+        wait_until(put_works_for(s3, "after", after), "a PUT to succeed once the vault's disk has space",
+                   timeout=30, interval=0.5)
+        assert "failed" not in vault.status()
+        assert "recovered in place" in vault.log_text()
+
+        # 4. what was acknowledged is there; what failed is visible nowhere
+        for k, body in acked.items():
+            assert s3.get_object(Bucket="full", Key=k)["Body"].read() == body
+        assert s3.get_object(Bucket="full", Key="after")["Body"].read() == after
+        for k in [*failed, "while-full"]:
+            with pytest.raises(ClientError) as e:
+                s3.head_object(Bucket="full", Key=k)
+            assert e.value.response["Error"]["Code"] in ("404", "NoSuchKey")
+        listed = {o["Key"] for o in s3.list_objects_v2(Bucket="full").get("Contents", [])}
+        assert listed == {*acked, "after"}
+        wait_until(lambda: vault.status()["last_seq"] == dep.gateway.health()["last_seq"],
+                   "vault and primary logs to end at the same record")
+
+        # 5. the vault's disk holds the same state after a restart (a new mount of the image)
+        last = vault.status()["last_seq"]
+        vault.stop()
+        vault.start()
+        assert vault.status()["last_seq"] == last
+        assert vault.status()["overlays"]
+        again = os.urandom(BODY)
+        wait_until(put_works_for(s3, "again", again), "a PUT after the vault's restart", timeout=30, interval=0.5)
+        assert s3.get_object(Bucket="full", Key="again")["Body"].read() == again
+    finally:
+        dep.stop()
+
+
+def put_works_for(s3, key, body):
+    def attempt() -> bool:
+        try:
+            s3.put_object(Bucket="full", Key=key, Body=body)
+            return True
+        except ClientError:
+            return False
+    return attempt
