@@ -499,23 +499,30 @@ def test_chunk_data_is_written_back_while_it_arrives_and_the_append_still_syncs(
         s.close_sync()
 
 
+def _failed_writeback(s: VaultStore, monkeypatch, data: bytes):
+    """Feed a bucket, then a chunk whose early writeback's fdatasync fails
+    (EIO); returns (feed, the record that references the chunk)."""
+    import errno
+    f = Feed(s)
+    f.send(f.bucket("b"))
+    real = os.fdatasync
+
+    def failing(fd):
+        raise OSError(errno.EIO, "injected write-back error")
+    monkeypatch.setattr(os, "fdatasync", failing)
+    rec = f.put("b", "k", data)                         # WRITEBACK_BYTES of chunk data start a writeback
+    s._writeback_job.result(30)
+    monkeypatch.setattr(os, "fdatasync", real)
+    return f, rec
+
+
 def test_a_failed_early_writeback_refuses_every_later_append(tmp_path, monkeypatch):
     # an fsync error may be reported to one fdatasync call only: the one that
     # saw it must stop the store, or a later APPEND could be acknowledged
     # over chunk data that never reached the disk
-    import errno
     s = VaultStore(tmp_path / "vault").open()
     try:
-        f = Feed(s)
-        f.send(f.bucket("b"))
-        real = os.fdatasync
-
-        def failing(fd):
-            raise OSError(errno.EIO, "injected write-back error")
-        monkeypatch.setattr(os, "fdatasync", failing)
-        rec = f.put("b", "k", body(0, WRITEBACK_BYTES))     # this much chunk data starts a writeback
-        s._writeback_job.result(30)
-        monkeypatch.setattr(os, "fdatasync", real)
+        f, rec = _failed_writeback(s, monkeypatch, body(0, WRITEBACK_BYTES))
         with pytest.raises(VaultRejected) as ei:
             f.send(rec)
         assert ei.value.code == "internal"
@@ -530,20 +537,10 @@ def test_recovery_after_a_failed_writeback_cuts_the_unsynced_chunks_and_asks_for
     # after a failed fdatasync the chunk bytes may sit in the page cache
     # only: recovery in place must not count them as held, even though they
     # read back intact from the cache (docs/format/vault.md, "Recovery in place")
-    import errno
     s = VaultStore(tmp_path / "vault").open()
+    data = body(0, WRITEBACK_BYTES)
     try:
-        f = Feed(s)
-        f.send(f.bucket("b"))
-        real = os.fdatasync
-
-        def failing(fd):
-            raise OSError(errno.EIO, "injected write-back error")
-        monkeypatch.setattr(os, "fdatasync", failing)
-        data = body(0, WRITEBACK_BYTES)
-        rec = f.put("b", "k", data)
-        s._writeback_job.result(30)
-        monkeypatch.setattr(os, "fdatasync", real)
+        f, rec = _failed_writeback(s, monkeypatch, data)
         assert s.failed is not None
         assert asyncio.run(s.reopen()) is True
         assert s.failed is None and s.last_seq == 1
