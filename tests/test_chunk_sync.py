@@ -23,19 +23,18 @@ import pytest
 from botocore.exceptions import ClientError
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import chunkdamage  # noqa: E402
 from conftest import Deployment, wait_until  # noqa: E402
 
-CUTS = {
-    "deleted": lambda p: p.unlink(),
-    "empty": lambda p: p.write_bytes(b""),
-    "half": lambda p: p.write_bytes(p.read_bytes()[: p.stat().st_size // 2]),
-}
+# what an unsynced chunk can look like after a power loss: a small chunk's
+# row is missing, empty or half there (SQLite with synchronous=OFF), a large
+# chunk's file likewise
+CUTS = {"deleted": chunkdamage.delete, "empty": chunkdamage.empty, "half": chunkdamage.truncate}
 
 
-def chunk_path(gw, body: bytes) -> Path:
-    """Where a body that is a single chunk (< the 256 KiB minimum) is stored."""
-    d = blake3.blake3(body).hexdigest()
-    return gw.data / "chunks" / d[:2] / d
+def digest(body: bytes) -> str:
+    """The chunk id of a body that is a single chunk (< the 256 KiB minimum)."""
+    return blake3.blake3(body).hexdigest()
 
 
 @pytest.fixture
@@ -51,12 +50,14 @@ def dep(tmp_path):
 def test_acknowledged_objects_survive_chunk_files_cut_by_a_crash(dep, cut):
     s3 = dep.gateway.client()
     s3.create_bucket(Bucket="crash")
-    bodies = {f"k{i}": os.urandom(1000 + i) for i in range(5)}
+    # rows (small chunks) and files (from 64 KiB up)
+    bodies = {**{f"k{i}": os.urandom(1000 + i) for i in range(3)},
+              **{f"big{i}": os.urandom(100_000 + i) for i in range(2)}}
     for k, v in bodies.items():
         s3.put_object(Bucket="crash", Key=k, Body=v)
     dep.gateway.kill()                                   # no clean shutdown
     for v in bodies.values():
-        CUTS[cut](chunk_path(dep.gateway, v))
+        CUTS[cut](dep.gateway.data, digest(v))
     dep.start_gateway()
     wait_until(lambda: dep.gateway.health().get("vault_connected"), "the gateway to reach the vault")
     for k, v in bodies.items():
@@ -64,7 +65,7 @@ def test_acknowledged_objects_survive_chunk_files_cut_by_a_crash(dep, cut):
     stats = dep.gateway.health()["stats"]
     assert stats["chunks_repaired"] == len(bodies), stats
     for v in bodies.values():                            # repaired in place
-        assert chunk_path(dep.gateway, v).read_bytes()[16:] == v
+        assert chunkdamage.stored(dep.gateway.data, digest(v)) == v
 
 
 def test_a_damaged_chunk_the_vault_never_got_is_not_reused_by_dedup(dep):
@@ -78,9 +79,9 @@ def test_a_damaged_chunk_the_vault_never_got_is_not_reused_by_dedup(dep):
     with pytest.raises(ClientError) as e:
         s3.put_object(Bucket="dedup", Key="x", Body=body)
     assert e.value.response["ResponseMetadata"]["HTTPStatusCode"] == 503
-    local = chunk_path(dep.gateway, body)
-    assert local.exists(), "the refused upload's chunk stays in the local store"
-    CUTS["half"](local)
+    gw_data, d = dep.gateway.data, digest(body)
+    assert chunkdamage.exists(gw_data, d), "the refused upload's chunk stays in the local store"
+    CUTS["half"](gw_data, d)
     dep.vault.start()
     wait_until(lambda: dep.gateway.health().get("vault_connected"), "the gateway to reconnect", timeout=30)
 
@@ -89,7 +90,7 @@ def test_a_damaged_chunk_the_vault_never_got_is_not_reused_by_dedup(dep):
     with pytest.raises(ClientError) as e:
         s3.put_object(Bucket="dedup", Key="x", Body=body)
     assert e.value.response["ResponseMetadata"]["HTTPStatusCode"] == 503
-    assert not local.exists()
+    assert not chunkdamage.exists(gw_data, d)
     wait_until(lambda: dep.gateway.health().get("vault_connected"), "the gateway to reconnect", timeout=30)
     # the retry writes and ships the chunk anew
     s3.put_object(Bucket="dedup", Key="x", Body=body)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+import chunkdamage
 from conftest import Deployment
 
 MiB = 1 << 20
@@ -89,6 +90,23 @@ def test_damaged_chunk_is_served_from_the_vault_and_repaired(dep, stored, damage
     # a second read needs the vault no more
     before = gw.health()["stats"]["chunks_from_vault"]
     assert s3.get_object(Bucket="damage", Key="big.bin")["Body"].read() == bodies["big.bin"]
+    assert gw.health()["stats"]["chunks_from_vault"] == before
+
+
+@pytest.mark.parametrize("damage", sorted(chunkdamage.DAMAGE))
+def test_a_damaged_small_chunk_row_is_served_from_the_vault_and_repaired(dep, stored, damage):
+    """A small object's chunk is a row of chunks/small.sqlite: damaged there,
+    it is served from the vault and written back like a chunk file."""
+    s3, bodies = stored
+    gw = dep.gateway
+    (victim,) = chunks_of(gw, "damage", "small.txt")
+    assert chunkdamage.is_row(gw.data, victim)
+    chunkdamage.DAMAGE[damage](gw.data, victim)
+    assert s3.get_object(Bucket="damage", Key="small.txt")["Body"].read() == bodies["small.txt"]
+    assert chunkdamage.stored(gw.data, victim) == bodies["small.txt"]        # repaired in place
+    assert "repaired chunk " + victim in gw.log_text()
+    before = gw.health()["stats"]["chunks_from_vault"]
+    assert s3.get_object(Bucket="damage", Key="small.txt")["Body"].read() == bodies["small.txt"]
     assert gw.health()["stats"]["chunks_from_vault"] == before
 
 

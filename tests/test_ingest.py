@@ -137,7 +137,7 @@ def test_a_failed_ship_still_leaves_the_written_chunk_files_durable(tmp_path, si
         assert store.has(d)
 
 
-@pytest.mark.parametrize("size", [4096, 600 * 1024])
+@pytest.mark.parametrize("size", [100 * 1024, 600 * 1024])     # chunk files (a small chunk is a row)
 def test_a_body_found_in_the_store_still_syncs_its_chunk_directories_before_the_commit(tmp_path, monkeypatch, size):
     # another upload may have renamed the chunk file into place but not yet
     # fsynced its directory; without a vault nothing could repair a lost entry
@@ -158,7 +158,7 @@ def test_a_body_found_in_the_store_still_syncs_its_chunk_directories_before_the_
     assert {os.path.abspath(store.dir_of(c.digest)) for c in digests.chunks} <= set(synced)
 
 
-@pytest.mark.parametrize("size", [4096, ASYNC_WRITE_BYTES + 1])
+@pytest.mark.parametrize("size", [100 * 1024, ASYNC_WRITE_BYTES + 1])    # chunk files; rows below
 def test_a_chunk_write_that_fails_leaves_no_tmp_file_and_no_chunk(tmp_path, monkeypatch, size):
     # a full disk (ENOSPC at the sync) must not also keep the failed upload's bytes in tmp/
     store = ChunkStore(str(tmp_path))

@@ -10,8 +10,11 @@ repaired storage takes the acknowledged change from the vault (reconcile).
 The fault is real and needs no privilege: the gateway's leader (the process
 that writes the primary log) gets RLIMIT_FSIZE = the active log segment's
 size (prlimit(2)), so its next append gets a short write and then EFBIG, a
-torn tail that recovery cuts after the restart.  The warm-up records make the
-segment larger than any chunk file the leader writes afterwards.
+torn tail that recovery cuts after the restart.  The warm-up records (each
+with ~1.9 KB of metadata) make the segment larger than any chunk file the
+leader writes afterwards; those bodies are above 64 KiB, so their chunks are
+files: a small chunk's row would be written to small.sqlite's WAL, which
+the warm-up has already made larger than the segment.
 """
 from __future__ import annotations
 
@@ -36,9 +39,13 @@ def _fail_next_log_append(gw) -> None:
     resource.prlimit(gw.proc.pid, resource.RLIMIT_FSIZE, (size, size))
 
 
-def _warm(s3, bucket: str, n: int = 30) -> None:
+WARM_META = {"pad": "m" * 1900}       # a ~2.3 KB record per warm-up PUT
+BODY = 70_000                          # a chunk file (> 64 KiB), smaller than the warmed-up segment
+
+
+def _warm(s3, bucket: str, n: int = 70) -> None:
     for i in range(n):
-        s3.put_object(Bucket=bucket, Key=f"warm{i:02d}", Body=b"w")
+        s3.put_object(Bucket=bucket, Key=f"warm{i:02d}", Body=b"w", Metadata=WARM_META)
 
 
 def test_a_change_the_vault_acknowledged_succeeds_when_the_primary_log_fails(deployment):
@@ -50,7 +57,8 @@ def test_a_change_the_vault_acknowledged_succeeds_when_the_primary_log_fails(dep
     _warm(s3, "ledger")
     _fail_next_log_append(gw)
 
-    body = os.urandom(2000)
+    assert _active_segment(gw).stat().st_size > BODY + 20_000
+    body = os.urandom(BODY)
     put = s3.put_object(Bucket="ledger", Key="acked", Body=body)
     assert put["ResponseMetadata"]["HTTPStatusCode"] == 200
 
@@ -69,7 +77,7 @@ def test_a_change_the_vault_acknowledged_succeeds_when_the_primary_log_fails(dep
 
     # nothing more reaches the vault: later writes are refused
     with pytest.raises(ClientError) as e:
-        s3.put_object(Bucket="ledger", Key="refused", Body=b"never stored")
+        s3.put_object(Bucket="ledger", Key="refused", Body=os.urandom(BODY))
     assert e.value.response["Error"]["Code"] == "ServiceUnavailable"
     assert dep.vault.status()["last_seq"] == vault_last
 
@@ -96,7 +104,7 @@ def test_concurrent_writes_when_the_primary_log_fails_are_visible_exactly_when_t
     s3 = gw.client()
     s3.create_bucket(Bucket="race")
     _warm(s3, "race")
-    bodies = {f"k{i:02d}": os.urandom(1000 + i) for i in range(24)}
+    bodies = {f"k{i:02d}": os.urandom(BODY + i) for i in range(24)}
 
     def put(key):
         try:

@@ -17,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+import chunkdamage
 import pytest
 
 from airlock.log.reader import list_segments, read_log, segment_name
@@ -46,15 +47,9 @@ def chunks_by_object(primary: Path) -> dict[tuple[str, str], list[tuple[str, int
         index.close()
 
 
-def chunk_path(primary: Path, digest: str) -> Path:
-    return primary / "chunks" / digest[:2] / digest
-
-
 def chunk_files(primary: Path) -> set[str]:
-    root = primary / "chunks"
-    if not root.exists():
-        return set()
-    return {p.name for d in root.iterdir() if d.name != "tmp" and d.is_dir() for p in d.iterdir()}
+    """Every chunk the primary holds: small ones as rows, the others as files."""
+    return chunkdamage.all_digests(primary)
 
 
 def put_all(deployment, objects: dict[tuple[str, str], bytes], create: bool = True) -> None:
@@ -145,12 +140,9 @@ def test_restore_copies_only_the_missing_chunks_and_the_lost_log_tail(deployment
     truncate_log_tail(primary, 2)
     # ... two chunks rotted, one vanished
     lost = [refs[("photos", "2026/dog.raw")][0], refs[("docs", "b.bin")][-1]]
-    with open(chunk_path(primary, lost[0][0]), "r+b") as f:
-        f.seek(40)
-        f.write(b"\0" * 8)
-    chunk_path(primary, lost[1][0]).unlink()
-    with open(chunk_path(primary, refs[("photos", "cat.jpg")][0][0]), "r+b") as f:
-        f.truncate(20)
+    chunkdamage.flip(primary, lost[0][0], offset=24)
+    chunkdamage.delete(primary, lost[1][0])
+    chunkdamage.truncate(primary, refs[("photos", "cat.jpg")][0][0])      # a row of small.sqlite
     lost.append(refs[("photos", "cat.jpg")][0])
 
     r = deployment.airlock("restore")

@@ -2,14 +2,17 @@
 processes): chunk files damaged on the primary's disk are found and repaired
 from the vault while the gateway keeps running.
 
-Damage is done by hand to the files at DATA/primary/chunks/<hex[:2]>/<hex>:
-bytes flipped, a file truncated, a file deleted.
+Damage is done by hand to the primary's copies: bytes flipped in a small
+chunk's row (chunks/small.sqlite, through tests/chunkdamage.py), a chunk
+file at DATA/primary/chunks/<hex[:2]>/<hex> truncated, another deleted.
 """
 from __future__ import annotations
 
 import os
 import random
 from pathlib import Path
+
+import chunkdamage
 
 from airlock.primary.engine import committed_state
 
@@ -64,7 +67,8 @@ def test_scrub_repairs_flipped_truncated_and_deleted_chunks_from_the_vault(deplo
     chunks = chunk_digests(primary, BUCKET)
     assert len(chunks["big.bin"]) >= 3
     flipped, truncated, deleted = chunks["small.txt"][0], chunks["big.bin"][0], chunks["big.bin"][-1]
-    flip_byte(chunk_path(primary, flipped), 16 + 100)             # inside the data, past the header
+    assert chunkdamage.is_row(primary, flipped)                   # small.txt: a row of small.sqlite
+    chunkdamage.flip(primary, flipped, offset=100, n=1)
     with open(chunk_path(primary, truncated), "r+b") as f:
         f.truncate(16 + 1000)
     os.unlink(chunk_path(primary, deleted))

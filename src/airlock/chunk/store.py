@@ -1,13 +1,16 @@
-"""The primary's chunk store: one file per chunk, named by its BLAKE3 digest.
+"""The primary's chunk store: chunks by their BLAKE3 digest, small ones as
+rows of one database, the others one file each.
 
 Layout (docs/format/chunkstore.md):
 
+    <root>/chunks/small.sqlite            chunks of at most SMALL_CHUNK_MAX bytes (chunk/small.py)
     <root>/chunks/<hex[0:2]>/<hex>        chunk file = CHUNK_HEADER + data
     <root>/chunks/tmp/                    files being written (removed on open)
 
-A chunk is written to tmp, fsynced (if `fsync`), then renamed into place; the
-directory is fsynced by `sync_dirs` before the commit record that references
-it is written.  A gateway with a vault and chunk_sync = "vault" runs this store
+A small chunk is durable when `put` returns (its transaction committed,
+shared with concurrent uploads).  A larger one is written to tmp, fsynced
+(if `fsync`), then renamed into place; the directory is fsynced by
+`sync_dirs` before the commit record that references it is written.  A gateway with a vault and chunk_sync = "vault" runs this store
 with `fsync=False`: the vault's durable copy is the guarantee and reads
 repair what a power loss cut short.  Chunks
 are stored once per digest (dedup).  Every read is verified against the digest;
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import sqlite3
 import struct
 import threading
 import uuid
@@ -25,6 +29,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import blake3
 
+from airlock.chunk.small import SmallChunks
 from airlock.errors import FormatError, IntegrityError
 from airlock.fsutil import DIRECT_MIN_BYTES, fsync_dir, open_direct, write_around_cache
 
@@ -34,6 +39,7 @@ CHUNK_VERSION = 1
 CHUNK_HEADER = struct.Struct("<4sHHQ")
 CHUNK_HEADER_SIZE = CHUNK_HEADER.size  # 16
 WRITER_THREADS = 4      # chunk files written (and fdatasynced) at once by `put_async`
+SMALL_CHUNK_MAX = 64 * 1024     # bytes; chunks up to this size are rows of chunks/small.sqlite
 
 
 def digest_of(data) -> str:
@@ -56,6 +62,7 @@ class ChunkStore:
         self._writers: ThreadPoolExecutor | None = None
         self._direct = True      # large synced chunk files bypass the page cache (until the fs refuses)
         os.makedirs(self.tmp, exist_ok=True)
+        self.small = SmallChunks(self.root, fsync=fsync)
         if not clean_tmp:
             return
         for name in os.listdir(self.tmp):  # leftovers of writes a crash interrupted
@@ -71,13 +78,16 @@ class ChunkStore:
         return os.path.dirname(self.path(digest))
 
     def has(self, digest: str) -> bool:
-        return os.path.exists(self.path(digest))
+        return self.small.has(bytes.fromhex(digest)) or os.path.exists(self.path(digest))
 
-    def put(self, digest: str, data) -> tuple[str, bool]:
+    def put(self, digest: str, data) -> tuple[str | None, bool]:
         """Store `data` under `digest` unless present.  Returns (directory,
-        written).  The directory needs an fsync before a record may reference
+        written).  A small chunk is durable on return (directory None).  For
+        a file, the directory needs an fsync before a record may reference
         the chunk even when this call did not write it: another writer may
         have renamed the file into place without having synced it yet."""
+        if len(data) <= SMALL_CHUNK_MAX:
+            return None, self.small.put(bytes.fromhex(digest), data)
         final = self.path(digest)
         d = os.path.dirname(final)
         if os.path.exists(final):
@@ -152,18 +162,27 @@ class ChunkStore:
         return n
 
     def replace(self, digest: str, data) -> None:
-        """Write a good copy of a chunk over a missing or damaged one (tmp +
-        fdatasync + rename + directory fsync).  The caller has verified `data`
+        """Write a good copy of a chunk over a missing or damaged one: a row
+        (INSERT OR REPLACE, and a file of the same digest removed), or tmp +
+        fdatasync + rename + directory fsync.  The caller has verified `data`
         against `digest`; repairs are logged and counted by the caller."""
         final = self.path(digest)
+        if len(data) <= SMALL_CHUNK_MAX:
+            self.small.put(bytes.fromhex(digest), data, replace=True)
+            try:
+                os.unlink(final)
+            except FileNotFoundError:
+                pass
+            return
         d = os.path.dirname(final)
         os.makedirs(d, exist_ok=True)
         os.replace(self._write_tmp(digest, data), final)
         self.sync_dirs([d])
 
     def discard(self, digest: str) -> None:
-        """Remove a damaged chunk file so that the next `put` of these bytes
-        writes it again (dedup would otherwise keep the bad copy)."""
+        """Remove a damaged chunk (row and file) so that the next `put` of
+        these bytes writes it again (dedup would otherwise keep the bad copy)."""
+        self.small.delete(bytes.fromhex(digest))
         try:
             os.unlink(self.path(digest))
         except FileNotFoundError:
@@ -173,10 +192,22 @@ class ChunkStore:
         if not self.fsync:
             return
         for d in dirs:
-            fsync_dir(d)
+            if d is not None:
+                fsync_dir(d)
 
     def read(self, digest: str, verify: bool = True) -> bytes:
-        """The chunk's bytes, verified against its digest."""
+        """The chunk's bytes, verified against its digest: the row if there
+        is one, else the file (FileNotFoundError if neither exists)."""
+        try:
+            data = self.small.get(bytes.fromhex(digest))
+        except sqlite3.Error as e:
+            raise IntegrityError(f"chunk {digest}", digest, f"small-chunk database unreadable: {e}") from None
+        if data is not None:
+            if verify:
+                actual = digest_of(data)
+                if actual != digest:
+                    raise IntegrityError(f"chunk {digest}", digest, actual)
+            return data
         # header and data read separately: the data arrives in its own bytes
         # object (no slice copy of a 1 MiB chunk); the file size is checked
         # so that trailing bytes are still caught
@@ -205,9 +236,15 @@ class ChunkStore:
         return data
 
     def iter_digests(self):
+        """Every stored digest: rows, then files (a digest may be in both)."""
+        for d in self.small.digests():
+            yield d.hex()
         for sub in sorted(os.listdir(self.root)):
             if sub == "tmp":
                 continue
             p = os.path.join(self.root, sub)
             if os.path.isdir(p):
                 yield from sorted(os.listdir(p))
+
+    def close(self) -> None:
+        self.small.close()

@@ -122,6 +122,8 @@ class Engine:
         if self.index is not None:
             self.index.close()
         self.executor.shutdown(wait=True)
+        if self.store is not None:
+            self.store.close()
 
     def _on_durable(self, records) -> None:
         self.index.apply([(seq, rtype, P.decode_payload(rtype, payload))

@@ -138,7 +138,8 @@ class Ingest:
                 new.append((hexd, data))
                 continue
             d, written = self.store.put(hexd, data)
-            self._dirs.add(d)
+            if d is not None:
+                self._dirs.add(d)
             if written:
                 new.append((hexd, data))
         return new

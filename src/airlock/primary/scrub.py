@@ -200,14 +200,17 @@ class ScrubReport:
 
 
 def _walk(store: ChunkStore) -> list[tuple[str, int]]:
-    """(digest, file size) of every chunk file, in path order."""
-    out = []
+    """(digest, stored size) of every chunk: the rows of the small-chunk
+    database, then every chunk file in path order (a digest that is both is
+    listed once: reads take the row)."""
+    out = [(d.hex(), n) for d, n in store.small.sizes()]
+    rows = {d for d, _n in out}
     for sub in sorted(os.listdir(store.root)):
         p = os.path.join(store.root, sub)
         if sub == "tmp" or len(sub) != 2 or not os.path.isdir(p):
             continue
         for name in sorted(os.listdir(p)):
-            if not CHUNK_NAME.match(name) or name[:2] != sub:
+            if not CHUNK_NAME.match(name) or name[:2] != sub or name in rows:
                 continue
             try:
                 out.append((name, os.lstat(os.path.join(p, name)).st_size))
@@ -218,7 +221,7 @@ def _walk(store: ChunkStore) -> list[tuple[str, int]]:
 
 async def scrub(data_dir: str, link: LinkClient | None, *, repair: bool = True,
                 progress: Progress | None = None) -> ScrubReport:
-    """Check every chunk file and every referenced chunk; repair from the vault
+    """Check every stored chunk and every referenced chunk; repair from the vault
     when `repair` (then `link` must be given).  The caller prints the report."""
     report = ScrubReport()
     index = committed_state(data_dir)          # read before the walk: every chunk it needs exists by then

@@ -1,0 +1,178 @@
+"""Small chunks as rows of one SQLite database, with group commit.
+
+Format and rules: docs/format/chunkstore.md, "Small-chunk database".  A chunk
+file costs a create, a write, an fdatasync, a rename and a directory fsync;
+for a 4 KiB chunk that is more CPU than the rest of its PUT.  Here a chunk
+costs an INSERT, and the rows of concurrent uploads share one commit (one
+WAL fsync): the first writer to find no commit in progress becomes the
+committer and writes everything queued; the others wait for that commit.
+Writers of other processes are kept out by an exclusive flock on a lock file
+(kernel queueing, not SQLite's sleeping busy handler).
+
+Reads use one connection per thread (WAL readers never wait for the writer).
+"""
+from __future__ import annotations
+
+import fcntl
+import os
+import sqlite3
+import threading
+
+from airlock.errors import FormatError
+
+FORMAT_NAME = "airlock-small-chunks"
+FORMAT_VERSION = 1
+DB_NAME = "small.sqlite"
+LOCK_NAME = "small.lock"
+BUSY_TIMEOUT_S = 30.0       # a reader (or another tool) holding SQLite locks longer than this is an error
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS chunks (digest BLOB PRIMARY KEY, data BLOB NOT NULL);
+"""
+
+
+class _Batch:
+    __slots__ = ("rows", "done", "error", "written")
+
+    def __init__(self):
+        self.rows: list[tuple[str, bytes, bytes | None]] = []    # (verb, digest, data)
+        self.done = False
+        self.error: BaseException | None = None
+        self.written: list[bool] = []
+
+
+class SmallChunks:
+    def __init__(self, directory: str, *, fsync: bool = True):
+        self.path = os.path.join(directory, DB_NAME)
+        self.fsync = fsync
+        self._lock_path = os.path.join(directory, LOCK_NAME)
+        self._local = threading.local()
+        self._cond = threading.Condition()
+        self._queue = _Batch()              # rows waiting for the next commit
+        self._committing = False
+        self._writer: sqlite3.Connection | None = None
+        try:
+            self._lock_fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        except PermissionError:             # a read-only view (scrub --no-repair by another user)
+            self._lock_fd = os.open(self._lock_path, os.O_RDONLY)
+        with self._flock():
+            db = self._connect()
+            try:
+                db.executescript(_SCHEMA)
+                rows = dict(db.execute("SELECT k, v FROM meta").fetchall())
+                if not rows:
+                    with db:
+                        db.execute("INSERT INTO meta VALUES ('format', ?), ('version', ?)",
+                                   (FORMAT_NAME, str(FORMAT_VERSION)))
+                elif rows.get("format") != FORMAT_NAME or rows.get("version") != str(FORMAT_VERSION):
+                    raise FormatError(f"{self.path}: format {rows.get('format')!r} version "
+                                      f"{rows.get('version')!r}; this build reads {FORMAT_NAME} {FORMAT_VERSION}")
+            finally:
+                db.close()
+
+    # ------------------------------------------------------------------ connections
+    def _connect(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=BUSY_TIMEOUT_S)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute(f"PRAGMA synchronous={'FULL' if self.fsync else 'OFF'}")
+        return db
+
+    def _reader(self) -> sqlite3.Connection:
+        db = getattr(self._local, "db", None)
+        if db is None:
+            db = self._local.db = self._connect()
+        return db
+
+    def _flock(self):
+        fd = self._lock_fd
+
+        class _Held:
+            def __enter__(self_inner):
+                fcntl.flock(fd, fcntl.LOCK_EX)
+
+            def __exit__(self_inner, *exc):
+                fcntl.flock(fd, fcntl.LOCK_UN)
+        return _Held()
+
+    # ------------------------------------------------------------------ reads
+    def get(self, digest: bytes) -> bytes | None:
+        row = self._reader().execute("SELECT data FROM chunks WHERE digest=?", (digest,)).fetchone()
+        return None if row is None else row[0]
+
+    def has(self, digest: bytes) -> bool:
+        return self._reader().execute("SELECT 1 FROM chunks WHERE digest=?", (digest,)).fetchone() is not None
+
+    def digests(self) -> list[bytes]:
+        return [r[0] for r in self._reader().execute("SELECT digest FROM chunks ORDER BY digest")]
+
+    def sizes(self) -> list[tuple[bytes, int]]:
+        """(digest, stored length) of every row, in digest order."""
+        return self._reader().execute("SELECT digest, length(data) FROM chunks ORDER BY digest").fetchall()
+
+    # ------------------------------------------------------------------ writes (group commit)
+    def put(self, digest: bytes, data, replace: bool = False) -> bool:
+        """Store a row (`replace`: over an existing one); returns once it is
+        durable, True if it added (or replaced) a row."""
+        return self._submit("INSERT OR REPLACE" if replace else "INSERT OR IGNORE", digest, bytes(data))
+
+    def delete(self, digest: bytes) -> None:
+        self._submit("DELETE", digest, None)
+
+    def _submit(self, verb: str, digest: bytes, data: bytes | None) -> bool:
+        """Queue one change and wait until the transaction holding it commits
+        (every change goes through the one committer: the writer connection
+        is never used by two threads at once)."""
+        with self._cond:
+            batch = self._queue
+            i = len(batch.rows)
+            batch.rows.append((verb, digest, data))
+            while self._committing and not batch.done:
+                self._cond.wait()
+            if not batch.done:
+                # no commit in progress: this thread commits everything queued
+                self._committing = True
+                self._queue = _Batch()
+                lead = True
+            else:
+                lead = False
+        if lead:
+            try:
+                batch.written = self._commit(batch.rows)
+            except BaseException as e:
+                batch.error = e
+            finally:
+                with self._cond:
+                    batch.done = True
+                    self._committing = False
+                    self._cond.notify_all()
+        if batch.error is not None:
+            raise batch.error
+        return batch.written[i]
+
+    def _commit(self, rows) -> list[bool]:
+        with self._flock():
+            if self._writer is None:
+                self._writer = self._connect()
+            db = self._writer
+            written = []
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                for verb, digest, data in rows:
+                    if data is None:
+                        cur = db.execute("DELETE FROM chunks WHERE digest=?", (digest,))
+                    else:
+                        cur = db.execute(f"{verb} INTO chunks VALUES (?, ?)", (digest, data))
+                    written.append(cur.rowcount > 0)
+                db.execute("COMMIT")
+            except BaseException:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                raise
+        return written
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+        os.close(self._lock_fd)

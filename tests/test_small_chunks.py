@@ -1,0 +1,143 @@
+"""Small chunks are rows of chunks/small.sqlite (docs/format/chunkstore.md):
+one per digest, durable when `put` returns, shared between processes,
+verified on read, with concurrent puts sharing commits."""
+from __future__ import annotations
+
+import os
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import threading
+from pathlib import Path
+
+import blake3
+import pytest
+
+from airlock.chunk.small import FORMAT_NAME, SmallChunks
+from airlock.chunk.store import SMALL_CHUNK_MAX, ChunkStore
+from airlock.errors import FormatError, IntegrityError
+
+SRC = str(Path(__file__).resolve().parent.parent / "src")
+
+
+def digest(data: bytes) -> str:
+    return blake3.blake3(data).hexdigest()
+
+
+def test_a_small_chunk_is_a_row_and_a_larger_one_a_file(tmp_path):
+    store = ChunkStore(str(tmp_path))
+    small, large = os.urandom(SMALL_CHUNK_MAX), os.urandom(SMALL_CHUNK_MAX + 1)
+    assert store.put(digest(small), small) == (None, True)
+    d, written = store.put(digest(large), large)
+    assert written and d == store.dir_of(digest(large))
+    assert not os.path.exists(store.path(digest(small))) and os.path.exists(store.path(digest(large)))
+    assert store.put(digest(small), small) == (None, False)          # dedup
+    assert store.read(digest(small)) == small and store.read(digest(large)) == large
+    assert store.has(digest(small)) and store.has(digest(large))
+    assert set(store.iter_digests()) == {digest(small), digest(large)}
+
+
+def test_concurrent_puts_share_commits_and_every_one_is_durable_on_return(tmp_path):
+    store = ChunkStore(str(tmp_path))
+    bodies = [os.urandom(4096) for _ in range(400)]
+    commits = []
+    real = store.small._commit
+
+    def counting(rows):
+        commits.append(len(rows))
+        return real(rows)
+    store.small._commit = counting
+    results = {}
+
+    def put(i):
+        results[i] = store.put(digest(bodies[i]), bodies[i])
+    threads = [threading.Thread(target=lambda k=k: [put(i) for i in range(k, 400, 16)]) for k in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(results[i] == (None, True) for i in range(400))
+    assert sum(commits) == 400 and len(commits) < 400                  # rows shared transactions
+    # another connection (another process would do the same) sees every row
+    db = sqlite3.connect(str(tmp_path / "chunks" / "small.sqlite"))
+    assert db.execute("SELECT COUNT(*) FROM chunks").fetchone()[0] == 400
+    db.close()
+
+
+def test_a_failed_commit_fails_every_put_of_its_batch_and_stores_none(tmp_path):
+    store = ChunkStore(str(tmp_path))
+    db = sqlite3.connect(str(tmp_path / "chunks" / "small.sqlite"), isolation_level=None)
+    # the database refuses every insert (what a full disk does to a commit)
+    db.execute("CREATE TRIGGER refuse BEFORE INSERT ON chunks BEGIN SELECT RAISE(ABORT, 'disk full'); END")
+    data = os.urandom(3000)
+    with pytest.raises(sqlite3.Error, match="disk full"):
+        store.put(digest(data), data)
+    assert not store.has(digest(data))
+    db.execute("DROP TRIGGER refuse")
+    db.close()
+    assert store.put(digest(data), data) == (None, True)               # the same bytes store normally
+    assert store.read(digest(data)) == data
+
+
+def test_a_damaged_row_is_an_integrity_error_and_replace_repairs_it(tmp_path):
+    store = ChunkStore(str(tmp_path))
+    data = os.urandom(5000)
+    d = digest(data)
+    store.put(d, data)
+    db = sqlite3.connect(str(tmp_path / "chunks" / "small.sqlite"), isolation_level=None)
+    db.execute("UPDATE chunks SET data=? WHERE digest=?", (b"x" + data[1:], bytes.fromhex(d)))
+    with pytest.raises(IntegrityError):
+        store.read(d)
+    assert store.put(d, data) == (None, False)          # dedup keeps the damaged row ...
+    store.replace(d, data)                              # ... until it is replaced
+    assert store.read(d) == data
+    store.discard(d)
+    assert not store.has(d)
+    with pytest.raises(FileNotFoundError):
+        store.read(d)
+    db.close()
+
+
+def test_a_chunk_file_of_a_small_chunk_still_reads_and_a_repair_replaces_it_by_a_row(tmp_path):
+    """Stores written before the small-chunk database kept every chunk as a file."""
+    from airlock.chunk.store import CHUNK_HEADER, CHUNK_MAGIC, CHUNK_VERSION
+    store = ChunkStore(str(tmp_path))
+    data = b"an old small chunk\n" * 10
+    d = digest(data)
+    os.makedirs(store.dir_of(d), exist_ok=True)
+    with open(store.path(d), "wb") as f:
+        f.write(CHUNK_HEADER.pack(CHUNK_MAGIC, CHUNK_VERSION, 0, len(data)) + data)
+    assert store.has(d) and store.read(d) == data
+    store.replace(d, data)
+    assert not os.path.exists(store.path(d)) and store.read(d) == data
+
+
+def test_a_database_of_another_format_is_refused_not_guessed(tmp_path):
+    ChunkStore(str(tmp_path)).close()
+    db = sqlite3.connect(str(tmp_path / "chunks" / "small.sqlite"), isolation_level=None)
+    db.execute("UPDATE meta SET v='2' WHERE k='version'")
+    db.close()
+    with pytest.raises(FormatError, match=FORMAT_NAME):
+        SmallChunks(str(tmp_path / "chunks"))
+
+
+def test_two_processes_write_the_same_database_and_see_each_others_rows(tmp_path):
+    code = textwrap.dedent("""
+        import os, sys, blake3
+        from airlock.chunk.store import ChunkStore
+        store = ChunkStore(sys.argv[1], clean_tmp=False)
+        seed = sys.argv[2].encode()
+        for i in range(300):
+            data = seed + b"-%d-" % i + b"y" * 2000
+            store.put(blake3.blake3(data).hexdigest(), data)
+    """)
+    env = dict(os.environ, PYTHONPATH=SRC)
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path), s], env=env) for s in ("a", "b")]
+    assert [p.wait(60) for p in procs] == [0, 0]
+    store = ChunkStore(str(tmp_path))
+    for s in (b"a", b"b"):
+        for i in range(300):
+            data = s + b"-%d-" % i + b"y" * 2000
+            assert store.read(digest(data)) == data
+    assert len(list(store.iter_digests())) == 600
