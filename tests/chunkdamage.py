@@ -54,6 +54,9 @@ def all_digests(data: Path) -> set[str]:
         db = _db(data)
         try:
             out.update(r[0].hex() for r in db.execute("SELECT digest FROM chunks"))
+        except sqlite3.OperationalError as e:
+            if "no such table" not in str(e):
+                raise                   # otherwise: a process is creating the database right now
         finally:
             db.close()
     return out

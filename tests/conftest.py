@@ -135,6 +135,7 @@ class Gateway(_Daemon):
         self.port = free_port()
         self.endpoint = f"http://127.0.0.1:{self.port}"
         self.extra_env = extra_env or {}
+        self.prefix: list[str] = []      # a command that runs the gateway's (e.g. in its own mount namespace)
         self.proc: subprocess.Popen | None = None
         self.log_path = self.data.parent / f"{self.data.name}-gateway.log"
 
@@ -151,7 +152,7 @@ class Gateway(_Daemon):
             cmd += ["--workers", GATEWAY_WORKERS]
         cmd += self.extra_args
         self._log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env)
+        self.proc = subprocess.Popen([*self.prefix, *cmd], stdout=self._log, stderr=subprocess.STDOUT, env=env)
         wait_for_port(self.port, self.proc)
         self._wait_healthy()
         return self

@@ -141,3 +141,22 @@ def test_two_processes_write_the_same_database_and_see_each_others_rows(tmp_path
             data = s + b"-%d-" % i + b"y" * 2000
             assert store.read(digest(data)) == data
     assert len(list(store.iter_digests())) == 600
+
+
+def test_an_unreadable_database_is_moved_aside_and_its_chunks_read_as_missing(tmp_path):
+    store = ChunkStore(str(tmp_path))
+    data = os.urandom(4000)
+    store.put(digest(data), data)
+    store.close()
+    db_path = tmp_path / "chunks" / "small.sqlite"
+    for suffix in ("-wal", "-shm"):
+        if Path(str(db_path) + suffix).exists():
+            os.unlink(str(db_path) + suffix)
+    db_path.write_bytes(b"not a database, a disk fault" * 200)
+    store = ChunkStore(str(tmp_path))               # opens: the gateway keeps serving everything else
+    aside = list((tmp_path / "chunks").glob("small.sqlite.damaged-*"))
+    assert len(aside) == 1 and aside[0].read_bytes().startswith(b"not a database")     # kept
+    with pytest.raises(FileNotFoundError):          # missing: a GET takes the vault's copy
+        store.read(digest(data))
+    store.replace(digest(data), data)               # ... and writes it back
+    assert store.read(digest(data)) == data

@@ -14,9 +14,11 @@ Reads use one connection per thread (WAL readers never wait for the writer).
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
 import sqlite3
 import threading
+import time
 
 from airlock.errors import FormatError
 
@@ -24,7 +26,10 @@ FORMAT_NAME = "airlock-small-chunks"
 FORMAT_VERSION = 1
 DB_NAME = "small.sqlite"
 LOCK_NAME = "small.lock"
-BUSY_TIMEOUT_S = 30.0       # a reader (or another tool) holding SQLite locks longer than this is an error
+log = logging.getLogger("airlock.chunks")
+
+BUSY_TIMEOUT_S = 30.0
+SQLITE_CORRUPT, SQLITE_NOTADB = 11, 26     # the result codes that mean a damaged file       # a reader (or another tool) holding SQLite locks longer than this is an error
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v TEXT NOT NULL);
@@ -57,25 +62,43 @@ class SmallChunks:
         except PermissionError:             # a read-only view (scrub --no-repair by another user)
             self._lock_fd = os.open(self._lock_path, os.O_RDONLY)
         with self._flock():
-            db = self._connect()
             try:
-                db.executescript(_SCHEMA)
-                rows = dict(db.execute("SELECT k, v FROM meta").fetchall())
-                if not rows:
-                    with db:
-                        db.execute("INSERT INTO meta VALUES ('format', ?), ('version', ?)",
-                                   (FORMAT_NAME, str(FORMAT_VERSION)))
-                elif rows.get("format") != FORMAT_NAME or rows.get("version") != str(FORMAT_VERSION):
-                    raise FormatError(f"{self.path}: format {rows.get('format')!r} version "
-                                      f"{rows.get('version')!r}; this build reads {FORMAT_NAME} {FORMAT_VERSION}")
-            finally:
-                db.close()
+                self._open_checked()
+            except sqlite3.DatabaseError as e:
+                if (getattr(e, "sqlite_errorcode", 0) & 0xFF) not in (SQLITE_CORRUPT, SQLITE_NOTADB):
+                    raise                    # locked, full, I/O error: not damage; never move those aside
+                # unreadable (a disk fault): keep it for forensics and start an
+                # empty one; its chunks now read as missing, and reads, scrub
+                # and restore fetch them from the vault (chunkstore.md)
+                aside = f"{self.path}.damaged-{time.strftime('%Y%m%dT%H%M%S')}"
+                for suffix in ("", "-wal", "-shm"):
+                    if os.path.exists(self.path + suffix):
+                        os.replace(self.path + suffix, aside + suffix)
+                log.error("small-chunk database %s is unreadable (%s); moved to %s, starting empty",
+                          self.path, e, aside)
+                self._open_checked()
+
+    def _open_checked(self) -> None:
+        """Create or check the schema and the format row (caller holds the flock)."""
+        db = self._connect()
+        try:
+            db.executescript(_SCHEMA)
+            rows = dict(db.execute("SELECT k, v FROM meta").fetchall())
+            if not rows:
+                with db:
+                    db.execute("INSERT INTO meta VALUES ('format', ?), ('version', ?)",
+                               (FORMAT_NAME, str(FORMAT_VERSION)))
+            elif rows.get("format") != FORMAT_NAME or rows.get("version") != str(FORMAT_VERSION):
+                raise FormatError(f"{self.path}: format {rows.get('format')!r} version "
+                                  f"{rows.get('version')!r}; this build reads {FORMAT_NAME} {FORMAT_VERSION}")
+        finally:
+            db.close()
 
     # ------------------------------------------------------------------ connections
     def _connect(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=BUSY_TIMEOUT_S)
         db.execute("PRAGMA journal_mode=WAL")
-        db.execute(f"PRAGMA synchronous={'FULL' if self.fsync else 'OFF'}")
+        db.execute(f"PRAGMA synchronous={'FULL' if self.fsync else 'NORMAL'}")
         return db
 
     def _reader(self) -> sqlite3.Connection:

@@ -1,13 +1,17 @@
-"""The vault's disk fills up, then has space again: no operator needed.
+"""A disk fills up, then has space again: no operator needed.
 
-A real full file system: the vault runs on its own small ext4 image, mounted
-in a private mount namespace that only the vault process sees (so nothing on
-this machine is left mounted when it exits), with a filler file that leaves
-a few MiB free.  PUTs fill the rest, the vault's write fails with ENOSPC,
-and writes answer errors; once the filler is removed, the vault recovers in
-place (VaultStore.reopen) and writes resume.  Every acknowledged object
-survives, no object whose PUT failed ever becomes visible, and a restart of
-the vault on the same image finds the same state.
+A real full file system: the vault (or the gateway) runs on its own small
+ext4 image, mounted in a private mount namespace that only that process
+sees (so nothing on this machine is left mounted when it exits), with a
+filler file that leaves a few MiB free.  PUTs fill the rest until a write
+fails with ENOSPC; once the filler is removed, writes resume by themselves.
+
+- The vault's disk: the vault recovers in place (VaultStore.reopen).  Every
+  acknowledged object survives, no object whose PUT failed ever becomes
+  visible, and a restart of the vault on the same image finds the same state.
+- The primary's disk: a chunk that does not fit fails its PUT with 503
+  ServiceUnavailable (nothing stored), reads go on, and the next PUT after
+  space is freed succeeds.
 """
 from __future__ import annotations
 
@@ -43,6 +47,49 @@ _skip = _unavailable()
 pytestmark = pytest.mark.skipif(_skip is not None, reason=_skip or "")
 
 
+def small_disk_prefix(image, mnt, filler: bool) -> list[str]:
+    """A command prefix: mount `image` at `mnt` in a new private mount
+    namespace (leaving FREE_AFTER_FILLER bytes free with a filler file, if
+    `filler`), then exec the rest of the command line in it."""
+    fill = ""
+    if filler:
+        fill = (f'avail=$(df --output=avail -B1 "$M" | tail -1); '
+                f'head -c $((avail - {FREE_AFTER_FILLER})) /dev/zero > "$M/filler" && sync && ')
+    script = f'M={mnt}; mount -o loop {image} "$M" && {fill}exec "$@"'
+    return ["unshare", "-m", "--propagation", "private", "sh", "-c", script, "on-small-disk"]
+
+
+def make_image(path) -> None:
+    with open(path, "wb") as f:
+        f.truncate(IMAGE_BYTES)
+    subprocess.run(["mkfs.ext4", "-q", "-F", "-m", "0", str(path)], check=True, capture_output=True)
+
+
+def fill_until_refused(s3, bucket: str) -> tuple[dict, str, dict]:
+    """PUT BODY-sized objects until one is refused: (acknowledged bodies by
+    key, the refused key, its S3 error).  Every PUT is acknowledged or
+    refused, nothing in between."""
+    acked = {}
+    for i in range(MAX_PUTS):
+        body = os.urandom(BODY)
+        try:
+            s3.put_object(Bucket=bucket, Key=f"k{i}", Body=body)
+            acked[f"k{i}"] = body
+        except ClientError as e:
+            return acked, f"k{i}", e.response["Error"]
+    raise AssertionError(f"{MAX_PUTS} PUTs of {BODY} bytes fit into {FREE_AFTER_FILLER} bytes")
+
+
+def put_works_for(s3, bucket, key, body):
+    def attempt() -> bool:
+        try:
+            s3.put_object(Bucket=bucket, Key=key, Body=body)
+            return True
+        except ClientError:
+            return False
+    return attempt
+
+
 class VaultOnSmallDisk(Vault):
     """A vault whose data directory is a small ext4 image, mounted in the
     vault's own mount namespace.  Its files are reached from outside through
@@ -58,13 +105,7 @@ class VaultOnSmallDisk(Vault):
         return os.path.join(f"/proc/{self.proc.pid}/root", str(self.mnt).lstrip("/"), *parts)
 
     def start(self, filler: bool = False) -> "VaultOnSmallDisk":
-        fill = ""
-        if filler:
-            fill = (f'avail=$(df --output=avail -B1 "$M" | tail -1); '
-                    f'head -c $((avail - {FREE_AFTER_FILLER})) /dev/zero > "$M/filler" && sync && ')
-        script = (f'M={self.mnt}; mount -o loop {self.image} "$M" && mkdir -p "$M/vault" && {fill}'
-                  f'exec "$@"')
-        cmd = ["unshare", "-m", "--propagation", "private", "sh", "-c", script, "vault-on-small-disk",
+        cmd = [*small_disk_prefix(self.image, self.mnt, filler),
                sys.executable, "-m", "airlock", "vault", "--data", str(self.mnt / "vault"),
                "--listen", f"127.0.0.1:{self.port}", "--keys", str(self.keys)]
         self._log = open(self.log_path, "ab")
@@ -95,9 +136,7 @@ def test_a_vault_whose_disk_filled_up_takes_writes_again_once_it_has_space(tmp_p
     root = tmp_path / "deploy"
     dep = Deployment(root, ack_timeout=5.0)
     image = tmp_path / "vault.img"
-    with open(image, "wb") as f:
-        f.truncate(IMAGE_BYTES)
-    subprocess.run(["mkfs.ext4", "-q", "-F", "-m", "0", str(image)], check=True, capture_output=True)
+    make_image(image)
     dep.vault = vault = VaultOnSmallDisk(root, image)
     dep.link_port = vault.port
     vault.start(filler=True)
@@ -106,19 +145,11 @@ def test_a_vault_whose_disk_filled_up_takes_writes_again_once_it_has_space(tmp_p
         s3 = dep.gateway.client()
         s3.create_bucket(Bucket="full")
 
-        # 1. fill the vault's disk; every PUT is acknowledged or fails, nothing in between
-        acked, failed = {}, {}
-        for i in range(MAX_PUTS):
-            body = os.urandom(BODY)
-            try:
-                s3.put_object(Bucket="full", Key=f"k{i}", Body=body)
-                acked[f"k{i}"] = body
-            except ClientError as e:
-                failed[f"k{i}"] = e.response["Error"]["Code"]
-                break
-        assert failed, f"{MAX_PUTS} PUTs of {BODY} bytes fit into {FREE_AFTER_FILLER} bytes"
+        # 1. fill the vault's disk
+        acked, refused, error = fill_until_refused(s3, "full")
+        failed = {refused: error["Code"]}
         assert len(acked) >= 3
-        assert list(failed.values())[0] in ("ServiceUnavailable", "InternalError"), failed
+        assert error["Code"] == "ServiceUnavailable", error
         status = vault.status()
         assert "No space left" in status.get("failed", ""), status
 
@@ -132,7 +163,7 @@ def test_a_vault_whose_disk_filled_up_takes_writes_again_once_it_has_space(tmp_p
         # 3. space again: the vault recovers by itself, writes resume
         os.unlink(vault.inside("filler"))
         after = os.urandom(BODY)
-        wait_until(put_works_for(s3, "after", after), "a PUT to succeed once the vault's disk has space",
+        wait_until(put_works_for(s3, "full", "after", after), "a PUT to succeed once the vault's disk has space",
                    timeout=30, interval=0.5)
         assert "failed" not in vault.status()
         assert "recovered in place" in vault.log_text()
@@ -157,17 +188,45 @@ def test_a_vault_whose_disk_filled_up_takes_writes_again_once_it_has_space(tmp_p
         assert vault.status()["last_seq"] == last
         assert vault.status()["overlays"]
         again = os.urandom(BODY)
-        wait_until(put_works_for(s3, "again", again), "a PUT after the vault's restart", timeout=30, interval=0.5)
+        wait_until(put_works_for(s3, "full", "again", again), "a PUT after the vault's restart", timeout=30, interval=0.5)
         assert s3.get_object(Bucket="full", Key="again")["Body"].read() == again
     finally:
         dep.stop()
 
 
-def put_works_for(s3, key, body):
-    def attempt() -> bool:
-        try:
-            s3.put_object(Bucket="full", Key=key, Body=body)
-            return True
-        except ClientError:
-            return False
-    return attempt
+
+def test_a_primary_whose_disk_filled_up_answers_503_and_takes_writes_again_once_it_has_space(tmp_path):
+    root = tmp_path / "deploy"
+    dep = Deployment(root, ack_timeout=5.0)
+    image = tmp_path / "primary.img"
+    make_image(image)
+    mnt = root / "gwfs"
+    mnt.mkdir()
+    gw = dep.gateway
+    gw.data = mnt / "primary"           # on the small disk; its link keys stay at deploy/primary/keys
+    gw.prefix = small_disk_prefix(image, mnt, filler=True)
+    dep.vault.start()
+    try:
+        dep.start_gateway()
+        inside = f"/proc/{gw.proc.pid}/root{mnt}"
+        s3 = gw.client()
+        s3.create_bucket(Bucket="full")
+        acked, _refused, error = fill_until_refused(s3, "full")
+        assert error["Code"] == "ServiceUnavailable" and "storage is full" in error["Message"], error
+        assert len(acked) >= 3
+        assert "No space left" in gw.log_text()
+        for k, body in acked.items():                        # reads go on
+            assert s3.get_object(Bucket="full", Key=k)["Body"].read() == body
+        assert gw.health()["status"] == "ok"                 # a refused chunk is not a failed log
+
+        os.unlink(f"{inside}/filler")
+        after = os.urandom(BODY)
+        wait_until(put_works_for(s3, "full", "after", after), "a PUT once the primary's disk has space",
+                   timeout=30, interval=0.5)
+        assert s3.get_object(Bucket="full", Key="after")["Body"].read() == after
+        listed = {o["Key"] for o in s3.list_objects_v2(Bucket="full").get("Contents", [])}
+        assert listed == {*acked, "after"}
+        # (`airlock verify` reads the primary's data directory, which only the gateway can see)
+        assert dep.vault.status()["last_seq"] == gw.health()["last_seq"]
+    finally:
+        dep.stop()
