@@ -71,7 +71,7 @@ def test_a_failed_commit_fails_every_put_of_its_batch_and_stores_none(tmp_path):
     # the database refuses every insert (what a full disk does to a commit)
     db.execute("CREATE TRIGGER refuse BEFORE INSERT ON chunks BEGIN SELECT RAISE(ABORT, 'disk full'); END")
     data = os.urandom(3000)
-    with pytest.raises(sqlite3.Error, match="disk full"):
+    with pytest.raises(OSError, match="small-chunk database: disk full"):    # as a chunk file's error
         store.put(digest(data), data)
     assert not store.has(digest(data))
     db.execute("DROP TRIGGER refuse")
@@ -160,3 +160,17 @@ def test_an_unreadable_database_is_moved_aside_and_its_chunks_read_as_missing(tm
         store.read(digest(data))
     store.replace(digest(data), data)               # ... and writes it back
     assert store.read(digest(data)) == data
+
+
+def test_a_damaged_database_another_process_has_open_is_not_moved_aside(tmp_path):
+    """The process that has it open would go on writing into the moved file:
+    only an opener that finds it open nowhere else moves it aside."""
+    first = ChunkStore(str(tmp_path))                       # holds it open (a running gateway)
+    db_path = tmp_path / "chunks" / "small.sqlite"
+    db_path.write_bytes(b"not a database, a disk fault" * 200)
+    with pytest.raises(sqlite3.DatabaseError):
+        ChunkStore(str(tmp_path), clean_tmp=False)          # a scrub while the gateway runs
+    assert not list((tmp_path / "chunks").glob("small.sqlite.damaged-*"))
+    first.close()
+    ChunkStore(str(tmp_path))                               # the next start, alone: moves it aside
+    assert len(list((tmp_path / "chunks").glob("small.sqlite.damaged-*"))) == 1

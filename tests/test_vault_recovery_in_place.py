@@ -103,9 +103,9 @@ def test_a_chunk_write_cut_short_is_removed_and_appends_resume_without_a_restart
 def test_records_the_log_took_before_the_overlay_failed_are_kept_and_announced(tmp_path):
     """The vault log took a batch, the overlay then failed: the batch is
     durable, though never acknowledged.  While failed the store's last_seq
-    lags its log (so the link refuses HELLO then); after recovery its last_seq
-    includes the batch, so a reconnecting primary fetches and voids it instead
-    of reusing its sequence numbers."""
+    lags its log, so HELLO announces the log's end instead, and recovery keeps
+    exactly that: a reconnecting primary fetches the batch and voids it
+    instead of reusing its sequence numbers."""
     out = run(tmp_path, """
         data = os.urandom(100_000)
         h, r3 = rec(3, "b", "k3", data)
@@ -118,6 +118,8 @@ def test_records_the_log_took_before_the_overlay_failed_are_kept_and_announced(t
         out["error"] = limited(ov.size + 40, append)
         out["failed_last_seq"] = st.last_seq
         out["log_last"] = st._log.last_seq
+        out["announced"] = st.announced_last_seq
+        out["served_while_failed"] = [r[0] for r in st.records(1, 10)]
         out["reopened"] = asyncio.run(st.reopen())
         out["last_seq"] = st.last_seq
         out["record"] = [list(r[:2]) for r in st.records(3, 10)]
@@ -125,7 +127,47 @@ def test_records_the_log_took_before_the_overlay_failed_are_kept_and_announced(t
     """)
     assert out["error"] and "File too large" in out["error"]
     assert out["failed_last_seq"] == 2 and out["log_last"] == 3
+    assert out["announced"] == 3 and out["served_while_failed"] == [1, 2, 3]     # what HELLO says
     assert out["reopened"] is True
     assert out["last_seq"] == 3                            # durable in the log: kept, replayed into the overlay
     assert out["record"] == [[3, 3]]                       # (seq, OBJECT_PUT)
     assert out["manifest"] == 100_000
+
+
+def test_a_seal_that_fails_stops_the_store_and_recovery_opens_a_new_overlay(tmp_path):
+    out = run(tmp_path, """
+        ov = st._overlays[-1]
+        st.overlay_max_bytes = 1                     # the next check seals
+        out["error"] = limited(16, st.maybe_seal)    # the SEAL entry cannot be written
+        out["failed"] = repr(st.failed)
+        out["reopened"] = asyncio.run(st.reopen())
+        st.overlay_max_bytes = 1 << 30
+        data = os.urandom(1000)
+        h, r3 = rec(3, "b", "after", data)
+        st.put_chunk(h, data)
+        out["acked"] = send(r3)
+        out["kept"] = st.read_chunk(hk) == kept and st.read_chunk(h) == data
+    """)
+    assert "File too large" in out["error"] and "File too large" in out["failed"]
+    assert out["reopened"] is True and out["acked"] == 3 and out["kept"] is True
+
+
+def test_a_recovery_that_fails_keeps_serving_reads_and_succeeds_later(tmp_path):
+    out = run(tmp_path, """
+        lost = os.urandom(200_000)
+        hl, _r3 = rec(3, "b", "lost", lost)
+        out["error"] = limited(st._overlays[-1].size + 50_000, lambda: st.put_chunk(hl, lost))
+        # something recovery cannot read (a disk fault): the attempt fails
+        bad = os.path.join(d, "overlays", "ov-00000000000000000001.ovl")
+        with open(bad, "wb") as f:
+            f.write(b"garbage" * 10)
+        out["first"] = asyncio.run(st.reopen())
+        out["still_failed"] = st.failed is not None
+        out["reads"] = st.read_chunk(hk) == kept and st.manifest("b", "kept")["size"] == len(kept)
+        os.unlink(bad)
+        out["second"] = asyncio.run(st.reopen())
+        out["after"] = st.failed is None and st.read_chunk(hk) == kept
+    """)
+    assert out["first"] is False and out["still_failed"] is True
+    assert out["reads"] is True                      # the old files still serve what was acknowledged
+    assert out["second"] is True and out["after"] is True

@@ -26,6 +26,7 @@ FORMAT_NAME = "airlock-small-chunks"
 FORMAT_VERSION = 1
 DB_NAME = "small.sqlite"
 LOCK_NAME = "small.lock"
+OPEN_NAME = "small.open"    # every process with the database open holds a shared flock on it
 log = logging.getLogger("airlock.chunks")
 
 BUSY_TIMEOUT_S = 30.0
@@ -35,6 +36,13 @@ _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS chunks (digest BLOB PRIMARY KEY, data BLOB NOT NULL);
 """
+
+
+def _open_lock_file(path: str) -> int:
+    try:
+        return os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except PermissionError:             # a read-only view (scrub --no-repair by another user)
+        return os.open(path, os.O_RDONLY)
 
 
 class _Batch:
@@ -57,26 +65,46 @@ class SmallChunks:
         self._queue = _Batch()              # rows waiting for the next commit
         self._committing = False
         self._writer: sqlite3.Connection | None = None
+        self._lock_fd = _open_lock_file(self._lock_path)
+        # Held shared for as long as this store is open.  Taken exclusively
+        # first (without waiting): only a process that finds the database
+        # open nowhere else may move a damaged one aside, since one that has
+        # it open would go on writing into the moved file.
+        self._open_fd = _open_lock_file(os.path.join(directory, OPEN_NAME))
         try:
-            self._lock_fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-        except PermissionError:             # a read-only view (scrub --no-repair by another user)
-            self._lock_fd = os.open(self._lock_path, os.O_RDONLY)
-        with self._flock():
-            try:
-                self._open_checked()
-            except sqlite3.DatabaseError as e:
-                if (getattr(e, "sqlite_errorcode", 0) & 0xFF) not in (SQLITE_CORRUPT, SQLITE_NOTADB):
-                    raise                    # locked, full, I/O error: not damage; never move those aside
-                # unreadable (a disk fault): keep it for forensics and start an
-                # empty one; its chunks now read as missing, and reads, scrub
-                # and restore fetch them from the vault (chunkstore.md)
-                aside = f"{self.path}.damaged-{time.strftime('%Y%m%dT%H%M%S')}"
-                for suffix in ("", "-wal", "-shm"):
-                    if os.path.exists(self.path + suffix):
-                        os.replace(self.path + suffix, aside + suffix)
-                log.error("small-chunk database %s is unreadable (%s); moved to %s, starting empty",
-                          self.path, e, aside)
-                self._open_checked()
+            fcntl.flock(self._open_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            alone = True
+        except BlockingIOError:
+            fcntl.flock(self._open_fd, fcntl.LOCK_SH)
+            alone = False
+        try:
+            with self._flock():
+                self._open_or_move_aside(alone)
+        except BaseException:
+            os.close(self._open_fd)         # not open after all: others may move it aside
+            os.close(self._lock_fd)
+            raise
+        if alone:
+            fcntl.flock(self._open_fd, fcntl.LOCK_SH)         # downgrade: others may open it now
+
+    def _open_or_move_aside(self, alone: bool) -> None:
+        try:
+            self._open_checked()
+        except sqlite3.DatabaseError as e:
+            if (getattr(e, "sqlite_errorcode", 0) & 0xFF) not in (SQLITE_CORRUPT, SQLITE_NOTADB):
+                raise                    # locked, full, I/O error: not damage; never move those aside
+            if not alone:
+                raise                    # the process that has it open decides (at its next start)
+            # unreadable (a disk fault): keep it for forensics and start an
+            # empty one; its chunks now read as missing, and reads, scrub
+            # and restore fetch them from the vault (chunkstore.md)
+            aside = f"{self.path}.damaged-{time.strftime('%Y%m%dT%H%M%S')}"
+            for suffix in ("", "-wal", "-shm"):
+                if os.path.exists(self.path + suffix):
+                    os.replace(self.path + suffix, aside + suffix)
+            log.error("small-chunk database %s is unreadable (%s); moved to %s, starting empty",
+                      self.path, e, aside)
+            self._open_checked()
 
     def _open_checked(self) -> None:
         """Create or check the schema and the format row (caller holds the flock)."""
@@ -199,3 +227,4 @@ class SmallChunks:
             self._writer.close()
             self._writer = None
         os.close(self._lock_fd)
+        os.close(self._open_fd)         # releases the shared flock

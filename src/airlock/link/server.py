@@ -212,16 +212,12 @@ class LinkServer:
             hello = W.decode_json(frame.payload)
             if hello.get("protocol") != W.VERSION:
                 raise W.FrameError(f"unsupported link protocol {hello.get('protocol')!r}")
-            if getattr(st, "failed", None) is not None:
-                # A store that failed a write may hold durable records past its
-                # last_seq (the log took them, the overlay did not): a primary
-                # reconciling now would reuse their sequence numbers.  No HELLO
-                # until it has recovered (VaultStore.reopen) and knows its end.
-                err = E.VaultRejected(f"vault store failed a write and is recovering: {st.failed!r}")
-                err.code = "internal"
-                raise err
+            # A store that failed a write may hold durable records past its
+            # last_seq (the log took them, the overlay did not): announce them,
+            # so that a primary reconciling meanwhile voids them instead of
+            # reusing their sequence numbers (docs/format/vault.md).
             return W.HELLO_OK, W.encode_json({"protocol": W.VERSION, "vault_id": self.vault_id,
-                                              "last_seq": st.last_seq})
+                                              "last_seq": st.announced_last_seq})
         if k == W.GET_CHUNK:
             hexd = W.decode_digest(frame.payload).hex()
             data = await loop.run_in_executor(self.executor, st.read_chunk, hexd)

@@ -125,7 +125,11 @@ async def repair_from_vault(link: LinkClient, store: ChunkStore, damaged: list[D
             except E.IntegrityError as e:
                 dmg.error = f"the vault's copy does not verify either: {e}"
                 return
-            await loop.run_in_executor(executor, repair_chunk, store, dmg.digest, data)
+            try:
+                await loop.run_in_executor(executor, repair_chunk, store, dmg.digest, data)
+            except OSError as e:     # a full or failing local disk: this chunk stays damaged
+                dmg.error = f"the vault's copy could not be written here: {e}"
+                return
         dmg.repaired, dmg.source = True, "vault"
         log.log(missing_level if dmg.problem == "missing" else logging.WARNING,
                 "repaired chunk %s (%s) with the copy from the vault", dmg.digest, dmg.problem)

@@ -4,7 +4,7 @@ S3Error subclasses carry their own code and status.  Storage-level errors map
 as follows: replication failures -> 503 ServiceUnavailable (the change is
 visible nowhere), integrity errors -> 500 InternalError (logged and counted;
 repair from the vault comes with the link), a full primary disk (ENOSPC,
-EDQUOT, SQLite's "database or disk is full") -> 503 ServiceUnavailable
+EDQUOT; the chunk store reports its database's SQLITE_FULL as ENOSPC) -> 503 ServiceUnavailable
 (nothing was committed; the client may retry once there is space), anything
 else -> 500.
 """
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import errno
 import logging
-import sqlite3
 
 from aiohttp import web
 
@@ -37,13 +36,8 @@ def to_s3_error(exc: BaseException) -> E.S3Error:
     return E.InternalError()
 
 
-SQLITE_FULL = 13      # sqlite3.Error.sqlite_errorcode (primary result code) of a full disk
-
-
 def _disk_full(exc: BaseException) -> bool:
-    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return True
-    return isinstance(exc, sqlite3.Error) and (getattr(exc, "sqlite_errorcode", 0) & 0xFF) == SQLITE_FULL
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
 def error_response(exc: BaseException, request_id: str, method: str) -> web.Response:

@@ -25,7 +25,8 @@ log = logging.getLogger("airlock.vault")
 
 DEFAULT_VAULT_PORT = 9001
 SEAL_CHECK_INTERVAL_S = 5.0      # how often the age limit of the open overlay is checked
-RECOVER_INTERVAL_S = 2.0         # how often a store that failed a write tries to recover in place
+RECOVER_INTERVAL_S = 2.0         # how often a store that failed a write tries to recover in place ...
+RECOVER_MAX_INTERVAL_S = 30.0    # ... backing off to this while the attempts keep failing
 ADMIN_SOCKET = "admin.sock"
 LOCK_FILE = "LOCK"
 
@@ -212,14 +213,19 @@ class Vault:
         """A store that failed a write (a full disk, an I/O error) refuses
         appends and HELLOs; try to recover it in place every few seconds, so
         that a disk with space again needs no operator (VaultStore.reopen)."""
+        wait = RECOVER_INTERVAL_S
         while True:
-            await asyncio.sleep(RECOVER_INTERVAL_S)
+            await asyncio.sleep(wait)
             if self.store.failed is None:
+                wait = RECOVER_INTERVAL_S
                 continue
             try:
-                await self.store.reopen()
+                ok = await self.store.reopen()
             except Exception:
                 log.exception("recovering the vault store in place failed")
+                ok = False
+            # each attempt rescans the overlays and the log: back off while it keeps failing
+            wait = RECOVER_INTERVAL_S if ok else min(wait * 2, RECOVER_MAX_INTERVAL_S)
 
     async def _periodic_snapshots(self) -> None:
         sched = self.cfg.snapshots

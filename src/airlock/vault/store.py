@@ -118,6 +118,7 @@ class VaultStore:
         self._catalog: Catalog | None = None
         self._volume: BaseVolume | None = None
         self._failed: BaseException | None = None
+        self._generation = 0                     # bumped when reopen swaps in recovered files
         self._floor_ns = 0
 
     # ================================================================== open / recovery
@@ -365,6 +366,7 @@ class VaultStore:
         digest_hex = digest_hex.lower()
         for _ in range(READ_RETRIES):
             with self._lock:
+                gen = self._generation
                 where = None
                 for ov in reversed(self._overlays):
                     loc = ov.chunks.get(digest_hex)
@@ -386,6 +388,10 @@ class VaultStore:
                     what = f"base volume extent at {loc[0]}"
             except FileNotFoundError:
                 continue             # compaction merged and deleted the overlay: walk the chain again
+            except (OSError, ValueError, TypeError, FormatError):
+                if self._generation != gen:
+                    continue         # a recovery in place closed these files meanwhile: walk the new chain
+                raise
             actual = blake3.blake3(data).hexdigest()
             if actual != digest_hex:
                 raise IntegrityError(what, digest_hex, actual)
@@ -435,6 +441,10 @@ class VaultStore:
             try:
                 # 2. every chunk these records reference is durable
                 await asyncio.to_thread(self._sync_newest)
+                # an early writeback may have seen the error this sync did not
+                # (Linux reports a writeback error to one descriptor only)
+                if self._failed is not None:
+                    raise _rejected("internal", f"vault store failed a write and is recovering: {self._failed!r}")
                 # 3. the records are durable in the vault log (one group fsync)
                 if self._log.last_seq != self.last_seq:
                     raise RuntimeError(f"vault log at {self._log.last_seq}, store at {self.last_seq}")
@@ -453,8 +463,9 @@ class VaultStore:
                         self.last_seq = seq
                     self._seal_if_due()
             except BaseException as e:
-                self._failed = e
-                log.error("vault append failed; refusing appends until recovered in place: %r", e)
+                if self._failed is None:
+                    self._failed = e
+                    log.error("vault append failed; refusing appends until recovered in place: %r", e)
                 raise
             return self.last_seq
 
@@ -482,6 +493,9 @@ class VaultStore:
                 await self._log.aclose()
             return await asyncio.to_thread(self._reopen_sync)
 
+    _STATE = ("_log", "_overlays", "_view", "_catalog", "_volume", "last_seq", "recovery", "_floor_ns",
+              "_unsynced", "_writeback", "_writeback_job")
+
     def _reopen_sync(self) -> bool:
         with self._compact_lock:               # no merge touches the overlays or the base meanwhile
             if self._writeback is not None:
@@ -489,28 +503,44 @@ class VaultStore:
                 self._writeback = None
             with self._lock:
                 cuts = []
-                if self._log is not None:
+                if self.fsync and self._log is not None:   # without fsync nothing was ever synced: no cut
                     cuts.append(self._log.durable_end)
-                if self._overlays and not self._overlays[-1].sealed:
+                if self.fsync and self._overlays and not self._overlays[-1].sealed:
                     ov = self._overlays[-1]
                     cuts.append((ov.path, ov.synced_size))
                 cause = self._failed
-                self.close_sync()
-                self._log = None
-                self._overlays, self._view = [], _OverlayView([])
-                self._unsynced, self._writeback_job = 0, None
-                try:
-                    for path, end in cuts:
-                        _cut_to(path, end, self.fsync)
-                    self.open()
-                except BaseException as e:  # noqa: BLE001 - still failed; the caller retries
-                    log.error("vault store could not recover in place (after %r): %r", cause, e)
+                if self._log is not None:
+                    self._log.close()          # failed or idle: the append lock is held
+            # Recover into a new store object while this one keeps serving
+            # reads; swap only if that succeeds, so that a disk still full
+            # leaves the reads working (the cut bytes were never acknowledged).
+            try:
+                for path, end in cuts:
+                    _cut_to(path, end, self.fsync)
+                fresh = VaultStore(self.data_dir, overlay_max_bytes=self.overlay_max_bytes,
+                                   overlay_max_age_s=self.overlay_max_age_s, fsync=self.fsync,
+                                   retention=self.retention)
+                fresh.clock_ns = self.clock_ns
+                fresh.open()
+            except BaseException as e:  # noqa: BLE001 - still failed; the caller retries
+                log.error("vault store could not recover in place (after %r): %r", cause, e)
+                with self._lock:
                     self._failed = e
-                    return False
+                return False
+            with self._lock:
+                old = (self._overlays, self._catalog, self._volume)
+                for name in self._STATE:
+                    setattr(self, name, getattr(fresh, name))
+                self._generation += 1
                 self._failed = None
-                log.warning("vault store recovered in place after %r: log at %d, cut %s", cause,
-                            self.last_seq, ", ".join(f"{os.path.basename(p)}@{n}" for p, n in cuts) or "nothing")
-                return True
+            for ov in old[0]:
+                ov.close()
+            for closeable in old[1:]:
+                if closeable is not None:
+                    closeable.close()
+            log.warning("vault store recovered in place after %r: log at %d, cut %s", cause,
+                        self.last_seq, ", ".join(f"{os.path.basename(p)}@{n}" for p, n in cuts) or "nothing")
+            return True
 
     def _stored_record(self, seq: int) -> tuple[int, bytes] | None:
         with self._lock:
@@ -556,6 +586,17 @@ class VaultStore:
                 self._failed = e
 
     @property
+    def announced_last_seq(self) -> int:
+        """The last seq HELLO announces and GET_RECORDS serves up to.  After a
+        failed write the log may hold durable records the overlay never took
+        (store.last_seq lags): announcing those is what lets a primary that
+        reconnects meanwhile void them instead of reusing their numbers, and
+        it is what the recovery in place will keep."""
+        if self._failed is not None and self._log is not None:
+            return max(self.last_seq, self._log.last_seq)
+        return self.last_seq
+
+    @property
     def failed(self) -> BaseException | None:
         """The write error that stopped appends (until `reopen`), or None."""
         return self._failed
@@ -587,9 +628,17 @@ class VaultStore:
             self._seal_newest()
 
     def _seal_newest(self) -> None:
-        # SEAL is fdatasynced before the next overlay exists (invariant 5)
-        self._overlays[-1].seal(self.fsync)
-        self._overlays.append(self._new_overlay(self._overlays))
+        # SEAL is fdatasynced before the next overlay exists (invariant 5).  A
+        # failure (the SEAL's sync, creating the next overlay) stops the store
+        # like any failed write: the next put_chunk would find no open overlay
+        try:
+            self._overlays[-1].seal(self.fsync)
+            self._overlays.append(self._new_overlay(self._overlays))
+        except BaseException as e:
+            if self._failed is None:
+                self._failed = e
+                log.error("sealing the open overlay failed; refusing appends until recovered in place: %r", e)
+            raise
 
     def seal(self) -> None:
         """Seal the newest overlay and open a new one."""
@@ -715,7 +764,7 @@ class VaultStore:
 
     def records(self, from_seq: int, max_count: int) -> list[tuple[int, int, bytes]]:
         """Records from the vault log, seq >= from_seq, at most max_count, only durable ones."""
-        last = self.last_seq
+        last = self.announced_last_seq
         out = []
         for r in islice(read_log(self.log_dir, max(1, from_seq)), max_count):
             if r.seq > last:
