@@ -9,9 +9,10 @@ fails with ENOSPC; once the filler is removed, writes resume by themselves.
 - The vault's disk: the vault recovers in place (VaultStore.reopen).  Every
   acknowledged object survives, no object whose PUT failed ever becomes
   visible, and a restart of the vault on the same image finds the same state.
-- The primary's disk: a chunk that does not fit fails its PUT with 503
-  ServiceUnavailable (nothing stored), reads go on, and the next PUT after
-  space is freed succeeds.
+- The primary's disk: a PUT whose chunk does not fit, and any change while
+  less than `min_free_mib` is free, answers 503 ServiceUnavailable (nothing
+  stored, nothing sent to the vault), reads go on, the gateway never
+  degrades, and the next PUT after space is freed succeeds.
 """
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ FREE_AFTER_FILLER = 6 * 2**20     # what the vault may still write before the di
 BODY = 512 * 1024
 MAX_PUTS = 60                     # bounded: the disk is full long before this
 ADMIN_TIMEOUT_S = 20.0
+MIN_FREE_MIB = 2                  # the gateway's reserve for its log and index on the small image
 
 
 def _unavailable() -> str | None:
@@ -44,7 +46,7 @@ def _unavailable() -> str | None:
 
 
 _skip = _unavailable()
-pytestmark = pytest.mark.skipif(_skip is not None, reason=_skip or "")
+needs_small_disk = pytest.mark.skipif(_skip is not None, reason=_skip or "")
 
 
 def small_disk_prefix(image, mnt, filler: bool) -> list[str]:
@@ -132,6 +134,7 @@ class VaultOnSmallDisk(Vault):
         return ans["result"]
 
 
+@needs_small_disk
 def test_a_vault_whose_disk_filled_up_takes_writes_again_once_it_has_space(tmp_path):
     root = tmp_path / "deploy"
     dep = Deployment(root, ack_timeout=5.0)
@@ -195,9 +198,14 @@ def test_a_vault_whose_disk_filled_up_takes_writes_again_once_it_has_space(tmp_p
 
 
 
-def test_a_primary_whose_disk_filled_up_answers_503_and_takes_writes_again_once_it_has_space(tmp_path):
+@needs_small_disk
+@pytest.mark.parametrize("min_free_mib", [0, MIN_FREE_MIB])     # 0: the chunk write meets ENOSPC itself
+def test_a_primary_whose_disk_filled_up_answers_503_and_takes_writes_again_once_it_has_space(tmp_path,
+                                                                                              min_free_mib):
     root = tmp_path / "deploy"
-    dep = Deployment(root, ack_timeout=5.0)
+    cfg = tmp_path / "gateway.toml"
+    cfg.write_text(f"[gateway]\nmin_free_mib = {min_free_mib}\n")      # the image is only 64 MiB
+    dep = Deployment(root, ack_timeout=5.0, gateway_config=cfg)
     image = tmp_path / "primary.img"
     make_image(image)
     mnt = root / "gwfs"
@@ -214,10 +222,21 @@ def test_a_primary_whose_disk_filled_up_answers_503_and_takes_writes_again_once_
         acked, _refused, error = fill_until_refused(s3, "full")
         assert error["Code"] == "ServiceUnavailable" and "storage is full" in error["Message"], error
         assert len(acked) >= 3
-        assert "No space left" in gw.log_text()
+        assert "primary storage full" in gw.log_text()
+        if min_free_mib == 0:
+            assert "No space left" in gw.log_text()          # ENOSPC from the chunk write, as 503
         for k, body in acked.items():                        # reads go on
             assert s3.get_object(Bucket="full", Key=k)["Body"].read() == body
         assert gw.health()["status"] == "ok"                 # a refused chunk is not a failed log
+        if min_free_mib:
+            # below min_free_mib no change is committed at all, so the primary log
+            # and index never meet a full disk after the vault acknowledged one
+            vault_last = dep.vault.status()["last_seq"]
+            with pytest.raises(ClientError) as e:
+                s3.delete_object(Bucket="full", Key="k0")
+            assert e.value.response["Error"]["Code"] == "ServiceUnavailable"
+            assert dep.vault.status()["last_seq"] == vault_last and gw.health()["status"] == "ok"
+            assert s3.get_object(Bucket="full", Key="k0")["Body"].read() == acked["k0"]
 
         os.unlink(f"{inside}/filler")
         after = os.urandom(BODY)
@@ -230,3 +249,13 @@ def test_a_primary_whose_disk_filled_up_answers_503_and_takes_writes_again_once_
         assert dep.vault.status()["last_seq"] == gw.health()["last_seq"]
     finally:
         dep.stop()
+
+
+@pytest.mark.parametrize("value", ['"lots"', "-1", "1.5", "true"])
+def test_a_bad_min_free_in_the_config_file_is_refused_with_one_line(tmp_path, value):
+    cfg = tmp_path / "gw.toml"
+    cfg.write_text(f"[gateway]\nmin_free_mib = {value}\n")
+    r = subprocess.run([sys.executable, "-m", "airlock", "gateway", "--data", str(tmp_path / "p"),
+                        "--config", str(cfg)], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 2 and "[gateway] min_free_mib" in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1

@@ -10,6 +10,9 @@
                                   # "vault": rely on the vault's durable copy, no chunk fsync here
     workers = "auto"              # processes serving S3 on the port: 1 leader + (workers-1)
                                   # workers that commit through it; "auto": one per CPU, at most 4
+    min_free_mib = 64             # writes answer 503 while the data directory has less free
+                                  # (the primary log and index always find room for a change
+                                  # the vault acknowledged)
 
     [link]                        # the controlled link to the vault; without it the
     vault = "127.0.0.1:9001"      # gateway runs local-only (tests and benchmarks only)
@@ -65,6 +68,7 @@ class GatewayConfig:
     link_keys: str | None = None
     ack_timeout: float = 10.0
     workers: int | str = "auto"            # gateway processes: N, or "auto" (see gateway_processes)
+    min_free_mib: int = 64                 # below this much free space in `data`, writes answer 503
 
     def user_by_key(self) -> dict[str, User]:
         return {u.access_key: u for u in self.users}
@@ -146,6 +150,11 @@ def load_gateway_config(path: str | None) -> GatewayConfig:
                               f"got {cfg.chunk_sync!r}")
     if "workers" in g:
         cfg.workers = check_workers(g["workers"], "[gateway] workers")
+    if "min_free_mib" in g:
+        v = g["min_free_mib"]
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise ConfigError(f"[gateway] min_free_mib must be a whole number of MiB (0 or more), got {v!r}")
+        cfg.min_free_mib = v
     link = table(raw, "link")
     if "vault" in link:
         cfg.vault = _parse_listen(str(link["vault"]))

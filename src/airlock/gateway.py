@@ -65,7 +65,8 @@ def make_engine(cfg: GatewayConfig) -> Engine:
     # primary stand alone through a double failure, docs/architecture.md).
     # Without a vault the chunk files are the only copy and are always fsynced.
     chunk_fsync = cfg.fsync and (cfg.vault is None or cfg.chunk_sync == "local")
-    return Engine(cfg.data, fsync=cfg.fsync, chunk_fsync=chunk_fsync, commit_point_factory=factory)
+    return Engine(cfg.data, fsync=cfg.fsync, chunk_fsync=chunk_fsync, commit_point_factory=factory,
+                  min_free_bytes=cfg.min_free_mib << 20)
 
 
 def refuse_taken_port(host: str, port: int) -> None:

@@ -48,12 +48,19 @@ Verifier = Callable[[BodyDigests], None]
 class Engine:
     def __init__(self, data_dir: str, *, fsync: bool = True, chunk_fsync: bool | None = None,
                  chunk_params: dict | None = None,
-                 commit_point_factory: Callable[["Engine", str], CommitPoint] | None = None):
+                 commit_point_factory: Callable[["Engine", str], CommitPoint] | None = None,
+                 min_free_bytes: int = 0):
         self.data_dir = data_dir
         self.fsync = fsync
         self.chunk_fsync = fsync if chunk_fsync is None else (fsync and chunk_fsync)
         self.chunk_params = chunk_params or {}
         self._commit_point_factory = commit_point_factory
+        # Below this much free space in data_dir no record is committed (503):
+        # once the vault has acknowledged a change the primary log and index
+        # must take it, and a full disk there would degrade the gateway until
+        # an operator restores it; refused up front, writes resume by
+        # themselves when there is room (docs/operations.md).
+        self.min_free_bytes = min_free_bytes
         self.executor = ThreadPoolExecutor(WORKER_THREADS, thread_name_prefix="airlock-io")
         self.store: ChunkStore | None = None
         self.index: Index | None = None
@@ -131,7 +138,18 @@ class Engine:
 
     async def _commit(self, rtype: int, body: dict) -> int:
         self._refuse_writes_if_degraded()
+        self._refuse_if_storage_low()
         return await self.commit_point.commit(rtype, P.encode_payload(body))
+
+    def _refuse_if_storage_low(self) -> None:
+        if not self.min_free_bytes:
+            return
+        st = os.statvfs(self.data_dir)
+        free = st.f_bavail * st.f_frsize
+        if free < self.min_free_bytes:
+            log.error("primary storage full: %d bytes free in %s, writes need %d", free, self.data_dir,
+                      self.min_free_bytes)
+            raise E.ServiceUnavailable("The primary's storage is full; nothing was stored. Retry later.")
 
     async def _commit_key(self, bucket: str, key: str, decide: Callable[[], tuple[int, dict] | None]):
         """Run `decide` (reads the index, returns the record to commit or None)
