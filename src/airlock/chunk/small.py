@@ -13,6 +13,8 @@ Reads use one connection per thread (WAL readers never wait for the writer).
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import fcntl
 import logging
 import os
@@ -30,12 +32,21 @@ OPEN_NAME = "small.open"    # every process with the database open holds a share
 log = logging.getLogger("airlock.chunks")
 
 BUSY_TIMEOUT_S = 30.0
-SQLITE_CORRUPT, SQLITE_NOTADB = 11, 26     # the result codes that mean a damaged file       # a reader (or another tool) holding SQLite locks longer than this is an error
+SQLITE_CORRUPT, SQLITE_NOTADB = 11, 26     # the result codes that mean a damaged file
+SQLITE_FULL = 13                           # ... and the one of a full disk       # a reader (or another tool) holding SQLite locks longer than this is an error
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS chunks (digest BLOB PRIMARY KEY, data BLOB NOT NULL);
 """
+
+
+def as_oserror(e: sqlite3.Error) -> OSError:
+    """A database error as the OSError a chunk file's would be (callers
+    handle storage failures as OSError: repair paths, the S3 error mapping):
+    a full disk stays ENOSPC, anything else is EIO."""
+    full = (getattr(e, "sqlite_errorcode", 0) & 0xFF) == SQLITE_FULL
+    return OSError(errno.ENOSPC if full else errno.EIO, f"small-chunk database: {e}")
 
 
 def _open_lock_file(path: str) -> int:
@@ -135,16 +146,13 @@ class SmallChunks:
             db = self._local.db = self._connect()
         return db
 
+    @contextlib.contextmanager
     def _flock(self):
-        fd = self._lock_fd
-
-        class _Held:
-            def __enter__(self_inner):
-                fcntl.flock(fd, fcntl.LOCK_EX)
-
-            def __exit__(self_inner, *exc):
-                fcntl.flock(fd, fcntl.LOCK_UN)
-        return _Held()
+        fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
 
     # ------------------------------------------------------------------ reads
     def get(self, digest: bytes) -> bytes | None:
@@ -152,7 +160,10 @@ class SmallChunks:
         return None if row is None else row[0]
 
     def has(self, digest: bytes) -> bool:
-        return self._reader().execute("SELECT 1 FROM chunks WHERE digest=?", (digest,)).fetchone() is not None
+        try:
+            return self._reader().execute("SELECT 1 FROM chunks WHERE digest=?", (digest,)).fetchone() is not None
+        except sqlite3.Error as e:
+            raise as_oserror(e) from e
 
     def digests(self) -> list[bytes]:
         return [r[0] for r in self._reader().execute("SELECT digest FROM chunks ORDER BY digest")]
@@ -173,7 +184,8 @@ class SmallChunks:
     def _submit(self, verb: str, digest: bytes, data: bytes | None) -> bool:
         """Queue one change and wait until the transaction holding it commits
         (every change goes through the one committer: the writer connection
-        is never used by two threads at once)."""
+        is never used by two threads at once).  A failed commit raises
+        OSError for every change of its batch (`as_oserror`)."""
         with self._cond:
             batch = self._queue
             i = len(batch.rows)
@@ -190,6 +202,8 @@ class SmallChunks:
         if lead:
             try:
                 batch.written = self._commit(batch.rows)
+            except sqlite3.Error as e:
+                batch.error = as_oserror(e)
             except BaseException as e:
                 batch.error = e
             finally:

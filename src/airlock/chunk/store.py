@@ -19,7 +19,6 @@ vault and writes the good copy back (`replace`).
 """
 from __future__ import annotations
 
-import errno
 import itertools
 import os
 import sqlite3
@@ -41,15 +40,6 @@ CHUNK_HEADER = struct.Struct("<4sHHQ")
 CHUNK_HEADER_SIZE = CHUNK_HEADER.size  # 16
 WRITER_THREADS = 4      # chunk files written (and fdatasynced) at once by `put_async`
 SMALL_CHUNK_MAX = 64 * 1024     # bytes; chunks up to this size are rows of chunks/small.sqlite
-SQLITE_FULL = 13                # sqlite3.Error.sqlite_errorcode of a full disk
-
-
-def _as_oserror(e: sqlite3.Error) -> OSError:
-    """A small-chunk database error as the OSError a chunk file's would be
-    (callers handle storage failures as OSError: repair paths, the S3 error
-    mapping): a full disk stays ENOSPC, anything else is EIO."""
-    full = (getattr(e, "sqlite_errorcode", 0) & 0xFF) == SQLITE_FULL
-    return OSError(errno.ENOSPC if full else errno.EIO, f"small-chunk database: {e}")
 
 
 def digest_of(data) -> str:
@@ -87,12 +77,12 @@ class ChunkStore:
     def dir_of(self, digest: str) -> str:
         return os.path.dirname(self.path(digest))
 
-    def has(self, digest: str) -> bool:
-        try:
-            in_db = self.small.has(bytes.fromhex(digest))
-        except sqlite3.Error as e:
-            raise _as_oserror(e) from e
-        return in_db or os.path.exists(self.path(digest))
+    def has(self, digest: str, size: int | None = None) -> bool:
+        """Stored?  With the chunk's `size`, only where a chunk of that size
+        is written (a large chunk costs no database lookup)."""
+        if size is not None and size > SMALL_CHUNK_MAX:
+            return os.path.exists(self.path(digest))
+        return self.small.has(bytes.fromhex(digest)) or os.path.exists(self.path(digest))
 
     def put(self, digest: str, data) -> tuple[str | None, bool]:
         """Store `data` under `digest` unless present.  Returns (directory,
@@ -101,10 +91,7 @@ class ChunkStore:
         the chunk even when this call did not write it: another writer may
         have renamed the file into place without having synced it yet."""
         if len(data) <= SMALL_CHUNK_MAX:
-            try:
-                return None, self.small.put(bytes.fromhex(digest), data)
-            except sqlite3.Error as e:
-                raise _as_oserror(e) from e
+            return None, self.small.put(bytes.fromhex(digest), data)
         final = self.path(digest)
         d = os.path.dirname(final)
         if os.path.exists(final):
@@ -185,10 +172,7 @@ class ChunkStore:
         against `digest`; repairs are logged and counted by the caller."""
         final = self.path(digest)
         if len(data) <= SMALL_CHUNK_MAX:
-            try:
-                self.small.put(bytes.fromhex(digest), data, replace=True)
-            except sqlite3.Error as e:
-                raise _as_oserror(e) from e
+            self.small.put(bytes.fromhex(digest), data, replace=True)
             try:
                 os.unlink(final)
             except FileNotFoundError:
@@ -202,10 +186,7 @@ class ChunkStore:
     def discard(self, digest: str) -> None:
         """Remove a damaged chunk (row and file) so that the next `put` of
         these bytes writes it again (dedup would otherwise keep the bad copy)."""
-        try:
-            self.small.delete(bytes.fromhex(digest))
-        except sqlite3.Error as e:
-            raise _as_oserror(e) from e
+        self.small.delete(bytes.fromhex(digest))
         try:
             os.unlink(self.path(digest))
         except FileNotFoundError:

@@ -169,12 +169,11 @@ class LinkServer:
                 await W.write_frame(writer, W.ERROR, frame.request_id,
                                     W.error_payload("digest_mismatch", str(e)))
                 continue
-            except OSError as e:    # a full disk, an I/O error: the store says what it does next
-                log.error("vault failed serving %s: %r", W.KIND_NAMES.get(frame.kind), e)
-                await W.write_frame(writer, W.ERROR, frame.request_id, W.error_payload("internal", str(e)))
-                continue
             except Exception as e:  # never crash the vault on one request
-                log.exception("vault failed serving %s", W.KIND_NAMES.get(frame.kind))
+                if isinstance(e, OSError):      # a full disk, an I/O error: one line, the store says the rest
+                    log.error("vault failed serving %s: %r", W.KIND_NAMES.get(frame.kind), e)
+                else:
+                    log.exception("vault failed serving %s", W.KIND_NAMES.get(frame.kind))
                 await W.write_frame(writer, W.ERROR, frame.request_id, W.error_payload("internal", str(e)))
                 continue
             if frame.kind == W.HELLO:

@@ -22,7 +22,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 
 from airlock import errors as E
-from airlock.chunk.store import ChunkStore, digest_of
+from airlock.chunk.store import SMALL_CHUNK_MAX, ChunkStore, digest_of
 from airlock.log import payload as P
 from airlock.log.reader import read_log
 from airlock.primary.commit import CommitPoint, LocalCommitPoint
@@ -552,7 +552,7 @@ class Engine:
         fetched from the vault (claims 5, 10, 14), served, and written back
         over the bad one; every repair is logged and counted."""
         try:
-            if ref.size <= 64 * 1024:
+            if ref.size <= SMALL_CHUNK_MAX:        # a row (or a small file): read on the loop
                 data = self.store.read(ref.digest)
             else:
                 data = await loop.run_in_executor(self.executor, self.store.read, ref.digest)

@@ -128,7 +128,7 @@ class Ingest:
             if len(data) >= ASYNC_WRITE_BYTES:
                 if hexd in self.writing:
                     continue                    # written for this body already (or being written)
-                if self.store.has(hexd):
+                if self.store.has(hexd, len(data)):
                     self._dirs.add(self.store.dir_of(hexd))     # see ChunkStore.put
                     continue
                 self._wait_writes(MAX_WRITES_IN_FLIGHT - 1)

@@ -336,8 +336,7 @@ class VaultStore:
             try:
                 self._overlays[-1].append_chunk(digest_hex, data)
             except OSError as e:
-                self._failed = e
-                log.error("vault chunk write failed; refusing appends until recovered in place: %r", e)
+                self._stop(e, "vault chunk write")
                 raise
             self._unsynced += len(data)
             if self.fsync and self._unsynced >= WRITEBACK_BYTES and (
@@ -463,9 +462,7 @@ class VaultStore:
                         self.last_seq = seq
                     self._seal_if_due()
             except BaseException as e:
-                if self._failed is None:
-                    self._failed = e
-                    log.error("vault append failed; refusing appends until recovered in place: %r", e)
+                self._stop(e, "vault append")
                 raise
             return self.last_seq
 
@@ -581,9 +578,15 @@ class VaultStore:
         except OSError as e:
             # the error may be reported to this fdatasync only, not to the
             # APPEND's: no append may succeed after it
-            log.error("vault overlay writeback failed; refusing appends until recovered in place: %r", e)
             with self._lock:
-                self._failed = e
+                self._stop(e, "vault overlay writeback")
+
+    def _stop(self, e: BaseException, what: str) -> None:
+        """A write failed: refuse appends until `reopen` succeeds.  The first
+        error is the one kept (later ones are its consequences)."""
+        if self._failed is None:
+            self._failed = e
+            log.error("%s failed; refusing appends until recovered in place: %r", what, e)
 
     @property
     def announced_last_seq(self) -> int:
@@ -635,9 +638,7 @@ class VaultStore:
             self._overlays[-1].seal(self.fsync)
             self._overlays.append(self._new_overlay(self._overlays))
         except BaseException as e:
-            if self._failed is None:
-                self._failed = e
-                log.error("sealing the open overlay failed; refusing appends until recovered in place: %r", e)
+            self._stop(e, "sealing the open overlay")
             raise
 
     def seal(self) -> None:
