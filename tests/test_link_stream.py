@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from airlock.link import protocol as W
-from airlock.link.stream import SCRATCH_BYTES, FrameProtocol
+from airlock.link.stream import SCRATCH_BYTES, FrameProtocol, FrameWriter
 
 
 class Recorder:
@@ -151,3 +151,63 @@ def test_reading_pauses_while_too_many_frames_wait_and_resumes_when_they_are_rea
             assert (await proto.read_frame()).request_id == i
     asyncio.run(run())
     assert not rec.paused and rec.calls == ["pause", "resume"]
+
+
+class WriteRecorder:
+    """A transport that records what FrameWriter hands it, copying each write
+    (a memoryview's owner may reuse it once write() returns)."""
+
+    def __init__(self):
+        self.writes: list[bytes] = []
+        self.closed = False
+
+    def write(self, data):
+        assert not self.closed, "write after close"
+        self.writes.append(bytes(data))
+
+    def is_closing(self):
+        return self.closed
+
+    def close(self):
+        self.closed = True
+
+
+def test_small_frames_written_in_one_turn_reach_the_transport_as_one_write_in_order():
+    async def go():
+        t = WriteRecorder()
+        w = FrameWriter(t, FrameProtocol())
+        big = bytearray(os.urandom(200_000))
+        expect = []
+        for i in range(5):
+            payload = os.urandom(100 + i)
+            await W.write_frame(w, W.APPEND, i + 1, payload)
+            expect.append(W.encode_frame(W.APPEND, i + 1, payload))
+        assert t.writes == []                      # held until the turn ends
+        await asyncio.sleep(0)
+        assert t.writes == [b"".join(expect)]
+        # a large frame's chunk data is not held: what was held goes first,
+        # then the data, and the owner may reuse its buffer right after
+        t.writes.clear()
+        await W.write_frame(w, W.APPEND, 6, b"small")
+        await W.write_frame(w, W.PUT_CHUNK, 7, [b"d" * 32, memoryview(big)])
+        big[:] = bytes(len(big))                   # reused at once
+        await asyncio.sleep(0)
+        got = b"".join(t.writes)
+        assert got == (W.encode_frame(W.APPEND, 6, b"small")
+                       + W.encode_frame(W.PUT_CHUNK, 7, [b"d" * 32, bytes(got[-len(big):])]))
+        assert got[-len(big):] != bytes(len(big))  # the bytes as written, not the reused buffer
+
+    asyncio.run(go())
+
+
+def test_frames_held_when_the_writer_closes_are_written_before_the_close():
+    async def go():
+        t = WriteRecorder()
+        w = FrameWriter(t, FrameProtocol())
+        await W.write_frame(w, W.ERROR, 3, W.error_payload("bad_frame", "bye"))
+        w.close()
+        assert t.closed and t.writes == [W.encode_frame(W.ERROR, 3, W.error_payload("bad_frame", "bye"))]
+        await asyncio.sleep(0)                     # the scheduled release finds nothing more
+        assert len(t.writes) == 1
+
+    asyncio.run(go())

@@ -16,6 +16,7 @@ import ssl
 
 from airlock import errors as E
 from airlock.link import protocol as W
+from airlock.link.stream import FrameProtocol, FrameWriter
 from airlock.link.tls import VAULT_SERVER_NAME
 
 log = logging.getLogger("airlock.link")
@@ -32,8 +33,8 @@ class LinkClient:
         self.ssl_context = ssl_context
         self.primary_id = primary_id
         self.connect_timeout = connect_timeout
-        self._reader: asyncio.StreamReader | None = None
-        self._writer: asyncio.StreamWriter | None = None
+        self._reader: FrameProtocol | None = None
+        self._writer: FrameWriter | None = None
         self._wlock = asyncio.Lock()
         self._ids = itertools.count(1)
         self._waiting: dict[int, asyncio.Future] = {}
@@ -49,11 +50,12 @@ class LinkClient:
         """Open the connection and say HELLO; returns the vault's HELLO_OK."""
         await self.close()
         try:
-            self._reader, self._writer = await asyncio.wait_for(
-                asyncio.open_connection(self.host, self.port, ssl=self.ssl_context,
-                                        server_hostname=VAULT_SERVER_NAME if self.ssl_context else None,
-                                        limit=2 * W.MAX_FRAME_PAYLOAD),
+            transport, protocol = await asyncio.wait_for(
+                asyncio.get_running_loop().create_connection(
+                    lambda: FrameProtocol(W.RESPONSE_KINDS), self.host, self.port, ssl=self.ssl_context,
+                    server_hostname=VAULT_SERVER_NAME if self.ssl_context else None),
                 self.connect_timeout)
+            self._reader, self._writer = protocol, FrameWriter(transport, protocol)
         except (OSError, asyncio.TimeoutError, ssl.SSLError) as e:
             self._reader = self._writer = None
             raise E.VaultUnavailable(f"cannot connect to the vault at {self.host}:{self.port}: {e}") from None
@@ -96,7 +98,7 @@ class LinkClient:
     async def _receive(self) -> None:
         try:
             while True:
-                frame = await W.read_frame(self._reader, W.RESPONSE_KINDS)
+                frame = await self._reader.read_frame()
                 fut = self._waiting.pop(frame.request_id, None)
                 if fut is None:
                     log.warning("link: answer to unknown request %d (kind %s)", frame.request_id,

@@ -29,6 +29,7 @@ from airlock.link import protocol as W
 
 SCRATCH_BYTES = 256 * 1024            # headers and frames that fit are read here, then copied out
 MAX_QUEUED_BYTES = 2 * W.MAX_FRAME_PAYLOAD
+CORK_BYTES = 64 * 1024                # held small frames are released at once beyond this
 
 
 class FrameProtocol(asyncio.BufferedProtocol):
@@ -198,14 +199,46 @@ class FrameProtocol(asyncio.BufferedProtocol):
 
 
 class FrameWriter:
-    """The write half: StreamWriter's surface, as far as the link uses it."""
+    """The write half: StreamWriter's surface, as far as the link uses it.
+
+    Small frames are corked: `bytes` written during one turn of the event
+    loop are held and handed to the transport together at the end of that
+    turn (`call_soon`), as one TLS record and one send() where they fit in
+    `CORK_BYTES`.  Under load one turn writes many frames (chunk frames of
+    several PUTs, the vault's answers to a run of queued requests); each
+    separate write cost a TLS record, a send() and the transport's Python
+    layers.  Order is kept: anything that is not `bytes` -- a memoryview of
+    chunk data, which its owner may reuse once the write returns -- first
+    releases what is held, then goes to the transport at once, as before.
+    `close()` releases what is held before closing.
+    """
 
     def __init__(self, transport: asyncio.Transport, protocol: FrameProtocol):
         self.transport = transport
         self.protocol = protocol
+        self._held: list[bytes] | None = None
+        self._held_bytes = 0
 
     def write(self, data) -> None:
+        if type(data) is bytes:
+            if self._held is None:
+                self._held = [data]
+                self._held_bytes = len(data)
+                asyncio.get_running_loop().call_soon(self._release)
+            else:
+                self._held.append(data)
+                self._held_bytes += len(data)
+            if self._held_bytes >= CORK_BYTES:
+                self._release()
+            return
+        self._release()
         self.transport.write(data)
+
+    def _release(self) -> None:
+        held, self._held = self._held, None
+        if not held or self.transport.is_closing():
+            return
+        self.transport.write(held[0] if len(held) == 1 else b"".join(held))
 
     async def drain(self) -> None:
         if self.transport.is_closing():
@@ -218,6 +251,7 @@ class FrameWriter:
         return self.transport.get_extra_info(name, default)
 
     def close(self) -> None:
+        self._release()
         self.transport.close()
 
     def is_closing(self) -> bool:
