@@ -193,11 +193,10 @@ class LinkServer:
                 actual = _blake3(data)
             if actual != digest:
                 raise E.IntegrityError(f"chunk {hexd} from the primary", hexd, actual.hex())
-            if not st.has_chunk(hexd):
-                if len(data) > INLINE_VERIFY_BYTES:
-                    await loop.run_in_executor(self.executor, st.put_chunk, hexd, data)
-                else:
-                    st.put_chunk(hexd, data)
+            if len(data) <= INLINE_VERIFY_BYTES:
+                st.put_chunk(hexd, data)        # keeps nothing it already has (one catalog lookup)
+            elif not st.has_chunk(hexd):        # no thread hop for a large chunk it has
+                await loop.run_in_executor(self.executor, st.put_chunk, hexd, data)
             self.stats["chunks"] += 1
             return W.OK, b""
         if k == W.APPEND:

@@ -329,9 +329,9 @@ class VaultStore:
         the vault has it.  Durable only once an append that follows returns."""
         digest_hex = digest_hex.lower()
         with self._lock:
-            self._check_usable()
             if self._has_chunk(digest_hex):
-                return
+                return                  # (as has_chunk: answered even while the store is failed)
+            self._check_usable()
             self._seal_if_due()
             try:
                 self._overlays[-1].append_chunk(digest_hex, data)
@@ -348,13 +348,19 @@ class VaultStore:
 
     def missing_chunks(self, records) -> list[str]:
         """Chunk ids referenced by these (seq, rtype, payload) records that the vault lacks."""
+        entries = []
+        for seq, rtype, payload in records:
+            try:
+                entries.append(classify(seq, rtype, bytes(payload)))
+            except FormatError:
+                continue
+        return self._missing_chunks(entries)
+
+    def _missing_chunks(self, entries) -> list[str]:
+        """... of records already classified (the APPEND has decoded them once)."""
         out: dict[str, None] = {}
         with self._lock:
-            for seq, rtype, payload in records:
-                try:
-                    e = classify(seq, rtype, bytes(payload))
-                except FormatError:
-                    continue
+            for e in entries:
                 for d in e.chunks:
                     if d not in out and not self._has_chunk(d):
                         out[d] = None
@@ -433,7 +439,7 @@ class VaultStore:
                         raise FormatError(f"record {seq}: payload of {len(payload)} bytes exceeds {MAX_PAYLOAD}")
             except FormatError as e:
                 raise _rejected("bad_record", str(e)) from e
-            missing = self.missing_chunks(new)
+            missing = self._missing_chunks(entries)
             if missing:
                 raise _rejected("missing_chunks", f"{len(missing)} referenced chunks are missing",
                                 digests=missing)
