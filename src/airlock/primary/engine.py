@@ -40,6 +40,11 @@ REPLAY_BATCH = 1000                      # records per index transaction during 
 LIST_QUERY_BATCH = 1000                  # rows fetched per index query while listing
 STORAGE_PROBE_INTERVAL_S = 1.0           # how often the primary's data directory is checked
 VAULT_FETCH_BATCH = 1000                 # records per GET_RECORDS when rebuilding state from the vault
+# free-space reserve (min_free_mib): with at least this much more free than
+# the reserve, the next look at statvfs may wait this long (a write cannot use
+# up the margin in that time); closer to the reserve, every commit looks
+SPACE_MARGIN_BYTES = 256 * 1024 * 1024
+SPACE_RECHECK_S = 0.1
 VERSIONING_STATES = ("Enabled", "Suspended")
 
 Verifier = Callable[[BodyDigests], None]
@@ -61,6 +66,7 @@ class Engine:
         # an operator restores it; refused up front, writes resume by
         # themselves when there is room (docs/operations.md).
         self.min_free_bytes = min_free_bytes
+        self._space_ok_until = 0.0              # monotonic time before which free space need not be looked at
         self.executor = ThreadPoolExecutor(WORKER_THREADS, thread_name_prefix="airlock-io")
         self.store: ChunkStore | None = None
         self.index: Index | None = None
@@ -144,8 +150,12 @@ class Engine:
     def _refuse_if_storage_low(self) -> None:
         if not self.min_free_bytes:
             return
+        now = time.monotonic()
+        if now < self._space_ok_until:
+            return
         st = os.statvfs(self.data_dir)
         free = st.f_bavail * st.f_frsize
+        self._space_ok_until = now + SPACE_RECHECK_S if free >= self.min_free_bytes + SPACE_MARGIN_BYTES else 0.0
         if free < self.min_free_bytes:
             log.error("primary storage full: %d bytes free in %s, writes need %d", free, self.data_dir,
                       self.min_free_bytes)
