@@ -211,3 +211,17 @@ def test_frames_held_when_the_writer_closes_are_written_before_the_close():
         assert len(t.writes) == 1
 
     asyncio.run(go())
+
+
+def test_large_bytes_are_not_held_or_copied_into_the_held_frames():
+    async def go():
+        t = WriteRecorder()
+        w = FrameWriter(t, FrameProtocol())
+        w.write(b"head")
+        big = os.urandom(200_000)
+        w.write(big)
+        assert t.writes == [b"head", big]          # released in order, the large one on its own
+        await asyncio.sleep(0)
+        assert t.writes == [b"head", big]
+
+    asyncio.run(go())

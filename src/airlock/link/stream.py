@@ -207,9 +207,10 @@ class FrameWriter:
     `CORK_BYTES`.  Under load one turn writes many frames (chunk frames of
     several PUTs, the vault's answers to a run of queued requests); each
     separate write cost a TLS record, a send() and the transport's Python
-    layers.  Order is kept: anything that is not `bytes` -- a memoryview of
-    chunk data, which its owner may reuse once the write returns -- first
-    releases what is held, then goes to the transport at once, as before.
+    layers.  Order is kept: anything that is not small `bytes` -- a
+    memoryview of chunk data, which its owner may reuse once the write
+    returns, or bytes too large to be worth a copy -- first releases what is
+    held, then goes to the transport at once, as before.
     `close()` releases what is held before closing.
     """
 
@@ -220,7 +221,7 @@ class FrameWriter:
         self._held_bytes = 0
 
     def write(self, data) -> None:
-        if type(data) is bytes:
+        if type(data) is bytes and len(data) < CORK_BYTES:
             if self._held is None:
                 self._held = [data]
                 self._held_bytes = len(data)
