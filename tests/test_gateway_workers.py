@@ -12,6 +12,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 
 import boto3
 import pytest
@@ -113,8 +114,82 @@ def test_large_uploads_on_every_process_reach_the_vault_whole(dep):
     h = wait_until(lambda: health_or_none(gw), "health")
     # every chunk reached the vault while its body streamed: none had to be resent
     assert h["replication_stats"]["missing_chunks_resent"] == 0, h["replication_stats"]
+    # the workers sent their large chunks on links of their own, not through the leader
+    assert h["stats"]["chunks_shipped_direct"] > 0 and h["stats"]["direct_fallbacks"] == 0, h["stats"]
+    assert dep.vault.status()["link"]["sessions"] >= 2
     r = dep.airlock("verify")
     assert "equal" in r.stdout.lower(), r.stdout
+
+
+def test_large_uploads_on_workers_survive_a_vault_restart(dep):
+    """A worker's own link to the vault breaks when the vault restarts: its
+    next large upload reconnects it, or sends its chunks through the leader
+    meanwhile; nothing acknowledged is lost either way."""
+    gw = dep.gateway
+    fresh_client(gw).create_bucket(Bucket="restart")
+    bodies = {f"a{i}": os.urandom((1 << 20) + 7919 * i) for i in range(6)}
+    for k, b in bodies.items():
+        fresh_client(gw).put_object(Bucket="restart", Key=k, Body=b)
+    before = wait_until(lambda: health_or_none(gw), "health")["stats"]["chunks_shipped_direct"]
+    dep.vault.stop()
+    dep.vault.start()
+    wait_until(lambda: (health_or_none(gw) or {}).get("vault_connected"), "leader reconnected")
+    more = {f"b{i}": os.urandom((1 << 20) + 7907 * i) for i in range(10)}
+    for k, b in more.items():
+        for attempt in range(20):           # the first tries may meet the link still down (503)
+            try:
+                fresh_client(gw).put_object(Bucket="restart", Key=k, Body=b)
+                break
+            except ClientError as e:
+                assert e.response["Error"]["Code"] == "ServiceUnavailable", e.response
+                time.sleep(0.25)
+        else:
+            raise AssertionError(f"{k} was never stored")
+    bodies.update(more)
+    for k, b in bodies.items():
+        assert fresh_client(gw).get_object(Bucket="restart", Key=k)["Body"].read() == b
+    # workers went on sending directly after the restart (reconnected)
+    assert wait_until(lambda: health_or_none(gw), "health")["stats"]["chunks_shipped_direct"] > before
+    r = dep.airlock("verify")
+    assert "equal" in r.stdout.lower(), r.stdout
+
+
+def test_a_worker_that_cannot_open_its_own_link_sends_large_chunks_through_the_leader(tmp_path):
+    """The leader's link is up, but the vault (here: the fault proxy in front
+    of it) refuses new connections, so the workers cannot open theirs: their
+    large uploads still succeed, their chunks going to the vault through the
+    leader as before; once connections are accepted again, they send directly."""
+    from faultproxy import FaultProxy
+    d = Deployment(tmp_path / "deploy")
+    d.vault.start()
+    proxy = FaultProxy(d.vault.port).start()
+    d.use_proxy(proxy)
+    try:
+        d.gateway.extra_args = d._gateway_args() + ["--workers", str(WORKERS)]
+        d.gateway.start()
+        wait_until(lambda: serving(d.gateway, WORKERS), "workers serving")
+        gw = d.gateway
+        fresh_client(gw).create_bucket(Bucket="refused")
+        assert proxy.command("refuse on") == "ok"
+        bodies = {f"r{i}": os.urandom((1 << 20) + 4001 * i) for i in range(6)}
+        for k, b in bodies.items():
+            fresh_client(gw).put_object(Bucket="refused", Key=k, Body=b)
+        h = gw.health()
+        assert h["stats"].get("chunks_shipped_direct", 0) == 0, h["stats"]
+        assert h["replication_stats"]["missing_chunks_resent"] == 0, h["replication_stats"]
+        assert proxy.command("refuse off") == "ok"
+        time.sleep(2.5)                          # past the workers' reconnect back-off (LINK_RETRY_S)
+        more = {f"s{i}": os.urandom((1 << 20) + 4003 * i) for i in range(10)}
+        for k, b in more.items():
+            fresh_client(gw).put_object(Bucket="refused", Key=k, Body=b)
+        assert gw.health()["stats"]["chunks_shipped_direct"] > 0
+        bodies.update(more)
+        for k, b in bodies.items():
+            assert fresh_client(gw).get_object(Bucket="refused", Key=k)["Body"].read() == b
+        r = d.airlock("verify")
+        assert "equal" in r.stdout.lower(), r.stdout
+    finally:
+        d.stop()
 
 
 def test_conditional_creates_of_one_key_from_many_processes_let_exactly_one_win(dep):

@@ -46,9 +46,17 @@ class LinkClient:
     def connected(self) -> bool:
         return self._writer is not None and not self._writer.is_closing()
 
+    @property
+    def ready(self) -> bool:
+        """Connected and past HELLO: other requests may be sent.  (While
+        connect() waits for HELLO_OK the connection is up but a frame sent
+        then could reach the vault before the HELLO, which it refuses.)"""
+        return self.connected and self.hello is not None
+
     async def connect(self) -> dict:
         """Open the connection and say HELLO; returns the vault's HELLO_OK."""
         await self.close()
+        self.hello = None
         try:
             transport, protocol = await asyncio.wait_for(
                 asyncio.get_running_loop().create_connection(
@@ -125,14 +133,18 @@ class LinkClient:
     async def send(self, kind: int, payload=b"") -> "asyncio.Future":
         """Write a request frame (waiting only for the socket to take it) and
         return the future of its raw answer frame."""
-        if not self.connected:
+        # nothing but the HELLO goes out before the HELLO_OK: the vault
+        # refuses any other first frame (and a concurrent connect() may have
+        # replaced the connection while this call waited for the lock)
+        ready = self.connected if kind == W.HELLO else self.ready
+        if not ready:
             raise E.VaultUnavailable("not connected to the vault")
         rid = next(self._ids)
         fut = asyncio.get_running_loop().create_future()
         self._waiting[rid] = fut
         try:
             async with self._wlock:
-                if not self.connected:
+                if not (self.connected if kind == W.HELLO else self.ready):
                     raise E.VaultUnavailable("not connected to the vault")
                 await W.write_frame(self._writer, kind, rid, payload)
         except (OSError, ssl.SSLError) as e:

@@ -9,7 +9,9 @@ index and chunk files for GETs and listings.  What must happen in one place
 goes to the leader over the private channel (docs/format/ipc.md):
 
     worker: body -> Ingest (chunks into the shared chunk store)
-                 -> ship_chunks ----------------> leader: commit point -> vault
+                 -> large chunks ---------------> vault, on the worker's own link
+                 -> small chunks (ship_chunks) -> leader: commit point -> vault
+                 -> (vault answered the large ones)
                  -> commit_object(manifest) ----> leader: key lock, precondition,
                                                   version id, log + vault ack, index
             <- manifest (seq, version id) ------  (visible in every process now)
@@ -31,6 +33,7 @@ import os
 import signal
 import socket
 import sys
+import time
 
 from aiohttp import web
 
@@ -41,6 +44,7 @@ from airlock.primary.engine import Engine
 from airlock.primary.index import Index
 from airlock.primary.ipc import VERSION, Peer
 from airlock.primary.model import ChunkRef
+from airlock.link import protocol as W
 
 log = logging.getLogger("airlock.worker")
 
@@ -56,6 +60,11 @@ FORWARDED = ("create_bucket", "delete_bucket", "set_versioning", "commit_object"
 _held: contextvars.ContextVar[list | None] = contextvars.ContextVar("airlock_held_chunks", default=None)
 HOLD_BYTES = 256 * 1024
 SHIP_BY_REFERENCE = 64 * 1024      # chunks this large are sent as (digest, size); see ship_chunks
+# Chunks at least this large that the request being ingested sent to the
+# vault over this worker's own link: [(digest, size, future of the vault's
+# answer)], settled before its commit call (see _LeaderCommitPoint).
+_direct: contextvars.ContextVar[list | None] = contextvars.ContextVar("airlock_direct_chunks", default=None)
+LINK_RETRY_S = 2.0                 # after a failed connect, large chunks go through the leader this long
 
 
 def tmp_owner(pid: int) -> str:
@@ -65,16 +74,107 @@ def tmp_owner(pid: int) -> str:
 
 
 class _LeaderCommitPoint:
-    """The commit point as a worker sees it: chunks go to the leader's."""
+    """The commit point as a worker sees it: records and small chunks go to
+    the leader's; large chunks go to the vault over the worker's own link.
 
-    def __init__(self, peer: Peer, replicated: bool):
+    Large chunks (SHIP_BY_REFERENCE and up) of a request served here are
+    sent to the vault on a link connection of this process (`link`, opened
+    on first use, same keys as the leader's), with their bytes still in
+    hand: the leader no longer reads them back from the chunk store and
+    encrypts them on its own event loop, which made a large PUT on a worker
+    markedly slower than one on the leader (docs/performance.md).  The
+    vault's answers to those frames are awaited before the commit call
+    goes to the leader (`settle`): a chunk is in the vault's newest overlay
+    once it answered OK, and the leader's APPEND, which syncs that overlay
+    before its records, comes after.  (The vault keeps one order per
+    connection only, so the wait is what orders the two connections.)  A
+    chunk the direct link could not deliver goes to the leader by
+    reference with the commit call, as before; and if the vault lost it all
+    the same (it recovered in place in between), its APPEND answers
+    missing_chunks and the leader's repair sends it again (replication.py).
+    """
+
+    def __init__(self, peer: Peer, replicated: bool, link=None):
         self.peer = peer
         self.replicated = replicated
         self.last_seq = 0
+        self.link = link                  # LinkClient, or None: everything through the leader
+        self._link_lock = asyncio.Lock()
+        self._link_retry_at = 0.0
+        self.stats = {"chunks_shipped_direct": 0, "bytes_shipped_direct": 0, "direct_fallbacks": 0}
+
+    async def _usable_link(self):
+        link = self.link
+        if link is None:
+            return None
+        if link.ready:
+            return link
+        if time.monotonic() < self._link_retry_at:
+            return None
+        async with self._link_lock:          # one connect at a time; the others wait for it
+            if not link.ready:
+                try:
+                    await link.connect()
+                except (E.VaultUnavailable, E.VaultRejected) as e:
+                    self._link_retry_at = time.monotonic() + LINK_RETRY_S
+                    log.warning("worker %d: no link of its own to the vault (%s); large chunks go "
+                                "through the leader", os.getpid(), e)
+                    return None
+        return link
+
+    async def _ship_direct(self, chunks, direct: list) -> list:
+        """Send the large chunks on this worker's link; returns the chunks
+        left for the leader (small ones, and all when the link is down)."""
+        if not any(len(data) >= SHIP_BY_REFERENCE for _d, data in chunks):
+            return chunks
+        link = await self._usable_link()
+        if link is None:
+            return chunks
+        rest = []
+        for d, data in chunks:
+            if len(data) < SHIP_BY_REFERENCE:
+                rest.append((d, data))
+                continue
+            try:
+                fut = await link.send_chunk(d, data)
+            except E.VaultUnavailable:
+                rest.append((d, data))
+                continue
+            fut.add_done_callback(_retrieve)
+            direct.append((d, len(data), fut))
+            self.stats["chunks_shipped_direct"] += 1
+            self.stats["bytes_shipped_direct"] += len(data)
+        return rest
+
+    async def settle(self) -> list[tuple[str, int]]:
+        """Wait for the vault's answers to this request's direct chunks;
+        returns those it did not take, as references for the leader."""
+        direct = _direct.get()
+        if not direct:
+            return []
+        _direct.set([])
+        failed = []
+        for d, size, fut in direct:
+            try:
+                frame = await fut
+            except Exception:            # the link failed (VaultUnavailable) before the answer
+                failed.append((d, size))
+                continue
+            if frame.kind == W.ERROR:
+                log.warning("vault refused a chunk sent by worker %d: %s", os.getpid(),
+                            W.decode_json(frame.payload))
+                failed.append((d, size))
+        self.stats["direct_fallbacks"] += len(failed)
+        return failed
 
     async def ship_chunks(self, chunks: list[tuple[str, bytes]], inline: frozenset = frozenset()) -> None:
         if not self.replicated:
             return                   # local-only: the leader's commit point ships nothing either
+        direct = _direct.get()
+        if direct is not None and self.link is not None:
+            chunks = await self._ship_direct(chunks, direct)
+            if not chunks:
+                return
         # Large chunks go by reference: their files are in the shared chunk
         # store already, and the leader reading one costs less than copying
         # it through the channel.  Those in `inline` do not have their file
@@ -98,16 +198,25 @@ class _LeaderCommitPoint:
         raise E.InternalError("a gateway worker does not commit records itself")
 
     async def close(self) -> None:
-        pass
+        if self.link is not None:
+            await self.link.close()
+
+
+def _retrieve(fut: asyncio.Future) -> None:
+    """A direct chunk's answer may never be awaited (its request failed):
+    fetch its exception so that asyncio does not report it as lost."""
+    if not fut.cancelled():
+        fut.exception()
 
 
 class WorkerEngine(Engine):
     """The engine of a worker: local reads and ingest, writes through the leader."""
 
-    def __init__(self, data_dir: str, peer: Peer, *, replicated: bool, **kw):
+    def __init__(self, data_dir: str, peer: Peer, *, replicated: bool, link=None, **kw):
         super().__init__(data_dir, **kw)
         self.peer = peer
         self.replicated = replicated
+        self.link = link                            # this worker's own link, for large chunks
         self.stop: asyncio.Event | None = None     # set: the worker process winds down
 
     def open(self) -> None:
@@ -115,7 +224,7 @@ class WorkerEngine(Engine):
         self.store = ChunkStore(self.data_dir, fsync=self.chunk_fsync, clean_tmp=False,
                                 owner=tmp_owner(os.getpid()))
         self.index = Index(os.path.join(self.data_dir, "index.sqlite"), readonly=True)
-        self.commit_point = _LeaderCommitPoint(self.peer, self.replicated)
+        self.commit_point = _LeaderCommitPoint(self.peer, self.replicated, self.link)
 
     @property
     def vault_link(self):
@@ -127,6 +236,7 @@ class WorkerEngine(Engine):
         # call that follows (commit_object / commit_part), in one message
         # (if the upload fails before that call, see SHIP_HELD_ON_FAILURE)
         _held.set([[], 0])
+        _direct.set([])
         return await super().ingest(body, **kw)
 
     def _shipper(self, ingest):
@@ -193,11 +303,17 @@ def _forward(name: str):
     async def forwarded(self, *args, **kwargs):
         self._refuse_writes_if_degraded()
         if name in CARRY_CHUNKS:
+            # the vault has this request's direct chunks before the record goes
+            # out; any it did not take ride with the call, by reference
+            # (their files are durable: ingest waited for them)
+            undelivered = await self.commit_point.settle()
             held = _held.get()
             if held is not None:
                 _held.set(None)
-                if held[0]:
-                    return await self.peer.call("ship_and_" + name, held[0], *args, **kwargs)
+                if held[0] or undelivered:
+                    return await self.peer.call("ship_and_" + name, held[0] + undelivered, *args, **kwargs)
+            elif undelivered:
+                return await self.peer.call("ship_and_" + name, undelivered, *args, **kwargs)
         return await self.peer.call(name, *args, **kwargs)
     forwarded.__name__ = name
     forwarded.__doc__ = f"Engine.{name}, run by the leader."
@@ -244,7 +360,9 @@ async def run(fd: int) -> None:
     async def on_stats() -> dict:
         if engine is None:
             return {}
-        return {"pid": os.getpid(), "role": "worker", "stats": dict(engine.stats)}
+        stats = dict(engine.stats)
+        stats.update(getattr(engine.commit_point, "stats", {}))
+        return {"pid": os.getpid(), "role": "worker", "stats": stats}
 
     def leader_lost() -> None:
         # The leader is gone (crashed, killed).  A write this worker forwarded
@@ -263,7 +381,12 @@ async def run(fd: int) -> None:
     if version != VERSION:
         raise SystemExit(f"gateway worker: channel version {version} != {VERSION}")
     chunk_fsync = cfg.fsync and (cfg.vault is None or cfg.chunk_sync == "local")
-    engine = WorkerEngine(cfg.data, peer, replicated=replicated, fsync=cfg.fsync, chunk_fsync=chunk_fsync)
+    link = None
+    if replicated:
+        from airlock.gateway import make_link_client
+        link = make_link_client(cfg)     # connected on first use (large chunks)
+    engine = WorkerEngine(cfg.data, peer, replicated=replicated, link=link, fsync=cfg.fsync,
+                          chunk_fsync=chunk_fsync)
     engine.stop = stop
     engine.open()
     await engine.start()
