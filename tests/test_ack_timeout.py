@@ -185,3 +185,40 @@ def test_void_survives_a_gateway_restart(proxied, how):
 
     d.gateway.restart()   # and once more, from a clean state
     assert_invisible(d.gateway.client(), "late")
+
+
+@pytest.mark.parametrize("fault,cancel_after", [("hold down", 0.5), ("hold down", 2.5), ("delay 1500", 2.2), ("delay 1500", 5.0)])
+def test_a_link_connect_cancelled_midway_leaves_no_half_open_connection(proxied, fault, cancel_after):
+    """connect() cancelled by its caller's time limit (the commit point's
+    reconnect wraps it in one) -- while it closes the old connection, in the
+    TLS handshake, or waiting for HELLO_OK -- stays cancelled and closes what
+    it opened: the link is neither connected nor ready, and the next connect
+    succeeds.  Before, a cancel during HELLO left the connection open without
+    its HELLO (every request on it refused as not connected), and a cancel
+    while the old connection closed was swallowed."""
+    d, proxy = proxied
+    from airlock.config import GatewayConfig
+    from airlock.gateway import make_link_client
+    cfg = GatewayConfig()
+    cfg.vault = ("127.0.0.1", proxy.listen_port)
+    cfg.link_keys = str(d.root / "primary" / "keys")
+
+    async def run():
+        link = make_link_client(cfg)
+        await link.connect()                      # TLS session up and past HELLO
+        assert link.ready
+        assert proxy.command(fault) == "ok"       # the vault's answers stop, or crawl
+        connecting = asyncio.ensure_future(link.connect())
+        await asyncio.sleep(cancel_after)
+        connecting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await connecting
+        assert not link.connected and not link.ready
+        with pytest.raises(E.VaultUnavailable):
+            await link.status()
+        assert proxy.command("release") == "ok" and proxy.command("pass") == "ok"
+        await asyncio.wait_for(link.connect(), 10)
+        assert link.ready and "last_seq" in (await link.status())
+        await link.close()
+
+    asyncio.run(run())

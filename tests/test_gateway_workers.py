@@ -100,22 +100,58 @@ def test_writes_from_any_process_are_read_by_every_other_and_reach_the_vault(dep
     assert "equal" in r.stdout.lower(), r.stdout
 
 
+def direct_chunks(gw) -> int:
+    """Chunks the workers have sent to the vault on links of their own."""
+    return wait_until(lambda: health_or_none(gw), "health")["stats"].get("chunks_shipped_direct", 0)
+
+
+def put_until_stored(gw, bucket: str, key: str, body: bytes, tries: int = 40) -> None:
+    """PUT over a fresh connection, again while the gateway answers 503 (its
+    link to the vault is still coming back)."""
+    for _ in range(tries):
+        try:
+            fresh_client(gw).put_object(Bucket=bucket, Key=key, Body=body)
+            return
+        except ClientError as e:
+            assert e.response["Error"]["Code"] == "ServiceUnavailable", e.response
+            time.sleep(0.25)
+    raise AssertionError(f"{key} was never stored")
+
+
+def put_large_until_direct(gw, bucket: str, prefix: str, above: int = 0, limit: int = 40) -> dict:
+    """1 MiB uploads over fresh connections until a worker has sent chunks on
+    its own link (more than `above` in all).  A worker opens that link in the
+    background on its first large chunk; until it is up, large chunks go
+    through the leader.  Returns what was stored."""
+    bodies = {}
+    for i in range(limit):
+        key, body = f"{prefix}{i}", os.urandom((1 << 20) + 4001 * i)
+        put_until_stored(gw, bucket, key, body)
+        bodies[key] = body
+        if direct_chunks(gw) > above:
+            return bodies
+    raise AssertionError(f"no worker sent a chunk on its own link in {limit} uploads")
+
+
 def test_large_uploads_on_every_process_reach_the_vault_whole(dep):
-    # chunks of 256 KiB and more are written on writer threads; a worker names
-    # them to the leader (which reads the file) only once they are written
+    # chunks of 64 KiB and more: a worker sends them on its own link and
+    # waits for the vault's answers before its commit goes to the leader
     gw = dep.gateway
     fresh_client(gw).create_bucket(Bucket="large")
+    stored = put_large_until_direct(gw, "large", "warm")
+    before = direct_chunks(gw)
     bodies = {f"o{i}": os.urandom((3 << 20) + 4099 * i) for i in range(10)}
     with cf.ThreadPoolExecutor(4) as ex:
         list(ex.map(lambda kv: fresh_client(gw).put_object(Bucket="large", Key=kv[0], Body=kv[1]),
                     bodies.items()))
+    bodies.update(stored)
     for k, b in bodies.items():
         assert fresh_client(gw).get_object(Bucket="large", Key=k)["Body"].read() == b
     h = wait_until(lambda: health_or_none(gw), "health")
     # every chunk reached the vault while its body streamed: none had to be resent
     assert h["replication_stats"]["missing_chunks_resent"] == 0, h["replication_stats"]
     # the workers sent their large chunks on links of their own, not through the leader
-    assert h["stats"]["chunks_shipped_direct"] > 0 and h["stats"]["direct_fallbacks"] == 0, h["stats"]
+    assert h["stats"]["chunks_shipped_direct"] > before and h["stats"]["direct_fallbacks"] == 0, h["stats"]
     assert dep.vault.status()["link"]["sessions"] >= 2
     r = dep.airlock("verify")
     assert "equal" in r.stdout.lower(), r.stdout
@@ -123,44 +159,28 @@ def test_large_uploads_on_every_process_reach_the_vault_whole(dep):
 
 def test_large_uploads_on_workers_survive_a_vault_restart(dep):
     """A worker's own link to the vault breaks when the vault restarts: its
-    next large upload reconnects it, or sends its chunks through the leader
-    meanwhile; nothing acknowledged is lost either way."""
+    large uploads go through the leader until it has connected again;
+    nothing acknowledged is lost either way."""
     gw = dep.gateway
     fresh_client(gw).create_bucket(Bucket="restart")
-    bodies = {f"a{i}": os.urandom((1 << 20) + 7919 * i) for i in range(6)}
-    for k, b in bodies.items():
-        fresh_client(gw).put_object(Bucket="restart", Key=k, Body=b)
-    before = wait_until(lambda: health_or_none(gw), "health")["stats"]["chunks_shipped_direct"]
+    bodies = put_large_until_direct(gw, "restart", "a")
+    before = direct_chunks(gw)
     dep.vault.stop()
     dep.vault.start()
     wait_until(lambda: (health_or_none(gw) or {}).get("vault_connected"), "leader reconnected")
-    more = {f"b{i}": os.urandom((1 << 20) + 7907 * i) for i in range(10)}
-    for k, b in more.items():
-        for attempt in range(20):           # the first tries may meet the link still down (503)
-            try:
-                fresh_client(gw).put_object(Bucket="restart", Key=k, Body=b)
-                break
-            except ClientError as e:
-                assert e.response["Error"]["Code"] == "ServiceUnavailable", e.response
-                time.sleep(0.25)
-        else:
-            raise AssertionError(f"{k} was never stored")
-    bodies.update(more)
+    bodies.update(put_large_until_direct(gw, "restart", "b", above=before))   # reconnected
     for k, b in bodies.items():
         assert fresh_client(gw).get_object(Bucket="restart", Key=k)["Body"].read() == b
-    # workers went on sending directly after the restart (reconnected)
-    assert wait_until(lambda: health_or_none(gw), "health")["stats"]["chunks_shipped_direct"] > before
     r = dep.airlock("verify")
     assert "equal" in r.stdout.lower(), r.stdout
 
 
-def test_a_worker_that_cannot_open_its_own_link_sends_large_chunks_through_the_leader(tmp_path):
-    """The leader's link is up, but the vault (here: the fault proxy in front
-    of it) refuses new connections, so the workers cannot open theirs: their
-    large uploads still succeed, their chunks going to the vault through the
-    leader as before; once connections are accepted again, they send directly."""
+@pytest.fixture
+def proxied_workers(tmp_path):
+    """Vault, fault proxy, and a gateway of WORKERS processes linked through
+    the proxy, with a short ack timeout."""
     from faultproxy import FaultProxy
-    d = Deployment(tmp_path / "deploy")
+    d = Deployment(tmp_path / "deploy", ack_timeout=2.0)
     d.vault.start()
     proxy = FaultProxy(d.vault.port).start()
     d.use_proxy(proxy)
@@ -168,28 +188,75 @@ def test_a_worker_that_cannot_open_its_own_link_sends_large_chunks_through_the_l
         d.gateway.extra_args = d._gateway_args() + ["--workers", str(WORKERS)]
         d.gateway.start()
         wait_until(lambda: serving(d.gateway, WORKERS), "workers serving")
-        gw = d.gateway
-        fresh_client(gw).create_bucket(Bucket="refused")
-        assert proxy.command("refuse on") == "ok"
-        bodies = {f"r{i}": os.urandom((1 << 20) + 4001 * i) for i in range(6)}
-        for k, b in bodies.items():
-            fresh_client(gw).put_object(Bucket="refused", Key=k, Body=b)
-        h = gw.health()
-        assert h["stats"].get("chunks_shipped_direct", 0) == 0, h["stats"]
-        assert h["replication_stats"]["missing_chunks_resent"] == 0, h["replication_stats"]
-        assert proxy.command("refuse off") == "ok"
-        time.sleep(2.5)                          # past the workers' reconnect back-off (LINK_RETRY_S)
-        more = {f"s{i}": os.urandom((1 << 20) + 4003 * i) for i in range(10)}
-        for k, b in more.items():
-            fresh_client(gw).put_object(Bucket="refused", Key=k, Body=b)
-        assert gw.health()["stats"]["chunks_shipped_direct"] > 0
-        bodies.update(more)
-        for k, b in bodies.items():
-            assert fresh_client(gw).get_object(Bucket="refused", Key=k)["Body"].read() == b
-        r = d.airlock("verify")
-        assert "equal" in r.stdout.lower(), r.stdout
+        yield d, proxy
     finally:
         d.stop()
+
+
+def test_a_worker_that_cannot_open_its_own_link_sends_large_chunks_through_the_leader(proxied_workers):
+    """The leader's link is up, but the vault (here: the fault proxy in front
+    of it) refuses new connections, so the workers cannot open theirs: their
+    large uploads still succeed, their chunks going to the vault through the
+    leader as before; once connections are accepted again, they send directly."""
+    d, proxy = proxied_workers
+    gw = d.gateway
+    fresh_client(gw).create_bucket(Bucket="refused")
+    assert proxy.command("refuse on") == "ok"
+    bodies = {f"r{i}": os.urandom((1 << 20) + 4001 * i) for i in range(6)}
+    for k, b in bodies.items():
+        fresh_client(gw).put_object(Bucket="refused", Key=k, Body=b)
+    h = gw.health()
+    assert h["stats"].get("chunks_shipped_direct", 0) == 0, h["stats"]
+    assert h["replication_stats"]["missing_chunks_resent"] == 0, h["replication_stats"]
+    assert proxy.command("refuse off") == "ok"
+    time.sleep(2.5)                          # past the workers' reconnect back-off (LINK_RETRY_S)
+    bodies.update(put_large_until_direct(gw, "refused", "s"))
+    for k, b in bodies.items():
+        assert fresh_client(gw).get_object(Bucket="refused", Key=k)["Body"].read() == b
+    r = d.airlock("verify")
+    assert "equal" in r.stdout.lower(), r.stdout
+
+
+def test_large_uploads_on_workers_end_in_bounded_time_when_the_vault_stops_answering(proxied_workers):
+    """The vault's answers stop (the proxy holds vault -> gateway): every
+    upload, on whichever process, ends within a few ack timeouts -- 503, or
+    stored -- instead of waiting for answers that never come.  Once the
+    answers flow again, uploads are stored and the vault holds everything
+    acknowledged."""
+    d, proxy = proxied_workers
+    gw = d.gateway
+    fresh_client(gw).create_bucket(Bucket="stall")
+    stored = put_large_until_direct(gw, "stall", "w")
+    assert proxy.command("hold down") == "ok"
+
+    def one(i: int):
+        body = os.urandom((1 << 20) + 17 * i)
+        c = boto3.client("s3", endpoint_url=gw.endpoint, aws_access_key_id=ACCESS_KEY,
+                         aws_secret_access_key=SECRET_KEY, region_name="us-east-1",
+                         config=Config(s3={"addressing_style": "path"}, retries={"total_max_attempts": 1},
+                                       max_pool_connections=1, read_timeout=60))
+        t0 = time.monotonic()
+        try:
+            c.put_object(Bucket="stall", Key=f"s{i}", Body=body)
+            return "stored", time.monotonic() - t0, f"s{i}", body
+        except ClientError as e:
+            return e.response["Error"]["Code"], time.monotonic() - t0, f"s{i}", body
+
+    with cf.ThreadPoolExecutor(8) as ex:
+        results = list(ex.map(one, range(8)))
+    assert all(code in ("stored", "ServiceUnavailable") for code, *_ in results), results
+    # ack timeout 2 s: the worker's wait for its chunks' answers, the
+    # leader's reconnect (5 s, shared by the requests queued meanwhile) and
+    # its APPEND are each bounded; without bounds they waited for good
+    assert max(t for _c, t, *_ in results) < 30, results
+    assert proxy.command("release") == "ok" and proxy.command("pass") == "ok"
+    for code, _t, key, body in results:
+        put_until_stored(gw, "stall", key, body)
+        stored[key] = body
+    for k, b in stored.items():
+        assert fresh_client(gw).get_object(Bucket="stall", Key=k)["Body"].read() == b
+    r = d.airlock("verify")
+    assert "equal" in r.stdout.lower(), r.stdout
 
 
 def test_conditional_creates_of_one_key_from_many_processes_let_exactly_one_win(dep):

@@ -75,6 +75,11 @@ class LinkClient:
         except asyncio.TimeoutError:
             await self.close()
             raise E.VaultUnavailable("the vault did not answer HELLO") from None
+        except BaseException:
+            # refused, link lost, or this connect() cancelled (a caller's own
+            # time limit): no connection stays open without its HELLO
+            self._drop()
+            raise
         self.hello = W.decode_json(frame.payload)
         if self.hello.get("protocol") != W.VERSION:
             await self.close()
@@ -85,17 +90,29 @@ class LinkClient:
         return self.hello
 
     async def close(self) -> None:
+        w = self._drop()
+        if w is not None:
+            try:
+                await asyncio.wait_for(w.wait_closed(), 1.0)
+            except Exception:            # not CancelledError: a cancelled caller stays cancelled
+                pass
+
+    def abort(self) -> None:
+        """Close the connection at once (no waiting): every outstanding
+        request fails with VaultUnavailable."""
+        self._drop()
+
+    def _drop(self):
+        """Close the connection now, failing every outstanding request;
+        returns the closed writer (None if there was none)."""
         w, self._writer = self._writer, None
         if self._receiver is not None:
             self._receiver.cancel()
             self._receiver = None
         if w is not None:
             w.close()
-            try:
-                await asyncio.wait_for(w.wait_closed(), 1.0)
-            except (Exception, asyncio.CancelledError):
-                pass
         self._fail_all(E.VaultUnavailable("link closed"))
+        return w
 
     def _fail_all(self, exc: Exception) -> None:
         waiting, self._waiting = self._waiting, {}

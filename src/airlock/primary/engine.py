@@ -43,7 +43,7 @@ VAULT_FETCH_BATCH = 1000                 # records per GET_RECORDS when rebuildi
 # free-space reserve (min_free_mib): with at least this much more free than
 # the reserve, the next look at statvfs may wait this long (a write cannot use
 # up the margin in that time); closer to the reserve, every commit looks
-SPACE_MARGIN_BYTES = 256 * 1024 * 1024
+SPACE_MARGIN_BYTES = 1024 * 1024 * 1024   # 10 GB/s of writes for SPACE_RECHECK_S: beyond this gateway
 SPACE_RECHECK_S = 0.1
 VERSIONING_STATES = ("Enabled", "Suspended")
 

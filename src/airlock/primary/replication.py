@@ -41,6 +41,7 @@ import asyncio
 import json
 import logging
 import os
+import time
 from collections.abc import Awaitable, Callable
 
 from airlock import errors as E
@@ -79,6 +80,7 @@ class ReplicatedCommitPoint:
         self._queue: list[tuple[int, bytes, asyncio.Future]] = []
         self._sender: asyncio.Task | None = None
         self._lock = asyncio.Lock()
+        self._reconnect_failed_at = float("-inf")   # monotonic time of the last failed reconnect
         self._ready = False
         self._keeper: asyncio.Task | None = None
         self.paused = False       # set by the engine in degraded mode: the primary log is unusable
@@ -97,7 +99,7 @@ class ReplicatedCommitPoint:
 
     @property
     def healthy(self) -> bool:
-        return self._ready and self.link.connected
+        return self._ready and self.link.ready
 
     def _load_aborts(self) -> set[int]:
         try:
@@ -166,24 +168,39 @@ class ReplicatedCommitPoint:
         """A connected link for reads (GET_CHUNK, GET_RECORDS).  With
         reconcile=False (degraded mode: the primary log is unusable) the link
         is only connected, never reconciled."""
-        if self.link.connected and (self._ready or not reconcile):
+        if self.link.ready and (self._ready or not reconcile):
             return
+        since = time.monotonic()
         async with self._lock:
             if reconcile:
                 try:
-                    await self._ensure_ready()
+                    await self._ensure_ready(since)
                 except asyncio.TimeoutError:
                     raise E.VaultUnavailable("the vault did not answer in time") from None
-            elif not self.link.connected:
+            elif not self.link.ready:
                 await asyncio.wait_for(self.link.connect(), RECONNECT_TIMEOUT_S)
 
-    async def _ensure_ready(self) -> None:
-        """Connected and reconciled; call with the lock held."""
-        if self._ready and self.link.connected:
+    async def _ensure_ready(self, waiting_since: float | None = None) -> None:
+        """Connected and reconciled; call with the lock held.
+
+        `waiting_since`: when the caller began to wait for the lock.  If a
+        reconnect failed after that (another caller's, while this one
+        queued), this caller shares its outcome -- VaultUnavailable at once
+        -- instead of waiting out a RECONNECT_TIMEOUT_S of its own: while the
+        vault does not answer, the callers queued on the lock would
+        otherwise fail one after the other, each after the whole timeout.
+        A caller that arrives later tries again itself."""
+        if self._ready and self.link.ready:
             return
+        if waiting_since is not None and self._reconnect_failed_at >= waiting_since:
+            raise E.VaultUnavailable("the vault is not reachable (a reconnect failed while this waited)")
         self._ready = False
-        hello = await asyncio.wait_for(self.link.connect(), RECONNECT_TIMEOUT_S)
-        await self._reconcile(int(hello["last_seq"]))
+        try:
+            hello = await asyncio.wait_for(self.link.connect(), RECONNECT_TIMEOUT_S)
+            await self._reconcile(int(hello["last_seq"]))
+        except BaseException:
+            self._reconnect_failed_at = time.monotonic()
+            raise
         self._ready = True
 
     async def _reconcile(self, vault_last: int) -> None:
@@ -310,11 +327,12 @@ class ReplicatedCommitPoint:
                 "The primary's log cannot be written; writes are refused until the primary is restored.")
 
     async def _commit_batch(self, records: list[tuple[int, bytes]]) -> list[tuple[int, asyncio.Task]]:
+        since = time.monotonic()
         async with self._lock:
             # checked with the lock held: the batch before may have failed the log meanwhile
             self._refuse_if_log_unusable()
             try:
-                await self._ensure_ready()
+                await self._ensure_ready(since)
             except asyncio.TimeoutError:
                 raise E.VaultUnavailable("the vault did not answer in time") from None
             return await self._replicate(records)
@@ -383,9 +401,10 @@ class ReplicatedCommitPoint:
         Waits only for the socket (backpressure), not for the vault's OKs:
         the ACK of the APPEND that references them is the durability point."""
         if not self.healthy:
+            since = time.monotonic()
             async with self._lock:
                 try:
-                    await self._ensure_ready()
+                    await self._ensure_ready(since)
                 except asyncio.TimeoutError:
                     raise E.VaultUnavailable("the vault did not answer in time") from None
         for d, data in chunks:

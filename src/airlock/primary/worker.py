@@ -78,13 +78,15 @@ class _LeaderCommitPoint:
     the leader's; large chunks go to the vault over the worker's own link.
 
     Large chunks (SHIP_BY_REFERENCE and up) of a request served here are
-    sent to the vault on a link connection of this process (`link`, opened
-    on first use, same keys as the leader's), with their bytes still in
-    hand: the leader no longer reads them back from the chunk store and
+    sent to the vault on a link connection of this process (`link`, same
+    keys as the leader's, opened in the background on first use; until it
+    is ready they go through the leader), with their bytes still in hand: the leader no longer reads them back from the chunk store and
     encrypts them on its own event loop, which made a large PUT on a worker
     markedly slower than one on the leader (docs/performance.md).  The
-    vault's answers to those frames are awaited before the commit call
-    goes to the leader (`settle`): a chunk is in the vault's newest overlay
+    vault's answers to those frames are awaited, for at most the ack
+    timeout, before the commit call goes to the leader (`settle`; past the
+    limit the link is closed and reopened later): a chunk is in the vault's
+    newest overlay
     once it answered OK, and the leader's APPEND, which syncs that overlay
     before its records, comes after.  (The vault keeps one order per
     connection only, so the wait is what orders the two connections.)  A
@@ -94,40 +96,52 @@ class _LeaderCommitPoint:
     missing_chunks and the leader's repair sends it again (replication.py).
     """
 
-    def __init__(self, peer: Peer, replicated: bool, link=None):
+    def __init__(self, peer: Peer, replicated: bool, link=None, link_timeout: float = 30.0):
         self.peer = peer
         self.replicated = replicated
         self.last_seq = 0
         self.link = link                  # LinkClient, or None: everything through the leader
-        self._link_lock = asyncio.Lock()
+        self.link_timeout = link_timeout  # the gateway's ack timeout: for a send, and for the answers
+        self._connecting: asyncio.Task | None = None
         self._link_retry_at = 0.0
         self.stats = {"chunks_shipped_direct": 0, "bytes_shipped_direct": 0, "direct_fallbacks": 0}
 
-    async def _usable_link(self):
+    def _usable_link(self):
+        """The link if it is ready; else None, and a connect is started in
+        the background (at most one at a time, none within LINK_RETRY_S of a
+        failed one).  No request ever waits for a connect: until the link is
+        ready, large chunks go through the leader."""
         link = self.link
-        if link is None:
-            return None
-        if link.ready:
+        if link is None or link.ready:
             return link
-        if time.monotonic() < self._link_retry_at:
-            return None
-        async with self._link_lock:          # one connect at a time; the others wait for it
-            if not link.ready:
-                try:
-                    await link.connect()
-                except (E.VaultUnavailable, E.VaultRejected) as e:
-                    self._link_retry_at = time.monotonic() + LINK_RETRY_S
-                    log.warning("worker %d: no link of its own to the vault (%s); large chunks go "
-                                "through the leader", os.getpid(), e)
-                    return None
-        return link
+        if self._connecting is None and time.monotonic() >= self._link_retry_at:
+            self._connecting = asyncio.get_running_loop().create_task(self._connect())
+        return None
+
+    async def _connect(self) -> None:
+        try:
+            await self.link.connect()
+        except Exception as e:            # VaultUnavailable, VaultRejected, anything: try again later
+            self._link_retry_at = time.monotonic() + LINK_RETRY_S
+            log.warning("worker %d: no link of its own to the vault (%s); large chunks go "
+                        "through the leader", os.getpid(), e)
+        finally:
+            self._connecting = None
+
+    def _give_up_link(self, why: str) -> None:
+        """The vault did not take or answer direct chunks in time: close this
+        worker's link (its outstanding answers fail, the requests waiting for
+        them fall back to the leader) and reconnect later."""
+        log.warning("worker %d: %s; closing its own link to the vault", os.getpid(), why)
+        self._link_retry_at = time.monotonic() + LINK_RETRY_S
+        self.link.abort()
 
     async def _ship_direct(self, chunks, direct: list) -> list:
         """Send the large chunks on this worker's link; returns the chunks
         left for the leader (small ones, and all when the link is down)."""
         if not any(len(data) >= SHIP_BY_REFERENCE for _d, data in chunks):
             return chunks
-        link = await self._usable_link()
+        link = self._usable_link()
         if link is None:
             return chunks
         rest = []
@@ -136,7 +150,13 @@ class _LeaderCommitPoint:
                 rest.append((d, data))
                 continue
             try:
-                fut = await link.send_chunk(d, data)
+                # the frame is written before the first await; the wait is
+                # for the socket to drain, bounded like every vault answer
+                fut = await asyncio.wait_for(link.send_chunk(d, data), self.link_timeout)
+            except asyncio.TimeoutError:
+                self._give_up_link(f"a chunk was not taken within {self.link_timeout:g} s")
+                rest.append((d, data))
+                continue
             except E.VaultUnavailable:
                 rest.append((d, data))
                 continue
@@ -147,19 +167,23 @@ class _LeaderCommitPoint:
         return rest
 
     async def settle(self) -> list[tuple[str, int]]:
-        """Wait for the vault's answers to this request's direct chunks;
-        returns those it did not take, as references for the leader."""
+        """Wait (at most the ack timeout) for the vault's answers to this
+        request's direct chunks; returns those it did not take, as
+        references for the leader."""
         direct = _direct.get()
         if not direct:
             return []
         _direct.set([])
+        futs = [fut for _d, _size, fut in direct]
+        _done, pending = await asyncio.wait(futs, timeout=self.link_timeout)
+        if pending:
+            self._give_up_link(f"{len(pending)} chunk(s) not answered within {self.link_timeout:g} s")
         failed = []
         for d, size, fut in direct:
-            try:
-                frame = await fut
-            except Exception:            # the link failed (VaultUnavailable) before the answer
-                failed.append((d, size))
+            if not fut.done() or fut.cancelled() or fut.exception() is not None:
+                failed.append((d, size))         # the link failed or was given up before the answer
                 continue
+            frame = fut.result()
             if frame.kind == W.ERROR:
                 log.warning("vault refused a chunk sent by worker %d: %s", os.getpid(),
                             W.decode_json(frame.payload))
@@ -198,6 +222,8 @@ class _LeaderCommitPoint:
         raise E.InternalError("a gateway worker does not commit records itself")
 
     async def close(self) -> None:
+        if self._connecting is not None:
+            self._connecting.cancel()
         if self.link is not None:
             await self.link.close()
 
@@ -212,11 +238,13 @@ def _retrieve(fut: asyncio.Future) -> None:
 class WorkerEngine(Engine):
     """The engine of a worker: local reads and ingest, writes through the leader."""
 
-    def __init__(self, data_dir: str, peer: Peer, *, replicated: bool, link=None, **kw):
+    def __init__(self, data_dir: str, peer: Peer, *, replicated: bool, link=None, link_timeout: float = 30.0,
+                 **kw):
         super().__init__(data_dir, **kw)
         self.peer = peer
         self.replicated = replicated
         self.link = link                            # this worker's own link, for large chunks
+        self.link_timeout = link_timeout
         self.stop: asyncio.Event | None = None     # set: the worker process winds down
 
     def open(self) -> None:
@@ -224,7 +252,7 @@ class WorkerEngine(Engine):
         self.store = ChunkStore(self.data_dir, fsync=self.chunk_fsync, clean_tmp=False,
                                 owner=tmp_owner(os.getpid()))
         self.index = Index(os.path.join(self.data_dir, "index.sqlite"), readonly=True)
-        self.commit_point = _LeaderCommitPoint(self.peer, self.replicated, self.link)
+        self.commit_point = _LeaderCommitPoint(self.peer, self.replicated, self.link, self.link_timeout)
 
     @property
     def vault_link(self):
@@ -267,9 +295,16 @@ class WorkerEngine(Engine):
         reuses them (dedup) finds them there."""
         held = _held.get()
         _held.set(None)
-        if held and held[0]:
+        chunks = list(held[0]) if held else []
+        try:
+            # direct chunks the vault did not take: by reference, like the
+            # commit call would have sent them (their files are in the store)
+            chunks += await self.commit_point.settle()
+        except Exception as e:
+            log.warning("could not settle the direct chunks of a failed upload: %s", e)
+        if chunks:
             try:
-                await self.peer.call("ship_chunks", held[0])
+                await self.peer.call("ship_chunks", chunks)
             except Exception as e:          # best effort; the missing-chunk repair covers the rest
                 log.warning("could not ship the chunks of a failed upload: %s", e)
 
@@ -384,9 +419,9 @@ async def run(fd: int) -> None:
     link = None
     if replicated:
         from airlock.gateway import make_link_client
-        link = make_link_client(cfg)     # connected on first use (large chunks)
-    engine = WorkerEngine(cfg.data, peer, replicated=replicated, link=link, fsync=cfg.fsync,
-                          chunk_fsync=chunk_fsync)
+        link = make_link_client(cfg)     # connected in the background on first use (large chunks)
+    engine = WorkerEngine(cfg.data, peer, replicated=replicated, link=link, link_timeout=cfg.ack_timeout,
+                          fsync=cfg.fsync, chunk_fsync=chunk_fsync)
     engine.stop = stop
     engine.open()
     await engine.start()
