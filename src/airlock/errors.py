@@ -76,6 +76,14 @@ def _s3(name: str, status: int, message: str, code: str | None = None) -> type[S
 
 InternalError = _s3("InternalError", 500, "We encountered an internal error. Please try again.")
 ServiceUnavailable = _s3("ServiceUnavailable", 503, "Please reduce your request rate.")
+
+
+class PrimaryStorageFull(ServiceUnavailable):
+    """The primary's disk is full, or below its free-space reserve: nothing
+    was stored; the client may retry once there is room."""
+    default_message = "The primary's storage is full; nothing was stored. Retry later."
+
+
 SlowDown = _s3("SlowDown", 503, "Please reduce your request rate.")
 NotImplementedS3 = _s3("NotImplementedS3", 501, "A header you provided implies functionality that is not implemented.", "NotImplemented")
 MethodNotAllowed = _s3("MethodNotAllowed", 405, "The specified method is not allowed against this resource.")

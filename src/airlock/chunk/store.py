@@ -10,8 +10,9 @@ Layout (docs/format/chunkstore.md):
 A small chunk is durable when `put` returns (its transaction committed,
 shared with concurrent uploads).  A larger one is written to tmp, fsynced
 (if `fsync`), then renamed into place; the directory is fsynced by
-`sync_dirs` before the commit record that references it is written.  A gateway with a vault and chunk_sync = "vault" runs this store
-with `fsync=False`: the vault's durable copy is the guarantee and reads
+`sync_dirs` before the commit record that references it is written.  A
+gateway with a vault and chunk_sync = "vault" runs this store with
+`fsync=False`: the vault's durable copy is the guarantee and reads
 repair what a power loss cut short.  Chunks
 are stored once per digest (dedup).  Every read is verified against the digest;
 a mismatch raises IntegrityError; the engine then fetches the chunk from the

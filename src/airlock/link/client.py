@@ -150,19 +150,13 @@ class LinkClient:
     async def send(self, kind: int, payload=b"") -> "asyncio.Future":
         """Write a request frame (waiting only for the socket to take it) and
         return the future of its raw answer frame."""
-        # nothing but the HELLO goes out before the HELLO_OK: the vault
-        # refuses any other first frame (and a concurrent connect() may have
-        # replaced the connection while this call waited for the lock)
-        ready = self.connected if kind == W.HELLO else self.ready
-        if not ready:
-            raise E.VaultUnavailable("not connected to the vault")
+        self._check_may_send(kind)
         rid = next(self._ids)
         fut = asyncio.get_running_loop().create_future()
         self._waiting[rid] = fut
         try:
             async with self._wlock:
-                if not (self.connected if kind == W.HELLO else self.ready):
-                    raise E.VaultUnavailable("not connected to the vault")
+                self._check_may_send(kind)      # a concurrent connect() may have replaced the connection
                 await W.write_frame(self._writer, kind, rid, payload)
         except (OSError, ssl.SSLError) as e:
             self._waiting.pop(rid, None)
@@ -171,6 +165,12 @@ class LinkClient:
             self._waiting.pop(rid, None)
             raise
         return fut
+
+    def _check_may_send(self, kind: int) -> None:
+        """Nothing but the HELLO goes out before the HELLO_OK: the vault
+        refuses any other first frame."""
+        if not (self.connected if kind == W.HELLO else self.ready):
+            raise E.VaultUnavailable("not connected to the vault")
 
     async def _answer(self, kind: int, fut: "asyncio.Future") -> W.Frame:
         frame = await fut

@@ -159,7 +159,7 @@ class Engine:
         if free < self.min_free_bytes:
             log.error("primary storage full: %d bytes free in %s, writes need %d", free, self.data_dir,
                       self.min_free_bytes)
-            raise E.ServiceUnavailable("The primary's storage is full; nothing was stored. Retry later.")
+            raise E.PrimaryStorageFull()
 
     async def _commit_key(self, bucket: str, key: str, decide: Callable[[], tuple[int, dict] | None]):
         """Run `decide` (reads the index, returns the record to commit or None)

@@ -54,17 +54,28 @@ FORWARDED = ("create_bucket", "delete_bucket", "set_versioning", "commit_object"
              "create_upload", "commit_part", "abort_upload", "complete_upload")
 
 
-# New chunks of the body being ingested by this request (its own asyncio
-# task, so its own context) that are small enough to ride along with the
-# commit call instead of costing a call of their own: [chunks, bytes].
-_held: contextvars.ContextVar[list | None] = contextvars.ContextVar("airlock_held_chunks", default=None)
 HOLD_BYTES = 256 * 1024
 SHIP_BY_REFERENCE = 64 * 1024      # chunks this large are sent as (digest, size); see ship_chunks
-# Chunks at least this large that the request being ingested sent to the
-# vault over this worker's own link: [(digest, size, future of the vault's
-# answer)], settled before its commit call (see _LeaderCommitPoint).
-_direct: contextvars.ContextVar[list | None] = contextvars.ContextVar("airlock_direct_chunks", default=None)
 LINK_RETRY_S = 2.0                 # after a failed connect, large chunks go through the leader this long
+
+
+class _BodyChunks:
+    """The new chunks of the body this request is ingesting, on their way to
+    the vault: `held`, small enough to ride along with the commit call
+    instead of costing a call of their own (`held_bytes` in all); `direct`,
+    sent on this worker's own link, as (digest, size, future of the vault's
+    answer), to be settled before the commit call (_LeaderCommitPoint)."""
+
+    __slots__ = ("held", "held_bytes", "direct")
+
+    def __init__(self):
+        self.held: list = []
+        self.held_bytes = 0
+        self.direct: list = []
+
+
+# the request's _BodyChunks (each request is its own asyncio task, so its own context)
+_body: contextvars.ContextVar[_BodyChunks | None] = contextvars.ContextVar("airlock_body_chunks", default=None)
 
 
 def tmp_owner(pid: int) -> str:
@@ -80,15 +91,15 @@ class _LeaderCommitPoint:
     Large chunks (SHIP_BY_REFERENCE and up) of a request served here are
     sent to the vault on a link connection of this process (`link`, same
     keys as the leader's, opened in the background on first use; until it
-    is ready they go through the leader), with their bytes still in hand: the leader no longer reads them back from the chunk store and
-    encrypts them on its own event loop, which made a large PUT on a worker
-    markedly slower than one on the leader (docs/performance.md).  The
-    vault's answers to those frames are awaited, for at most the ack
-    timeout, before the commit call goes to the leader (`settle`; past the
+    is ready they go through the leader), with their bytes still in hand:
+    the leader no longer reads them back from the chunk store and encrypts
+    them on its own event loop, which made a large PUT on a worker markedly
+    slower than one on the leader (docs/performance.md).  The vault's
+    answers to those frames are awaited, for at most the ack timeout,
+    before the commit call goes to the leader (`take_for_leader`; past the
     limit the link is closed and reopened later): a chunk is in the vault's
-    newest overlay
-    once it answered OK, and the leader's APPEND, which syncs that overlay
-    before its records, comes after.  (The vault keeps one order per
+    newest overlay once it answered OK, and the leader's APPEND, which
+    syncs that overlay before its records, comes after.  (The vault keeps one order per
     connection only, so the wait is what orders the two connections.)  A
     chunk the direct link could not deliver goes to the leader by
     reference with the commit call, as before; and if the vault lost it all
@@ -166,14 +177,20 @@ class _LeaderCommitPoint:
             self.stats["bytes_shipped_direct"] += len(data)
         return rest
 
-    async def settle(self) -> list[tuple[str, int]]:
-        """Wait (at most the ack timeout) for the vault's answers to this
-        request's direct chunks; returns those it did not take, as
-        references for the leader."""
-        direct = _direct.get()
+    async def take_for_leader(self) -> list:
+        """What the leader must still ship for this request's body, taken
+        (once) before its commit call or after its failure: the held small
+        chunks, then the direct chunks the vault did not take -- waited for
+        at most the ack timeout -- as references."""
+        body = _body.get()
+        if body is None:
+            return []
+        _body.set(None)
+        return body.held + await self._settle(body.direct)
+
+    async def _settle(self, direct: list) -> list[tuple[str, int]]:
         if not direct:
             return []
-        _direct.set([])
         futs = [fut for _d, _size, fut in direct]
         _done, pending = await asyncio.wait(futs, timeout=self.link_timeout)
         if pending:
@@ -194,9 +211,9 @@ class _LeaderCommitPoint:
     async def ship_chunks(self, chunks: list[tuple[str, bytes]], inline: frozenset = frozenset()) -> None:
         if not self.replicated:
             return                   # local-only: the leader's commit point ships nothing either
-        direct = _direct.get()
-        if direct is not None and self.link is not None:
-            chunks = await self._ship_direct(chunks, direct)
+        body = _body.get()
+        if body is not None and self.link is not None:
+            chunks = await self._ship_direct(chunks, body.direct)
             if not chunks:
                 return
         # Large chunks go by reference: their files are in the shared chunk
@@ -206,16 +223,15 @@ class _LeaderCommitPoint:
         # their bytes go through the channel.
         chunks = [(d, len(data) if len(data) >= SHIP_BY_REFERENCE and d not in inline else bytes(data))
                   for d, data in chunks]
-        held = _held.get()
-        if held is not None:
+        if body is not None:
             size = sum(data if isinstance(data, int) else len(data) for _d, data in chunks)
-            if held[1] + size <= HOLD_BYTES:
-                held[0].extend(chunks)
-                held[1] += size
+            if body.held_bytes + size <= HOLD_BYTES:
+                body.held.extend(chunks)
+                body.held_bytes += size
                 return
-            if held[0]:            # keep the order: what was held goes first
-                chunks = held[0] + chunks
-                held[0], held[1] = [], 0
+            if body.held:          # keep the order: what was held goes first
+                chunks = body.held + chunks
+                body.held, body.held_bytes = [], 0
         await self.peer.call("ship_chunks", chunks)
 
     async def commit(self, rtype: int, payload: bytes) -> int:   # never: writes are forwarded whole
@@ -263,8 +279,7 @@ class WorkerEngine(Engine):
         # the new chunks of a small body go to the leader with the commit
         # call that follows (commit_object / commit_part), in one message
         # (if the upload fails before that call, see SHIP_HELD_ON_FAILURE)
-        _held.set([[], 0])
-        _direct.set([])
+        _body.set(_BodyChunks())
         return await super().ingest(body, **kw)
 
     def _shipper(self, ingest):
@@ -288,25 +303,18 @@ class WorkerEngine(Engine):
         return ship
 
     async def _ship_held(self) -> None:
-        """The request failed after storing chunks it still holds (a bad
-        digest, a refused precondition, a dropped client): ship them anyway,
+        """The request failed after storing chunks it still holds, or sent
+        on its own link without an answer (a bad digest, a refused
+        precondition, a dropped client): ship them anyway,
         as a single-process gateway would have during the body, so that the
         vault has every chunk file the store has and a later upload that
         reuses them (dedup) finds them there."""
-        held = _held.get()
-        _held.set(None)
-        chunks = list(held[0]) if held else []
         try:
-            # direct chunks the vault did not take: by reference, like the
-            # commit call would have sent them (their files are in the store)
-            chunks += await self.commit_point.settle()
-        except Exception as e:
-            log.warning("could not settle the direct chunks of a failed upload: %s", e)
-        if chunks:
-            try:
+            chunks = await self.commit_point.take_for_leader()
+            if chunks:
                 await self.peer.call("ship_chunks", chunks)
-            except Exception as e:          # best effort; the missing-chunk repair covers the rest
-                log.warning("could not ship the chunks of a failed upload: %s", e)
+        except Exception as e:          # best effort; the missing-chunk repair covers the rest
+            log.warning("could not ship the chunks of a failed upload: %s", e)
 
     async def _chunk_from_vault(self, loop, ref: ChunkRef, problem: str) -> bytes:
         # the leader fetches, verifies, repairs the local copy and counts it
@@ -339,16 +347,11 @@ def _forward(name: str):
         self._refuse_writes_if_degraded()
         if name in CARRY_CHUNKS:
             # the vault has this request's direct chunks before the record goes
-            # out; any it did not take ride with the call, by reference
-            # (their files are durable: ingest waited for them)
-            undelivered = await self.commit_point.settle()
-            held = _held.get()
-            if held is not None:
-                _held.set(None)
-                if held[0] or undelivered:
-                    return await self.peer.call("ship_and_" + name, held[0] + undelivered, *args, **kwargs)
-            elif undelivered:
-                return await self.peer.call("ship_and_" + name, undelivered, *args, **kwargs)
+            # out; the held ones, and any it did not take (by reference: their
+            # files are durable, ingest waited for them), ride with the call
+            chunks = await self.commit_point.take_for_leader()
+            if chunks:
+                return await self.peer.call("ship_and_" + name, chunks, *args, **kwargs)
         return await self.peer.call(name, *args, **kwargs)
     forwarded.__name__ = name
     forwarded.__doc__ = f"Engine.{name}, run by the leader."

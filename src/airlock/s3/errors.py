@@ -31,7 +31,7 @@ def to_s3_error(exc: BaseException) -> E.S3Error:
         return E.InternalError("Stored data failed its integrity check.")
     if _disk_full(exc):
         log.error("primary storage full: %r", exc)
-        return E.ServiceUnavailable("The primary's storage is full; nothing was stored. Retry later.")
+        return E.PrimaryStorageFull()
     log.exception("internal error", exc_info=exc)
     return E.InternalError()
 
