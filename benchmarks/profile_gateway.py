@@ -1,6 +1,6 @@
 """Sampling profiles of the replicated gateway (and its vault) on three hot paths.
 
-    python benchmarks/profile_gateway.py                  # all three paths
+    python benchmarks/profile_gateway.py                  # every path below
     python benchmarks/profile_gateway.py --paths put4k_c16 --rate 200
 
 Starts airlock as deployed (peers.Airlock: vault + gateway --vault,
@@ -10,6 +10,7 @@ paths, the vault) for the length of the cell:
 
   put64m_c1   PUT 64 MiB, concurrency 1   (wrk on presigned URLs, unique bodies; boto3 without wrk)
   put4k_c16   PUT 4 KiB, concurrency 16   (wrk on presigned URLs, unique bodies; boto3 without wrk)
+  put4k_c1    PUT 4 KiB, concurrency 1    (the latency chain of one small PUT; best with --workers 1)
   get4k_c16   GET 4 KiB, concurrency 16   (wrk on a presigned URL; boto3 if wrk is missing)
 
 py-spy runs with its defaults (blocking, idle threads not sampled): a sample
@@ -45,6 +46,7 @@ KiB, MiB = 1024, 1024 * 1024
 PATHS = {
     "put64m_c1": ("PUT", 64 * MiB, 1, 20.0, 40),
     "put4k_c16": ("PUT", 4 * KiB, 16, 10.0, 40000),
+    "put4k_c1": ("PUT", 4 * KiB, 1, 10.0, 40000),
     "get4k_c16": ("GET", 4 * KiB, 16, 10.0, 10 ** 6),
 }
 TOP = 15
@@ -116,6 +118,9 @@ def main(argv=None) -> int:
     ap.add_argument("--paths", default=",".join(PATHS), help="comma-separated subset of " + ", ".join(PATHS))
     ap.add_argument("--rate", type=int, default=100, help="py-spy samples per second")
     ap.add_argument("--boto3-puts", action="store_true", help="drive PUT paths with the boto3 loadgen even if wrk exists")
+    ap.add_argument("--workers", type=int, default=None,
+                    help="gateway processes (default: airlock's); only the leader is sampled, so "
+                         "--workers 1 puts every request in the profile")
     ap.add_argument("--summarize", type=Path, metavar="DIR",
                     help="only (re)write the .txt summaries of the speedscope files in DIR")
     args = ap.parse_args(argv)
@@ -129,7 +134,7 @@ def main(argv=None) -> int:
     out = RESULTS / f"profile-{time.strftime('%Y%m%d-%H%M%S')}"
     out.mkdir(parents=True, exist_ok=True)
     work = peers.make_workdir("airlock-profile-")
-    t = peers.Airlock(work / "airlock").start()
+    t = peers.Airlock(work / "airlock", workers=args.workers).start()
     gen = loadgen.LoadGen()
     try:
         s3 = t.client()

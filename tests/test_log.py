@@ -366,6 +366,62 @@ def test_failed_sync_fails_the_batch_and_refuses_further_appends(tmp_path, monke
     assert last_sequence(tmp_path) >= 1
 
 
+def test_append_many_runs_its_barrier_on_the_io_thread_before_the_records_are_written(tmp_path):
+    import threading
+    seen = {}
+
+    async def main():
+        w = LogWriter(tmp_path).open()
+        await w.append(1, b"first")
+
+        def before():
+            seen["thread"] = threading.current_thread().name
+            seen["held"] = [r.seq for r in read_log(tmp_path)]
+
+        seqs = await w.append_many([(2, b"a"), (3, b"b"), (4, b"c")], before=before)
+        await w.aclose()
+        return seqs
+
+    assert run(main()) == [2, 3, 4]
+    assert seen["thread"].startswith("airlock-log-writer")
+    assert seen["held"] == [1]          # none of the three was in the file when the barrier ran
+    assert [(r.seq, r.rtype, r.payload) for r in read_log(tmp_path)] == [
+        (1, 1, b"first"), (2, 2, b"a"), (3, 3, b"b"), (4, 4, b"c")]
+
+
+def test_append_many_with_a_failing_barrier_writes_nothing_and_fails_the_writer(tmp_path):
+    async def main():
+        w = LogWriter(tmp_path).open()
+        await w.append(1, b"good")
+
+        def before():
+            raise OSError(5, "overlay sync failed")
+
+        with pytest.raises(LogWriteError) as info:
+            await w.append_many([(1, b"x"), (1, b"y")], before=before)
+        with pytest.raises(LogWriteError):
+            await w.append(1, b"refused")
+        await w.aclose()
+        return info.value
+
+    err = run(main())
+    assert isinstance(err.__cause__, OSError) and "overlay sync failed" in str(err.__cause__)
+    assert [r.payload for r in read_log(tmp_path)] == [b"good"]
+
+
+def test_append_many_refuses_a_bad_record_without_taking_any_seq(tmp_path):
+    async def main():
+        w = LogWriter(tmp_path).open()
+        with pytest.raises(ValueError):
+            await w.append_many([(1, b"ok"), (1, bytes(record.MAX_PAYLOAD + 1))])
+        assert await w.append_many([]) == []
+        seqs = await w.append_many([(1, b"a"), (1, b"b")])
+        await w.aclose()
+        return seqs
+
+    assert run(main()) == [1, 2]
+
+
 def test_payload_over_max_is_refused_without_using_a_seq(tmp_path):
     async def main():
         w = LogWriter(tmp_path).open()

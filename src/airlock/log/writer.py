@@ -41,6 +41,7 @@ class _Pending(NamedTuple):
     payload: bytes
     data: bytes
     fut: asyncio.Future
+    before: Callable[[], None] | None = None
 
 
 class LogWriter:
@@ -160,13 +161,45 @@ class LogWriter:
         # shield: a cancelled appender does not retract its record (its seq is taken).
         return await asyncio.shield(fut)
 
+    async def append_many(self, records: list[tuple[int, bytes]],
+                          before: Callable[[], None] | None = None) -> list[int]:
+        """Append records (rtype, payload) with consecutive sequence numbers;
+        return them once all are durable.  `before`, if given, runs on the
+        I/O thread ahead of the write of the batch that holds them, so what
+        it makes durable (the vault's overlay: the chunks these records
+        reference) is durable before any of them -- in the same thread hop as
+        the log's own write and sync.  If it raises, the batch fails as a
+        failed write does (the writer refuses appends until reopened), with
+        its exception as the LogWriteError's cause."""
+        self._check_usable()
+        encoded = []
+        seq = self._next_seq
+        for rtype, payload in records:          # all validated before any seq is taken
+            payload = bytes(payload)
+            encoded.append((seq, rtype, payload, encode_record(seq, rtype, payload)))
+            seq += 1
+        if not encoded:
+            return []
+        self._next_seq = seq
+        loop = asyncio.get_running_loop()
+        futs = []
+        for i, (s, rtype, payload, data) in enumerate(encoded):
+            fut = loop.create_future()
+            futs.append(fut)
+            self._pending.append(_Pending(s, rtype, payload, data, fut, before if i == 0 else None))
+        if self._flusher is None:
+            self._flusher = loop.create_task(self._flush())
+        return list(await asyncio.shield(asyncio.gather(*futs)))
+
     async def _flush(self) -> None:
         loop = asyncio.get_running_loop()
         try:
             while self._pending:
                 batch, self._pending = self._pending, []
+                befores = [p.before for p in batch if p.before is not None]
                 try:
-                    await loop.run_in_executor(self._io, self._write_batch, [(p.seq, p.data) for p in batch])
+                    await loop.run_in_executor(self._io, self._write_batch, [(p.seq, p.data) for p in batch],
+                                               befores)
                 except BaseException as exc:  # noqa: BLE001 - includes cancellation of the flusher
                     self._fail(LogWriteError(f"log write failed at seq {batch[0].seq}: {exc!r}"), exc, batch)
                     return
@@ -221,7 +254,9 @@ class LogWriter:
             raise RuntimeError("LogWriter is not open")
 
     # ------------------------------------------------------------------ I/O thread
-    def _write_batch(self, items: list[tuple[int, bytes]]) -> None:
+    def _write_batch(self, items: list[tuple[int, bytes]], befores=()) -> None:
+        for before in befores:
+            before()
         parts: list[bytes] = []
         for seq, data in items:
             if self._seg_has_records and self._seg_size + len(data) > self.segment_bytes:

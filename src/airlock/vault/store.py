@@ -32,7 +32,7 @@ from airlock.errors import FormatError, IntegrityError, VaultRejected
 from airlock.fsutil import fsync_dir
 from airlock.log.reader import read_log
 from airlock.log.record import MAX_PAYLOAD
-from airlock.log.writer import LogWriter
+from airlock.log.writer import LogWriteError, LogWriter
 from airlock.vault import compaction, snapshots
 from airlock.vault.base import VOLUME_HEADER_SIZE, BaseVolume
 from airlock.vault.catalog import (
@@ -444,22 +444,19 @@ class VaultStore:
                 raise _rejected("missing_chunks", f"{len(missing)} referenced chunks are missing",
                                 digests=missing)
             try:
-                # 2. every chunk these records reference is durable
-                await asyncio.to_thread(self._sync_newest)
-                # an early writeback may have seen the error this sync did not
-                # (Linux reports a writeback error to one descriptor only)
-                if self._failed is not None:
-                    raise _rejected("internal", f"vault store failed a write and is recovering: {self._failed!r}")
-                # 3. the records are durable in the vault log (one group fsync)
+                # 2. every chunk these records reference is durable, then
+                # 3. the records are durable in the vault log (one group
+                # fsync); both on the log's I/O thread, in one hop
                 if self._log.last_seq != self.last_seq:
                     raise RuntimeError(f"vault log at {self._log.last_seq}, store at {self.last_seq}")
-                futs = [asyncio.ensure_future(self._log.append(rtype, payload)) for _s, rtype, payload in new]
-                seqs = await asyncio.gather(*futs, return_exceptions=True)
-                for s, (seq, _r, _p) in zip(seqs, new):
-                    if isinstance(s, BaseException):
-                        raise s
-                    if s != seq:
-                        raise RuntimeError(f"vault log assigned seq {s} to record {seq}")
+                try:
+                    seqs = await self._log.append_many([(rtype, payload) for _s, rtype, payload in new],
+                                                       before=self._sync_for_append)
+                except LogWriteError as e:
+                    # a refusal by the sync (the store failed meanwhile) is reported as itself
+                    raise (e.__cause__ if isinstance(e.__cause__, VaultRejected) else e) from None
+                if seqs != [seq for seq, _r, _p in new]:
+                    raise RuntimeError(f"vault log assigned seqs {seqs[:3]}... to records {new[0][0]}..")
                 # 4. into the newest overlay (claims 35, 36) and the overlay view
                 with self._lock:
                     for (seq, rtype, payload), e in zip(new, entries):
@@ -577,6 +574,15 @@ class VaultStore:
                 os.close(fd)
             with self._lock:
                 ov.synced_size = max(ov.synced_size, size)
+
+    def _sync_for_append(self) -> None:
+        """Before an APPEND's records are written to the log (on its I/O
+        thread): the chunks they reference are durable."""
+        self._sync_newest()
+        # an early writeback may have seen the error this sync did not
+        # (Linux reports a writeback error to one descriptor only)
+        if self._failed is not None:
+            raise _rejected("internal", f"vault store failed a write and is recovering: {self._failed!r}")
 
     def _early_writeback(self) -> None:
         try:
