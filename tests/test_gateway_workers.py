@@ -153,6 +153,13 @@ def test_large_uploads_on_every_process_reach_the_vault_whole(dep):
     # the workers sent their large chunks on links of their own, not through the leader
     assert h["stats"]["chunks_shipped_direct"] > before and h["stats"]["direct_fallbacks"] == 0, h["stats"]
     assert dep.vault.status()["link"]["sessions"] >= 2
+    # each process's own vault connection is in the health document
+    links = {p["role"] + str(p["pid"]): p.get("vault_link") for p in h["processes"]}
+    assert [p["vault_link"] for p in h["processes"] if p["role"] == "leader"] == ["connected"], links
+    assert "connected" in [p.get("vault_link") for p in h["processes"] if p["role"] == "worker"], links
+    assert set(links.values()) <= {"connected", "connecting", "not connected"}, links
+    st = dep.airlock("status", check=False)
+    assert f"leader {gw.proc.pid} connected" in st.stdout, st.stdout
     r = dep.airlock("verify")
     assert "equal" in r.stdout.lower(), r.stdout
 
@@ -207,6 +214,8 @@ def test_a_worker_that_cannot_open_its_own_link_sends_large_chunks_through_the_l
         fresh_client(gw).put_object(Bucket="refused", Key=k, Body=b)
     h = gw.health()
     assert h["stats"].get("chunks_shipped_direct", 0) == 0, h["stats"]
+    workers = [p for p in h["processes"] if p["role"] == "worker"]
+    assert workers and all(p["vault_link"] in ("connecting", "not connected") for p in workers), workers
     assert h["replication_stats"]["missing_chunks_resent"] == 0, h["replication_stats"]
     assert proxy.command("refuse off") == "ok"
     time.sleep(2.5)                          # past the workers' reconnect back-off (LINK_RETRY_S)
@@ -451,6 +460,8 @@ def test_a_local_only_gateway_with_workers_serves_and_stops_cleanly(tmp_path):
             fresh_client(gw).put_object(Bucket="solo", Key=f"{i}", Body=b"%d" % i)
         for i in range(10):
             assert fresh_client(gw).get_object(Bucket="solo", Key=f"{i}")["Body"].read() == b"%d" % i
+        procs = wait_until(lambda: (health_or_none(gw) or {}).get("processes"), "health of both processes")
+        assert all("vault_link" not in p for p in procs), procs     # no vault, no link to report
     finally:
         assert gw.stop() == 0
     assert all(not os.path.exists(f"/proc/{p}") or _is_zombie(p) for p in pids)

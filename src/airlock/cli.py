@@ -547,6 +547,11 @@ def cmd_status(args) -> int:
         print(f"gateway: {g.get('status')}  replication={g.get('replication', '-')} "
               f"vault_connected={g.get('vault_connected', '-')} last_seq={g.get('last_seq', '-')} "
               f"primary_storage={g.get('primary_storage', '-')} processes={len(g.get('processes') or [1])}")
+        links = [f"{p.get('role')} {p.get('pid')} {p['vault_link']}" for p in g.get("processes") or []
+                 if p.get("vault_link")]
+        if links:
+            # a worker opens its own link on its first large chunk; until then they go through the leader
+            print(f"  vault links: {', '.join(links)}")
         if g.get("degraded_reason"):
             print(f"  DEGRADED: {g['degraded_reason']}; reads served from the vault, writes refused")
         st = g.get("stats") or {}

@@ -186,6 +186,8 @@ class Engine:
         replicated = hasattr(cp, "link")
         stats = dict(self.stats)
         processes = [{"pid": os.getpid(), "role": "leader", "stats": dict(self.stats)}]
+        if replicated:
+            processes[0]["vault_link"] = "connected" if cp.healthy else "not connected"
         for source in self.stats_sources:
             try:
                 proc = await source()

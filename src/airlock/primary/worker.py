@@ -117,6 +117,18 @@ class _LeaderCommitPoint:
         self._link_retry_at = 0.0
         self.stats = {"chunks_shipped_direct": 0, "bytes_shipped_direct": 0, "direct_fallbacks": 0}
 
+    @property
+    def link_state(self) -> str | None:
+        """This worker's own vault connection, for /_airlock/health: None
+        without one (local-only), else "connected", "connecting" or "not
+        connected" (not opened yet -- it opens on the first large chunk --
+        or down, retried LINK_RETRY_S after a failed connect)."""
+        if self.link is None:
+            return None
+        if self.link.ready:
+            return "connected"
+        return "connecting" if self._connecting is not None else "not connected"
+
     def _usable_link(self):
         """The link if it is ready; else None, and a connect is started in
         the background (at most one at a time, none within LINK_RETRY_S of a
@@ -400,7 +412,11 @@ async def run(fd: int) -> None:
             return {}
         stats = dict(engine.stats)
         stats.update(getattr(engine.commit_point, "stats", {}))
-        return {"pid": os.getpid(), "role": "worker", "stats": stats}
+        proc = {"pid": os.getpid(), "role": "worker", "stats": stats}
+        state = getattr(engine.commit_point, "link_state", None)
+        if state is not None:
+            proc["vault_link"] = state
+        return proc
 
     def leader_lost() -> None:
         # The leader is gone (crashed, killed).  A write this worker forwarded
