@@ -397,14 +397,18 @@ def test_append_many_with_a_failing_barrier_writes_nothing_and_fails_the_writer(
         def before():
             raise OSError(5, "overlay sync failed")
 
-        with pytest.raises(LogWriteError) as info:
-            await w.append_many([(1, b"x"), (1, b"y")], before=before)
+        # an append queued into the same batch fails with it
+        same = asyncio.ensure_future(w.append(1, b"same batch"))
+        many = asyncio.ensure_future(w.append_many([(1, b"x"), (1, b"y")], before=before))
+        results = await asyncio.gather(same, many, return_exceptions=True)
         with pytest.raises(LogWriteError):
             await w.append(1, b"refused")
         await w.aclose()
-        return info.value
+        return results
 
-    err = run(main())
+    results = run(main())
+    assert all(isinstance(r, LogWriteError) for r in results), results
+    err = results[1]
     assert isinstance(err.__cause__, OSError) and "overlay sync failed" in str(err.__cause__)
     assert [r.payload for r in read_log(tmp_path)] == [b"good"]
 

@@ -234,6 +234,43 @@ def test_identical_retransmission_is_accepted_and_skipped(store):
     assert [r[0] for r in store.records(1, 10)] == [1, 2, 3]
 
 
+def test_an_early_writeback_failing_during_an_appends_sync_refuses_that_append(store, monkeypatch):
+    """An APPEND's overlay sync and an early writeback running at the same
+    time sync one open file, and Linux reports a writeback error to one of
+    them only: the APPEND waits for the writeback in flight before it trusts
+    its own sync, and refuses when that writeback failed.  Recovery in place
+    then takes appends again."""
+    import concurrent.futures
+    import threading
+    feed = Feed(store)
+    assert feed.send(feed.bucket("b")) == 1
+    synced = threading.Event()
+
+    def failing_writeback():          # still running when the APPEND's own sync returns
+        synced.wait(5)
+        time.sleep(0.2)
+        with store._lock:
+            store._stop(OSError(5, "Input/output error"), "vault overlay writeback")
+
+    pool = concurrent.futures.ThreadPoolExecutor(1)
+    try:
+        store._writeback_job = pool.submit(failing_writeback)
+        own_sync = store._sync_newest
+        monkeypatch.setattr(store, "_sync_newest", lambda: (own_sync(), synced.set()))
+        rec = feed.put("b", "k", body(1))
+        with pytest.raises(VaultRejected) as info:
+            feed.send(rec)
+        assert info.value.code == "internal" and "recovering" in str(info.value)
+        assert store.last_seq == 1 and store.manifest("b", "k") is None
+    finally:
+        pool.shutdown(wait=True)
+    monkeypatch.undo()
+    assert asyncio.run(store.reopen()) is True
+    store.put_chunk(blake3.blake3(body(1)).hexdigest(), body(1))
+    assert feed.send(rec) == 2
+    assert store.manifest("b", "k")["size"] == len(body(1))
+
+
 def test_sequence_gap_is_refused(store):
     f = Feed(store)
     f.send(f.bucket("b"))

@@ -44,6 +44,11 @@ class _Pending(NamedTuple):
     before: Callable[[], None] | None = None
 
 
+def _retrieve(fut: asyncio.Future) -> None:
+    if not fut.cancelled():
+        fut.exception()
+
+
 class LogWriter:
     """Appends records to the segments in `directory`.  Use from one event loop.
 
@@ -169,7 +174,7 @@ class LogWriter:
         it makes durable (the vault's overlay: the chunks these records
         reference) is durable before any of them -- in the same thread hop as
         the log's own write and sync.  If it raises, the batch fails as a
-        failed write does (the writer refuses appends until reopened), with
+        failed write does (this writer refuses every later append), with
         its exception as the LogWriteError's cause."""
         self._check_usable()
         encoded = []
@@ -189,7 +194,9 @@ class LogWriter:
             self._pending.append(_Pending(s, rtype, payload, data, fut, before if i == 0 else None))
         if self._flusher is None:
             self._flusher = loop.create_task(self._flush())
-        return list(await asyncio.shield(asyncio.gather(*futs)))
+        both = asyncio.gather(*futs)
+        both.add_done_callback(_retrieve)      # a cancelled caller leaves no unretrieved error behind
+        return list(await asyncio.shield(both))
 
     async def _flush(self) -> None:
         loop = asyncio.get_running_loop()

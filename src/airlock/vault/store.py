@@ -304,9 +304,11 @@ class VaultStore:
         if self._writeback is not None:
             self._writeback.shutdown(wait=True)     # an early writeback may hold a dup of the overlay fd
             self._writeback = None
+        # the log first and outside the lock: its I/O thread may be in an
+        # APPEND's overlay sync (_sync_for_append), which takes the lock
+        if self._log is not None and self._log._flusher is None:
+            self._log.close()
         with self._lock:
-            if self._log is not None and self._log._flusher is None:
-                self._log.close()
             for ov in self._overlays:
                 ov.close()
             if self._catalog is not None:
@@ -453,8 +455,10 @@ class VaultStore:
                     seqs = await self._log.append_many([(rtype, payload) for _s, rtype, payload in new],
                                                        before=self._sync_for_append)
                 except LogWriteError as e:
-                    # a refusal by the sync (the store failed meanwhile) is reported as itself
-                    raise (e.__cause__ if isinstance(e.__cause__, VaultRejected) else e) from None
+                    if isinstance(e.__cause__, VaultRejected):
+                        # a refusal by the sync (the store failed meanwhile) is reported as itself
+                        raise e.__cause__ from None
+                    raise
                 if seqs != [seq for seq, _r, _p in new]:
                     raise RuntimeError(f"vault log assigned seqs {seqs[:3]}... to records {new[0][0]}..")
                 # 4. into the newest overlay (claims 35, 36) and the overlay view
@@ -579,8 +583,15 @@ class VaultStore:
         """Before an APPEND's records are written to the log (on its I/O
         thread): the chunks they reference are durable."""
         self._sync_newest()
-        # an early writeback may have seen the error this sync did not
-        # (Linux reports a writeback error to one descriptor only)
+        # An early writeback running meanwhile may have seen the error this
+        # sync did not: both sync dups of one open file, and Linux reports a
+        # writeback error to one of them only.  Wait for it to have recorded
+        # its outcome (_stop) before looking.  (Off the event loop, so the
+        # wait costs no other request anything; the writeback takes no lock
+        # this thread holds.)
+        job = self._writeback_job
+        if job is not None:
+            job.exception()
         if self._failed is not None:
             raise _rejected("internal", f"vault store failed a write and is recovering: {self._failed!r}")
 
