@@ -20,6 +20,7 @@ vault and writes the good copy back (`replace`).
 """
 from __future__ import annotations
 
+import errno
 import itertools
 import os
 import sqlite3
@@ -47,6 +48,21 @@ def digest_of(data) -> str:
     return blake3.blake3(data).hexdigest()
 
 
+def _file_length(digest: str, head, file_size: int) -> int:
+    """The data length a chunk file's header states, checked against the
+    file's size (trailing or missing bytes are damage)."""
+    if len(head) < CHUNK_HEADER_SIZE:
+        raise IntegrityError(f"chunk {digest}", digest, "truncated header")
+    magic, version, _flags, length = CHUNK_HEADER.unpack(head)
+    if magic != CHUNK_MAGIC:
+        raise IntegrityError(f"chunk {digest}", digest, "bad magic")
+    if version != CHUNK_VERSION:
+        raise FormatError(f"chunk {digest}: unsupported chunk format version {version}")
+    if file_size - CHUNK_HEADER_SIZE != length:
+        raise IntegrityError(f"chunk {digest}", digest, f"length {file_size - CHUNK_HEADER_SIZE} != {length}")
+    return length
+
+
 class ChunkStore:
     def __init__(self, root: str, *, fsync: bool = True, clean_tmp: bool = True, owner: str | None = None):
         """`clean_tmp=False` for tools that share the store with a running
@@ -57,6 +73,7 @@ class ChunkStore:
         self.tmp = os.path.join(self.root, "tmp")
         self.fsync = fsync
         self._made: set[str] = set()
+        self._nowait = hasattr(os, "preadv") and hasattr(os, "RWF_NOWAIT")   # read_cached can tell
         self._tmp_prefix = (owner or uuid.uuid4().hex[:12]) + "-"   # unique per open store ...
         self._tmp_ids = itertools.count()                # ... and per write (next() is atomic in CPython)
         self._lock = threading.Lock()
@@ -218,17 +235,7 @@ class ChunkStore:
         # so that trailing bytes are still caught
         fd = os.open(self.path(digest), os.O_RDONLY)
         try:
-            size = os.fstat(fd).st_size
-            head = os.pread(fd, CHUNK_HEADER_SIZE, 0)
-            if len(head) < CHUNK_HEADER_SIZE:
-                raise IntegrityError(f"chunk {digest}", digest, "truncated header")
-            magic, version, _flags, length = CHUNK_HEADER.unpack(head)
-            if magic != CHUNK_MAGIC:
-                raise IntegrityError(f"chunk {digest}", digest, "bad magic")
-            if version != CHUNK_VERSION:
-                raise FormatError(f"chunk {digest}: unsupported chunk format version {version}")
-            if size - CHUNK_HEADER_SIZE != length:
-                raise IntegrityError(f"chunk {digest}", digest, f"length {size - CHUNK_HEADER_SIZE} != {length}")
+            length = _file_length(digest, os.pread(fd, CHUNK_HEADER_SIZE, 0), os.fstat(fd).st_size)
             data = os.pread(fd, length, CHUNK_HEADER_SIZE)
         finally:
             os.close(fd)
@@ -239,6 +246,40 @@ class ChunkStore:
             if actual != digest:
                 raise IntegrityError(f"chunk {digest}", digest, actual)
         return data
+
+    def read_cached(self, digest: str, size: int) -> bytearray | None:
+        """The verified bytes of a chunk *file* of `size` bytes if all of
+        them are in the page cache, read without waiting for the disk
+        (preadv2 with RWF_NOWAIT); else None, and the caller reads it with
+        `read` on a thread.  So the event loop serves a hot chunk without a
+        thread hop and never waits for the disk for it (opening the file may
+        still read its inode).  Anything unexpected -- no such file, a short
+        or damaged one, a digest mismatch, a file system without
+        RWF_NOWAIT -- is also None: `read` then reports it as it always does.
+        Rows (small chunks) are not looked for."""
+        if not self._nowait:
+            return None
+        try:
+            fd = os.open(self.path(digest), os.O_RDONLY)
+        except OSError:
+            return None
+        try:
+            head, data = bytearray(CHUNK_HEADER_SIZE), bytearray(size)
+            try:
+                n = os.preadv(fd, [head, data], 0, os.RWF_NOWAIT)
+            except BlockingIOError:           # not (all) in the page cache
+                return None
+            except OSError as e:
+                if e.errno in (errno.EOPNOTSUPP, errno.EINVAL):
+                    self._nowait = False      # this file system cannot tell: always `read`
+                return None
+            if n != CHUNK_HEADER_SIZE + size or _file_length(digest, head, os.fstat(fd).st_size) != size:
+                return None
+        except (OSError, IntegrityError, FormatError):
+            return None
+        finally:
+            os.close(fd)
+        return data if digest_of(data) == digest else None
 
     def iter_digests(self):
         """Every stored digest: rows, then files (a digest may be in both)."""

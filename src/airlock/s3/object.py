@@ -289,7 +289,8 @@ async def get_object(ctx) -> web.StreamResponse:
         # the whole body is in hand (small objects, one chunk): one response,
         # headers and body in a single write
         await chunks.aclose()
-        return web.Response(status=status, headers=headers, body=bytes(first or b""))
+        body = first if isinstance(first, (bytes, bytearray)) else bytes(first or b"")
+        return web.Response(status=status, headers=headers, body=body)
     resp = web.StreamResponse(status=status, headers=headers)
     resp.content_length = length
     await resp.prepare(ctx.request)
