@@ -176,3 +176,39 @@ def test_a_chunk_write_that_fails_leaves_no_tmp_file_and_no_chunk(tmp_path, monk
     assert not store.has(digest)
     store.put(digest, data)                        # space again: the same bytes store normally
     assert store.read(digest) == data
+
+
+@pytest.mark.parametrize("size", [MiB - 1, MiB, MiB + 1, 2 * MiB + 12345, 3 * MiB + MiB // 2])
+@pytest.mark.parametrize("piece", [4096, 64 * 1024, 700_001])
+def test_every_digest_sees_every_byte_in_order_however_the_body_arrives(tmp_path, size, piece):
+    # buffers coalesced to BATCH_BYTES, each large one fed as two passes on
+    # two threads (MD5 | the rest), the last piece with the end of the body:
+    # the digests are still those of the whole body, every byte is in a
+    # chunk, and the chunks are shipped in order
+    import hashlib
+    data = os.urandom(size)
+    store = ChunkStore(str(tmp_path / f"s{size}-{piece}"))
+    shipped = []
+
+    async def ship(chunks):
+        shipped.extend(chunks)
+
+    async def body():
+        for i in range(0, len(data), piece):
+            yield data[i:i + piece]
+
+    async def run():
+        with ThreadPoolExecutor(4) as pool:
+            ing = Ingest(store, want_sha256=True, checksum_algorithms=("CRC32",))
+            return await ingest_body(ing, body(), pool, ship=ship)
+
+    d = asyncio.run(run())
+    assert d.size == size
+    assert d.md5 == hashlib.md5(data).digest()
+    assert d.sha256 == hashlib.sha256(data).digest()
+    import zlib
+    assert d.checksums["CRC32"] == zlib.crc32(data).to_bytes(4, "big")
+    assert b"".join(store.read(c.digest) for c in d.chunks) == data
+    assert [h for h, _ in shipped] == [c.digest for c in d.chunks]
+    assert b"".join(bytes(b) for _h, b in shipped) == data
+    store.close()
