@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -142,7 +143,6 @@ def main(argv=None) -> int:
             time.sleep(1.0)       # workers, if any, dump too
         finally:
             t.stop()
-            import shutil
             shutil.rmtree(work, ignore_errors=True)
         print(f"PUT {args.size} B c={args.conc}, {args.workers} gateway process(es), traced: "
               f"{r['ops_per_s']:.0f} ops/s, wrk p50 {r['p50_ms']:.2f} ms")

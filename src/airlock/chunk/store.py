@@ -263,23 +263,20 @@ class ChunkStore:
             fd = os.open(self.path(digest), os.O_RDONLY)
         except OSError:
             return None
+        head, data = bytearray(CHUNK_HEADER_SIZE), bytearray(size)
         try:
-            head, data = bytearray(CHUNK_HEADER_SIZE), bytearray(size)
-            try:
-                n = os.preadv(fd, [head, data], 0, os.RWF_NOWAIT)
-            except BlockingIOError:           # not (all) in the page cache
-                return None
-            except OSError as e:
-                if e.errno in (errno.EOPNOTSUPP, errno.EINVAL):
-                    self._nowait = False      # this file system cannot tell: always `read`
-                return None
-            if n != CHUNK_HEADER_SIZE + size or _file_length(digest, head, os.fstat(fd).st_size) != size:
-                return None
-        except (OSError, IntegrityError, FormatError):
+            # EAGAIN (BlockingIOError) when not all of it is in the page cache
+            whole = (os.preadv(fd, [head, data], 0, os.RWF_NOWAIT) == CHUNK_HEADER_SIZE + size
+                     and _file_length(digest, head, os.fstat(fd).st_size) == size)
+        except OSError as e:
+            if e.errno in (errno.EOPNOTSUPP, errno.EINVAL):
+                self._nowait = False          # this file system cannot tell: always `read`
+            return None
+        except (IntegrityError, FormatError):
             return None
         finally:
             os.close(fd)
-        return data if digest_of(data) == digest else None
+        return data if whole and digest_of(data) == digest else None
 
     def iter_digests(self):
         """Every stored digest: rows, then files (a digest may be in both)."""

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
+from airlock.aio import retrieve_exception
 from airlock.fsutil import fsync_dir
 from airlock.log.reader import list_segments, scan_segment, segment_name
 from airlock.log.record import (
@@ -42,11 +43,6 @@ class _Pending(NamedTuple):
     data: bytes
     fut: asyncio.Future
     before: Callable[[], None] | None = None
-
-
-def _retrieve(fut: asyncio.Future) -> None:
-    if not fut.cancelled():
-        fut.exception()
 
 
 class LogWriter:
@@ -153,16 +149,7 @@ class LogWriter:
     # ------------------------------------------------------------------ appending
     async def append(self, rtype: int, payload) -> int:
         """Append one record; return its sequence number once it is durable."""
-        self._check_usable()
-        seq = self._next_seq
-        payload = bytes(payload)
-        data = encode_record(seq, rtype, payload)     # validates before the seq is used
-        self._next_seq = seq + 1
-        loop = asyncio.get_running_loop()
-        fut = loop.create_future()
-        self._pending.append(_Pending(seq, rtype, payload, data, fut))
-        if self._flusher is None:
-            self._flusher = loop.create_task(self._flush())
+        (fut,) = self._enqueue([(rtype, payload)])
         # shield: a cancelled appender does not retract its record (its seq is taken).
         return await asyncio.shield(fut)
 
@@ -176,27 +163,35 @@ class LogWriter:
         the log's own write and sync.  If it raises, the batch fails as a
         failed write does (this writer refuses every later append), with
         its exception as the LogWriteError's cause."""
+        futs = self._enqueue(records, before)
+        if not futs:
+            return []
+        both = asyncio.gather(*futs)
+        both.add_done_callback(retrieve_exception)     # a cancelled caller's batch may still fail
+        # shield, as in append
+        return list(await asyncio.shield(both))
+
+    def _enqueue(self, records, before: Callable[[], None] | None = None) -> list[asyncio.Future]:
+        """Number and queue records (all validated before any seq is taken);
+        futures of their seqs, set when they are durable.  Queued together,
+        they go into one batch."""
         self._check_usable()
-        encoded = []
         seq = self._next_seq
-        for rtype, payload in records:          # all validated before any seq is taken
+        encoded = []
+        for rtype, payload in records:
             payload = bytes(payload)
             encoded.append((seq, rtype, payload, encode_record(seq, rtype, payload)))
             seq += 1
-        if not encoded:
-            return []
         self._next_seq = seq
         loop = asyncio.get_running_loop()
         futs = []
-        for i, (s, rtype, payload, data) in enumerate(encoded):
+        for s, rtype, payload, data in encoded:
             fut = loop.create_future()
+            self._pending.append(_Pending(s, rtype, payload, data, fut, None if futs else before))
             futs.append(fut)
-            self._pending.append(_Pending(s, rtype, payload, data, fut, before if i == 0 else None))
-        if self._flusher is None:
+        if futs and self._flusher is None:
             self._flusher = loop.create_task(self._flush())
-        both = asyncio.gather(*futs)
-        both.add_done_callback(_retrieve)      # a cancelled caller leaves no unretrieved error behind
-        return list(await asyncio.shield(both))
+        return futs
 
     async def _flush(self) -> None:
         loop = asyncio.get_running_loop()

@@ -187,9 +187,7 @@ class Engine:
         stats = dict(self.stats)
         processes = [{"pid": os.getpid(), "role": "leader", "stats": dict(self.stats)}]
         if replicated:
-            # as a worker's (link_state): "connecting" while connected but not yet reconciled
-            processes[0]["vault_link"] = ("connected" if cp.healthy else
-                                          "connecting" if cp.link.ready else "not connected")
+            processes[0]["vault_link"] = cp.link_state
         for source in self.stats_sources:
             try:
                 proc = await source()

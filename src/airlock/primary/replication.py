@@ -101,6 +101,12 @@ class ReplicatedCommitPoint:
     def healthy(self) -> bool:
         return self._ready and self.link.ready
 
+    @property
+    def link_state(self) -> str:
+        """For /_airlock/health, in the words a worker's link uses:
+        "connecting" while connected but not yet reconciled."""
+        return "connected" if self.healthy else "connecting" if self.link.ready else "not connected"
+
     def _load_aborts(self) -> set[int]:
         try:
             with open(self._aborts_path) as f:

@@ -39,6 +39,7 @@ from aiohttp import web
 
 from airlock import errors as E
 from airlock import malloc
+from airlock.aio import retrieve_exception
 from airlock.chunk.store import ChunkStore
 from airlock.primary.engine import Engine
 from airlock.primary.index import Index
@@ -183,7 +184,7 @@ class _LeaderCommitPoint:
             except E.VaultUnavailable:
                 rest.append((d, data))
                 continue
-            fut.add_done_callback(_retrieve)
+            fut.add_done_callback(retrieve_exception)     # its request may fail before it settles
             direct.append((d, len(data), fut))
             self.stats["chunks_shipped_direct"] += 1
             self.stats["bytes_shipped_direct"] += len(data)
@@ -254,13 +255,6 @@ class _LeaderCommitPoint:
             self._connecting.cancel()
         if self.link is not None:
             await self.link.close()
-
-
-def _retrieve(fut: asyncio.Future) -> None:
-    """A direct chunk's answer may never be awaited (its request failed):
-    fetch its exception so that asyncio does not report it as lost."""
-    if not fut.cancelled():
-        fut.exception()
 
 
 class WorkerEngine(Engine):
