@@ -188,15 +188,12 @@ class LinkServer:
             digest, data = W.decode_chunk(frame.payload)
             hexd = digest.hex()
             if len(data) > INLINE_VERIFY_BYTES:
-                actual = await loop.run_in_executor(self.executor, _blake3, data)
+                # verified and stored in one thread hop; the store's lock is not taken on the
+                # loop, where it could wait for a chunk write of another connection's thread
+                await loop.run_in_executor(self.executor, _verify_and_put, st, digest, hexd, data)
             else:
-                actual = _blake3(data)
-            if actual != digest:
-                raise E.IntegrityError(f"chunk {hexd} from the primary", hexd, actual.hex())
-            if len(data) <= INLINE_VERIFY_BYTES:
+                _verify(digest, hexd, data)
                 st.put_chunk(hexd, data)        # keeps nothing it already has (one catalog lookup)
-            elif not st.has_chunk(hexd):        # no thread hop for a large chunk it has
-                await loop.run_in_executor(self.executor, st.put_chunk, hexd, data)
             self.stats["chunks"] += 1
             return W.OK, b""
         if k == W.APPEND:
@@ -295,5 +292,12 @@ def _opt_int(v) -> int | None:
     return v
 
 
-def _blake3(data) -> bytes:
-    return blake3.blake3(data).digest()
+def _verify(digest: bytes, hexd: str, data) -> None:
+    actual = blake3.blake3(data).digest()
+    if actual != digest:
+        raise E.IntegrityError(f"chunk {hexd} from the primary", hexd, actual.hex())
+
+
+def _verify_and_put(store, digest: bytes, hexd: str, data) -> None:
+    _verify(digest, hexd, data)
+    store.put_chunk(hexd, data)         # keeps nothing it already has
