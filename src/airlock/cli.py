@@ -513,6 +513,24 @@ def cmd_scrub(args) -> int:
     return 1 if r.remaining else 0
 
 
+def cmd_gc(args) -> int:
+    from airlock.primary.gc import gc
+    if args.no_vault_check:
+        link, pdata = None, _primary_data(args)
+    else:
+        link, pdata = _link_for(args)
+    fsync = True
+    if args.config:
+        fsync = load_gateway_config(args.config).fsync
+    r = asyncio.run(gc(pdata, link, dry_run=args.dry_run, fsync=fsync))
+    if r.vault_last_seq is not None:
+        print(f"primary log at {r.primary_last_seq}, vault log at {r.vault_last_seq}")
+    print(r.line())
+    if r.other_files:
+        print(f"left alone: {r.other_files} file(s) under chunks/ that are not chunk files")
+    return 0
+
+
 def _primary_data(args) -> str:
     if args.data:
         return os.path.join(args.data, _deployment(args.data)["primary"])
@@ -675,6 +693,16 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--repair", action=argparse.BooleanOptionalAction, default=True,
                     help="fetch bad or missing chunks from the vault (default: yes)")
     sc.set_defaults(func=cmd_scrub)
+
+    gc = sub.add_parser("gc", help="remove chunks nothing references from the primary (gateway stopped)")
+    gc.add_argument("--data", help="local deployment directory")
+    gc.add_argument("--config", help="gateway config (two-host deployments)")
+    gc.add_argument("--dry-run", action="store_true", help="count what would be removed; remove nothing")
+    gc.add_argument("--no-vault-check", action="store_true",
+                    help="do not ask the vault first whether it holds records this primary has not "
+                         "applied (chunks only those reference would be removed, then fetched back "
+                         "from the vault when read)")
+    gc.set_defaults(func=cmd_gc)
 
     st = sub.add_parser("status", help="health of the gateway and the vault")
     st.add_argument("--data", help="local deployment directory")

@@ -181,15 +181,22 @@ class SmallChunks:
     def delete(self, digest: bytes) -> None:
         self._submit("DELETE", digest, None)
 
+    def delete_many(self, digests) -> None:
+        """Delete these rows in one transaction (`airlock gc`)."""
+        self._submit_rows([("DELETE", d, None) for d in digests])
+
     def _submit(self, verb: str, digest: bytes, data: bytes | None) -> bool:
-        """Queue one change and wait until the transaction holding it commits
+        return self._submit_rows([(verb, digest, data)])[0]
+
+    def _submit_rows(self, rows: list) -> list[bool]:
+        """Queue changes and wait until the transaction holding them commits
         (every change goes through the one committer: the writer connection
         is never used by two threads at once).  A failed commit raises
         OSError for every change of its batch (`as_oserror`)."""
         with self._cond:
             batch = self._queue
             i = len(batch.rows)
-            batch.rows.append((verb, digest, data))
+            batch.rows.extend(rows)
             while self._committing and not batch.done:
                 self._cond.wait()
             if not batch.done:
@@ -213,7 +220,7 @@ class SmallChunks:
                     self._cond.notify_all()
         if batch.error is not None:
             raise batch.error
-        return batch.written[i]
+        return batch.written[i:i + len(rows)]
 
     def _commit(self, rows) -> list[bool]:
         with self._flock():

@@ -1,0 +1,154 @@
+"""`airlock gc`: remove the chunks nothing references from the primary's
+chunk store, with the gateway stopped.
+
+    the data directory's lock          -> refused while a gateway runs
+    vault's last sequence vs the log   -> refused if the vault holds records this
+                                          primary has not applied yet
+    committed state (log replay)       -> live chunks: every object, kept version
+                                          and open multipart upload part
+    rows of small.sqlite not live      -> deleted, a batch per transaction
+    files chunks/<2 hex>/<64 hex> not live -> unlinked, each directory fsynced once
+
+Why the gateway must be stopped: an upload that finds a chunk already stored
+does not write it again (dedup), so a chunk that looks unreferenced while
+uploads run may be about to be referenced by one of them.  With the lock
+held nothing else writes here.  Why the vault is asked first: records the
+vault acknowledged but this primary's log does not hold yet (a crash after
+the acknowledgement; the gateway fetches them when it starts) reference
+chunks that are on this disk; deleting those would only cost fetching them
+back from the vault, but there is no reason to.
+
+Nothing here can lose data the vault does not also have: only chunks no
+committed record references are removed, and a chunk read later that is
+missing is fetched from the vault and written back (docs/architecture.md,
+"Reads").  An interrupted run leaves some of the garbage; run it again.  The
+space of removed rows stays in small.sqlite (SQLite reuses free pages for
+new rows; the file does not shrink); removed files free theirs at once.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from airlock import errors as E
+from airlock.chunk.store import ChunkStore
+from airlock.fsutil import fsync_dir
+from airlock.link.client import LinkClient
+from airlock.log.reader import last_sequence
+from airlock.primary.datalock import PrimaryLock
+from airlock.primary.engine import committed_state
+from airlock.primary.scrub import CHUNK_NAME, live_chunks
+
+ROW_BATCH = 1000           # small-chunk rows deleted per transaction
+
+
+@dataclass
+class GcReport:
+    objects: int = 0            # current objects (their kept versions are live too)
+    parts: int = 0              # open upload parts
+    live: int = 0               # distinct chunks the committed state references
+    files_kept: int = 0
+    files_removed: int = 0
+    file_bytes_removed: int = 0
+    rows_kept: int = 0
+    rows_removed: int = 0
+    row_bytes_removed: int = 0
+    other_files: int = 0        # entries under chunks/ that are not chunk files (left alone)
+    dry_run: bool = False
+    primary_last_seq: int = 0
+    vault_last_seq: int | None = None
+
+    def line(self) -> str:
+        verb = "would remove" if self.dry_run else "removed"
+        return (f"gc: {verb} {self.files_removed} chunk file(s) ({self.file_bytes_removed:,} bytes) and "
+                f"{self.rows_removed} small chunk(s) ({self.row_bytes_removed:,} bytes); kept "
+                f"{self.files_kept} file(s) and {self.rows_kept} small chunk(s), referenced by "
+                f"{self.objects} object(s) (with their kept versions) and {self.parts} open upload part(s)")
+
+
+async def vault_last_seq(link: LinkClient) -> int:
+    await link.connect()
+    try:
+        return int(link.hello.get("last_seq") or 0)
+    finally:
+        await link.close()
+
+
+async def gc(data_dir: str, link: LinkClient | None, *, dry_run: bool = False,
+             fsync: bool = True) -> GcReport:
+    """Remove unreferenced chunks from the primary at `data_dir`.  `link`:
+    the vault to check first (None skips the check)."""
+    if not os.path.isdir(os.path.join(data_dir, "log")):
+        raise E.ConfigError(f"{data_dir} is not a primary data directory (no log/)")
+    lock = PrimaryLock(data_dir)            # PolicyError while a gateway runs
+    try:
+        r = GcReport(dry_run=dry_run, primary_last_seq=last_sequence(os.path.join(data_dir, "log")))
+        if link is not None:
+            r.vault_last_seq = await vault_last_seq(link)
+            if r.vault_last_seq > r.primary_last_seq:
+                raise E.PolicyError(
+                    f"the vault holds records this primary has not applied (vault log at "
+                    f"{r.vault_last_seq}, primary log at {r.primary_last_seq}): start the gateway once, "
+                    f"so that it fetches them, then run gc again")
+        collect(data_dir, r, dry_run=dry_run, fsync=fsync)
+        return r
+    finally:
+        lock.release()
+
+
+def collect(data_dir: str, r: GcReport, *, dry_run: bool, fsync: bool) -> None:
+    """The sweep itself (lock held, vault checked)."""
+    index = committed_state(data_dir)
+    try:
+        r.objects, r.parts, live = live_chunks(index)
+    finally:
+        index.close()
+    r.live = len(live)
+    store = ChunkStore(data_dir, fsync=fsync)     # the lock is ours: emptying tmp/ is safe
+    try:
+        _sweep_rows(store, live, r, dry_run)
+        _sweep_files(store, live, r, dry_run, fsync)
+    finally:
+        store.close()
+
+
+def _sweep_rows(store: ChunkStore, live, r: GcReport, dry_run: bool) -> None:
+    dead = []
+    for digest, size in store.small.sizes():
+        if digest.hex() in live:
+            r.rows_kept += 1
+            continue
+        dead.append(digest)
+        r.rows_removed += 1
+        r.row_bytes_removed += size
+    if dry_run:
+        return
+    for i in range(0, len(dead), ROW_BATCH):
+        store.small.delete_many(dead[i:i + ROW_BATCH])
+
+
+def _sweep_files(store: ChunkStore, live, r: GcReport, dry_run: bool, fsync: bool) -> None:
+    for sub in sorted(os.listdir(store.root)):
+        d = os.path.join(store.root, sub)
+        if sub == "tmp" or not os.path.isdir(d):
+            continue                        # small.sqlite and its companions are files
+        removed_here = False
+        for name in sorted(os.listdir(d)):
+            if not (CHUNK_NAME.match(name) and name.startswith(sub)):
+                r.other_files += 1          # not ours to judge
+                continue
+            if name in live:
+                r.files_kept += 1
+                continue
+            p = os.path.join(d, name)
+            try:
+                size = os.stat(p).st_size
+                if not dry_run:
+                    os.unlink(p)
+            except FileNotFoundError:
+                continue
+            r.files_removed += 1
+            r.file_bytes_removed += size
+            removed_here = True
+        if removed_here and fsync and not dry_run:
+            fsync_dir(d)
