@@ -4,11 +4,17 @@ chunk a live object, a kept version or an open upload part needs stays, and
 the data reads back byte for byte afterwards."""
 from __future__ import annotations
 
+import json
 import random
 import shutil
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import chunkdamage
+from conftest import proxied_deployment, wait_until
+from test_ack_timeout import ACK_TIMEOUT_S, put_times_out
 
 from airlock.primary.engine import committed_state
 
@@ -31,6 +37,16 @@ def digests_of(primary: Path) -> dict[tuple[str, str], list[str]]:
         index.close()
 
 
+def version_digests(primary: Path, bucket: str, key: str, version_id: str) -> list[str]:
+    index = committed_state(str(primary))
+    try:
+        row = index.db.execute("SELECT manifest FROM versions WHERE bucket=? AND key=? AND version_id=?",
+                               (bucket, key, version_id)).fetchone()
+        return [d for d, _size in json.loads(row[0])["chunks"]]
+    finally:
+        index.close()
+
+
 def stored(primary: Path, digest: str) -> bool:
     return (primary / "chunks" / digest[:2] / digest).exists() or chunkdamage.is_row(primary, digest)
 
@@ -46,7 +62,8 @@ def test_gc_removes_only_chunks_nothing_references_and_everything_reads_back(dep
     keep = {"keep.bin": content("keep", 3 * MiB), "keep.txt": content("keep-small", 3000)}
     for key, body in keep.items():
         s3.put_object(Bucket=BUCKET, Key=key, Body=body)
-    for key, size in (("gone.bin", 2 * MiB), ("gone.txt", 2500), ("over.bin", 2 * MiB)):
+    for key, size in (("gone.bin", 2 * MiB), ("gone.txt", 2500), ("over.bin", 2 * MiB),
+                      ("copied.bin", 2 * MiB)):
         s3.put_object(Bucket=BUCKET, Key=key, Body=content(key, size))
     before = digests_of(primary)
     gone = before[(BUCKET, "gone.bin")] + before[(BUCKET, "gone.txt")] + before[(BUCKET, "over.bin")]
@@ -54,12 +71,20 @@ def test_gc_removes_only_chunks_nothing_references_and_everything_reads_back(dep
     s3.delete_object(Bucket=BUCKET, Key="gone.txt")
     keep["over.bin"] = content("over-2", 2 * MiB)
     s3.put_object(Bucket=BUCKET, Key="over.bin", Body=keep["over.bin"])
+    # a copy shares its source's chunks: they stay after the source is deleted
+    s3.copy_object(Bucket=BUCKET, Key="copy.bin", CopySource={"Bucket": BUCKET, "Key": "copied.bin"})
+    s3.delete_object(Bucket=BUCKET, Key="copied.bin")
+    keep["copy.bin"] = content("copied.bin", 2 * MiB)
 
-    # a versioned bucket: the overwritten version is kept, so are its chunks
+    # a versioned bucket: overwritten versions are kept, so are their chunks,
+    # also behind a delete marker
     s3.create_bucket(Bucket=VERSIONED)
     s3.put_bucket_versioning(Bucket=VERSIONED, VersioningConfiguration={"Status": "Enabled"})
     v1 = s3.put_object(Bucket=VERSIONED, Key="doc", Body=content("doc-1", MiB))["VersionId"]
-    s3.put_object(Bucket=VERSIONED, Key="doc", Body=content("doc-2", MiB))
+    v2 = s3.put_object(Bucket=VERSIONED, Key="doc", Body=content("doc-2", MiB))["VersionId"]
+    s3.delete_object(Bucket=VERSIONED, Key="doc")
+    versioned = [d for v in (v1, v2) for d in version_digests(primary, VERSIONED, "doc", v)]
+    assert len(versioned) >= 2
     # an open multipart upload: its part's chunks are live until it completes or aborts
     up = s3.create_multipart_upload(Bucket=BUCKET, Key="parts.bin")["UploadId"]
     part = content("part-1", 5 * MiB)
@@ -70,9 +95,13 @@ def test_gc_removes_only_chunks_nothing_references_and_everything_reads_back(dep
     assert len(busy.stderr.strip().splitlines()) == 1, busy.stderr
 
     deployment.gateway.stop()
-    live = {d for ds in digests_of(primary).values() for d in ds}
+    live = {d for ds in digests_of(primary).values() for d in ds} | set(versioned)
     assert not set(gone) & live
     assert all(stored(primary, d) for d in gone)
+    # not ours: a file system's lost+found, a stray file in a chunk directory
+    (primary / "chunks" / "lost+found").mkdir()
+    stray = primary / "chunks" / gone[0][:2] / "notes.txt"
+    stray.write_text("left here by hand")
     rows = [d for d in gone if chunkdamage.is_row(primary, d)]
     files = len(gone) - len(rows)
     assert len(rows) == 1 and files >= 4                          # gone.txt; two 2 MiB bodies
@@ -86,6 +115,7 @@ def test_gc_removes_only_chunks_nothing_references_and_everything_reads_back(dep
     assert gc_line(r.stdout).startswith(f"gc: removed {files} chunk file(s)"), r.stdout
     assert not any(stored(primary, d) for d in gone)
     assert all(stored(primary, d) for d in live)
+    assert "left alone: 2 file(s)" in r.stdout and stray.exists() and (primary / "chunks" / "lost+found").is_dir()
     assert "removed 0 chunk file(s)" in gc_line(deployment.airlock("gc").stdout)   # nothing left to do
     scrub = deployment.airlock("scrub", "--no-repair")       # every referenced chunk present and sound
     assert scrub.stdout.splitlines()[-2].startswith("clean:"), scrub.stdout
@@ -94,8 +124,8 @@ def test_gc_removes_only_chunks_nothing_references_and_everything_reads_back(dep
     s3 = deployment.gateway.client()
     for key, body in keep.items():
         assert s3.get_object(Bucket=BUCKET, Key=key)["Body"].read() == body, key
-    old = s3.get_object(Bucket=VERSIONED, Key="doc", VersionId=v1)["Body"].read()
-    assert old == content("doc-1", MiB)
+    for vid, body in ((v1, content("doc-1", MiB)), (v2, content("doc-2", MiB))):
+        assert s3.get_object(Bucket=VERSIONED, Key="doc", VersionId=vid)["Body"].read() == body
     s3.complete_multipart_upload(Bucket=BUCKET, Key="parts.bin", UploadId=up,
                                  MultipartUpload={"Parts": [{"PartNumber": 1, "ETag": etag}]})
     assert s3.get_object(Bucket=BUCKET, Key="parts.bin")["Body"].read() == part
@@ -146,10 +176,61 @@ def test_gc_waits_for_records_the_vault_has_and_the_primary_log_lacks(deployment
     deployment.airlock("verify")
 
 
-def test_gc_of_a_directory_that_is_not_a_deployment_is_a_one_line_error(tmp_path):
-    import subprocess
-    import sys
-    r = subprocess.run([sys.executable, "-m", "airlock", "gc", "--data", str(tmp_path), "--no-vault-check"],
-                       capture_output=True, text=True, timeout=60)
-    assert r.returncode != 0
-    assert r.stderr.startswith("airlock: ") and len(r.stderr.strip().splitlines()) == 1, r.stderr
+def test_gc_bad_invocations_are_one_line_errors(tmp_path):
+    (tmp_path / "gw.toml").write_text('[gateway]\ndata = "%s"\n' % (tmp_path / "nothing"))
+    for args in (["--data", str(tmp_path), "--no-vault-check"],        # not a deployment
+                 [],                                                      # neither --data nor --config
+                 ["--data", str(tmp_path), "--config", str(tmp_path / "gw.toml")],
+                 ["--config", str(tmp_path / "gw.toml")],                 # no vault to ask
+                 ["--config", str(tmp_path / "gw.toml"), "--no-vault-check"]):   # no data directory
+        r = subprocess.run([sys.executable, "-m", "airlock", "gc", *args], capture_output=True, text=True,
+                           timeout=60)
+        assert r.returncode != 0, (args, r.stdout)
+        assert r.stderr.startswith("airlock: ") and len(r.stderr.strip().splitlines()) == 1, (args, r.stderr)
+
+
+def test_gc_with_the_vault_down_says_how_to_run_without_it(deployment):
+    deployment.stop()
+    r = deployment.airlock("gc", check=False)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "--no-vault-check" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_gc_removes_the_chunks_of_a_put_that_was_answered_503(tmp_path):
+    """A PUT whose ack came too late was answered 503 and voided (an ABORT
+    record): its chunks are on the primary's disk, and no committed state
+    references them.  Before the gateway has reconciled, the vault is ahead
+    and gc refuses; after, gc removes them and nothing else."""
+    with proxied_deployment(tmp_path / "deploy", ACK_TIMEOUT_S) as (d, proxy):
+        s3 = d.gateway.client()
+        primary = d.root / "primary"
+        s3.create_bucket(Bucket="keep")
+        kept = content("kept", MiB)
+        s3.put_object(Bucket="keep", Key="kept.bin", Body=kept)
+        kept_chunks = digests_of(primary)[("keep", "kept.bin")]
+        files_before = {p.name for p in (primary / "chunks").glob("??/*")}
+        try:
+            put_times_out(d, proxy, s3, "late.bin", content("late", 2 * MiB))
+            d.gateway.stop()                       # before the link could reconcile
+        finally:
+            proxy.command("release")
+        late_files = {p.name for p in (primary / "chunks").glob("??/*")} - files_before
+        assert late_files                          # written before the commit was refused
+        time.sleep(0.5)
+
+        r = d.airlock("gc", check=False)           # the vault holds the voided record, the log does not
+        assert r.returncode == 1 and "has not applied" in r.stderr, r.stdout + r.stderr
+
+        d.start_gateway()                          # reconciles: an ABORT record voids it
+        wait_until(lambda: d.gateway.health()["pending_aborts"] == 0, "the gateway to reconcile")
+        d.gateway.stop()
+        r = d.airlock("gc")
+        assert gc_line(r.stdout).startswith(f"gc: removed {len(late_files)} chunk file(s)"), r.stdout
+        assert not any((primary / "chunks" / f[:2] / f).exists() for f in late_files)
+        assert all(stored(primary, c) for c in kept_chunks)
+
+        d.start_gateway()
+        s3 = d.gateway.client()
+        assert s3.get_object(Bucket="keep", Key="kept.bin")["Body"].read() == kept
+        assert "Contents" not in s3.list_objects_v2(Bucket="keep", Prefix="late")
+        d.airlock("verify")

@@ -22,7 +22,7 @@ import time
 
 from airlock import __version__
 from airlock.config import DEFAULT_PORT, GatewayConfig, _parse_listen, check_workers, load_gateway_config
-from airlock.errors import AirlockError, ConfigError
+from airlock.errors import AirlockError, ConfigError, VaultUnavailable
 
 DEPLOYMENT_FILE = "deployment.json"
 CHILD_START_TIMEOUT_S = 30.0
@@ -515,14 +515,26 @@ def cmd_scrub(args) -> int:
 
 def cmd_gc(args) -> int:
     from airlock.primary.gc import gc
+    if bool(args.data) == bool(args.config):
+        raise ConfigError("give --data DIR (a local deployment) or --config FILE (the gateway's config)")
+    fsync = True
+    if args.config:
+        cfg = load_gateway_config(args.config)
+        fsync = cfg.fsync
+        if cfg.vault is None and not args.no_vault_check:
+            raise ConfigError("the gateway config has no [link] vault to ask first; "
+                              "run gc with --no-vault-check")
     if args.no_vault_check:
         link, pdata = None, _primary_data(args)
     else:
         link, pdata = _link_for(args)
-    fsync = True
-    if args.config:
-        fsync = load_gateway_config(args.config).fsync
-    r = asyncio.run(gc(pdata, link, dry_run=args.dry_run, fsync=fsync))
+    try:
+        r = asyncio.run(gc(pdata, link, dry_run=args.dry_run, fsync=fsync))
+    except VaultUnavailable as e:
+        raise VaultUnavailable(f"{e} (gc asks the vault first; --no-vault-check runs without it)") from None
+    except OSError as e:
+        # a full or read-only disk, a permission: one line; what was removed so far stays removed
+        raise AirlockError(f"gc stopped: {e}") from None
     if r.vault_last_seq is not None:
         print(f"primary log at {r.primary_last_seq}, vault log at {r.vault_last_seq}")
     print(r.line())

@@ -2,21 +2,29 @@
 chunk store, with the gateway stopped.
 
     the data directory's lock          -> refused while a gateway runs
-    vault's last sequence vs the log   -> refused if the vault holds records this
-                                          primary has not applied yet
+    vault's last sequence vs the log   -> refused unless they are equal (vault ahead:
+                                          records this primary has not applied yet;
+                                          vault behind: not this primary's vault)
     committed state (log replay)       -> live chunks: every object, kept version
                                           and open multipart upload part
-    rows of small.sqlite not live      -> deleted, a batch per transaction
     files chunks/<2 hex>/<64 hex> not live -> unlinked, each directory fsynced once
+    rows of small.sqlite not live      -> deleted, a batch per transaction
 
 Why the gateway must be stopped: an upload that finds a chunk already stored
 does not write it again (dedup), so a chunk that looks unreferenced while
 uploads run may be about to be referenced by one of them.  With the lock
-held nothing else writes here.  Why the vault is asked first: records the
+held no gateway writes here (`airlock scrub`, which takes no lock, may
+repair chunks meanwhile: it writes only under chunks/tmp/, which gc leaves
+alone, and renames over chunk files; at worst a chunk it repairs that
+nothing references stays).  Why the vault is asked first: records the
 vault acknowledged but this primary's log does not hold yet (a crash after
 the acknowledgement; the gateway fetches them when it starts) reference
 chunks that are on this disk; deleting those would only cost fetching them
-back from the vault, but there is no reason to.
+back from the vault, but there is no reason to.  And a vault behind the
+primary is not one whose copies gc may count on.
+
+Files go before rows: on a full disk, which is when gc is wanted, deleting
+rows needs room for SQLite's write-ahead log, and unlinking files makes it.
 
 Nothing here can lose data the vault does not also have: only chunks no
 committed record references are removed, and a chunk read later that is
@@ -53,7 +61,7 @@ class GcReport:
     rows_kept: int = 0
     rows_removed: int = 0
     row_bytes_removed: int = 0
-    other_files: int = 0        # entries under chunks/ that are not chunk files (left alone)
+    other_files: int = 0        # entries under chunks/ that are not chunk files or their directories (left alone)
     dry_run: bool = False
     primary_last_seq: int = 0
     vault_last_seq: int | None = None
@@ -90,6 +98,11 @@ async def gc(data_dir: str, link: LinkClient | None, *, dry_run: bool = False,
                     f"the vault holds records this primary has not applied (vault log at "
                     f"{r.vault_last_seq}, primary log at {r.primary_last_seq}): start the gateway once, "
                     f"so that it fetches them, then run gc again")
+            if r.vault_last_seq < r.primary_last_seq:
+                raise E.PolicyError(
+                    f"the vault's log (at {r.vault_last_seq}) is behind the primary's (at "
+                    f"{r.primary_last_seq}): it is not this primary's vault, or it lost data; "
+                    f"gc removes nothing while the vault may lack copies")
         collect(data_dir, r, dry_run=dry_run, fsync=fsync)
         return r
     finally:
@@ -104,10 +117,11 @@ def collect(data_dir: str, r: GcReport, *, dry_run: bool, fsync: bool) -> None:
     finally:
         index.close()
     r.live = len(live)
-    store = ChunkStore(data_dir, fsync=fsync)     # the lock is ours: emptying tmp/ is safe
+    # tmp/ is left alone: the gateway empties it when it starts, and a scrub may be writing there
+    store = ChunkStore(data_dir, fsync=fsync, clean_tmp=False)
     try:
+        _sweep_files(store, live, r, dry_run, fsync)      # first: frees room on a full disk
         _sweep_rows(store, live, r, dry_run)
-        _sweep_files(store, live, r, dry_run, fsync)
     finally:
         store.close()
 
@@ -132,10 +146,13 @@ def _sweep_files(store: ChunkStore, live, r: GcReport, dry_run: bool, fsync: boo
         d = os.path.join(store.root, sub)
         if sub == "tmp" or not os.path.isdir(d):
             continue                        # small.sqlite and its companions are files
+        if not _is_fanout(sub):
+            r.other_files += 1              # lost+found, or anything else not ours to judge
+            continue
         removed_here = False
         for name in sorted(os.listdir(d)):
-            if not (CHUNK_NAME.match(name) and name.startswith(sub)):
-                r.other_files += 1          # not ours to judge
+            if not (CHUNK_NAME.match(name) and name[:2] == sub) or os.path.isdir(os.path.join(d, name)):
+                r.other_files += 1
                 continue
             if name in live:
                 r.files_kept += 1
@@ -152,3 +169,8 @@ def _sweep_files(store: ChunkStore, live, r: GcReport, dry_run: bool, fsync: boo
             removed_here = True
         if removed_here and fsync and not dry_run:
             fsync_dir(d)
+
+
+def _is_fanout(name: str) -> bool:
+    """chunks/<2 lowercase hex>: the directories chunk files live in."""
+    return len(name) == 2 and all(c in "0123456789abcdef" for c in name)
