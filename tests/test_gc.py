@@ -5,15 +5,20 @@ the data reads back byte for byte afterwards."""
 from __future__ import annotations
 
 import json
+import queue
 import random
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
+import boto3
 import chunkdamage
-from conftest import proxied_deployment, wait_until
+from botocore.config import Config
+from conftest import free_port, proxied_deployment, wait_until
 from test_ack_timeout import ACK_TIMEOUT_S, put_times_out
 
 from airlock.primary.engine import committed_state
@@ -234,3 +239,80 @@ def test_gc_removes_the_chunks_of_a_put_that_was_answered_503(tmp_path):
         assert s3.get_object(Bucket="keep", Key="kept.bin")["Body"].read() == kept
         assert "Contents" not in s3.list_objects_v2(Bucket="keep", Prefix="late")
         d.airlock("verify")
+
+
+class _Up:
+    """`airlock up` as a user runs it; its output is drained by a thread (a
+    full pipe would stall it) and searched by `wait_line`."""
+
+    def __init__(self, data: Path, port: int, *extra: str):
+        self.proc = subprocess.Popen([sys.executable, "-m", "airlock", "up", "--data", str(data),
+                                      "--port", str(port), *extra],
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.lines: queue.Queue = queue.Queue()
+        self.seen: list[str] = []
+        threading.Thread(target=self._drain, daemon=True).start()
+
+    def _drain(self) -> None:
+        for line in self.proc.stdout:
+            self.lines.put(line)
+
+    def wait_line(self, needle: str, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                line = self.lines.get(timeout=0.2)
+            except queue.Empty:
+                if self.proc.poll() is not None and self.lines.empty():
+                    break
+                continue
+            self.seen.append(line)
+            if needle in line:
+                return
+        self.proc.kill()
+        raise AssertionError(f"{needle!r} never printed:\n{''.join(self.seen)}")
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGINT)        # Ctrl-C, as a user stops `airlock up`
+        assert self.proc.wait(timeout=30) == 0, self.proc.returncode
+
+
+def test_local_deployment_gc_with_airlock_up_vault_only(tmp_path):
+    """The local workflow the docs give: stop `airlock up`, start the vault
+    alone (`airlock up --vault-only`), run gc, start everything again."""
+    data, port = tmp_path / "airlock-data", free_port()
+    up = _Up(data, port)
+    try:
+        up.wait_line("airlock is up")
+        s3 = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}", region_name="us-east-1",
+                          aws_access_key_id="AIRLOCKDEVACCESSKEY0",
+                          aws_secret_access_key="airlock-dev-secret-key-change-me-0000000",
+                          config=Config(retries={"max_attempts": 0}))
+        s3.create_bucket(Bucket="local")
+        s3.put_object(Bucket="local", Key="keep", Body=content("local-keep", 2 * MiB))
+        s3.put_object(Bucket="local", Key="drop", Body=content("local-drop", 2 * MiB))
+        s3.delete_object(Bucket="local", Key="drop")
+    finally:
+        up.stop()
+    chunks = data / "primary" / "chunks"
+    before = {p.name for p in chunks.glob("??/*")}
+
+    vault = _Up(data, port, "--vault-only")
+    try:
+        vault.wait_line("is up alone")
+        r = subprocess.run([sys.executable, "-m", "airlock", "gc", "--data", str(data)],
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert gc_line(r.stdout).startswith("gc: removed "), r.stdout
+    finally:
+        vault.stop()
+    after = {p.name for p in chunks.glob("??/*")}
+    assert after < before and len(after) >= 1
+
+    up = _Up(data, port)
+    try:
+        up.wait_line("airlock is up")
+        body = s3.get_object(Bucket="local", Key="keep")["Body"].read()
+        assert body == content("local-keep", 2 * MiB)
+    finally:
+        up.stop()

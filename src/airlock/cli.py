@@ -213,10 +213,16 @@ def cmd_up(args) -> int:
         # the admin socket appears once the link listens (probing the link
         # port itself would show up in the vault's log as a refused handshake)
         _wait_ready(vault, "vault", path=os.path.join(data, "vault", ADMIN_SOCKET))
-        gw = subprocess.Popen(gw_cmd)
-        children.append(("gateway", gw))
-        _wait_ready(gw, "gateway", port=args.port)
-        _print_endpoint(cfg, data, vault_port)
+        if args.vault_only:
+            # for the operator commands that need the vault and a stopped gateway (restore, gc)
+            print(f"airlock vault is up alone (link on 127.0.0.1:{vault_port}, data "
+                  f"{os.path.abspath(os.path.join(data, 'vault'))}); the gateway is not running.\n"
+                  f"try: airlock gc --data {data}    (Ctrl-C stops the vault)", flush=True)
+        else:
+            gw = subprocess.Popen(gw_cmd)
+            children.append(("gateway", gw))
+            _wait_ready(gw, "gateway", port=args.port)
+            _print_endpoint(cfg, data, vault_port)
         while not stopping:
             for name, p in children:
                 if p.poll() is not None:
@@ -616,6 +622,8 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"S3 port (default {DEFAULT_PORT})")
     up.add_argument("--vault-port", type=int, help="link port of the vault (default: S3 port + 1)")
     up.add_argument("--config", help="TOML config file for the gateway (users, region)")
+    up.add_argument("--vault-only", action="store_true",
+                    help="start only the vault (for restore and gc, which need the gateway stopped)")
     up.set_defaults(func=cmd_up)
 
     gw = sub.add_parser("gateway", help="run the S3 gateway (primary domain)")
