@@ -16,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+import blake3
 from awscrt.checksums import crc64nvme
 import pytest
 
@@ -349,3 +350,33 @@ def test_malformed_records_are_refused_with_an_error(dep):
         s.close()
     assert dep.vault.status()["last_seq"] == last
     assert_vault_serves_the_gateway(dep, "after-bad-record")
+
+
+@pytest.mark.parametrize("size", [4096, 1 << 20], ids=["small-chunk", "large-chunk"])
+def test_a_chunk_whose_bytes_do_not_match_its_id_is_refused_and_not_kept(dep, size):
+    """PUT_CHUNK names the chunk by its BLAKE3 digest; the vault verifies it
+    (a small chunk on its event loop, a large one on a thread together with
+    the store) and keeps nothing that does not match.  The session goes on."""
+    data = os.urandom(size)
+    good = blake3.blake3(data).digest()
+    lie = blake3.blake3(data + b"!").digest()
+    s = Session(dep)
+    try:
+        err = error_of(s.request(W.PUT_CHUNK, lie + data))
+        assert err["code"] == "digest_mismatch", err
+        err = error_of(s.request(W.GET_CHUNK, lie))
+        assert err["code"] == "not_found", err
+        # one flipped byte under the right id: refused too, and not kept under it
+        bad = bytearray(data)
+        bad[size // 2] ^= 1
+        err = error_of(s.request(W.PUT_CHUNK, good + bytes(bad)))
+        assert err["code"] == "digest_mismatch", err
+        err = error_of(s.request(W.GET_CHUNK, good))
+        assert err["code"] == "not_found", err
+        # the session is still good: the right bytes are kept and served
+        assert s.request(W.PUT_CHUNK, good + data).kind == W.OK
+        got = s.request(W.GET_CHUNK, good)
+        assert got.kind == W.CHUNK and bytes(got.payload) == data
+    finally:
+        s.close()
+    assert_vault_serves_the_gateway(dep, f"after-bad-chunk-{size}")
