@@ -54,7 +54,6 @@ ROW_BATCH = 1000           # small-chunk rows deleted per transaction
 class GcReport:
     objects: int = 0            # current objects (their kept versions are live too)
     parts: int = 0              # open upload parts
-    live: int = 0               # distinct chunks the committed state references
     files_kept: int = 0
     files_removed: int = 0
     file_bytes_removed: int = 0
@@ -77,7 +76,7 @@ class GcReport:
 async def vault_last_seq(link: LinkClient) -> int:
     await link.connect()
     try:
-        return int(link.hello.get("last_seq") or 0)
+        return int(link.hello["last_seq"])
     finally:
         await link.close()
 
@@ -116,7 +115,6 @@ def collect(data_dir: str, r: GcReport, *, dry_run: bool, fsync: bool) -> None:
         r.objects, r.parts, live = live_chunks(index)
     finally:
         index.close()
-    r.live = len(live)
     # tmp/ is left alone: the gateway empties it when it starts, and a scrub may be writing there
     store = ChunkStore(data_dir, fsync=fsync, clean_tmp=False)
     try:
@@ -150,18 +148,20 @@ def _sweep_files(store: ChunkStore, live, r: GcReport, dry_run: bool, fsync: boo
             r.other_files += 1              # lost+found, or anything else not ours to judge
             continue
         removed_here = False
-        for name in sorted(os.listdir(d)):
-            if not (CHUNK_NAME.match(name) and name[:2] == sub) or os.path.isdir(os.path.join(d, name)):
-                r.other_files += 1
-                continue
-            if name in live:
-                r.files_kept += 1
-                continue
-            p = os.path.join(d, name)
+        with os.scandir(d) as entries:      # the entry's type comes with it: no stat per kept chunk
+            dead = []
+            for e in entries:
+                if not (CHUNK_NAME.match(e.name) and e.name[:2] == sub) or e.is_dir(follow_symlinks=False):
+                    r.other_files += 1
+                elif e.name in live:
+                    r.files_kept += 1
+                else:
+                    dead.append(e)
+        for e in dead:
             try:
-                size = os.stat(p).st_size
+                size = e.stat(follow_symlinks=False).st_size
                 if not dry_run:
-                    os.unlink(p)
+                    os.unlink(e.path)
             except FileNotFoundError:
                 continue
             r.files_removed += 1
