@@ -216,3 +216,53 @@ def test_every_digest_sees_every_byte_in_order_however_the_body_arrives(tmp_path
     assert [h for h, _ in shipped] == [c.digest for c in d.chunks]
     assert b"".join(bytes(b) for _h, b in shipped) == data
     store.close()
+
+
+def test_a_serial_queue_runs_buffers_in_order_and_drops_the_ones_after_a_failure():
+    # each hash state sees the body in order; after a failed buffer nothing
+    # later runs (its state is no longer that of the body's prefix)
+    from concurrent.futures import ThreadPoolExecutor as Pool
+
+    from airlock.primary.ingest import _Serial
+    seen: list = []
+
+    def fn(buf):
+        if buf == 3:
+            raise OSError("disk gone")
+        seen.append(buf)
+        return buf * 10
+
+    async def run():
+        with Pool(4) as pool:
+            q = _Serial(asyncio.get_running_loop(), pool, fn)
+            futs = [q.submit(i) for i in range(6)]
+            results = await asyncio.gather(*futs, return_exceptions=True)
+            await q.stop()
+            return results
+    results = asyncio.run(run())
+    assert results[:3] == [0, 10, 20]
+    assert all(isinstance(r, OSError) for r in results[3:])
+    assert seen == [0, 1, 2]
+
+
+def test_an_upload_whose_body_fails_midway_waits_for_its_running_feeds_and_leaves_durable_files(tmp_path):
+    store = ChunkStore(str(tmp_path))
+    data = os.urandom(8 * MiB)
+    box: dict = {}
+
+    async def body():
+        for i in range(0, 6 * MiB, 64 * 1024):
+            yield data[i:i + 64 * 1024]
+        raise ConnectionResetError("client went away")
+
+    async def run():
+        with ThreadPoolExecutor(4) as pool:
+            ing = box["ing"] = Ingest(store)
+            await ingest_body(ing, body(), pool, ship=None)
+    with pytest.raises(ConnectionResetError):
+        asyncio.run(run())
+    ing = box["ing"]
+    # queued buffers may have been dropped before any chunk was cut; every
+    # chunk write that was started is finished and synced
+    assert ing.durable or not ing.writing
+    assert all(f.done() and f.exception() is None for f in ing.writing.values())

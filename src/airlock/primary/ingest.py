@@ -11,12 +11,13 @@ Data flow (one upload):
                                                         (chunks >= ASYNC_WRITE_BYTES: put_async,
                                                          on the store's writer threads)
 
-`feed` runs on a worker thread (for buffers of SPLIT_BYTES and more, as two
-jobs on two threads: MD5, and everything else): hashlib, blake3 and the
-compiled chunker all release the GIL, so uploads proceed in parallel on both
-cores while the event loop keeps reading sockets.  At most two buffers of one upload are in
-flight (one hashing, one being read), so memory stays bounded whatever the
-object size.  Large chunk files are written and fdatasynced on the chunk
+Each full buffer is fed as two jobs on two threads (MD5, and everything
+else), each thread working through its own queue of the upload's buffers:
+hashlib, blake3 and the compiled chunker all release the GIL, so uploads
+proceed in parallel on both cores while the event loop keeps reading
+sockets.  At most WINDOW buffers of one upload are queued or being hashed
+(plus the one being read), so memory stays bounded whatever the object
+size.  Large chunk files are written and fdatasynced on the chunk
 store's own writer threads, up to MAX_WRITES_IN_FLIGHT per upload, while the
 next buffer is hashed; `wait_durable` waits for all of them (and syncs the
 chunk directories) before the upload may be committed, so the durability
@@ -27,8 +28,10 @@ it, so the two domains' disks sync an upload's tail at the same time.
 from __future__ import annotations
 
 import asyncio
+import collections
 import hashlib
 import logging
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import Executor
 
@@ -39,7 +42,7 @@ from airlock.primary.model import BodyDigests, ChunkRef
 log = logging.getLogger("airlock.ingest")
 
 BATCH_BYTES = 1 * 1024 * 1024       # coalesce socket reads to ~1 MiB before handing to a thread
-SPLIT_BYTES = 256 * 1024            # from this size a buffer is fed as two parallel jobs (MD5 | the rest)
+WINDOW = 4                          # buffers of one upload queued or being hashed at once
 ASYNC_WRITE_BYTES = 256 * 1024      # chunks from this size are written on the store's writer threads ...
 MAX_WRITES_IN_FLIGHT = 4            # ... at most this many per upload at once (bounds memory)
 
@@ -155,8 +158,77 @@ class Ingest:
 ShipChunks = Callable[[list], Awaitable[None]]
 
 
-async def _second(both: Awaitable[list]):
-    return (await both)[1]
+class _Serial:
+    """Runs `fn` over queued buffers, in order, one at a time, on `executor`.
+
+    A job that finds more buffers queued when it finishes one goes straight
+    on with the next, in the same thread: a hash state that must see the
+    body in order (MD5, the chunker) is never idle waiting for the event
+    loop to notice one buffer's end and hand over the next.  (Measured on a
+    64 MiB PUT: with one buffer in flight and the loop in between, the MD5
+    thread sat idle as long as it worked -- every hand-over waited for the
+    GIL behind the loop's own work.)  Each buffer's result arrives on an
+    asyncio future.  After a failure, or `stop()`, the buffers still queued
+    are not run: their futures fail."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, executor: Executor | None, fn):
+        self._loop = loop
+        self._executor = executor
+        self._fn = fn
+        self._queue: collections.deque = collections.deque()
+        self._lock = threading.Lock()
+        self._job: asyncio.Future | None = None      # the running job, if any
+        self._failed: BaseException | None = None
+
+    def submit(self, buf) -> asyncio.Future:
+        fut = self._loop.create_future()
+        with self._lock:
+            self._queue.append((buf, fut))
+            if self._job is not None:
+                return fut                  # the running job will take it
+            self._job = self._loop.run_in_executor(self._executor, self._run)
+        return fut
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                if not self._queue:
+                    self._job = None
+                    return
+                buf, fut = self._queue.popleft()
+            if self._failed is not None:
+                result, exc = None, self._failed
+            else:
+                try:
+                    result, exc = self._fn(buf), None
+                except BaseException as e:          # noqa: B036 -- handed to the awaiting coroutine
+                    result, exc = None, e
+                    self._failed = e
+            try:
+                self._loop.call_soon_threadsafe(_settle, fut, result, exc)
+            except RuntimeError:                    # the loop is closed: nobody waits any more
+                pass
+
+    async def stop(self) -> None:
+        """Drop the queued buffers and wait for the one being run."""
+        with self._lock:
+            if self._failed is None:
+                self._failed = asyncio.CancelledError()
+            job = self._job
+        if job is not None:
+            try:
+                await asyncio.shield(job)
+            except Exception:
+                pass
+
+
+def _settle(fut: asyncio.Future, result, exc) -> None:
+    if fut.done():                      # cancelled: the upload gave up on it
+        return
+    if exc is not None:
+        fut.set_exception(exc)
+    else:
+        fut.set_result(result)
 
 
 async def ingest_body(ingest: Ingest, body: AsyncIterator, executor: Executor | None,
@@ -166,43 +238,32 @@ async def ingest_body(ingest: Ingest, body: AsyncIterator, executor: Executor | 
     Every body is fed on `executor`: writing a chunk file (create, write,
     rename, and fdatasync when the store syncs) can wait on the file system
     and must never block the event loop.  Bodies are coalesced to
-    ~BATCH_BYTES per hop; the last piece and the end of the body share one
-    hop (`feed_and_finish`), so a small object costs a single one.  While one buffer is hashed and chunked on a worker thread,
-    the event loop reads the next one from the socket and ships the chunks the
-    previous buffer completed (`ship`, the commit point's way to stream chunks
-    to the vault while the body is still arriving).  Feeds of one upload run
-    one after the other, so chunk order holds.
+    ~BATCH_BYTES per buffer.  Each buffer goes to two serial queues at once
+    (`_Serial`): MD5 on one thread, everything else (other digests, the
+    chunker, chunk writes) on another, each working through its queue
+    without coming back to the event loop in between.  The event loop
+    meanwhile reads the next buffers from the socket and ships the chunks
+    finished buffers completed (`ship`, the commit point's way to stream
+    chunks to the vault while the body is still arriving), in body order.
+    At most WINDOW buffers of one upload are queued or being hashed, so
+    memory stays bounded whatever the object size.  The last piece and the
+    end of the body share one hop (`feed_and_finish`), so a small object
+    costs a single one.
     """
     loop = asyncio.get_running_loop()
-    pending: asyncio.Future | None = None
+    md5 = _Serial(loop, executor, ingest.feed_md5)
+    rest = _Serial(loop, executor, ingest.feed_rest)
+    inflight: collections.deque = collections.deque()   # (md5 future, rest future) per buffer
     batch: list = []
     batch_len = 0
 
-    async def settle() -> None:
-        nonlocal pending
-        if pending is not None:
-            fut, pending = pending, None
-            new = await fut
-            if ship is not None and new:
-                await ship(new)
-
-    def start_feed(buf) -> asyncio.Future:
-        if len(buf) < SPLIT_BYTES:
-            return loop.run_in_executor(executor, ingest.feed, buf)
-        md5 = loop.run_in_executor(executor, ingest.feed_md5, buf)
-        rest = loop.run_in_executor(executor, ingest.feed_rest, buf)
-        return asyncio.ensure_future(_second(asyncio.gather(md5, rest)))
-
-    async def submit(buf) -> None:
-        nonlocal pending
-        if pending is not None:
-            fut, pending = pending, None
-            new = await fut
-            pending = start_feed(buf)
-            if ship is not None and new:
-                await ship(new)
-        else:
-            pending = start_feed(buf)
+    async def settle_oldest() -> None:
+        m, r = inflight[0]
+        await m
+        new = await r
+        inflight.popleft()
+        if ship is not None and new:
+            await ship(new)
 
     try:
         async for data in body:
@@ -213,8 +274,13 @@ async def ingest_body(ingest: Ingest, body: AsyncIterator, executor: Executor | 
             if batch_len >= BATCH_BYTES:
                 buf = batch[0] if len(batch) == 1 else b"".join(batch)
                 batch, batch_len = [], 0
-                await submit(buf)
-        await settle()
+                inflight.append((md5.submit(buf), rest.submit(buf)))
+                # ship what is finished; wait only when the window is full
+                while inflight and (len(inflight) >= WINDOW
+                                    or (inflight[0][0].done() and inflight[0][1].done())):
+                    await settle_oldest()
+        while inflight:
+            await settle_oldest()
         last = batch[0] if len(batch) == 1 else b"".join(batch)
         # the last piece and the end of the body in one hop to a worker: a
         # small object costs one thread hop in all (creating the chunk file
@@ -228,12 +294,17 @@ async def ingest_body(ingest: Ingest, body: AsyncIterator, executor: Executor | 
             await loop.run_in_executor(executor, ingest.wait_durable)
         return ingest.digests()
     finally:
-        if pending is not None and not pending.done():
-            # the body failed mid-way: let the in-flight feed finish before we return
-            try:
-                await pending
-            except Exception:
-                pass
+        if inflight:
+            # the body failed mid-way: let the feed being run finish before we
+            # return (it uses this upload's state); queued ones are dropped
+            await md5.stop()
+            await rest.stop()
+            for futs in inflight:
+                for f in futs:
+                    if not f.done():
+                        f.cancel()
+                    elif not f.cancelled():
+                        f.exception()       # retrieved: no "never retrieved" warning
         if not ingest.durable and ingest.writing:
             # the upload failed (body, digest or shipping) with large chunk
             # writes started: their files stay in the store, where a later
