@@ -223,7 +223,7 @@ def test_a_serial_queue_runs_buffers_in_order_and_drops_the_ones_after_a_failure
     # later runs (its state is no longer that of the body's prefix)
     from concurrent.futures import ThreadPoolExecutor as Pool
 
-    from airlock.primary.ingest import _Serial
+    from airlock.primary.ingest import _Serial, _Stopped
     seen: list = []
 
     def fn(buf):
@@ -241,8 +241,44 @@ def test_a_serial_queue_runs_buffers_in_order_and_drops_the_ones_after_a_failure
             return results
     results = asyncio.run(run())
     assert results[:3] == [0, 10, 20]
-    assert all(isinstance(r, OSError) for r in results[3:])
+    assert isinstance(results[3], OSError)
+    assert all(isinstance(r, _Stopped) for r in results[4:])
     assert seen == [0, 1, 2]
+
+
+def test_a_serial_queue_whose_executor_is_shut_down_fails_its_buffers_instead_of_hanging():
+    from concurrent.futures import ThreadPoolExecutor as Pool
+
+    from airlock.primary.ingest import _Serial
+
+    async def run():
+        pool = Pool(2)
+        pool.shutdown()
+        q = _Serial(asyncio.get_running_loop(), pool, lambda b: b)
+        got = await asyncio.wait_for(asyncio.gather(q.submit(1), q.submit(2), return_exceptions=True), 5)
+        await asyncio.wait_for(q.stop(), 5)
+        return got
+    got = asyncio.run(run())
+    assert all(isinstance(r, Exception) for r in got)
+
+
+def test_a_serial_queue_longer_than_a_slice_runs_every_buffer_once_in_order():
+    # a job runs at most SLICE buffers, then queues the next job behind other work
+    from concurrent.futures import ThreadPoolExecutor as Pool
+
+    from airlock.primary.ingest import _Serial
+    order = []
+
+    def fn(b):
+        order.append(b)
+        return b
+
+    async def run():
+        with Pool(3) as pool:
+            q = _Serial(asyncio.get_running_loop(), pool, fn)
+            return await asyncio.gather(*[q.submit(i) for i in range(4 * _Serial.SLICE + 1)])
+    got = asyncio.run(run())
+    assert got == list(range(4 * _Serial.SLICE + 1)) == order
 
 
 def test_an_upload_whose_body_fails_midway_waits_for_its_running_feeds_and_leaves_durable_files(tmp_path):
@@ -265,4 +301,78 @@ def test_an_upload_whose_body_fails_midway_waits_for_its_running_feeds_and_leave
     # queued buffers may have been dropped before any chunk was cut; every
     # chunk write that was started is finished and synced
     assert ing.durable or not ing.writing
+    assert all(f.done() and f.exception() is None for f in ing.writing.values())
+
+
+def test_an_upload_cancelled_during_its_last_feed_returns_only_after_that_feed(tmp_path):
+    # the client goes away while a thread runs the upload's last feed: the
+    # cleanup (syncing the chunk files already written) must not run beside
+    # it on another thread, since Ingest is not thread-safe
+    import threading
+    store = ChunkStore(str(tmp_path))
+    data = os.urandom(3 * MiB + 700 * 1024)
+    entered, release = threading.Event(), threading.Event()
+    state: dict = {}
+
+    class SlowEnd(Ingest):
+        def feed_and_finish(self, last):
+            entered.set()
+            release.wait(10)
+            try:
+                return super().feed_and_finish(last)
+            finally:
+                state["finished"] = True
+
+    async def run():
+        with ThreadPoolExecutor(4) as pool:
+            ing = state["ing"] = SlowEnd(store)
+            task = asyncio.ensure_future(ingest_body(ing, _body(data), pool, ship=None))
+            while not entered.is_set():
+                await asyncio.sleep(0.005)
+            task.cancel()
+            await asyncio.sleep(0.05)
+            assert not task.done()              # still waiting for the feed on its thread
+            release.set()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            assert state.get("finished")
+    asyncio.run(run())
+    ing = state["ing"]
+    assert all(f.done() and f.exception() is None for f in ing.writing.values())
+    assert ing.durable or not ing.writing
+
+
+def test_an_upload_cancelled_mid_body_returns_only_after_the_buffer_being_hashed(tmp_path):
+    import threading
+    store = ChunkStore(str(tmp_path))
+    data = os.urandom(6 * MiB)
+    entered, release = threading.Event(), threading.Event()
+    state: dict = {"fed": 0}
+
+    class SlowRest(Ingest):
+        def feed_rest(self, buf):
+            if state["fed"] == 1:
+                entered.set()
+                release.wait(10)
+            try:
+                return super().feed_rest(buf)
+            finally:
+                state["fed"] += 1
+
+    async def run():
+        with ThreadPoolExecutor(4) as pool:
+            ing = state["ing"] = SlowRest(store)
+            task = asyncio.ensure_future(ingest_body(ing, _body(data), pool, ship=None))
+            while not entered.is_set():
+                await asyncio.sleep(0.005)
+            task.cancel()
+            await asyncio.sleep(0.05)
+            assert not task.done()
+            release.set()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            return state["fed"]
+    fed = asyncio.run(run())
+    assert fed == 2                 # the buffer being hashed finished; the queued ones were dropped
+    ing = state["ing"]
     assert all(f.done() and f.exception() is None for f in ing.writing.values())

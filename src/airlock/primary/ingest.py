@@ -158,68 +158,120 @@ class Ingest:
 ShipChunks = Callable[[list], Awaitable[None]]
 
 
+class _Stopped(Exception):
+    """A queued buffer that was not run: the queue was stopped or failed earlier."""
+
+
 class _Serial:
     """Runs `fn` over queued buffers, in order, one at a time, on `executor`.
 
-    A job that finds more buffers queued when it finishes one goes straight
-    on with the next, in the same thread: a hash state that must see the
+    A job that finishes a buffer starts the next queued one itself (on the
+    same executor, from its own thread): a hash state that must see the
     body in order (MD5, the chunker) is never idle waiting for the event
     loop to notice one buffer's end and hand over the next.  (Measured on a
     64 MiB PUT: with one buffer in flight and the loop in between, the MD5
     thread sat idle as long as it worked -- every hand-over waited for the
-    GIL behind the loop's own work.)  Each buffer's result arrives on an
-    asyncio future.  After a failure, or `stop()`, the buffers still queued
-    are not run: their futures fail."""
+    GIL behind the loop's own work.)  A job runs at most SLICE buffers
+    before it goes back to the end of the executor's queue, so that a few
+    large uploads cannot keep every thread from the other requests' jobs.
+    Each buffer's result arrives on an asyncio future.  After a failure,
+    or `stop()`, the buffers still queued are not run: their futures fail
+    with _Stopped (or the failure)."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, executor: Executor | None, fn):
+    SLICE = 4
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, executor: Executor, fn):
         self._loop = loop
         self._executor = executor
         self._fn = fn
         self._queue: collections.deque = collections.deque()
         self._lock = threading.Lock()
-        self._job: asyncio.Future | None = None      # the running job, if any
+        self._running = False                        # a job of this queue is submitted or running
+        self._idle: asyncio.Future | None = None     # resolved when that job's chain ends
         self._failed: BaseException | None = None
 
     def submit(self, buf) -> asyncio.Future:
         fut = self._loop.create_future()
         with self._lock:
             self._queue.append((buf, fut))
-            if self._job is not None:
+            if self._running:
                 return fut                  # the running job will take it
-            self._job = self._loop.run_in_executor(self._executor, self._run)
+            self._running = True
+            self._idle = self._loop.create_future()
+        self._start()                       # refused: fut fails with the executor's error
         return fut
 
+    def _start(self) -> bool:
+        """Submit the next job of the chain (from the loop or from a job's
+        thread); if the executor refuses, end the chain, failing what is queued."""
+        try:
+            job = self._executor.submit(self._run)
+        except RuntimeError as e:           # shut down
+            self._end_chain(e)
+            return False
+        job.add_done_callback(self._job_done)
+        return True
+
+    def _job_done(self, job) -> None:
+        if job.cancelled():                 # dropped by executor.shutdown(cancel_futures=True)
+            self._end_chain(RuntimeError("the upload's hashing job was cancelled"))
+
+    def _end_chain(self, exc: BaseException) -> None:
+        with self._lock:
+            if self._failed is None:
+                self._failed = exc
+            items = list(self._queue)
+            self._queue.clear()
+            self._running = False
+            idle = self._idle
+        for _buf, fut in items:
+            self._call(_settle, fut, None, _Stopped(f"not run: {exc!r}"))
+        if idle is not None:
+            self._call(_settle, idle, None, None)
+
     def _run(self) -> None:
-        while True:
+        for _ in range(self.SLICE):
             with self._lock:
                 if not self._queue:
-                    self._job = None
-                    return
+                    self._running = False
+                    idle = self._idle
+                    break
                 buf, fut = self._queue.popleft()
             if self._failed is not None:
-                result, exc = None, self._failed
+                result, exc = None, _Stopped(f"not run: {self._failed!r}")
             else:
                 try:
                     result, exc = self._fn(buf), None
                 except BaseException as e:          # noqa: B036 -- handed to the awaiting coroutine
                     result, exc = None, e
                     self._failed = e
-            try:
-                self._loop.call_soon_threadsafe(_settle, fut, result, exc)
-            except RuntimeError:                    # the loop is closed: nobody waits any more
-                pass
+            self._call(_settle, fut, result, exc)
+        else:
+            # a slice is done: to the back of the executor's queue with the rest
+            with self._lock:
+                more = bool(self._queue)
+                if not more:
+                    self._running = False
+                    idle = self._idle
+            if more:
+                self._start()
+                return
+        self._call(_settle, idle, None, None)
+
+    def _call(self, fn, *args) -> None:
+        try:
+            self._loop.call_soon_threadsafe(fn, *args)
+        except RuntimeError:                # the loop is closed: nobody waits any more
+            pass
 
     async def stop(self) -> None:
         """Drop the queued buffers and wait for the one being run."""
         with self._lock:
             if self._failed is None:
-                self._failed = asyncio.CancelledError()
-            job = self._job
-        if job is not None:
-            try:
-                await asyncio.shield(job)
-            except Exception:
-                pass
+                self._failed = _Stopped()
+            idle = self._idle if self._running else None
+        if idle is not None:
+            await idle
 
 
 def _settle(fut: asyncio.Future, result, exc) -> None:
@@ -231,7 +283,7 @@ def _settle(fut: asyncio.Future, result, exc) -> None:
         fut.set_result(result)
 
 
-async def ingest_body(ingest: Ingest, body: AsyncIterator, executor: Executor | None,
+async def ingest_body(ingest: Ingest, body: AsyncIterator, executor: Executor,
                       ship: ShipChunks | None = None) -> BodyDigests:
     """Drive `ingest` over an async iterator of buffers; returns the digests.
 
@@ -245,15 +297,17 @@ async def ingest_body(ingest: Ingest, body: AsyncIterator, executor: Executor | 
     meanwhile reads the next buffers from the socket and ships the chunks
     finished buffers completed (`ship`, the commit point's way to stream
     chunks to the vault while the body is still arriving), in body order.
-    At most WINDOW buffers of one upload are queued or being hashed, so
-    memory stays bounded whatever the object size.  The last piece and the
+    The loop reads a buffer only while fewer than WINDOW of the upload's
+    are queued or being hashed, so memory stays bounded whatever the
+    object size.  The last piece and the
     end of the body share one hop (`feed_and_finish`), so a small object
     costs a single one.
     """
     loop = asyncio.get_running_loop()
     md5 = _Serial(loop, executor, ingest.feed_md5)
     rest = _Serial(loop, executor, ingest.feed_rest)
-    inflight: collections.deque = collections.deque()   # (md5 future, rest future) per buffer
+    inflight: collections.deque = collections.deque()   # [md5 future, rest future] per buffer
+    job: asyncio.Future | None = None                    # the last feed, or the durability wait
     batch: list = []
     batch_len = 0
 
@@ -274,7 +328,9 @@ async def ingest_body(ingest: Ingest, body: AsyncIterator, executor: Executor | 
             if batch_len >= BATCH_BYTES:
                 buf = batch[0] if len(batch) == 1 else b"".join(batch)
                 batch, batch_len = [], 0
-                inflight.append((md5.submit(buf), rest.submit(buf)))
+                pair = [md5.submit(buf)]
+                inflight.append(pair)           # before the second submit: the cleanup sees both
+                pair.append(rest.submit(buf))
                 # ship what is finished; wait only when the window is full
                 while inflight and (len(inflight) >= WINDOW
                                     or (inflight[0][0].done() and inflight[0][1].done())):
@@ -284,32 +340,61 @@ async def ingest_body(ingest: Ingest, body: AsyncIterator, executor: Executor | 
         last = batch[0] if len(batch) == 1 else b"".join(batch)
         # the last piece and the end of the body in one hop to a worker: a
         # small object costs one thread hop in all (creating the chunk file
-        # can wait on the file system's journal, never on the event loop)
-        new = await loop.run_in_executor(executor, ingest.feed_and_finish, last)
+        # can wait on the file system's journal, never on the event loop).
+        # Shielded: a cancelled upload must not see the job as done while
+        # its thread still runs (the cleanup waits for the thread).
+        job = loop.run_in_executor(executor, ingest.feed_and_finish, last)
+        new = await asyncio.shield(job)
         if ship is not None and new:
             await ship(new)
         if not ingest.durable:
             # large chunks still being written and synced: the vault has been
             # receiving them meanwhile; the commit waits for both disks
-            await loop.run_in_executor(executor, ingest.wait_durable)
+            job = loop.run_in_executor(executor, ingest.wait_durable)
+            await asyncio.shield(job)
         return ingest.digests()
     finally:
-        if inflight:
-            # the body failed mid-way: let the feed being run finish before we
-            # return (it uses this upload's state); queued ones are dropped
-            await md5.stop()
-            await rest.stop()
-            for futs in inflight:
-                for f in futs:
-                    if not f.done():
-                        f.cancel()
-                    elif not f.cancelled():
-                        f.exception()       # retrieved: no "never retrieved" warning
-        if not ingest.durable and ingest.writing:
-            # the upload failed (body, digest or shipping) with large chunk
-            # writes started: their files stay in the store, where a later
-            # upload may find them (dedup), so finish making them durable
-            try:
-                await loop.run_in_executor(executor, ingest.wait_durable)
-            except Exception as e:      # the upload's own error is the one to report
-                log.warning("chunk files of a failed upload could not be synced: %r", e)
+        if inflight or (job is not None and not job.done()) or (not ingest.durable and ingest.writing):
+            # failed or cancelled mid-way.  The cleanup runs as a task of its
+            # own, waited for until it is over even if this one is cancelled
+            # again meanwhile (a server's shutdown cancels a handler that is
+            # still waiting for its grace period): Ingest is not thread-safe,
+            # so nothing may return while a thread still uses it.
+            cleanup = asyncio.ensure_future(_clean_up(ingest, executor, md5, rest, inflight, job))
+            cancelled = False
+            while not cleanup.done():
+                try:
+                    await asyncio.shield(cleanup)
+                except asyncio.CancelledError:
+                    cancelled = True
+            if cancelled:
+                raise asyncio.CancelledError()
+
+
+async def _clean_up(ingest: Ingest, executor: Executor, md5: _Serial, rest: _Serial,
+                    inflight: collections.deque, job: asyncio.Future | None) -> None:
+    if job is not None and not job.done():
+        # the last feed or the durability wait, still on its thread
+        try:
+            await job
+        except Exception:
+            pass
+    if inflight:
+        # let the buffers being run finish (they use this upload's state);
+        # queued ones are dropped
+        await md5.stop()
+        await rest.stop()
+        for futs in inflight:
+            for f in futs:
+                if not f.done():
+                    f.cancel()
+                elif not f.cancelled():
+                    f.exception()       # retrieved: no "never retrieved" warning
+    if not ingest.durable and ingest.writing:
+        # the upload failed (body, digest or shipping) with large chunk
+        # writes started: their files stay in the store, where a later
+        # upload may find them (dedup), so finish making them durable
+        try:
+            await asyncio.get_running_loop().run_in_executor(executor, ingest.wait_durable)
+        except Exception as e:      # the upload's own error is the one to report
+            log.warning("chunk files of a failed upload could not be synced: %r", e)
