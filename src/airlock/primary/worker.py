@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import faulthandler
 import logging
 import os
 import signal
@@ -461,6 +462,7 @@ def main(argv: list[str]) -> int:
         print("usage: python -m airlock.primary.worker FD (started by the gateway's leader)", file=sys.stderr)
         return 2
     malloc.tune()
+    faulthandler.enable()               # a fatal signal leaves its traceback in the log
     asyncio.run(run(int(argv[1])))
     return 0
 
