@@ -304,6 +304,21 @@ def test_an_upload_whose_body_fails_midway_waits_for_its_running_feeds_and_leave
     assert all(f.done() and f.exception() is None for f in ing.writing.values())
 
 
+async def _cancel_while_a_thread_is_held(ing, data, pool, entered, release) -> None:
+    """Start ingesting `data`, cancel the upload once a feed thread sits in
+    `entered`, check that ingest_body is still waiting for that thread, then
+    let the thread go and see the cancellation arrive."""
+    task = asyncio.ensure_future(ingest_body(ing, _body(data), pool, ship=None))
+    while not entered.is_set():
+        await asyncio.sleep(0.005)
+    task.cancel()
+    await asyncio.sleep(0.05)
+    assert not task.done()              # still waiting for the feed on its thread
+    release.set()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+
 def test_an_upload_cancelled_during_its_last_feed_returns_only_after_that_feed(tmp_path):
     # the client goes away while a thread runs the upload's last feed: the
     # cleanup (syncing the chunk files already written) must not run beside
@@ -326,15 +341,7 @@ def test_an_upload_cancelled_during_its_last_feed_returns_only_after_that_feed(t
     async def run():
         with ThreadPoolExecutor(4) as pool:
             ing = state["ing"] = SlowEnd(store)
-            task = asyncio.ensure_future(ingest_body(ing, _body(data), pool, ship=None))
-            while not entered.is_set():
-                await asyncio.sleep(0.005)
-            task.cancel()
-            await asyncio.sleep(0.05)
-            assert not task.done()              # still waiting for the feed on its thread
-            release.set()
-            with pytest.raises(asyncio.CancelledError):
-                await task
+            await _cancel_while_a_thread_is_held(ing, data, pool, entered, release)
             assert state.get("finished")
     asyncio.run(run())
     ing = state["ing"]
@@ -362,15 +369,7 @@ def test_an_upload_cancelled_mid_body_returns_only_after_the_buffer_being_hashed
     async def run():
         with ThreadPoolExecutor(4) as pool:
             ing = state["ing"] = SlowRest(store)
-            task = asyncio.ensure_future(ingest_body(ing, _body(data), pool, ship=None))
-            while not entered.is_set():
-                await asyncio.sleep(0.005)
-            task.cancel()
-            await asyncio.sleep(0.05)
-            assert not task.done()
-            release.set()
-            with pytest.raises(asyncio.CancelledError):
-                await task
+            await _cancel_while_a_thread_is_held(ing, data, pool, entered, release)
             return state["fed"]
     fed = asyncio.run(run())
     assert fed == 2                 # the buffer being hashed finished; the queued ones were dropped
