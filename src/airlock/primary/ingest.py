@@ -53,7 +53,13 @@ def _new_checksum(name: str):
 
 
 class Ingest:
-    """Hashes and chunks one body.  Not thread-safe: feed calls are serialised."""
+    """Hashes and chunks one body.  Not thread-safe: `feed_md5` calls run one
+    at a time and so do the calls that touch the rest of the state
+    (`feed_rest`, `feed_and_finish`, `wait_durable`); the two kinds may run
+    at once on two threads, as they share nothing.  `writing` is read on
+    the event loop (a worker's shipper looks up the write of a chunk it
+    ships) while a `feed_rest` may be adding later chunks to it: a dict
+    lookup against inserts, which the GIL keeps whole."""
 
     def __init__(self, store: ChunkStore, *, want_sha256: bool = False,
                  checksum_algorithms: tuple[str, ...] = (), chunk_params: dict | None = None):
