@@ -15,9 +15,9 @@ Each full buffer is fed as two jobs on two threads (MD5, and everything
 else), each thread working through its own queue of the upload's buffers:
 hashlib, blake3 and the compiled chunker all release the GIL, so uploads
 proceed in parallel on both cores while the event loop keeps reading
-sockets.  At most WINDOW buffers of one upload are queued or being hashed
-(plus the one being read), so memory stays bounded whatever the object
-size.  Large chunk files are written and fdatasynced on the chunk
+sockets.  The loop reads a buffer only while fewer than WINDOW of the
+upload's are queued or being hashed, so memory stays bounded whatever the
+object size.  Large chunk files are written and fdatasynced on the chunk
 store's own writer threads, up to MAX_WRITES_IN_FLIGHT per upload, while the
 next buffer is hashed; `wait_durable` waits for all of them (and syncs the
 chunk directories) before the upload may be committed, so the durability
@@ -207,16 +207,15 @@ class _Serial:
         self._start()                       # refused: fut fails with the executor's error
         return fut
 
-    def _start(self) -> bool:
+    def _start(self) -> None:
         """Submit the next job of the chain (from the loop or from a job's
         thread); if the executor refuses, end the chain, failing what is queued."""
         try:
             job = self._executor.submit(self._run)
         except RuntimeError as e:           # shut down
             self._end_chain(e)
-            return False
+            return
         job.add_done_callback(self._job_done)
-        return True
 
     def _job_done(self, job) -> None:
         if job.cancelled():                 # dropped by executor.shutdown(cancel_futures=True)
@@ -253,15 +252,10 @@ class _Serial:
                     self._failed = e
             self._call(_settle, fut, result, exc)
         else:
-            # a slice is done: to the back of the executor's queue with the rest
-            with self._lock:
-                more = bool(self._queue)
-                if not more:
-                    self._running = False
-                    idle = self._idle
-            if more:
-                self._start()
-                return
+            # a slice is done: the chain's next job goes behind the executor's
+            # other work (and ends the chain if nothing is queued by then)
+            self._start()
+            return
         self._call(_settle, idle, None, None)
 
     def _call(self, fn, *args) -> None:
@@ -360,8 +354,8 @@ async def ingest_body(ingest: Ingest, body: AsyncIterator, executor: Executor,
             await asyncio.shield(job)
         return ingest.digests()
     finally:
-        if inflight or (job is not None and not job.done()) or (not ingest.durable and ingest.writing):
-            # failed or cancelled mid-way.  The cleanup runs as a task of its
+        if not ingest.durable:
+            # failed or cancelled mid-way (a finished upload is durable).  The cleanup runs as a task of its
             # own, waited for until it is over even if this one is cancelled
             # again meanwhile (a server's shutdown cancels a handler that is
             # still waiting for its grace period): Ingest is not thread-safe,
