@@ -107,7 +107,7 @@ class VaultStore:
         self.last_seq = 0
         self.recovery: dict = {}
         self._lock = threading.RLock()
-        self._compact_lock = threading.Lock()
+        self._compact_lock = threading.RLock()   # re-entered by periodic_snapshot
         self._append_lock: asyncio.Lock | None = None
         self._unsynced = 0                       # chunk bytes appended since the last early writeback
         self._writeback: ThreadPoolExecutor | None = None
@@ -864,15 +864,18 @@ class VaultStore:
 
     def periodic_snapshot(self, mode: str = "cow", keep: int = 0) -> dict:
         """The schedule's step: a periodic snapshot, then delete the oldest
-        periodic ones beyond `keep` (0 = keep all).  Hand-made ones are never touched."""
-        snap = self.snapshot_create(mode=mode, periodic=True)
-        deleted = []
-        if keep > 0:
-            periodic = [s for s in self.snapshots(accounting=False) if s["periodic"]]
-            periodic.sort(key=lambda s: (s["created_ns"], s["id"]))
-            for old in periodic[:-keep]:
-                deleted.append(self.snapshot_delete(old["id"])["deleted"]["id"])
-        return {"created": snap, "deleted": deleted}
+        periodic ones beyond `keep` (0 = keep all).  Hand-made ones are never touched.
+        One step under the store's locks: nobody lists `keep` + 1 periodic
+        snapshots between the creation and the deletion."""
+        with self._compact_lock, self._lock:
+            snap = self.snapshot_create(mode=mode, periodic=True)
+            deleted = []
+            if keep > 0:
+                periodic = [s for s in self.snapshots(accounting=False) if s["periodic"]]
+                periodic.sort(key=lambda s: (s["created_ns"], s["id"]))
+                for old in periodic[:-keep]:
+                    deleted.append(self.snapshot_delete(old["id"])["deleted"]["id"])
+            return {"created": snap, "deleted": deleted}
 
     def snapshots(self, accounting: bool = True) -> list[dict]:
         """Every snapshot (id, name, created, seq, points, mode, periodic, and the
