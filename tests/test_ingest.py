@@ -49,6 +49,41 @@ def test_every_chunk_file_of_a_large_body_is_in_place_and_verified_when_ingest_r
     assert [d for d, _ in shipped] == [c.digest for c in digests.chunks]
 
 
+def test_the_last_chunks_of_a_large_body_are_written_and_shipped_while_its_md5_catches_up(tmp_path):
+    # a body of several buffers: the chunker's end (and the last chunk's
+    # file and shipping) must not wait behind the MD5 of the whole body
+    import threading
+    store = ChunkStore(str(tmp_path))
+    data = os.urandom(2 * MiB + 512 * 1024)
+    all_shipped = threading.Event()
+    seen: dict = {"md5_calls": 0, "md5_waited_ok": None}
+    shipped: list = []
+
+    class SlowMd5(Ingest):
+        def feed_md5(self, buf):
+            seen["md5_calls"] += 1
+            if seen["md5_calls"] == 3:          # the body's last piece
+                seen["md5_waited_ok"] = all_shipped.wait(10)
+            super().feed_md5(buf)
+
+    async def ship(chunks):
+        shipped.extend(chunks)
+        if sum(len(c) for _d, c in shipped) == len(data):
+            all_shipped.set()
+
+    async def run():
+        with ThreadPoolExecutor(4) as pool:
+            ing = SlowMd5(store)
+            return ing, await ingest_body(ing, _body(data), pool, ship=ship)
+    ing, digests = asyncio.run(run())
+    assert seen["md5_calls"] == 3 and seen["md5_waited_ok"] is True
+    assert ing.durable
+    import hashlib
+    assert digests.md5 == hashlib.md5(data).digest()
+    assert b"".join(store.read(c.digest) for c in digests.chunks) == data
+    assert [d for d, _ in shipped] == [c.digest for c in digests.chunks]
+
+
 def test_a_body_seen_before_writes_and_ships_nothing_new(tmp_path):
     store = ChunkStore(str(tmp_path))
     data = os.urandom(3 * MiB)
@@ -330,11 +365,11 @@ def test_an_upload_cancelled_during_its_last_feed_returns_only_after_that_feed(t
     state: dict = {}
 
     class SlowEnd(Ingest):
-        def feed_and_finish(self, last):
+        def finish_rest(self, last):
             entered.set()
             release.wait(10)
             try:
-                return super().feed_and_finish(last)
+                return super().finish_rest(last)
             finally:
                 state["finished"] = True
 

@@ -103,7 +103,15 @@ class Ingest:
         `wait_durable`, so that the caller can ship those chunks to the vault
         while the disk syncs them (a small body's chunk files are durable on
         return, in this one thread hop)."""
-        new = (self.feed(data) if data else []) + self._store_chunks(self._chunker.finish())
+        if data:
+            self.feed_md5(data)
+        return self.finish_rest(data)
+
+    def finish_rest(self, data) -> list[tuple[str, bytes]]:
+        """`feed_and_finish` without the MD5 (fed apart, by `feed_md5`): the
+        end of a body of several buffers, whose last chunks need not wait
+        for the MD5 of the buffers before them."""
+        new = (self.feed_rest(data) if data else []) + self._store_chunks(self._chunker.finish())
         if not self._writes:
             self.wait_durable()
         return new
@@ -196,10 +204,11 @@ class _Serial:
         self._idle: asyncio.Future | None = None     # resolved when that job's chain ends
         self._failed: BaseException | None = None
 
-    def submit(self, buf) -> asyncio.Future:
+    def submit(self, buf, fn=None) -> asyncio.Future:
+        """Queue `buf` for `fn` (default: the queue's own function)."""
         fut = self._loop.create_future()
         with self._lock:
-            self._queue.append((buf, fut))
+            self._queue.append((fn or self._fn, buf, fut))
             if self._running:
                 return fut                  # the running job will take it
             self._running = True
@@ -229,7 +238,7 @@ class _Serial:
             self._queue.clear()
             self._running = False
             idle = self._idle
-        for _buf, fut in items:
+        for _fn, _buf, fut in items:
             self._call(_settle, fut, None, _Stopped(f"not run: {exc!r}"))
         if idle is not None:
             self._call(_settle, idle, None, None)
@@ -241,12 +250,12 @@ class _Serial:
                     self._running = False
                     idle = self._idle
                     break
-                buf, fut = self._queue.popleft()
+                fn, buf, fut = self._queue.popleft()
             if self._failed is not None:
                 result, exc = None, _Stopped(f"not run: {self._failed!r}")
             else:
                 try:
-                    result, exc = self._fn(buf), None
+                    result, exc = fn(buf), None
                 except BaseException as e:          # noqa: B036 -- handed to the awaiting coroutine
                     result, exc = None, e
                     self._failed = e
@@ -274,6 +283,12 @@ class _Serial:
             await idle
 
 
+def _done(loop: asyncio.AbstractEventLoop) -> asyncio.Future:
+    fut = loop.create_future()
+    fut.set_result(None)
+    return fut
+
+
 def _settle(fut: asyncio.Future, result, exc) -> None:
     if fut.done():                      # cancelled: the upload gave up on it
         return
@@ -299,9 +314,10 @@ async def ingest_body(ingest: Ingest, body: AsyncIterator, executor: Executor,
     chunks to the vault while the body is still arriving), in body order.
     The loop reads a buffer only while fewer than WINDOW of the upload's
     are queued or being hashed, so memory stays bounded whatever the
-    object size.  The last piece and the
-    end of the body share one hop (`feed_and_finish`), so a small object
-    costs a single one.
+    object size.  A body of one buffer or less ends in one hop
+    (`feed_and_finish`), so a small object costs a single one; a longer
+    body ends through the two queues (`finish_rest` on the rest queue), so
+    its last chunks are written, shipped and synced while MD5 catches up.
     """
     loop = asyncio.get_running_loop()
     md5 = _Serial(loop, executor, ingest.feed_md5)
@@ -310,14 +326,22 @@ async def ingest_body(ingest: Ingest, body: AsyncIterator, executor: Executor,
     job: asyncio.Future | None = None                    # the last feed, or the durability wait
     batch: list = []
     batch_len = 0
+    ending = False                                       # the end of the body is queued
+    finished = False
 
     async def settle_oldest() -> None:
+        nonlocal job
         m, r = inflight[0]
-        await m
-        new = await r
-        inflight.popleft()
+        new = await r                   # shipped without waiting for the MD5 to catch up
         if ship is not None and new:
             await ship(new)
+        if ending and len(inflight) == 1 and not ingest.durable:
+            # the body's last chunks are on their way to the vault; their
+            # files are synced here while the MD5 thread finishes
+            job = loop.run_in_executor(executor, ingest.wait_durable)
+            await asyncio.shield(job)
+        await m
+        inflight.popleft()
 
     try:
         async for data in body:
@@ -335,27 +359,38 @@ async def ingest_body(ingest: Ingest, body: AsyncIterator, executor: Executor,
                 while inflight and (len(inflight) >= WINDOW
                                     or (inflight[0][0].done() and inflight[0][1].done())):
                     await settle_oldest()
-        while inflight:
-            await settle_oldest()
         last = batch[0] if len(batch) == 1 else b"".join(batch)
-        # the last piece and the end of the body in one hop to a worker: a
-        # small object costs one thread hop in all (creating the chunk file
-        # can wait on the file system's journal, never on the event loop).
-        # Shielded: a cancelled upload must not see the job as done while
-        # its thread still runs (the cleanup waits for the thread).
-        job = loop.run_in_executor(executor, ingest.feed_and_finish, last)
-        new = await asyncio.shield(job)
-        if ship is not None and new:
-            await ship(new)
+        if inflight:
+            # a body of several buffers ends like any buffer, through the two
+            # queues, the chunker finishing on the rest queue: the last
+            # chunks are written and shipped while MD5 is still catching up
+            # (a 1 MiB body's only chunk used to wait for its whole MD5)
+            pair = [md5.submit(last) if last else _done(loop)]
+            inflight.append(pair)
+            ending = True
+            pair.append(rest.submit(last, ingest.finish_rest))
+            while inflight:
+                await settle_oldest()
+        else:
+            # the last piece and the end of the body in one hop to a worker: a
+            # small object costs one thread hop in all (creating the chunk file
+            # can wait on the file system's journal, never on the event loop).
+            # Shielded: a cancelled upload must not see the job as done while
+            # its thread still runs (the cleanup waits for the thread).
+            job = loop.run_in_executor(executor, ingest.feed_and_finish, last)
+            new = await asyncio.shield(job)
+            if ship is not None and new:
+                await ship(new)
         if not ingest.durable:
             # large chunks still being written and synced: the vault has been
             # receiving them meanwhile; the commit waits for both disks
             job = loop.run_in_executor(executor, ingest.wait_durable)
             await asyncio.shield(job)
+        finished = True
         return ingest.digests()
     finally:
-        if not ingest.durable:
-            # failed or cancelled mid-way (a finished upload is durable).  The cleanup runs as a task of its
+        if not finished:
+            # failed or cancelled mid-way.  The cleanup runs as a task of its
             # own, waited for until it is over even if this one is cancelled
             # again meanwhile (a server's shutdown cancels a handler that is
             # still waiting for its grace period): Ingest is not thread-safe,
