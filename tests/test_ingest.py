@@ -354,24 +354,30 @@ async def _cancel_while_a_thread_is_held(ing, data, pool, entered, release) -> N
         await task
 
 
-def test_an_upload_cancelled_during_its_last_feed_returns_only_after_that_feed(tmp_path):
-    # the client goes away while a thread runs the upload's last feed: the
-    # cleanup (syncing the chunk files already written) must not run beside
-    # it on another thread, since Ingest is not thread-safe
+@pytest.mark.parametrize("size, last_step", [(3 * MiB + 700 * 1024, "finish_rest"),
+                                             (700 * 1024, "feed_and_finish")],
+                         ids=["several-buffers", "one-hop"])
+def test_an_upload_cancelled_during_its_last_feed_returns_only_after_that_feed(tmp_path, size, last_step):
+    # the client goes away while a thread runs the upload's last feed (the
+    # chunker's end): the cleanup (syncing the chunk files already written)
+    # must not run beside it on another thread, since Ingest is not thread-safe
     import threading
     store = ChunkStore(str(tmp_path))
-    data = os.urandom(3 * MiB + 700 * 1024)
+    data = os.urandom(size)
     entered, release = threading.Event(), threading.Event()
     state: dict = {}
 
-    class SlowEnd(Ingest):
-        def finish_rest(self, last):
+    def slow(step):
+        def run(self, last):
             entered.set()
             release.wait(10)
             try:
-                return super().finish_rest(last)
+                return step(self, last)
             finally:
                 state["finished"] = True
+        return run
+
+    SlowEnd = type("SlowEnd", (Ingest,), {last_step: slow(getattr(Ingest, last_step))})
 
     async def run():
         with ThreadPoolExecutor(4) as pool:
@@ -380,8 +386,90 @@ def test_an_upload_cancelled_during_its_last_feed_returns_only_after_that_feed(t
             assert state.get("finished")
     asyncio.run(run())
     ing = state["ing"]
+    assert ing.writing, "the body's chunk is large enough to be written on a writer thread"
     assert all(f.done() and f.exception() is None for f in ing.writing.values())
     assert ing.durable or not ing.writing
+
+
+class _HeldTailMd5(Ingest):
+    """Holds the MD5 of the body's third piece (its last, for a 2.5 MiB
+    body) until `go` is set; `active` says whether a thread is inside it."""
+
+    def __init__(self, store):
+        import threading
+        super().__init__(store)
+        self.entered, self.go = threading.Event(), threading.Event()
+        self.calls, self.active = 0, False
+
+    def feed_md5(self, data):
+        self.calls += 1
+        if self.calls == 3:
+            self.active = True
+            self.entered.set()
+            self.go.wait(10)
+            self.active = False
+        super().feed_md5(data)
+
+
+def test_an_upload_cancelled_twice_while_its_last_md5_runs_returns_only_after_it(tmp_path):
+    # the chunk files are durable by then (the upload did not wait for the
+    # MD5 to sync them), yet the MD5 thread still uses the upload's state
+    store = ChunkStore(str(tmp_path))
+    data = os.urandom(2 * MiB + 512 * 1024)
+
+    async def run():
+        with ThreadPoolExecutor(4) as pool:
+            ing = _HeldTailMd5(store)
+            task = asyncio.ensure_future(ingest_body(ing, _body(data), pool, ship=None))
+            for _ in range(2000):               # synced while the MD5 is held
+                if ing.entered.is_set() and ing.durable:
+                    break
+                await asyncio.sleep(0.005)
+            assert ing.durable
+            for _ in range(2):
+                task.cancel()
+                await asyncio.sleep(0.05)
+            assert not task.done() and ing.active
+            ing.go.set()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            assert not ing.active
+    asyncio.run(run())
+
+
+def test_an_upload_whose_queued_durability_wait_the_executor_drops_still_waits_for_its_md5_thread(tmp_path):
+    # shutdown(cancel_futures=True) while the upload is cancelled: its
+    # queued jobs end cancelled, and it must still not return while a
+    # thread (the MD5 of the last piece) uses its state
+    import threading
+    store = ChunkStore(str(tmp_path))
+    data = os.urandom(2 * MiB + 512 * 1024)
+    blocker = threading.Event()
+
+    async def run():
+        pool = ThreadPoolExecutor(2)
+        ing = _HeldTailMd5(store)
+
+        async def ship(chunks):
+            if ing.entered.is_set():            # the last chunks: keep the pool's other thread busy
+                pool.submit(blocker.wait, 10)
+                await asyncio.sleep(0.05)
+        task = asyncio.ensure_future(ingest_body(ing, _body(data), pool, ship=ship))
+        while not ing.entered.is_set():
+            await asyncio.sleep(0.005)
+        await asyncio.sleep(0.2)                # the durability wait is queued behind the blocker
+        task.cancel()
+        await asyncio.sleep(0.05)
+        pool.shutdown(wait=False, cancel_futures=True)
+        await asyncio.sleep(0.1)
+        assert not task.done() and ing.active
+        ing.go.set()
+        blocker.set()
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(task, 10)
+        assert not ing.active
+        pool.shutdown(wait=True)
+    asyncio.run(run())
 
 
 def test_an_upload_cancelled_mid_body_returns_only_after_the_buffer_being_hashed(tmp_path):

@@ -109,7 +109,7 @@ class Ingest:
 
     def finish_rest(self, data) -> list[tuple[str, bytes]]:
         """`feed_and_finish` without the MD5 (fed apart, by `feed_md5`): the
-        end of a body of several buffers, whose last chunks need not wait
+        end of a body of a buffer or more, whose last chunks need not wait
         for the MD5 of the buffers before them."""
         new = (self.feed_rest(data) if data else []) + self._store_chunks(self._chunker.finish())
         if not self._writes:
@@ -314,10 +314,11 @@ async def ingest_body(ingest: Ingest, body: AsyncIterator, executor: Executor,
     chunks to the vault while the body is still arriving), in body order.
     The loop reads a buffer only while fewer than WINDOW of the upload's
     are queued or being hashed, so memory stays bounded whatever the
-    object size.  A body of one buffer or less ends in one hop
-    (`feed_and_finish`), so a small object costs a single one; a longer
-    body ends through the two queues (`finish_rest` on the rest queue), so
-    its last chunks are written, shipped and synced while MD5 catches up.
+    object size.  A body shorter than one buffer (BATCH_BYTES) ends in one
+    hop (`feed_and_finish`), so a small object costs a single one; a
+    longer body ends through the two queues (`finish_rest` on the rest
+    queue), so its last chunks are written, shipped and synced while MD5
+    catches up.
     """
     loop = asyncio.get_running_loop()
     md5 = _Serial(loop, executor, ingest.feed_md5)
@@ -361,7 +362,7 @@ async def ingest_body(ingest: Ingest, body: AsyncIterator, executor: Executor,
                     await settle_oldest()
         last = batch[0] if len(batch) == 1 else b"".join(batch)
         if inflight:
-            # a body of several buffers ends like any buffer, through the two
+            # a body of a buffer or more ends like any buffer, through the two
             # queues, the chunker finishing on the rest queue: the last
             # chunks are written and shipped while MD5 is still catching up
             # (a 1 MiB body's only chunk used to wait for its whole MD5)
@@ -408,12 +409,14 @@ async def ingest_body(ingest: Ingest, body: AsyncIterator, executor: Executor,
 
 async def _clean_up(ingest: Ingest, executor: Executor, md5: _Serial, rest: _Serial,
                     inflight: collections.deque, job: asyncio.Future | None) -> None:
-    if job is not None and not job.done():
-        # the last feed or the durability wait, still on its thread
-        try:
-            await job
-        except Exception:
-            pass
+    if job is not None:
+        # the last feed or the durability wait, perhaps still on its thread.
+        # Waited for without raising: a job the executor dropped
+        # (shutdown(cancel_futures=True)) ends cancelled, and the queues'
+        # threads must still be waited for below
+        await asyncio.wait([job])
+        if not job.cancelled():
+            job.exception()             # retrieved; the upload's own error is the one to report
     if inflight:
         # let the buffers being run finish (they use this upload's state);
         # queued ones are dropped
