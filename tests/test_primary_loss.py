@@ -3,6 +3,7 @@ reads keep working from the vault (degraded mode, claim 9), writes are
 refused, and `airlock restore` brings the primary back (claim 14)."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import time
@@ -70,6 +71,8 @@ def test_reads_survive_losing_the_primary_and_restore_brings_it_back(dep, tmp_pa
     assert e.value.response["Error"]["Code"] == "ServiceUnavailable"
     status = dep.airlock("status", check=False)
     assert "DEGRADED" in status.stdout and status.returncode == 1
+    status = dep.airlock("status", "--json", check=False)       # scripts see it too
+    assert json.loads(status.stdout)["gateway"]["status"] != "ok" and status.returncode == 1
 
     # bring the primary back: stop, restore (keys first), start, verify
     gw.stop()

@@ -576,39 +576,53 @@ def cmd_status(args) -> int:
             out["vault"] = {"status": "down"}
     if not out:
         raise ConfigError("give --data DIR (a local deployment), --gateway HOST:PORT or --vault-data DIR")
-    if args.json:
-        print(json.dumps(out, indent=2, sort_keys=True))
-        return 0
+    lines, code = status_report(out)
+    print(json.dumps(out, indent=2, sort_keys=True) if args.json else "\n".join(lines))
+    return code
+
+
+def status_report(out: dict) -> tuple[list[str], int]:
+    """The lines `airlock status` prints for what the gateway's health and
+    the vault's admin socket answered, and its exit status: 1 when either
+    is down, degraded or failed (with --json too), else 0."""
+    lines = []
     g = out.get("gateway")
     if g is not None:
-        print(f"gateway: {g.get('status')}  replication={g.get('replication', '-')} "
-              f"vault_connected={g.get('vault_connected', '-')} last_seq={g.get('last_seq', '-')} "
-              f"primary_storage={g.get('primary_storage', '-')} processes={len(g.get('processes') or [1])}")
+        lines.append(f"gateway: {g.get('status')}  replication={g.get('replication', '-')} "
+                     f"vault_connected={g.get('vault_connected', '-')} last_seq={g.get('last_seq', '-')} "
+                     f"primary_storage={g.get('primary_storage', '-')} processes={len(g.get('processes') or [1])}")
         links = [f"{p.get('role')} {p.get('pid')} {p['vault_link']}" for p in g.get("processes") or []
                  if p.get("vault_link")]
         if links:
             # a worker opens its own link on its first large chunk; until then they go through the leader
-            print(f"  vault links: {', '.join(links)}")
+            lines.append(f"  vault links: {', '.join(links)}")
         if g.get("degraded_reason"):
-            print(f"  DEGRADED: {g['degraded_reason']}; reads served from the vault, writes refused")
+            lines.append(f"  DEGRADED: {g['degraded_reason']}; reads served from the vault, writes refused")
         st = g.get("stats") or {}
         if st.get("chunks_from_vault") or st.get("chunks_repaired"):
-            print(f"  chunks read from the vault: {st.get('chunks_from_vault', 0)}, "
-                  f"repaired: {st.get('chunks_repaired', 0)}, repair failures: {st.get('repair_failures', 0)}")
+            lines.append(f"  chunks read from the vault: {st.get('chunks_from_vault', 0)}, "
+                         f"repaired: {st.get('chunks_repaired', 0)}, "
+                         f"repair failures: {st.get('repair_failures', 0)}")
     v = out.get("vault")
     if v is not None:
         if "last_seq" in v:
             ovs = v.get("overlays", [])
             base = v.get("base", {})
-            print(f"vault:   up  last_seq={v['last_seq']} overlays={len(ovs)} "
-                  f"base_bytes={base.get('bytes', 0)} base_chunks={base.get('chunks', 0)}")
+            state = "FAILED" if v.get("failed") else "up"
+            lines.append(f"vault:   {state}  last_seq={v['last_seq']} overlays={len(ovs)} "
+                         f"base_bytes={base.get('bytes', 0)} base_chunks={base.get('chunks', 0)}")
+            if v.get("failed"):
+                lines.append(f"  FAILED: {v['failed']}; writes refused until it recovers in place "
+                             "(retried every 2 s)")
             for o in ovs:
-                print(f"  overlay {o.get('name')}: {'sealed' if o.get('sealed') else 'open'}, "
-                      f"{o.get('bytes', 0)} bytes, {o.get('chunks', 0)} chunks, {o.get('records', 0)} records")
+                lines.append(f"  overlay {o.get('name')}: {'sealed' if o.get('sealed') else 'open'}, "
+                             f"{o.get('bytes', 0)} bytes, {o.get('chunks', 0)} chunks, "
+                             f"{o.get('records', 0)} records")
         else:
-            print(f"vault:   {v.get('status')}")
-    degraded = (g or {}).get("status") not in (None, "ok") or (v or {}).get("status") == "down"
-    return 1 if degraded else 0
+            lines.append(f"vault:   {v.get('status')}" + (f" ({v['error']})" if v.get("error") else ""))
+    bad_gateway = g is not None and g.get("status") not in (None, "ok")
+    bad_vault = v is not None and ("last_seq" not in v or bool(v.get("failed")))
+    return lines, 1 if bad_gateway or bad_vault else 0
 
 
 # ---------------------------------------------------------------------- parser
