@@ -49,35 +49,47 @@ def test_every_chunk_file_of_a_large_body_is_in_place_and_verified_when_ingest_r
     assert [d for d, _ in shipped] == [c.digest for c in digests.chunks]
 
 
-def test_the_last_chunks_of_a_large_body_are_written_and_shipped_while_its_md5_catches_up(tmp_path):
-    # a body of several buffers: the chunker's end (and the last chunk's
-    # file and shipping) must not wait behind the MD5 of the whole body
+@pytest.mark.parametrize("held_md5_call", [1, 3], ids=["first-buffer", "last-piece"])
+def test_the_last_chunks_of_a_large_body_are_written_shipped_and_synced_while_its_md5_catches_up(
+        tmp_path, held_md5_call):
+    # a body of several buffers (within the window): the chunker's end, the
+    # last chunk's file, its shipping and its sync must not wait behind the
+    # MD5 of any buffer
     import threading
     store = ChunkStore(str(tmp_path))
     data = os.urandom(2 * MiB + 512 * 1024)
     all_shipped = threading.Event()
     seen: dict = {"md5_calls": 0, "md5_waited_ok": None}
     shipped: list = []
+    box: dict = {}
 
     class SlowMd5(Ingest):
         def feed_md5(self, buf):
             seen["md5_calls"] += 1
-            if seen["md5_calls"] == 3:          # the body's last piece
+            if seen["md5_calls"] == held_md5_call:
                 seen["md5_waited_ok"] = all_shipped.wait(10)
+                seen["durable_by_then"] = box["ing"].durable
             super().feed_md5(buf)
 
     async def ship(chunks):
         shipped.extend(chunks)
         if sum(len(c) for _d, c in shipped) == len(data):
-            all_shipped.set()
+            # the durability wait follows the last shipping: give it time
+            async def set_when_durable():
+                for _ in range(2000):
+                    if box["ing"].durable:
+                        break
+                    await asyncio.sleep(0.005)
+                all_shipped.set()
+            asyncio.ensure_future(set_when_durable())
 
     async def run():
         with ThreadPoolExecutor(4) as pool:
-            ing = SlowMd5(store)
+            ing = box["ing"] = SlowMd5(store)
             return ing, await ingest_body(ing, _body(data), pool, ship=ship)
     ing, digests = asyncio.run(run())
     assert seen["md5_calls"] == 3 and seen["md5_waited_ok"] is True
-    assert ing.durable
+    assert seen["durable_by_then"] and ing.durable
     import hashlib
     assert digests.md5 == hashlib.md5(data).digest()
     assert b"".join(store.read(c.digest) for c in digests.chunks) == data

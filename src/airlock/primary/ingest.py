@@ -327,20 +327,13 @@ async def ingest_body(ingest: Ingest, body: AsyncIterator, executor: Executor,
     job: asyncio.Future | None = None                    # the last feed, or the durability wait
     batch: list = []
     batch_len = 0
-    ending = False                                       # the end of the body is queued
     finished = False
 
     async def settle_oldest() -> None:
-        nonlocal job
         m, r = inflight[0]
-        new = await r                   # shipped without waiting for the MD5 to catch up
+        new = await r
         if ship is not None and new:
             await ship(new)
-        if ending and len(inflight) == 1 and not ingest.durable:
-            # the body's last chunks are on their way to the vault; their
-            # files are synced here while the MD5 thread finishes
-            job = loop.run_in_executor(executor, ingest.wait_durable)
-            await asyncio.shield(job)
         await m
         inflight.popleft()
 
@@ -364,14 +357,25 @@ async def ingest_body(ingest: Ingest, body: AsyncIterator, executor: Executor,
         if inflight:
             # a body of a buffer or more ends like any buffer, through the two
             # queues, the chunker finishing on the rest queue: the last
-            # chunks are written and shipped while MD5 is still catching up
-            # (a 1 MiB body's only chunk used to wait for its whole MD5)
+            # chunks are written, shipped and synced while MD5 is still
+            # catching up (a 1 MiB body's only chunk used to wait for its
+            # whole MD5)
             pair = [md5.submit(last) if last else _done(loop)]
             inflight.append(pair)
-            ending = True
             pair.append(rest.submit(last, ingest.finish_rest))
-            while inflight:
-                await settle_oldest()
+            # every buffer's chunks shipped in body order as its rest job
+            # ends, the last ones' files synced, and only then the MD5 of
+            # the buffers still being hashed waited for
+            for _m, r in list(inflight):
+                new = await r
+                if ship is not None and new:
+                    await ship(new)
+            if not ingest.durable:
+                job = loop.run_in_executor(executor, ingest.wait_durable)
+                await asyncio.shield(job)
+            for m, _r in list(inflight):
+                await m
+            inflight.clear()
         else:
             # the last piece and the end of the body in one hop to a worker: a
             # small object costs one thread hop in all (creating the chunk file
