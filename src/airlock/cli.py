@@ -613,7 +613,7 @@ def status_report(out: dict) -> tuple[list[str], int]:
                          f"base_bytes={base.get('bytes', 0)} base_chunks={base.get('chunks', 0)}")
             if v.get("failed"):
                 lines.append(f"  FAILED: {v['failed']}; writes refused until it recovers in place "
-                             "(retried every 2 s)")
+                             "(retried every 2 s, backing off to 30 s)")
             for o in ovs:
                 lines.append(f"  overlay {o.get('name')}: {'sealed' if o.get('sealed') else 'open'}, "
                              f"{o.get('bytes', 0)} bytes, {o.get('chunks', 0)} chunks, "
