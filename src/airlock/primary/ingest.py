@@ -5,11 +5,11 @@ writes new chunks to the chunk store.
 
 Data flow (one upload):
 
-    event loop: read socket -> decoded buffer --(executor)--> Ingest.feed
-                                                   |-> md5 / sha256 / checksum
-                                                   |-> StreamChunker -> ChunkStore.put
-                                                        (chunks >= ASYNC_WRITE_BYTES: put_async,
-                                                         on the store's writer threads)
+    event loop: read socket -> decoded buffer --(executor)--> Ingest.feed_md5: md5
+                                                 `-(executor)--> Ingest.feed_rest: sha256 / checksum
+                                                                  |-> StreamChunker -> ChunkStore.put
+                                                                     (chunks >= ASYNC_WRITE_BYTES: put_async,
+                                                                      on the store's writer threads)
 
 Each full buffer is fed as two jobs on two threads (MD5, and everything
 else), each thread working through its own queue of the upload's buffers:
@@ -55,7 +55,7 @@ def _new_checksum(name: str):
 class Ingest:
     """Hashes and chunks one body.  Not thread-safe: `feed_md5` calls run one
     at a time and so do the calls that touch the rest of the state
-    (`feed_rest`, `feed_and_finish`, `wait_durable`); the two kinds may run
+    (`feed_rest`, `finish_rest`, `feed_and_finish`, `wait_durable`); the two kinds may run
     at once on two threads, as they share nothing.  `writing` is read on
     the event loop (a worker's shipper looks up the write of a chunk it
     ships) while a `feed_rest` may be adding later chunks to it: a dict
@@ -75,12 +75,6 @@ class Ingest:
         self.writing: dict = {}            # digest hex -> future of its chunk file's write (large chunks)
         self.durable = False               # every chunk file and directory of this body is synced
 
-    def feed(self, data) -> list[tuple[str, bytes]]:
-        """Consume one buffer; return the chunks it completed that were new to
-        the store, as (digest hex, bytes), for shipping to the vault."""
-        self.feed_md5(data)
-        return self.feed_rest(data)
-
     # A large buffer is fed as two jobs on two threads at once (all of this
     # releases the GIL): MD5, the costliest pass (~1.4 ms/MiB), on one; the
     # SHA-256 / flexible checksums, the chunker and the chunk writes on the
@@ -90,6 +84,9 @@ class Ingest:
         self._md5.update(data)
 
     def feed_rest(self, data) -> list[tuple[str, bytes]]:
+        """Everything but the MD5 of one buffer; returns the chunks it
+        completed that were new to the store, as (digest hex, bytes), for
+        shipping to the vault."""
         self._size += len(data)
         if self._sha256 is not None:
             self._sha256.update(data)
@@ -329,11 +326,14 @@ async def ingest_body(ingest: Ingest, body: AsyncIterator, executor: Executor,
     batch_len = 0
     finished = False
 
-    async def settle_oldest() -> None:
-        m, r = inflight[0]
+    async def ship_chunks_of(r: asyncio.Future) -> None:
         new = await r
         if ship is not None and new:
             await ship(new)
+
+    async def settle_oldest() -> None:
+        m, r = inflight[0]
+        await ship_chunks_of(r)
         await m
         inflight.popleft()
 
@@ -364,18 +364,9 @@ async def ingest_body(ingest: Ingest, body: AsyncIterator, executor: Executor,
             inflight.append(pair)
             pair.append(rest.submit(last, ingest.finish_rest))
             # every buffer's chunks shipped in body order as its rest job
-            # ends, the last ones' files synced, and only then the MD5 of
-            # the buffers still being hashed waited for
+            # ends; the MD5s are waited for only after the durability wait
             for _m, r in list(inflight):
-                new = await r
-                if ship is not None and new:
-                    await ship(new)
-            if not ingest.durable:
-                job = loop.run_in_executor(executor, ingest.wait_durable)
-                await asyncio.shield(job)
-            for m, _r in list(inflight):
-                await m
-            inflight.clear()
+                await ship_chunks_of(r)
         else:
             # the last piece and the end of the body in one hop to a worker: a
             # small object costs one thread hop in all (creating the chunk file
@@ -383,14 +374,15 @@ async def ingest_body(ingest: Ingest, body: AsyncIterator, executor: Executor,
             # Shielded: a cancelled upload must not see the job as done while
             # its thread still runs (the cleanup waits for the thread).
             job = loop.run_in_executor(executor, ingest.feed_and_finish, last)
-            new = await asyncio.shield(job)
-            if ship is not None and new:
-                await ship(new)
+            await ship_chunks_of(asyncio.shield(job))
         if not ingest.durable:
             # large chunks still being written and synced: the vault has been
             # receiving them meanwhile; the commit waits for both disks
             job = loop.run_in_executor(executor, ingest.wait_durable)
             await asyncio.shield(job)
+        for m, _r in list(inflight):    # the MD5 of buffers still being hashed
+            await m
+        inflight.clear()
         finished = True
         return ingest.digests()
     finally:
