@@ -5,7 +5,8 @@
 Starts one target (peers.py), runs one wrk cell (8 s; PUTs to presigned URLs
 with unique bodies, GETs of one object), and reads utime+stime of every
 server process from /proc/<pid>/stat before and after, plus wrk's own CPU
-(RUSAGE_CHILDREN) and the machine's busy share (/proc/stat).  Tells whether
+(RUSAGE_CHILDREN; PUTs of 1 MiB and more are sent by loadgen.raw_put's
+threads in this process: RUSAGE_SELF) and the machine's busy share (/proc/stat).  Tells whether
 a cell is bound by one process's CPU (a Python process near 1.0 cores is
 bound by its GIL) or by something else.
 """
@@ -32,6 +33,19 @@ def cpu_seconds(pid: int) -> tuple[float, float]:
     return int(fields[11]) / tck, int(fields[12]) / tck
 
 
+def thread_cpu(pid: int) -> dict[int, float]:
+    """CPU seconds (user + system) of each thread of one process, by thread id."""
+    tck = os.sysconf("SC_CLK_TCK")
+    out = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            fields = open(f"/proc/{pid}/task/{tid}/stat").read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue                       # the thread ended meanwhile
+        out[int(tid)] = (int(fields[11]) + int(fields[12])) / tck
+    return out
+
+
 def machine_idle() -> tuple[int, int]:
     v = list(map(int, open("/proc/stat").readline().split()[1:]))
     return v[3] + v[4], sum(v)
@@ -39,14 +53,19 @@ def machine_idle() -> tuple[int, int]:
 
 def measure(args, c, pids: dict, url: str | None) -> None:
     before = {n: cpu_seconds(p) for n, p in pids.items()}
+    threads0 = {n: thread_cpu(p) for n, p in pids.items()} if args.threads else {}
     ch0, i0, t0 = resource.getrusage(resource.RUSAGE_CHILDREN), machine_idle(), time.time()
+    me0 = resource.getrusage(resource.RUSAGE_SELF)
     if args.op == "PUT":
-        r = loadgen.wrk_put(loadgen.put_presigner(c, "bench"), args.size, args.conc, args.seconds)
+        r = loadgen.put_cell(loadgen.put_presigner(c, "bench"), args.size, args.conc, args.seconds,
+                             wrk_large=args.wrk_large_puts)
     else:
         r = loadgen.wrk_get(url, args.size, args.conc, args.seconds)
     el = time.time() - t0
     ch1, i1 = resource.getrusage(resource.RUSAGE_CHILDREN), machine_idle()
+    me1 = resource.getrusage(resource.RUSAGE_SELF)
     after = {n: cpu_seconds(p) for n, p in pids.items()}
+    threads1 = {n: thread_cpu(p) for n, p in pids.items()} if args.threads else {}
     print(f"{args.target} {args.op} {args.size} B c={args.conc}: {r['ops_per_s']:.0f} ops/s, "
           f"{r['mib_per_s']:.1f} MiB/s, errors {r['errors']}")
     for n in pids:
@@ -54,9 +73,20 @@ def measure(args, c, pids: dict, url: str | None) -> None:
         used, ops = user + system, max(r["ops"], 1)
         print(f"  {n}: {used / el:.2f} cores, {used / ops * 1e3:.3f} ms CPU per op "
               f"(user {user / ops * 1e3:.3f}, system {system / ops * 1e3:.3f})")
-    wrk = (ch1.ru_utime + ch1.ru_stime) - (ch0.ru_utime + ch0.ru_stime)
+        if args.threads:
+            # the main thread runs the event loop; the others are executor,
+            # hashing and log threads (a thread that ended during the cell is missed)
+            t0, t1 = threads0[n], threads1[n]
+            used_t = {tid: t1[tid] - t0.get(tid, 0.0) for tid in t1}
+            main_t = used_t.pop(pids[n], 0.0)
+            busy_t = sorted((u for u in used_t.values() if u > 0), reverse=True)
+            print(f"    event-loop thread {main_t / el:.2f} cores; other threads "
+                  + (", ".join(f"{u / el:.2f}" for u in busy_t[:6]) or "none")
+                  + (f" (+{len(busy_t) - 6} more)" if len(busy_t) > 6 else ""))
+    client = ((ch1.ru_utime + ch1.ru_stime) - (ch0.ru_utime + ch0.ru_stime)
+              + (me1.ru_utime + me1.ru_stime) - (me0.ru_utime + me0.ru_stime))
     busy = (1 - (i1[0] - i0[0]) / max(i1[1] - i0[1], 1)) * (os.cpu_count() or 1)
-    print(f"  wrk: {wrk / el:.2f} cores; machine: {busy:.2f} of {os.cpu_count()} cores busy")
+    print(f"  client ({r['client']}): {client / el:.2f} cores; machine: {busy:.2f} of {os.cpu_count()} cores busy")
 
 
 def main(argv=None) -> int:
@@ -75,6 +105,10 @@ def main(argv=None) -> int:
                     help="leave the data directory (printed) instead of removing it: on ext4 without a "
                          "journal, files deleted in the last minutes make the next run's file creation "
                          "slow (docs/performance.md), so back-to-back A/B runs should delete at the end")
+    ap.add_argument("--wrk-large-puts", action="store_true",
+                    help="PUTs of 1 MiB and more with wrk too, instead of loadgen.raw_put (see run.py)")
+    ap.add_argument("--threads", action="store_true",
+                    help="also print each server process's CPU by thread (event loop, busiest others)")
     args = ap.parse_args(argv)
     if not loadgen.wrk_available():
         raise SystemExit("wrk is needed (apt-get install wrk)")

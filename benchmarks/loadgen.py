@@ -274,6 +274,165 @@ def wrk_put(presign, size: int, concurrency: int, duration: float, keys: int = 1
     return r
 
 
+# ---------------------------------------------------------------------------- large PUTs
+# wrk's Lua `request()` must return each request as a fresh Lua string, and
+# wrk then copies it again into its own buffer: for a 64 MiB body that is
+# ~70 ms of wrk CPU per request (measured against a socket that discards
+# what it reads: 893 MiB/s at c=1, 69 ms of wrk CPU per request), spent
+# between two requests of one connection, where the server can only wait.
+# At c=1 that was ~60 ms of every target's ~300-460 ms cycle, which pulls
+# every large-PUT ratio towards 1.  `raw_put` sends large bodies from one
+# buffer per connection, stamped in place per request and handed to the
+# kernel without a copy in user space.  Small bodies stay with wrk (C is
+# cheaper per request there; its build cost is a few microseconds).
+RAW_PUT_MIN_BYTES = 1 << 20
+RAW_TIMEOUT_S = 60.0            # a request not answered within this fails the cell (as wrk --timeout)
+
+
+def _raw_conn(netloc: str):
+    import socket
+    host, _, port = netloc.rpartition(":")
+    sock = socket.create_connection((host or "127.0.0.1", int(port)), timeout=RAW_TIMEOUT_S)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
+
+
+def _raw_response(sock, pending: bytearray) -> tuple[int, bool]:
+    """Read one HTTP/1.1 response (status line, headers, Content-Length body);
+    returns (status, keep_alive).  `pending` holds bytes read past it."""
+    while b"\r\n\r\n" not in pending:
+        got = sock.recv(65536)
+        if not got:
+            raise ConnectionError("connection closed before the response")
+        pending += got
+    head, _, rest = bytes(pending).partition(b"\r\n\r\n")
+    lines = head.split(b"\r\n")
+    status = int(lines[0].split()[1])
+    length, keep = 0, True
+    for line in lines[1:]:
+        name, _, value = line.partition(b":")
+        name = name.strip().lower()
+        if name == b"content-length":
+            length = int(value)
+        elif name == b"connection" and value.strip().lower() == b"close":
+            keep = False
+    while len(rest) < length:
+        got = sock.recv(max(65536, length - len(rest)))
+        if not got:
+            raise ConnectionError("connection closed inside the response body")
+        rest += got
+    pending[:] = rest[length:]
+    return status, keep
+
+
+def raw_put(presign, size: int, concurrency: int, duration: float, keys: int = 1024) -> dict:
+    """PUT unique bodies of `size` bytes to `keys` presigned URLs over plain
+    keep-alive sockets, one thread per connection; bounded by `duration`
+    seconds (no request starts after it; those in flight finish and count).
+
+    Each connection builds its body once (random, a per-invocation nonce)
+    and per request rewrites only the stamps every STAMP_STRIDE bytes
+    (nonce, connection, counter, piece), as the wrk script does, so no two
+    requests share a chunk.  The rate is the sum over connections of
+    requests / (last answer - start): every completed request counts, none
+    is cut off at the end of the window."""
+    from urllib.parse import urlsplit
+    urls = [urlsplit(presign(f"raw/{size}/{i}")) for i in range(max(keys, concurrency * 4))]
+    netloc = urls[0].netloc
+    run = secrets.randbits(32)
+    offsets = range(0, size, STAMP_STRIDE)
+    start_at = time.monotonic() + START_DELAY_S
+    deadline = start_at + duration
+    results: list[dict] = []
+    lock = threading.Lock()
+
+    def connection(cid: int) -> None:
+        rnd = secrets.token_bytes(STAMP_STRIDE)
+        body = bytearray(rnd * (size // STAMP_STRIDE + 1))[:size]
+        view = memoryview(body)
+        mine = urls[cid::concurrency]
+        lat, ok, errors, last, samples = [], 0, 0, start_at, []
+        sock, pending = None, bytearray()
+        n = 0
+        time.sleep(max(0.0, start_at - time.monotonic()))
+        while time.monotonic() < deadline:
+            n += 1
+            for piece, off in enumerate(offsets):
+                stamp = b"%08x%04d%012d%06d" % (run, cid, n, piece)
+                body[off:off + min(len(stamp), size - off)] = stamp[:size - off]
+            u = mine[n % len(mine)]
+            head = (f"PUT {u.path}?{u.query} HTTP/1.1\r\nHost: {netloc}\r\n"
+                    f"Content-Length: {size}\r\n\r\n").encode()
+            t0 = time.monotonic()
+            try:
+                if sock is None:
+                    sock, pending = _raw_conn(netloc), bytearray()
+                sock.sendall(head)
+                sock.sendall(view)
+                status, keep = _raw_response(sock, pending)
+            except OSError as e:
+                errors += 1
+                if len(samples) < 3:
+                    samples.append(repr(e))
+                if sock is not None:
+                    sock.close()
+                sock = None
+                continue
+            t1 = time.monotonic()
+            if 200 <= status < 400:
+                ok += 1
+                lat.append(t1 - t0)
+                last = t1
+            else:
+                errors += 1
+                if len(samples) < 3:
+                    samples.append(f"HTTP {status}")
+            if not keep:
+                sock.close()
+                sock = None
+        if sock is not None:
+            sock.close()
+        with lock:
+            results.append({"ok": ok, "errors": errors, "lat": lat, "span": last - start_at,
+                            "samples": samples})
+
+    threads = [threading.Thread(target=connection, args=(i,), daemon=True) for i in range(concurrency)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(duration + START_DELAY_S + RAW_TIMEOUT_S + 30)
+    if any(t.is_alive() for t in threads):
+        raise RuntimeError("raw_put: a connection did not finish")
+    ops = sum(r["ok"] for r in results)
+    rate = sum(r["ok"] / r["span"] for r in results if r["ok"] and r["span"] > 0)
+    lat = sorted(x for r in results for x in r["lat"])
+    return {"client": "raw sockets", "op": "PUT", "size": size, "concurrency": concurrency,
+            "ops": ops, "errors": sum(r["errors"] for r in results),
+            "error_samples": [s for r in results for s in r["samples"]][:3],
+            "elapsed_s": max((r["span"] for r in results), default=0.0), "ops_per_s": rate,
+            "mib_per_s": rate * size / 2**20,
+            "p50_ms": statistics.median(lat) * 1e3 if lat else None,
+            "p99_ms": lat[min(len(lat) - 1, int(len(lat) * 0.99))] * 1e3 if lat else None}
+
+
+def put_cell(presign, size: int, concurrency: int, duration: float, keys: int = 1024,
+             wrk_large: bool = False) -> dict:
+    """The PUT client for one cell: raw_put for bodies of RAW_PUT_MIN_BYTES
+    and more, wrk below (`wrk_large`: wrk for every size, the client of the
+    figures before 2026-11-26 evening)."""
+    if size >= RAW_PUT_MIN_BYTES and not wrk_large:
+        return raw_put(presign, size, concurrency, duration, keys=keys)
+    return wrk_put(presign, size, concurrency, duration, keys=keys)
+
+
+def put_client_name(wrk_large: bool = False) -> str:
+    """How put_cell drives PUTs, for reports."""
+    if wrk_large:
+        return "wrk (presigned URLs) for every PUT"
+    return (f"wrk (presigned URLs) for PUTs under {RAW_PUT_MIN_BYTES >> 20} MiB, "
+            "raw sockets (loadgen.raw_put, presigned URLs) from there")
+
+
 def _run_wrk(args: list[str], duration: float) -> dict:
     dur = max(1, round(duration))
     r = subprocess.run(["wrk", *args[:-1], f"-d{dur}s", "--timeout", "60s", args[-1]],

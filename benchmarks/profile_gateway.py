@@ -159,8 +159,8 @@ def main(argv=None) -> int:
                 r = loadgen.wrk_get(url, size, conc, duration)
             elif op == "PUT" and loadgen.wrk_available() and not args.boto3_puts:
                 time.sleep(lead)
-                r = loadgen.wrk_put(loadgen.put_presigner(s3, "bench", f"{name}/"), size, conc, duration,
-                                    keys=64 if size >= 64 * MiB else 1024)
+                r = loadgen.put_cell(loadgen.put_presigner(s3, "bench", f"{name}/"), size, conc, duration,
+                                     keys=64 if size >= 64 * MiB else 1024)
             else:
                 r = gen.run(endpoint=t.endpoint, access_key=peers.ACCESS_KEY, secret_key=peers.SECRET_KEY,
                             bucket="bench", op=op, size=size, concurrency=conc, duration=duration,

@@ -10,9 +10,10 @@ Two targets on loopback, both with fsync on:
   local       `airlock gateway` without --vault (commit point = primary log)
 
 Cells: PUT 4 KiB at concurrency 1 and 16, PUT 64 MiB at concurrency 1 and 2,
-driven by wrk on presigned URLs when wrk is installed, else by the
-multiprocess boto3 load generator (loadgen.py; unique bodies either way, so
-no dedup).  Interleaved: every round runs each cell on both targets back to back,
+driven by wrk on presigned URLs when wrk is installed (64 MiB bodies by
+loadgen.raw_put, see run.py; --wrk-large-puts for wrk there too), else by
+the multiprocess boto3 load generator (loadgen.py; unique bodies either
+way, so no dedup).  Interleaved: every round runs each cell on both targets back to back,
 alternating which goes first, so machine noise hits both alike.  Each round
 runs on fresh deployments and deletes them afterwards: nothing is ever
 deleted by the cells (the vault keeps every version, the primary has no
@@ -84,7 +85,8 @@ def summarize(samples: list[dict], cells) -> list[dict]:
 
 def markdown(rows: list[dict], meta: dict) -> str:
     out = [f"# Cost of synchronous replication ({meta['date']})", "",
-           f"Machine: {meta['machine']}. {meta['rounds']} rounds, interleaved. fsync on both sides.", "",
+           f"Machine: {meta['machine']}. {meta['rounds']} rounds, interleaved. fsync on both sides.",
+           f"Client: {meta.get('client', '?')}.", "",
            "| PUT | conc | replicated ops/s (min-max) | local ops/s (min-max) | replicated p50 ms | "
            "local p50 ms | time ratio repl/local (per round) |",
            "|---|---:|---|---|---:|---:|---|"]
@@ -106,6 +108,8 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="shorter cells")
     ap.add_argument("--keep", action="store_true", help="keep the data directories")
     ap.add_argument("--no-wrk", action="store_true", help="boto3 loadgen even if wrk is installed")
+    ap.add_argument("--wrk-large-puts", action="store_true",
+                    help="PUTs of 1 MiB and more with wrk too, instead of loadgen.raw_put (see run.py)")
     args = ap.parse_args()
     cells = QUICK_CELLS if args.quick else CELLS
     tmp = Path(tempfile.mkdtemp(prefix="airlock-replcost-"))
@@ -131,8 +135,9 @@ def main() -> int:
                 for name in order:
                     t = targets[name]
                     if use_wrk:
-                        r = loadgen.wrk_put(loadgen.put_presigner(t.client(), "bench"), size, conc, duration,
-                                            keys=64 if size >= 64 * MiB else 1024)
+                        r = loadgen.put_cell(loadgen.put_presigner(t.client(), "bench"), size, conc, duration,
+                                             keys=64 if size >= 64 * MiB else 1024,
+                                             wrk_large=args.wrk_large_puts)
                     else:
                         r = gen.run(endpoint=t.endpoint, access_key=peers.ACCESS_KEY, secret_key=peers.SECRET_KEY,
                                     bucket="bench", op="PUT", size=size, concurrency=conc, duration=duration,
@@ -153,7 +158,9 @@ def main() -> int:
     meta = {"date": time.strftime("%Y-%m-%d %H:%M"), "rounds": args.rounds,
             "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.system()} "
                        f"{platform.release()}, Python {platform.python_version()}",
-            "cells": cells}
+            "cells": cells,
+            "client": (loadgen.put_client_name(args.wrk_large_puts) if loadgen.wrk_available() and not args.no_wrk
+                       else "boto3 multiprocess")}
     md = markdown(rows, meta)
     print("\n" + md)
     RESULTS.mkdir(exist_ok=True)

@@ -19,8 +19,14 @@ not met) and <timestamp>.json (every sample).
 With `wrk` installed (apt-get install wrk) both PUTs and GETs are driven by
 wrk on presigned URLs: GETs of one pre-uploaded object, PUTs to 1024 keys per
 cell with a body unique per request (loadgen.wrk_put); a C client leaves the
-two cores to the servers.  --no-wrk (or no wrk) uses the multiprocess boto3
-loadgen instead (also unique bodies, see loadgen.py).
+two cores to the servers.  PUTs of 1 MiB and more are sent from plain
+sockets instead (loadgen.raw_put: one body buffer per connection, stamped in
+place per request): wrk's Lua must build each request as a fresh string and
+copies it again, ~70 ms of client CPU per 64 MiB PUT spent while the server
+waits (docs/performance.md, 2026-11-26 evening).  --wrk-large-puts keeps wrk
+for those too, as in earlier results.  --no-wrk (or no wrk) uses the
+multiprocess boto3 loadgen for every PUT instead (also unique bodies, see
+loadgen.py).
 
 --warmup S first drives every target, unmeasured, for S seconds (half 4 KiB
 PUT c=16, half 1 MiB PUT c=4): a fresh airlock data directory is about half
@@ -50,6 +56,7 @@ SIZES = [4 * KiB, 1 * MiB, 64 * MiB]
 CONCURRENCY = {4 * KiB: [1, 4, 16], 1 * MiB: [1, 4, 16], 64 * MiB: [1, 4]}
 MAX_OPS = {4 * KiB: 20000, 1 * MiB: 4000, 64 * MiB: 60}    # per cell, on top of the time bound
 RESULTS = Path(__file__).resolve().parent / "results"
+WRK_LARGE_PUTS = False          # --wrk-large-puts
 
 
 def human(n: int) -> str:
@@ -59,8 +66,9 @@ def human(n: int) -> str:
 def put_cell(t, size: int, conc: int, duration: float, use_wrk: bool, gen, prefix: str) -> dict:
     """One PUT cell on target t: wrk on presigned URLs, or the boto3 loadgen."""
     if use_wrk:
-        return loadgen.wrk_put(loadgen.put_presigner(t.client(), "bench", f"{prefix}/"),
-                               size, conc, duration, keys=64 if size >= 64 * MiB else 1024)
+        return loadgen.put_cell(loadgen.put_presigner(t.client(), "bench", f"{prefix}/"),
+                                size, conc, duration, keys=64 if size >= 64 * MiB else 1024,
+                                wrk_large=WRK_LARGE_PUTS)
     return gen.run(endpoint=t.endpoint, access_key=peers.ACCESS_KEY, secret_key=peers.SECRET_KEY,
                    bucket="bench", op="PUT", size=size, concurrency=conc, duration=duration,
                    max_ops=MAX_OPS[size], prefix=prefix, keys_per_thread=2 if size >= 64 * MiB else 8)
@@ -172,7 +180,7 @@ def markdown(rows: list[dict], target_names: list[str], meta: dict) -> str:
     peers_ = [n for n in target_names if n != "airlock"]
     out = [f"# airlock benchmark {meta['timestamp']}", "",
            f"- machine: {meta['machine']}", f"- mode: {meta['mode']} ({meta['rounds']} rounds x {meta['duration']} s "
-           f"per cell, interleaved cell by cell; unmeasured warm-up {meta.get('warmup', 0):g} s per target)", f"- client: {meta['get_client']} (unique body per PUT)", f"- airlock: {meta.get('airlock_build', '?')}",
+           f"per cell, interleaved cell by cell; unmeasured warm-up {meta.get('warmup', 0):g} s per target)", f"- client: GETs {meta['get_client']}; PUTs {meta.get('put_client', meta['get_client'])} (unique body per PUT)", f"- airlock: {meta.get('airlock_build', '?')}",
            f"- command: `{meta.get('command', '?')}`", ""]
     for n, notes in meta["notes"].items():
         out.append(f"- {n}: {notes}")
@@ -230,6 +238,9 @@ def main(argv=None) -> int:
     ap.add_argument("--duration", type=float, help="override seconds per cell")
     ap.add_argument("--peers", default="moto,seaweedfs", help="comma-separated peers to include if available")
     ap.add_argument("--no-wrk", action="store_true", help="use the boto3 loadgen even if wrk exists")
+    ap.add_argument("--wrk-large-puts", action="store_true",
+                    help="drive PUTs of 1 MiB and more with wrk too (the client of results before "
+                         "2026-11-26 evening) instead of loadgen.raw_put")
     ap.add_argument("--airlock-chunk-vault", action="store_true",
                     help="also run airlock with --chunk-sync vault (chunk files not fsynced) as an extra target")
     ap.add_argument("--airlock-local-only", action="store_true",
@@ -246,6 +257,8 @@ def main(argv=None) -> int:
     rounds = args.rounds or (2 if args.quick else 3)
     duration = args.duration or (2.0 if args.quick else 5.0)
     use_wrk = loadgen.wrk_available() and not args.no_wrk
+    global WRK_LARGE_PUTS
+    WRK_LARGE_PUTS = args.wrk_large_puts
     if not use_wrk and not args.no_wrk:
         print("note: wrk not found (apt-get install wrk); the boto3 loadgen drives every cell", file=sys.stderr)
 
@@ -290,6 +303,7 @@ def main(argv=None) -> int:
     ts = time.strftime("%Y%m%d-%H%M%S")
     meta = {"timestamp": ts, "machine": machine(), "mode": "quick" if args.quick else "full",
             "rounds": rounds, "duration": duration, "warmup": args.warmup, "get_client": "wrk (presigned URLs)" if use_wrk else "boto3 multiprocess",
+            "put_client": loadgen.put_client_name(args.wrk_large_puts) if use_wrk else "boto3 multiprocess",
             "notes": {t.name: t.notes for t in targets}, "wall_s": round(time.time() - t0, 1),
             "airlock_build": build, "command": " ".join([os.path.basename(sys.executable)] + sys.argv)}
     args.out.mkdir(parents=True, exist_ok=True)

@@ -135,7 +135,7 @@ def main(argv=None) -> int:
             s3 = t.client()
             s3.create_bucket(Bucket="bench")
             time.sleep(1.0)
-            r = loadgen.wrk_put(loadgen.put_presigner(s3, "bench"), args.size, args.conc, args.seconds)
+            r = loadgen.put_cell(loadgen.put_presigner(s3, "bench"), args.size, args.conc, args.seconds)
             Path(tdir, "dump").touch()
             deadline = time.monotonic() + 10
             while len(list(Path(tdir).glob("out-*.json"))) < 2 and time.monotonic() < deadline:
