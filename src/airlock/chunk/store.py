@@ -34,6 +34,7 @@ import blake3
 from airlock.chunk.small import SmallChunks
 from airlock.errors import FormatError, IntegrityError
 from airlock.fsutil import DIRECT_MIN_BYTES, fsync_dir, open_direct, write_around_cache
+from airlock.malloc import uninitialized
 
 CHUNK_MAGIC = b"ACHK"
 CHUNK_VERSION = 1
@@ -263,7 +264,8 @@ class ChunkStore:
             fd = os.open(self.path(digest), os.O_RDONLY)
         except OSError:
             return None
-        head, data = bytearray(CHUNK_HEADER_SIZE), bytearray(size)
+        # `data` is returned only when preadv filled all of it
+        head, data = bytearray(CHUNK_HEADER_SIZE), uninitialized(size)
         try:
             # EAGAIN (BlockingIOError) when not all of it is in the page cache
             whole = (os.preadv(fd, [head, data], 0, os.RWF_NOWAIT) == CHUNK_HEADER_SIZE + size

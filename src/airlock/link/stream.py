@@ -26,10 +26,12 @@ import collections
 from typing import Iterable
 
 from airlock.link import protocol as W
+from airlock.malloc import uninitialized
 
 SCRATCH_BYTES = 256 * 1024            # headers and frames that fit are read here, then copied out
 MAX_QUEUED_BYTES = 2 * W.MAX_FRAME_PAYLOAD
 CORK_BYTES = 64 * 1024                # held small frames are released at once beyond this
+WRITE_PIECE_BYTES = 256 * 1024        # larger writes reach the transport in pieces of this size
 
 
 class FrameProtocol(asyncio.BufferedProtocol):
@@ -93,7 +95,9 @@ class FrameProtocol(asyncio.BufferedProtocol):
                 continue
             # the payload continues past what was read: give it its own buffer
             self._header, self._header_info = header, h
-            self._payload = bytearray(h.length)
+            # written in full by the reads that follow before it is handed
+            # on (and dropped if the stream ends first): no need to zero it
+            self._payload = uninitialized(h.length)
             self._payload_view = memoryview(self._payload)
             have = end - body
             self._payload_view[:have] = sv[body:end]
@@ -233,7 +237,18 @@ class FrameWriter:
                 self._release()
             return
         self._release()
-        self.transport.write(data)
+        view = memoryview(data)
+        if view.nbytes <= WRITE_PIECE_BYTES:
+            self.transport.write(data)
+            return
+        # a large chunk goes to the TLS layer in pieces: encrypting one
+        # 4 MiB write at once grows OpenSSL's outgoing memory buffer to that
+        # size, realloc by realloc (each a copy and a wipe), and costs
+        # ~0.42-0.55 ms/MiB against ~0.36 in 256 KiB pieces (measured on
+        # SSLObject with memory BIOs, as asyncio's SSL transport uses them)
+        view = view.cast("B")
+        for off in range(0, view.nbytes, WRITE_PIECE_BYTES):
+            self.transport.write(view[off:off + WRITE_PIECE_BYTES])
 
     def _release(self) -> None:
         held, self._held = self._held, None
