@@ -91,7 +91,7 @@ def measure(args, c, pids: dict, url: str | None) -> None:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--target", default="airlock", choices=["airlock", "airlock-chunk-vault", "seaweedfs", "moto"])
+    ap.add_argument("--target", default="airlock", choices=["airlock", "airlock-chunk-vault", "airlock-local-only", "seaweedfs", "moto"])
     ap.add_argument("--op", default="PUT", choices=["PUT", "GET"])
     ap.add_argument("--size", type=int, default=4096)
     ap.add_argument("--conc", type=int, default=16)
@@ -113,7 +113,8 @@ def main(argv=None) -> int:
     if not loadgen.wrk_available():
         raise SystemExit("wrk is needed (apt-get install wrk)")
     cls = {"airlock": peers.Airlock, "airlock-chunk-vault": peers.AirlockChunkSyncVault,
-           "seaweedfs": peers.SeaweedFS, "moto": peers.Moto}[args.target]
+           "airlock-local-only": peers.AirlockLocalOnly, "seaweedfs": peers.SeaweedFS,
+           "moto": peers.Moto}[args.target]
     kw = {}
     if issubclass(cls, peers.Airlock):
         kw = {"workers": args.workers, "link_delay_ms": args.link_delay_ms}
@@ -123,8 +124,10 @@ def main(argv=None) -> int:
         c = t.client()
         c.create_bucket(Bucket="bench")
         pids = {"server": t.pid}
-        if isinstance(t, peers.Airlock):
-            pids = {"gateway": t.pid, "vault": t.vault_pid}
+        if isinstance(t, peers._AirlockGateway):
+            pids = {"gateway": t.pid}
+            if isinstance(t, peers.Airlock):
+                pids["vault"] = t.vault_pid
             for p in t.gateway_processes():
                 if p["role"] == "worker":
                     pids[f"worker {p['pid']}"] = p["pid"]

@@ -161,7 +161,31 @@ def _import_airlock_keys():
     return keys
 
 
-class AirlockLocalOnly(Target):
+class _AirlockGateway(Target):
+    """What every airlock gateway target answers: its health document and processes."""
+
+    def gateway_processes(self, settle: float = 1.0, timeout: float = 20.0) -> list[dict]:
+        """The gateway's processes ({"pid", "role", "stats"}) once their
+        number has not changed for `settle` seconds (workers start after the
+        leader answers)."""
+        deadline = time.monotonic() + timeout
+        last, since = None, time.monotonic()
+        while time.monotonic() < deadline:
+            procs = self.health().get("processes") or [{"pid": self.pid, "role": "leader"}]
+            if last is None or len(procs) != len(last):
+                last, since = procs, time.monotonic()
+            elif time.monotonic() - since >= settle:
+                break
+            time.sleep(0.1)
+        return last
+
+    def health(self) -> dict:
+        import urllib.request
+        with urllib.request.urlopen(f"{self.endpoint}/_airlock/health", timeout=5) as r:
+            return json.load(r)
+
+
+class AirlockLocalOnly(_AirlockGateway):
     """A gateway without a vault: the commit point is the primary's own log."""
     name = "airlock-local-only"
     notes = ("gateway without a vault (local commit point, no replication), fsync on: chunk fdatasync + "
@@ -177,7 +201,7 @@ class AirlockLocalOnly(Target):
         return self
 
 
-class Airlock(Target):
+class Airlock(_AirlockGateway):
     """The product as deployed: `airlock vault` and `airlock gateway --vault`,
     two OS processes joined by the mutual-TLS link, synchronous replication on
     (the 200 comes after the vault's durable ack), fsync on both sides."""
@@ -239,26 +263,6 @@ class Airlock(Target):
             stdout=self._log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         wait_http(self.port, self.proc)
         return self
-
-    def gateway_processes(self, settle: float = 1.0, timeout: float = 20.0) -> list[dict]:
-        """The gateway's processes ({"pid", "role", "stats"}) once their
-        number has not changed for `settle` seconds (workers start after the
-        leader answers)."""
-        deadline = time.monotonic() + timeout
-        last, since = None, time.monotonic()
-        while time.monotonic() < deadline:
-            procs = self.health().get("processes") or [{"pid": self.pid, "role": "leader"}]
-            if last is None or len(procs) != len(last):
-                last, since = procs, time.monotonic()
-            elif time.monotonic() - since >= settle:
-                break
-            time.sleep(0.1)
-        return last
-
-    def health(self) -> dict:
-        import urllib.request
-        with urllib.request.urlopen(f"{self.endpoint}/_airlock/health", timeout=5) as r:
-            return json.load(r)
 
     def stop(self) -> None:
         log = self._log
