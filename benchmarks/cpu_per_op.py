@@ -6,7 +6,9 @@ Starts one target (peers.py), runs one wrk cell (8 s; PUTs to presigned URLs
 with unique bodies, GETs of one object), and reads utime+stime of every
 server process from /proc/<pid>/stat before and after, plus wrk's own CPU
 (RUSAGE_CHILDREN; PUTs of 1 MiB and more are sent by loadgen.raw_put's
-threads in this process: RUSAGE_SELF) and the machine's busy share (/proc/stat).  Tells whether
+threads in this process, which count their own CPU) and the machine's busy
+share (/proc/stat), all over the cell's own window (raw_put reports its
+start and end, after its set-up).  Tells whether
 a cell is bound by one process's CPU (a Python process near 1.0 cores is
 bound by its GIL) or by something else.
 """
@@ -52,20 +54,25 @@ def machine_idle() -> tuple[int, int]:
 
 
 def measure(args, c, pids: dict, url: str | None) -> None:
-    before = {n: cpu_seconds(p) for n, p in pids.items()}
-    threads0 = {n: thread_cpu(p) for n, p in pids.items()} if args.threads else {}
-    ch0, i0, t0 = resource.getrusage(resource.RUSAGE_CHILDREN), machine_idle(), time.time()
-    me0 = resource.getrusage(resource.RUSAGE_SELF)
+    snaps = {}
+
+    def snap(event: str) -> None:
+        """Every counter at the start or the end of the cell itself (raw_put
+        calls this around its measured window, after its set-up: presigned
+        URLs, bodies, start delay; wrk cells are taken around the wrk run)."""
+        snaps[event] = ({n: cpu_seconds(p) for n, p in pids.items()},
+                        {n: thread_cpu(p) for n, p in pids.items()} if args.threads else {},
+                        resource.getrusage(resource.RUSAGE_CHILDREN), machine_idle(), time.monotonic())
+
     if args.op == "PUT":
         r = loadgen.put_cell(loadgen.put_presigner(c, "bench"), args.size, args.conc, args.seconds,
-                             wrk_large=args.wrk_large_puts)
+                             wrk_large=args.wrk_large_puts, on_cell=snap)
     else:
+        snap("start")
         r = loadgen.wrk_get(url, args.size, args.conc, args.seconds)
-    el = time.time() - t0
-    ch1, i1 = resource.getrusage(resource.RUSAGE_CHILDREN), machine_idle()
-    me1 = resource.getrusage(resource.RUSAGE_SELF)
-    after = {n: cpu_seconds(p) for n, p in pids.items()}
-    threads1 = {n: thread_cpu(p) for n, p in pids.items()} if args.threads else {}
+        snap("end")
+    (before, threads0, ch0, i0, t0), (after, threads1, ch1, i1, t1) = snaps["start"], snaps["end"]
+    el = t1 - t0
     print(f"{args.target} {args.op} {args.size} B c={args.conc}: {r['ops_per_s']:.0f} ops/s, "
           f"{r['mib_per_s']:.1f} MiB/s, errors {r['errors']}")
     for n in pids:
@@ -83,8 +90,9 @@ def measure(args, c, pids: dict, url: str | None) -> None:
             print(f"    event-loop thread {main_t / el:.2f} cores; other threads "
                   + (", ".join(f"{u / el:.2f}" for u in busy_t[:6]) or "none")
                   + (f" (+{len(busy_t) - 6} more)" if len(busy_t) > 6 else ""))
-    client = ((ch1.ru_utime + ch1.ru_stime) - (ch0.ru_utime + ch0.ru_stime)
-              + (me1.ru_utime + me1.ru_stime) - (me0.ru_utime + me0.ru_stime))
+    client = (ch1.ru_utime + ch1.ru_stime) - (ch0.ru_utime + ch0.ru_stime)    # wrk
+    if "client_cpu_s" in r:         # raw_put's connections (threads of this process) during the cell
+        client = r["client_cpu_s"]
     busy = (1 - (i1[0] - i0[0]) / max(i1[1] - i0[1], 1)) * (os.cpu_count() or 1)
     print(f"  client ({r['client']}): {client / el:.2f} cores; machine: {busy:.2f} of {os.cpu_count()} cores busy")
 
@@ -118,6 +126,12 @@ def main(argv=None) -> int:
     kw = {}
     if issubclass(cls, peers.Airlock):
         kw = {"workers": args.workers, "link_delay_ms": args.link_delay_ms}
+    elif cls is peers.AirlockLocalOnly:
+        if args.link_delay_ms:
+            raise SystemExit("--link-delay-ms: a local-only gateway has no link")
+        kw = {"workers": args.workers}
+    elif args.workers is not None or args.link_delay_ms:
+        raise SystemExit(f"--workers and --link-delay-ms are for airlock targets, not {args.target}")
     work = peers.make_workdir()
     t = cls(work / args.target, **kw).start()
     try:

@@ -286,7 +286,7 @@ def wrk_put(presign, size: int, concurrency: int, duration: float, keys: int = 1
 # kernel without a copy in user space.  Small bodies stay with wrk (C is
 # cheaper per request there; its build cost is a few microseconds).
 RAW_PUT_MIN_BYTES = 1 << 20
-RAW_TIMEOUT_S = 60.0            # a request not answered within this fails the cell (as wrk --timeout)
+RAW_TIMEOUT_S = 60.0            # a request not answered within this is an error (as wrk --timeout)
 
 
 def _raw_conn(netloc: str):
@@ -297,132 +297,201 @@ def _raw_conn(netloc: str):
     return sock
 
 
-def _raw_response(sock, pending: bytearray) -> tuple[int, bool]:
-    """Read one HTTP/1.1 response (status line, headers, Content-Length body);
-    returns (status, keep_alive).  `pending` holds bytes read past it."""
-    while b"\r\n\r\n" not in pending:
-        got = sock.recv(65536)
+class _Reader:
+    """Buffered reads of HTTP/1.x responses from one socket."""
+
+    def __init__(self, sock):
+        self.sock = sock
+        self.buf = bytearray()
+
+    def _more(self) -> None:
+        got = self.sock.recv(65536)
         if not got:
-            raise ConnectionError("connection closed before the response")
-        pending += got
-    head, _, rest = bytes(pending).partition(b"\r\n\r\n")
-    lines = head.split(b"\r\n")
-    status = int(lines[0].split()[1])
-    length, keep = 0, True
-    for line in lines[1:]:
-        name, _, value = line.partition(b":")
-        name = name.strip().lower()
-        if name == b"content-length":
-            length = int(value)
-        elif name == b"connection" and value.strip().lower() == b"close":
-            keep = False
-    while len(rest) < length:
-        got = sock.recv(max(65536, length - len(rest)))
-        if not got:
-            raise ConnectionError("connection closed inside the response body")
-        rest += got
-    pending[:] = rest[length:]
-    return status, keep
+            raise ConnectionError("connection closed inside a response")
+        self.buf += got
+
+    def line(self) -> bytes:
+        while (i := self.buf.find(b"\r\n")) < 0:
+            self._more()
+        out = bytes(self.buf[:i])
+        del self.buf[:i + 2]
+        return out
+
+    def skip(self, n: int) -> None:
+        while len(self.buf) < n:
+            self._more()
+        del self.buf[:n]
+
+    def response(self) -> tuple[int, bool]:
+        """One final response (1xx ones skipped), its body read and dropped;
+        (status, keep-alive).  ValueError for anything malformed."""
+        while True:
+            parts = self.line().split(None, 2)
+            if len(parts) < 2 or not parts[0].startswith(b"HTTP/"):
+                raise ValueError(f"not an HTTP status line: {parts!r}")
+            version, status = parts[0], int(parts[1])
+            headers = {}
+            while line := self.line():
+                name, _, value = line.partition(b":")
+                headers[name.strip().lower()] = value.strip().lower()
+            if 100 <= status < 200:
+                continue
+            keep = version == b"HTTP/1.1" and headers.get(b"connection") != b"close"
+            if headers.get(b"transfer-encoding", b"").endswith(b"chunked"):
+                while (size := int(self.line().split(b";")[0], 16)) > 0:
+                    self.skip(size + 2)
+                while self.line():          # trailers, up to the empty line
+                    pass
+            elif b"content-length" in headers:
+                self.skip(int(headers[b"content-length"]))
+            elif status not in (204, 304):
+                raise ValueError("a response body without a length (read to close) is not supported")
+            return status, keep
 
 
-def raw_put(presign, size: int, concurrency: int, duration: float, keys: int = 1024) -> dict:
+def raw_put(presign, size: int, concurrency: int, duration: float, keys: int = 1024,
+            on_cell=None) -> dict:
     """PUT unique bodies of `size` bytes to `keys` presigned URLs over plain
     keep-alive sockets, one thread per connection; bounded by `duration`
     seconds (no request starts after it; those in flight finish and count).
 
-    Each connection builds its body once (random, a per-invocation nonce)
-    and per request rewrites only the stamps every STAMP_STRIDE bytes
-    (nonce, connection, counter, piece), as the wrk script does, so no two
-    requests share a chunk.  The rate is the sum over connections of
-    requests / (last answer - start): every completed request counts, none
-    is cut off at the end of the window."""
+    Each connection builds its body before the cell starts (random, a
+    per-invocation nonce) and per request rewrites only the stamps every
+    STAMP_STRIDE bytes (nonce, connection, counter, piece: the wrk
+    script's layout, with the connection where wrk has its thread), so no
+    two requests share a chunk.  Rate: every answered request over the time
+    from the start to the last answer.  Any failure of a request (socket,
+    malformed response, non-2xx/3xx status) is counted as an error and the
+    connection is opened again.  `on_cell("start")` is called as the cell
+    starts (after every set-up) and `on_cell("end")` once every connection
+    is done, for callers that sample counters over the cell itself."""
     from urllib.parse import urlsplit
     urls = [urlsplit(presign(f"raw/{size}/{i}")) for i in range(max(keys, concurrency * 4))]
     netloc = urls[0].netloc
     run = secrets.randbits(32)
     offsets = range(0, size, STAMP_STRIDE)
-    start_at = time.monotonic() + START_DELAY_S
-    deadline = start_at + duration
+    clock: dict = {}
+
+    def set_clock() -> None:        # run once every body is built, before anyone is released
+        clock["start"] = time.monotonic() + START_DELAY_S
+        clock["deadline"] = clock["start"] + duration
+        if on_cell is not None:
+            threading.Timer(START_DELAY_S, on_cell, ("start",)).start()
+
+    ready = threading.Barrier(concurrency + 1, action=set_clock, timeout=RAW_TIMEOUT_S)
     results: list[dict] = []
     lock = threading.Lock()
 
     def connection(cid: int) -> None:
-        rnd = secrets.token_bytes(STAMP_STRIDE)
-        body = bytearray(rnd * (size // STAMP_STRIDE + 1))[:size]
-        view = memoryview(body)
-        mine = urls[cid::concurrency]
-        lat, ok, errors, last, samples = [], 0, 0, start_at, []
-        sock, pending = None, bytearray()
-        n = 0
-        time.sleep(max(0.0, start_at - time.monotonic()))
-        while time.monotonic() < deadline:
-            n += 1
-            for piece, off in enumerate(offsets):
-                stamp = b"%08x%04d%012d%06d" % (run, cid, n, piece)
-                body[off:off + min(len(stamp), size - off)] = stamp[:size - off]
-            u = mine[n % len(mine)]
-            head = (f"PUT {u.path}?{u.query} HTTP/1.1\r\nHost: {netloc}\r\n"
-                    f"Content-Length: {size}\r\n\r\n").encode()
-            t0 = time.monotonic()
-            try:
-                if sock is None:
-                    sock, pending = _raw_conn(netloc), bytearray()
-                sock.sendall(head)
-                sock.sendall(view)
-                status, keep = _raw_response(sock, pending)
-            except OSError as e:
-                errors += 1
-                if len(samples) < 3:
-                    samples.append(repr(e))
-                if sock is not None:
-                    sock.close()
-                sock = None
-                continue
-            t1 = time.monotonic()
-            if 200 <= status < 400:
-                ok += 1
-                lat.append(t1 - t0)
-                last = t1
-            else:
-                errors += 1
-                if len(samples) < 3:
-                    samples.append(f"HTTP {status}")
-            if not keep:
+        res = {"ok": 0, "errors": 0, "lat": [], "last": None, "samples": [], "cpu": 0.0}
+        sock = reader = None
+
+        def error(what: str) -> None:
+            nonlocal sock
+            res["errors"] += 1
+            if len(res["samples"]) < 3:
+                res["samples"].append(what)
+            if sock is not None:
                 sock.close()
-                sock = None
-        if sock is not None:
-            sock.close()
-        with lock:
-            results.append({"ok": ok, "errors": errors, "lat": lat, "span": last - start_at,
-                            "samples": samples})
+            sock = None
+
+        try:
+            rnd = secrets.token_bytes(STAMP_STRIDE)
+            body = bytearray(rnd * (size // STAMP_STRIDE + 1))[:size]
+            view = memoryview(body)
+            mine = urls[cid::concurrency]
+            ready.wait()
+            cpu0 = time.thread_time()
+            start, deadline = clock["start"], clock["deadline"]
+            time.sleep(max(0.0, start - time.monotonic()))
+            n = 0
+            while time.monotonic() < deadline:
+                n += 1
+                for piece, off in enumerate(offsets):
+                    stamp = b"%08x%04d%012d%06d" % (run, cid, n, piece)
+                    body[off:off + min(len(stamp), size - off)] = stamp[:size - off]
+                u = mine[n % len(mine)]
+                head = (f"PUT {u.path}?{u.query} HTTP/1.1\r\nHost: {netloc}\r\n"
+                        f"Content-Length: {size}\r\n\r\n").encode()
+                t0 = time.monotonic()
+                try:
+                    if sock is None:
+                        sock = _raw_conn(netloc)
+                        reader = _Reader(sock)
+                    sock.sendall(head)
+                    sock.sendall(view)
+                    status, keep = reader.response()
+                except (OSError, ValueError) as e:
+                    error(repr(e))
+                    continue
+                t1 = time.monotonic()
+                if 200 <= status < 400:
+                    res["ok"] += 1
+                    res["lat"].append(t1 - t0)
+                    res["last"] = t1
+                else:
+                    error(f"HTTP {status}")
+                    continue
+                if not keep:
+                    sock.close()
+                    sock = None
+            res["cpu"] = time.thread_time() - cpu0
+        except BaseException as e:               # noqa: B036 -- reported with the cell, never lost
+            ready.abort()                        # if it failed before the start: nobody waits for it
+            res["errors"] += 1
+            res["samples"].append(f"connection {cid} stopped: {e!r}")
+        finally:
+            if sock is not None:
+                sock.close()
+            with lock:
+                results.append(res)
 
     threads = [threading.Thread(target=connection, args=(i,), daemon=True) for i in range(concurrency)]
     for t in threads:
         t.start()
+    try:
+        ready.wait()            # every body built: the cell starts now, for every connection
+    except threading.BrokenBarrierError:
+        for t in threads:
+            t.join(RAW_TIMEOUT_S)
+        raise RuntimeError(f"raw_put: a connection failed before the start: "
+                           f"{[x for r in results for x in r['samples']][:3]}") from None
+    start = clock["start"]
+    ends = start + duration + RAW_TIMEOUT_S + 30
     for t in threads:
-        t.join(duration + START_DELAY_S + RAW_TIMEOUT_S + 30)
+        t.join(max(0.0, ends - time.monotonic()))
     if any(t.is_alive() for t in threads):
         raise RuntimeError("raw_put: a connection did not finish")
+    if on_cell is not None:
+        on_cell("end")
     ops = sum(r["ok"] for r in results)
-    rate = sum(r["ok"] / r["span"] for r in results if r["ok"] and r["span"] > 0)
+    last = max((r["last"] for r in results if r["last"] is not None), default=None)
+    span = last - start if last is not None else 0.0
+    rate = ops / span if span > 0 else 0.0
     lat = sorted(x for r in results for x in r["lat"])
     return {"client": "raw sockets", "op": "PUT", "size": size, "concurrency": concurrency,
             "ops": ops, "errors": sum(r["errors"] for r in results),
-            "error_samples": [s for r in results for s in r["samples"]][:3],
-            "elapsed_s": max((r["span"] for r in results), default=0.0), "ops_per_s": rate,
-            "mib_per_s": rate * size / 2**20,
+            "error_samples": [x for r in results for x in r["samples"]][:3],
+            "elapsed_s": span, "ops_per_s": rate, "mib_per_s": rate * size / 2**20,
+            "client_cpu_s": sum(r["cpu"] for r in results),   # the connections' threads, set-up left out
             "p50_ms": statistics.median(lat) * 1e3 if lat else None,
             "p99_ms": lat[min(len(lat) - 1, int(len(lat) * 0.99))] * 1e3 if lat else None}
 
 
 def put_cell(presign, size: int, concurrency: int, duration: float, keys: int = 1024,
-             wrk_large: bool = False) -> dict:
+             wrk_large: bool = False, on_cell=None) -> dict:
     """The PUT client for one cell: raw_put for bodies of RAW_PUT_MIN_BYTES
     and more, wrk below (`wrk_large`: wrk for every size, the client of the
-    figures before 2026-11-26 evening)."""
+    figures before 2026-11-26 evening).  `on_cell`: see raw_put (for wrk,
+    called around the wrk run)."""
     if size >= RAW_PUT_MIN_BYTES and not wrk_large:
-        return raw_put(presign, size, concurrency, duration, keys=keys)
-    return wrk_put(presign, size, concurrency, duration, keys=keys)
+        return raw_put(presign, size, concurrency, duration, keys=keys, on_cell=on_cell)
+    if on_cell is not None:
+        on_cell("start")
+    r = wrk_put(presign, size, concurrency, duration, keys=keys)
+    if on_cell is not None:
+        on_cell("end")
+    return r
 
 
 def put_client_name(wrk_large: bool = False) -> str:

@@ -191,12 +191,17 @@ class AirlockLocalOnly(_AirlockGateway):
     notes = ("gateway without a vault (local commit point, no replication), fsync on: chunk fdatasync + "
              "group-committed log fdatasync before the 200")
 
+    def __init__(self, workdir: Path, workers: int | None = None):
+        super().__init__(workdir)
+        self.workers = workers
+
     def start(self) -> "AirlockLocalOnly":
         self.port = free_port()
         cmd, env = airlock_command()
         env.update(AIRLOCK_ACCESS_KEY=ACCESS_KEY, AIRLOCK_SECRET_KEY=SECRET_KEY)
+        extra = ["--workers", str(self.workers)] if self.workers is not None else []
         self._spawn(cmd + ["gateway", "--data", str(self.workdir / "primary"),
-                           "--listen", f"127.0.0.1:{self.port}"], env)
+                           "--listen", f"127.0.0.1:{self.port}", *extra], env)
         wait_http(self.port, self.proc)
         return self
 

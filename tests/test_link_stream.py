@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from airlock.link import protocol as W
-from airlock.link.stream import SCRATCH_BYTES, FrameProtocol, FrameWriter
+from airlock.link.stream import SCRATCH_BYTES, WRITE_PIECE_BYTES, FrameProtocol, FrameWriter
 
 
 class Recorder:
@@ -223,5 +223,34 @@ def test_large_bytes_are_not_held_or_copied_into_the_held_frames():
         assert t.writes == [b"head", big]          # released in order, the large one on its own
         await asyncio.sleep(0)
         assert t.writes == [b"head", big]
+
+    asyncio.run(go())
+
+
+def test_a_large_write_reaches_the_transport_in_pieces_in_order():
+    async def go():
+        t = WriteRecorder()
+        w = FrameWriter(t, FrameProtocol())
+        w.write(b"head")
+        big = os.urandom(4 * WRITE_PIECE_BYTES + 5)
+        w.write(memoryview(big))
+        assert t.writes[0] == b"head"
+        assert [len(x) for x in t.writes[1:]] == [WRITE_PIECE_BYTES] * 4 + [5]
+        assert b"".join(t.writes[1:]) == big
+
+    asyncio.run(go())
+
+
+def test_a_large_write_stops_once_the_transport_is_closing():
+    class ClosesAfterOneWrite(WriteRecorder):
+        def write(self, data):
+            super().write(data)
+            self.closed = True               # the connection is lost during the first piece
+
+    async def go():
+        t = ClosesAfterOneWrite()
+        w = FrameWriter(t, FrameProtocol())
+        w.write(os.urandom(3 * WRITE_PIECE_BYTES))
+        assert len(t.writes) == 1            # no write after close (the recorder would fail)
 
     asyncio.run(go())

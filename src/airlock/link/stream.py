@@ -248,6 +248,8 @@ class FrameWriter:
         # SSLObject with memory BIOs, as asyncio's SSL transport uses them)
         view = view.cast("B")
         for off in range(0, view.nbytes, WRITE_PIECE_BYTES):
+            if self.transport.is_closing():
+                return          # lost or closed: one write fails (and warns) as before, not 16
             self.transport.write(view[off:off + WRITE_PIECE_BYTES])
 
     def _release(self) -> None:
