@@ -28,23 +28,26 @@ import loadgen  # noqa: E402
 import peers  # noqa: E402
 
 
-def cpu_seconds(pid: int) -> tuple[float, float]:
-    """(user, system) CPU seconds of one process, all its threads."""
-    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+def _stat_times(path: str) -> tuple[float, float]:
+    """(user, system) CPU seconds from a /proc .../stat file."""
+    fields = open(path).read().rsplit(")", 1)[1].split()
     tck = os.sysconf("SC_CLK_TCK")
     return int(fields[11]) / tck, int(fields[12]) / tck
 
 
+def cpu_seconds(pid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds of one process, all its threads."""
+    return _stat_times(f"/proc/{pid}/stat")
+
+
 def thread_cpu(pid: int) -> dict[int, float]:
     """CPU seconds (user + system) of each thread of one process, by thread id."""
-    tck = os.sysconf("SC_CLK_TCK")
     out = {}
     for tid in os.listdir(f"/proc/{pid}/task"):
         try:
-            fields = open(f"/proc/{pid}/task/{tid}/stat").read().rsplit(")", 1)[1].split()
+            out[int(tid)] = sum(_stat_times(f"/proc/{pid}/task/{tid}/stat"))
         except OSError:
             continue                       # the thread ended meanwhile
-        out[int(tid)] = (int(fields[11]) + int(fields[12])) / tck
     return out
 
 
@@ -138,7 +141,7 @@ def main(argv=None) -> int:
         c = t.client()
         c.create_bucket(Bucket="bench")
         pids = {"server": t.pid}
-        if isinstance(t, peers._AirlockGateway):
+        if isinstance(t, peers.AirlockGateway):
             pids = {"gateway": t.pid}
             if isinstance(t, peers.Airlock):
                 pids["vault"] = t.vault_pid

@@ -161,7 +161,7 @@ def _import_airlock_keys():
     return keys
 
 
-class _AirlockGateway(Target):
+class AirlockGateway(Target):
     """What every airlock gateway target answers: its health document and processes."""
 
     def gateway_processes(self, settle: float = 1.0, timeout: float = 20.0) -> list[dict]:
@@ -185,7 +185,7 @@ class _AirlockGateway(Target):
             return json.load(r)
 
 
-class AirlockLocalOnly(_AirlockGateway):
+class AirlockLocalOnly(AirlockGateway):
     """A gateway without a vault: the commit point is the primary's own log."""
     name = "airlock-local-only"
     notes = ("gateway without a vault (local commit point, no replication), fsync on: chunk fdatasync + "
@@ -206,7 +206,7 @@ class AirlockLocalOnly(_AirlockGateway):
         return self
 
 
-class Airlock(_AirlockGateway):
+class Airlock(AirlockGateway):
     """The product as deployed: `airlock vault` and `airlock gateway --vault`,
     two OS processes joined by the mutual-TLS link, synchronous replication on
     (the 200 comes after the vault's durable ack), fsync on both sides."""

@@ -56,34 +56,35 @@ SIZES = [4 * KiB, 1 * MiB, 64 * MiB]
 CONCURRENCY = {4 * KiB: [1, 4, 16], 1 * MiB: [1, 4, 16], 64 * MiB: [1, 4]}
 MAX_OPS = {4 * KiB: 20000, 1 * MiB: 4000, 64 * MiB: 60}    # per cell, on top of the time bound
 RESULTS = Path(__file__).resolve().parent / "results"
-WRK_LARGE_PUTS = False          # --wrk-large-puts
 
 
 def human(n: int) -> str:
     return f"{n // MiB} MiB" if n >= MiB else f"{n // KiB} KiB"
 
 
-def put_cell(t, size: int, conc: int, duration: float, use_wrk: bool, gen, prefix: str) -> dict:
-    """One PUT cell on target t: wrk on presigned URLs, or the boto3 loadgen."""
+def put_cell(t, size: int, conc: int, duration: float, use_wrk: bool, gen, prefix: str,
+             wrk_large: bool = False) -> dict:
+    """One PUT cell on target t: wrk (raw_put for large bodies unless
+    `wrk_large`) on presigned URLs, or the boto3 loadgen."""
     if use_wrk:
         return loadgen.put_cell(loadgen.put_presigner(t.client(), "bench", f"{prefix}/"),
                                 size, conc, duration, keys=64 if size >= 64 * MiB else 1024,
-                                wrk_large=WRK_LARGE_PUTS)
+                                wrk_large=wrk_large)
     return gen.run(endpoint=t.endpoint, access_key=peers.ACCESS_KEY, secret_key=peers.SECRET_KEY,
                    bucket="bench", op="PUT", size=size, concurrency=conc, duration=duration,
                    max_ops=MAX_OPS[size], prefix=prefix, keys_per_thread=2 if size >= 64 * MiB else 8)
 
 
-def warm_up(targets, seconds: float, use_wrk: bool, gen, log=print) -> None:
+def warm_up(targets, seconds: float, use_wrk: bool, gen, log=print, wrk_large: bool = False) -> None:
     """Unmeasured PUT load on every target (see the module doc, --warmup)."""
     for t in targets:
         for size, conc in ((4 * KiB, 16), (MiB, 4)):
-            r = put_cell(t, size, conc, seconds / 2, use_wrk, gen, "warmup")
+            r = put_cell(t, size, conc, seconds / 2, use_wrk, gen, "warmup", wrk_large)
             log(f"warm-up  {t.name:9s} PUT {human(size):>7s} c={conc:<2d} {r['ops_per_s']:9.1f} ops/s (not counted)")
 
 
 def run_matrix(targets, rounds: int, duration: float, use_wrk: bool, ops=("PUT", "GET"),
-               sizes=SIZES, log=print, warmup: float = 0.0) -> list[dict]:
+               sizes=SIZES, log=print, warmup: float = 0.0, wrk_large: bool = False) -> list[dict]:
     gen = loadgen.LoadGen()
     samples: list[dict] = []
     try:
@@ -96,7 +97,7 @@ def run_matrix(targets, rounds: int, duration: float, use_wrk: bool, ops=("PUT",
                 c.put_object(Bucket="bench", Key=key, Body=os.urandom(size))
                 getkeys[(t.name, size)] = key
         if warmup > 0:
-            warm_up(targets, warmup, use_wrk, gen, log)
+            warm_up(targets, warmup, use_wrk, gen, log, wrk_large)
         for rnd in range(rounds):
             order = targets if rnd % 2 == 0 else list(reversed(targets))
             for size in sizes:
@@ -109,7 +110,7 @@ def run_matrix(targets, rounds: int, duration: float, use_wrk: bool, ops=("PUT",
                                     ExpiresIn=3600)
                                 r = loadgen.wrk_get(url, size, conc, duration)
                             elif op == "PUT":
-                                r = put_cell(t, size, conc, duration, use_wrk, gen, f"r{rnd}")
+                                r = put_cell(t, size, conc, duration, use_wrk, gen, f"r{rnd}", wrk_large)
                             else:
                                 r = gen.run(endpoint=t.endpoint, access_key=peers.ACCESS_KEY,
                                             secret_key=peers.SECRET_KEY, bucket="bench", op=op,
@@ -257,8 +258,6 @@ def main(argv=None) -> int:
     rounds = args.rounds or (2 if args.quick else 3)
     duration = args.duration or (2.0 if args.quick else 5.0)
     use_wrk = loadgen.wrk_available() and not args.no_wrk
-    global WRK_LARGE_PUTS
-    WRK_LARGE_PUTS = args.wrk_large_puts
     if not use_wrk and not args.no_wrk:
         print("note: wrk not found (apt-get install wrk); the boto3 loadgen drives every cell", file=sys.stderr)
 
@@ -293,7 +292,7 @@ def main(argv=None) -> int:
         if health.get("replication") != "vault" or not health.get("vault_connected"):
             raise RuntimeError(f"airlock gateway is not replicating to its vault: {health}")
         sizes = [{"4K": 4 * KiB, "1M": MiB, "64M": 64 * MiB}[x] for x in args.sizes.split(",")]
-        samples = run_matrix(targets, rounds, duration, use_wrk, sizes=sizes, log=lambda s: print(s, flush=True),
+        samples = run_matrix(targets, rounds, duration, use_wrk, sizes=sizes, wrk_large=args.wrk_large_puts, log=lambda s: print(s, flush=True),
                              warmup=args.warmup)
     finally:
         for t in started:

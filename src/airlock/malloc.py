@@ -67,25 +67,18 @@ def tune() -> bool:
 # ---------------------------------------------------------------------------- buffers
 # `bytearray(n)` zero-fills: a memset of every byte before the buffer is
 # written again in full (a link frame's payload by the TLS decryption, a
-# cached chunk read by preadv).  For a 64 MiB PUT that memset was ~5% of the
-# vault's CPU (docs/performance.md).  CPython's C API makes a bytearray
+# cached chunk read by preadv).  For a 64 MiB PUT that memset was 3.5% of the
+# vault's CPU samples (docs/performance.md).  CPython's C API makes a bytearray
 # without initialising it when given no source (PyByteArray_FromStringAndSize
 # with NULL); ctypes reaches it without a compiled module.
 UNINITIALIZED_MIN = 64 * 1024   # smaller buffers are zero-filled: the memset costs next to nothing
-_from_string_and_size = None
 
-
-def _c_constructor():
-    global _from_string_and_size
-    if _from_string_and_size is None:
-        try:
-            f = ctypes.pythonapi.PyByteArray_FromStringAndSize
-            f.argtypes = (ctypes.c_void_p, ctypes.c_ssize_t)
-            f.restype = ctypes.py_object
-            _from_string_and_size = f
-        except (AttributeError, OSError):        # not CPython: zero-filled buffers
-            _from_string_and_size = False
-    return _from_string_and_size
+try:
+    _from_string_and_size = ctypes.pythonapi.PyByteArray_FromStringAndSize
+    _from_string_and_size.argtypes = (ctypes.c_void_p, ctypes.c_ssize_t)
+    _from_string_and_size.restype = ctypes.py_object
+except (AttributeError, OSError):       # not CPython: zero-filled buffers
+    _from_string_and_size = None
 
 
 def uninitialized(n: int) -> bytearray:
@@ -93,8 +86,6 @@ def uninitialized(n: int) -> bytearray:
     held (possibly other buffers' bytes).  Only for a buffer the caller
     writes in full before anything reads it or hands it on -- and drops
     unread if that write fails or stops short."""
-    if n < UNINITIALIZED_MIN:
+    if n < UNINITIALIZED_MIN or _from_string_and_size is None:
         return bytearray(n)
-    f = _c_constructor()
-    return f(None, n) if f else bytearray(n)
-
+    return _from_string_and_size(None, n)
