@@ -10,6 +10,7 @@ paths, the vault) for the length of the cell:
 
   put64m_c1   PUT 64 MiB, concurrency 1   (wrk on presigned URLs, unique bodies; boto3 without wrk)
   put4k_c16   PUT 4 KiB, concurrency 16   (wrk on presigned URLs, unique bodies; boto3 without wrk)
+  put1m_c16   PUT 1 MiB, concurrency 16   (loadgen.raw_put on presigned URLs, unique bodies)
   put4k_c1    PUT 4 KiB, concurrency 1    (the latency chain of one small PUT; best with --workers 1)
   get4k_c16   GET 4 KiB, concurrency 16   (wrk on a presigned URL; boto3 if wrk is missing)
 
@@ -46,6 +47,7 @@ KiB, MiB = 1024, 1024 * 1024
 PATHS = {
     "put64m_c1": ("PUT", 64 * MiB, 1, 20.0, 40),
     "put4k_c16": ("PUT", 4 * KiB, 16, 10.0, 40000),
+    "put1m_c16": ("PUT", 1 * MiB, 16, 10.0, 4000),
     "put4k_c1": ("PUT", 4 * KiB, 1, 10.0, 40000),
     "get4k_c16": ("GET", 4 * KiB, 16, 10.0, 10 ** 6),
 }

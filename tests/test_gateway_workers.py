@@ -26,7 +26,7 @@ WORKERS = 3
 
 def fresh_client(gw):
     """A client with its own connection pool: each new connection may land on
-    any of the gateway's processes (the kernel picks, SO_REUSEPORT)."""
+    any of the gateway's processes (the leader hands it to the least busy)."""
     return boto3.client("s3", endpoint_url=gw.endpoint, aws_access_key_id=ACCESS_KEY,
                         aws_secret_access_key=SECRET_KEY, region_name="us-east-1",
                         config=Config(s3={"addressing_style": "path"}, retries={"total_max_attempts": 1},
@@ -131,6 +131,80 @@ def put_large_until_direct(gw, bucket: str, prefix: str, above: int = 0, limit: 
         if direct_chunks(gw) > above:
             return bodies
     raise AssertionError(f"no worker sent a chunk on its own link in {limit} uploads")
+
+
+def _health_over(conn) -> dict:
+    """The health document, asked over an open keep-alive connection."""
+    import json
+    conn.request("GET", "/_airlock/health")
+    r = conn.getresponse()
+    assert r.status == 200
+    return json.loads(r.read())
+
+
+def _open_served(gw, n: int) -> list:
+    """n keep-alive connections, each opened and served one request before the next opens."""
+    import http.client
+    conns = []
+    for _ in range(n):
+        c = http.client.HTTPConnection("127.0.0.1", gw.port, timeout=10)
+        _health_over(c)
+        conns.append(c)
+    return conns
+
+
+def test_each_new_connection_goes_to_the_process_with_the_fewest_open(dep):
+    """The leader hands connections out by open count (its own counting
+    twice), not by the kernel's hash of addresses: six connections to three
+    processes are two each; after they close, three new ones are one each."""
+    gw = dep.gateway
+    conns = _open_served(gw, 2 * WORKERS)
+    h = _health_over(conns[0])
+    assert sorted(p["connections"] for p in h["processes"]) == [2] * WORKERS, h["processes"]
+    for c in conns:
+        c.close()
+
+    def all_closed():
+        h = health_or_none(gw)       # its own connection is the only one open
+        return h is not None and sum(p["connections"] for p in h["processes"]) <= 1
+    wait_until(all_closed, "the processes report their connections closed")
+    time.sleep(0.2)                  # the health call's own connection closes too
+    conns = _open_served(gw, WORKERS)
+    h = _health_over(conns[0])
+    assert sorted(p["connections"] for p in h["processes"]) == [1] * WORKERS, h["processes"]
+    for c in conns:
+        c.close()
+
+
+def test_the_leader_listens_on_every_address_of_its_host_on_one_port():
+    from airlock.primary.dispatch import listen_sockets
+    socks = listen_sockets("localhost", 0, 8)
+    try:
+        assert socks and len({s.getsockname()[1] for s in socks}) == 1
+        assert all(s.getblocking() is False for s in socks)
+    finally:
+        for s in socks:
+            s.close()
+
+
+def test_new_connections_after_a_worker_is_killed_are_all_served(dep):
+    """A killed worker's channel breaks; the leader hands no connection to it
+    (it notices at the latest when passing one fails) and serves on."""
+    gw = dep.gateway
+    fresh_client(gw).create_bucket(Bucket="onward")
+    victim = worker_pids(gw)[0]
+    os.kill(victim, signal.SIGKILL)
+    for i in range(4 * WORKERS):     # each on a new connection, right after the kill
+        fresh_client(gw).put_object(Bucket="onward", Key=f"k{i}", Body=b"x" * i)
+        assert fresh_client(gw).get_object(Bucket="onward", Key=f"k{i}")["Body"].read() == b"x" * i
+    wait_until(lambda: len(worker_pids(gw)) == WORKERS - 1 and victim not in worker_pids(gw),
+               "the killed worker replaced")
+    wait_until(lambda: serving(gw, WORKERS), "replacement serving")
+    conns = _open_served(gw, 2 * WORKERS)   # ... and the replacement takes its share again
+    h = _health_over(conns[0])
+    assert sorted(p["connections"] for p in h["processes"]) == [2] * WORKERS, h["processes"]
+    for c in conns:
+        c.close()
 
 
 def test_large_uploads_on_every_process_reach_the_vault_whole(dep):
@@ -380,7 +454,7 @@ def test_a_killed_leader_takes_its_workers_with_it(dep):
         return all(not os.path.exists(f"/proc/{p}") or _is_zombie(p) for p in pids)
     wait_until(all_gone, "workers exit when the leader is gone", timeout=15)
     # the port and the data directory are free again: a single-process
-    # gateway (no SO_REUSEPORT) can take both, and has every write
+    # gateway can take both, and has every write
     dep.gateway.extra_args = dep._gateway_args() + ["--workers", "1"]
     dep.gateway.start()
     assert fresh_client(gw).get_object(Bucket="after", Key="k")["Body"].read() == b"written before the kill"

@@ -70,11 +70,12 @@ def make_engine(cfg: GatewayConfig) -> Engine:
 
 
 def refuse_taken_port(host: str, port: int) -> None:
-    """ConfigError if something listens on host:port already.  This matters
-    beyond the message: with SO_REUSEPORT (several gateway processes) a
-    second gateway of the same user could bind the port a running one
-    serves, and the kernel would split clients between two stores.  A plain
-    bind (no SO_REUSEPORT) fails if anyone listens there."""
+    """ConfigError if something listens on host:port already, before the
+    data directory is opened.  A plain bind (no SO_REUSEPORT) fails if
+    anyone listens there.  (Until 2026-11-26 every gateway process listened
+    with SO_REUSEPORT, and this check was also what kept a second gateway
+    from sharing the port of a running one; now only the leader listens,
+    without SO_REUSEPORT.)"""
     if port == 0:
         return
     import errno
@@ -89,8 +90,8 @@ def refuse_taken_port(host: str, port: int) -> None:
                     s.bind(addr)
                     break
                 except OSError as e:
-                    # the workers of a gateway killed a moment ago leave within
-                    # milliseconds of their leader: give them that long
+                    # a gateway killed a moment ago may still hold the port
+                    # for a few milliseconds: give it that long
                     if e.errno == errno.EADDRINUSE and time.monotonic() < deadline:
                         time.sleep(0.05)
                         continue
@@ -108,34 +109,43 @@ async def serve(cfg: GatewayConfig, on_ready=None, stop: asyncio.Event | None = 
         lock.release()
         raise
     await engine.start()
-    app = make_app(engine, cfg)
-    runner = web.AppRunner(app, access_log=None, handle_signals=False,
-                           shutdown_timeout=SHUTDOWN_GRACE_S)
-    await runner.setup()
-    # With workers, every process listens on the port (SO_REUSEPORT) and the
-    # kernel spreads connections over them (primary/leader.py, worker.py).
-    processes = gateway_processes(cfg)
-    site = web.TCPSite(runner, cfg.host, cfg.port, backlog=1024, reuse_address=True,
-                       reuse_port=processes > 1 or None)
-    await site.start()
-    pool = None
-    if processes > 1:
-        from airlock.primary.leader import WorkerPool
-        port = site._server.sockets[0].getsockname()[1]
-        pool = WorkerPool(engine, cfg, port, processes)
-        await pool.start()
-    stop = stop or asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    if on_ready is not None:
-        on_ready(cfg)
+    runner = pool = dispatcher = None
     try:
+        runner = web.AppRunner(make_app(engine, cfg), access_log=None, handle_signals=False,
+                               shutdown_timeout=SHUTDOWN_GRACE_S)
+        await runner.setup()
+        # With workers, the leader alone listens and hands each connection to the
+        # process with the fewest open (primary/dispatch.py, leader.py, worker.py).
+        processes = gateway_processes(cfg)
+        if processes > 1:
+            from airlock.primary.dispatch import Dispatcher
+            from airlock.primary.leader import WorkerPool
+            server = runner.server
+            dispatcher = Dispatcher(server, lambda: len(server.connections))
+            engine.connections = dispatcher.open_connections
+            try:
+                port = dispatcher.listen(cfg.host, cfg.port, backlog=1024)
+            except OSError as e:
+                raise ConfigError(f"cannot listen on {cfg.host}:{cfg.port}: {e.strerror or e}") from None
+            pool = WorkerPool(engine, cfg, port, processes, dispatcher)
+            await pool.start()
+        else:
+            site = web.TCPSite(runner, cfg.host, cfg.port, backlog=1024, reuse_address=True)
+            await site.start()
+        stop = stop or asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        if on_ready is not None:
+            on_ready(cfg)
         await stop.wait()
     finally:
         log.info("stopping gateway")
+        if dispatcher is not None:
+            dispatcher.stop_accepting()      # first: no connection is handed to a stopping worker
         if pool is not None:
             await pool.stop()
-        await runner.cleanup()
+        if runner is not None:
+            await runner.cleanup()
         await engine.close()
         lock.release()

@@ -82,6 +82,7 @@ class Engine:
         self._key_locks: dict[tuple[str, str], list] = {}
         # async callables returning another gateway process's {"pid", "role", "stats"} (workers)
         self.stats_sources: list[Callable[[], Awaitable[dict]]] = []
+        self.connections: Callable[[], int] | None = None   # open client connections (with workers)
         # called on entering degraded mode (the leader stops its workers)
         self.on_degraded: list[Callable[[], None]] = []
 
@@ -188,6 +189,8 @@ class Engine:
         processes = [{"pid": os.getpid(), "role": "leader", "stats": dict(self.stats)}]
         if replicated:
             processes[0]["vault_link"] = cp.link_state
+        if self.connections is not None:
+            processes[0]["connections"] = self.connections()
         for source in self.stats_sources:
             try:
                 proc = await source()

@@ -20,7 +20,7 @@ from airlock import errors as E
 log = logging.getLogger("airlock.ipc")
 
 MAGIC = b"ALGW"
-VERSION = 1
+VERSION = 2        # 2: workers take connections from the leader (primary/dispatch.py)
 CALL, REPLY, ERROR = 1, 2, 3
 HEADER = struct.Struct("<4sBBII")
 MAX_BODY = 256 << 20

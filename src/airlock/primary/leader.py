@@ -1,8 +1,9 @@
 """The leader's side of a multi-process gateway: start, serve and supervise workers.
 
 The leader is the gateway process that owns the commit point (primary log,
-vault link), the index writer and the data-directory lock.  It serves S3 on
-the port like every worker, and answers its workers' calls
+vault link), the index writer and the data-directory lock.  It alone listens
+on the port, serves S3 like every worker, hands each new connection to the
+process with the fewest open (primary/dispatch.py), and answers its workers' calls
 (docs/format/ipc.md) by running its own engine's methods, so every write
 still goes through one commit point, one set of key locks and one index.
 See primary/worker.py for the worker's side.
@@ -17,6 +18,7 @@ import sys
 import time
 
 from airlock.config import GatewayConfig
+from airlock.primary.dispatch import Dispatcher, connection_channel
 from airlock.primary.engine import Engine
 from airlock.primary.ipc import VERSION, Peer
 from airlock.primary.worker import CARRY_CHUNKS, FORWARDED, tmp_owner
@@ -39,10 +41,12 @@ class Worker:
 
 
 class WorkerPool:
-    def __init__(self, engine: Engine, cfg: GatewayConfig, port: int, processes: int):
+    def __init__(self, engine: Engine, cfg: GatewayConfig, port: int, processes: int,
+                 dispatcher: Dispatcher):
         self.engine = engine
         self.cfg = cfg
         self.port = port
+        self.dispatcher = dispatcher
         self.workers = [Worker(i) for i in range(1, processes)]
         self.stopping = False
         self._supervisors: list[asyncio.Task] = []
@@ -123,14 +127,22 @@ class WorkerPool:
 
     async def _spawn(self, w: Worker) -> None:
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        conns, their_conns = connection_channel()
         try:
             w.proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "airlock.primary.worker", str(theirs.fileno()),
-                pass_fds=(theirs.fileno(),))
+                sys.executable, "-m", "airlock.primary.worker", str(theirs.fileno()), str(their_conns.fileno()),
+                pass_fds=(theirs.fileno(), their_conns.fileno()))
+        except BaseException:
+            mine.close()
+            conns.close()
+            raise
         finally:
             theirs.close()
+            their_conns.close()
         w.peer = Peer(mine, self.handlers)
         await w.peer.start()
+        # the worker gets connections from its first report on (it is serving then)
+        self.dispatcher.add_worker(w.slot, conns)
         log.info("gateway worker %d started (pid %d)", w.slot, w.proc.pid)
 
     async def _supervise(self, w: Worker) -> None:
@@ -138,6 +150,7 @@ class WorkerPool:
         while True:
             started = time.monotonic()
             rc = await w.proc.wait()
+            self.dispatcher.remove_worker(w.slot)
             await w.peer.aclose()
             await self._remove_tmp_of(w)
             if self.stopping or self.engine.degraded is not None:
@@ -176,6 +189,7 @@ class WorkerPool:
 
     async def _stop_workers(self) -> None:
         async def stop_one(w: Worker) -> None:
+            self.dispatcher.remove_worker(w.slot)       # no new connections for it
             if w.proc is None or w.proc.returncode is not None:
                 return
             try:

@@ -1,9 +1,10 @@
 """A gateway worker process: serves S3 on the leader's port, commits through it.
 
 With `[gateway] workers = N` the gateway is one leader and N-1 workers
-(docs/architecture.md, "Gateway processes").  Every process accepts
-connections on the same port (SO_REUSEPORT; the kernel spreads new
-connections over them) and does the per-request work itself: HTTP, SigV4,
+(docs/architecture.md, "Gateway processes").  The leader accepts every
+connection on the port and hands each to the process with the fewest open
+(primary/dispatch.py); a worker receives its connections on a channel of
+their own and does the per-request work itself: HTTP, SigV4,
 reading the body, MD5 / chunking / BLAKE3, writing chunk files, reading the
 index and chunk files for GETs and listings.  What must happen in one place
 goes to the leader over the private channel (docs/format/ipc.md):
@@ -42,6 +43,7 @@ from airlock import errors as E
 from airlock import malloc
 from airlock.aio import retrieve_exception
 from airlock.chunk.store import ChunkStore
+from airlock.primary.dispatch import Inlet
 from airlock.primary.engine import Engine
 from airlock.primary.index import Index
 from airlock.primary.ipc import VERSION, Peer
@@ -391,10 +393,12 @@ for _name in SHIP_HELD_ON_FAILURE:
     setattr(WorkerEngine, _name, _ship_held_on_failure(_name))
 
 
-async def run(fd: int) -> None:
+async def run(fd: int, conn_fd: int) -> None:
     from airlock.s3.app import make_app
     from airlock.gateway import SHUTDOWN_GRACE_S
     sock = socket.socket(fileno=fd)
+    conn_sock = socket.socket(fileno=conn_fd)
+    inlet: Inlet | None = None
     stop = asyncio.Event()
 
     async def on_stop() -> None:
@@ -408,6 +412,8 @@ async def run(fd: int) -> None:
         stats = dict(engine.stats)
         stats.update(getattr(engine.commit_point, "stats", {}))
         proc = {"pid": os.getpid(), "role": "worker", "stats": stats}
+        if inlet is not None:
+            proc["connections"] = inlet.open_connections()
         state = getattr(engine.commit_point, "link_state", None)
         if state is not None:
             proc["vault_link"] = state
@@ -442,15 +448,17 @@ async def run(fd: int) -> None:
     app = make_app(engine, cfg)
     runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=SHUTDOWN_GRACE_S)
     await runner.setup()
-    site = web.TCPSite(runner, cfg.host, port, backlog=1024, reuse_address=True, reuse_port=True)
-    await site.start()
+    server = runner.server
+    inlet = Inlet(conn_sock, server, lambda: len(server.connections))
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    log.info("gateway worker %d serving on port %d", os.getpid(), port)
+    inlet.start()                    # the leader hands this process connections from now on
+    log.info("gateway worker %d serving connections on port %d", os.getpid(), port)
     await asyncio.wait([asyncio.ensure_future(stop.wait()), asyncio.ensure_future(peer.closed.wait())],
                        return_when=asyncio.FIRST_COMPLETED)
-    await runner.cleanup()           # stops listening, lets in-flight requests finish
+    inlet.close()                    # no more connections ...
+    await runner.cleanup()           # ... and the open ones finish their in-flight requests
     await engine.close()
     await peer.aclose()
 
@@ -458,12 +466,13 @@ async def run(fd: int) -> None:
 def main(argv: list[str]) -> int:
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s worker[{os.getpid()}] %(levelname)s "
                         f"%(name)s: %(message)s")
-    if len(argv) != 2 or not argv[1].isdigit():
-        print("usage: python -m airlock.primary.worker FD (started by the gateway's leader)", file=sys.stderr)
+    if len(argv) != 3 or not (argv[1].isdigit() and argv[2].isdigit()):
+        print("usage: python -m airlock.primary.worker FD CONN_FD (started by the gateway's leader)",
+              file=sys.stderr)
         return 2
     malloc.tune()
     faulthandler.enable()               # a fatal signal leaves its traceback in the log
-    asyncio.run(run(int(argv[1])))
+    asyncio.run(run(int(argv[1]), int(argv[2])))
     return 0
 
 

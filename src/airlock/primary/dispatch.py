@@ -1,0 +1,351 @@
+"""The leader accepts every connection and hands each to the least busy process.
+
+With workers, only the leader listens on the gateway's port.  Each accepted
+connection goes to the process with the fewest open connections (the
+leader's counting double, as it also runs every commit; among equals, in
+turn): the leader serves it itself, or passes the socket to a worker over
+that worker's connection channel (a SOCK_SEQPACKET socketpair, the
+descriptor as SCM_RIGHTS; docs/format/ipc.md, "Connection channel").  The worker tells the leader,
+on the same channel, the last connection it received and how many it has
+open, when they arrive and at most REPORT_S after one closes; its first
+report, sent once it can serve, makes it eligible.
+
+Why not SO_REUSEPORT (every process listening, the kernel picking): the
+kernel hashes each connection's addresses and ports onto a process, blind
+to how many connections each already has, so four connections of one
+client land all on one process of two about one time in eight, and that
+process's CPU bounds them while the other idles (docs/performance.md).
+Handing out from one place also means a worker that dies or is stopped
+has no accept queue to lose, and nothing else can bind the port beside
+the leader.
+
+A worker whose channel is broken (it died, or is being stopped) gets no
+more connections, one whose channel is full (it is not reading) none
+while it is full; they go to the next process in the order.
+"""
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import os
+import socket
+import struct
+from collections.abc import Callable
+
+log = logging.getLogger("airlock.dispatch")
+
+MAGIC = b"ALCN"
+VERSION = 1
+CONN = struct.Struct("<4sBQ")    # leader -> worker: magic, version, the connection's number; its descriptor rides along
+LOAD = struct.Struct("<4sBQI")   # worker -> leader: magic, version, last connection number received, connections open
+CONN_HEAD = LOAD_HEAD = MAGIC + bytes([VERSION])
+REPORT_S = 0.05                  # a worker reports a changed count of open connections this often at most
+# The leader's open connections count this many times each: it also runs
+# every process's commits (a small PUT costs it ~0.4 ms more CPU when it
+# serves the PUT's connection too).  With 2, a gateway of two processes
+# holds 2 of 4 and 6 of 16 connections in the leader; 4 KiB PUTs at 16
+# connections: +17% against 1 (docs/performance.md).
+LEADER_WEIGHT = 2
+ACCEPT_BATCH = 64                # connections accepted per wake-up of a listening socket, at most
+ACCEPT_RETRY_S = 1.0             # out of descriptors or memory: stop accepting for this long
+
+
+def connection_channel() -> tuple[socket.socket, socket.socket]:
+    """(leader's end, worker's end) of a new connection channel."""
+    return socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+
+
+def listen_sockets(host: str, port: int, backlog: int) -> list[socket.socket]:
+    """Listening, non-blocking sockets on every address `host` resolves to
+    (as `loop.create_server` makes them: SO_REUSEADDR, IPv6 sockets v6-only),
+    all on one port: with port 0, the one the first socket was given."""
+    infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    out: list[socket.socket] = []
+    seen = set()
+    try:
+        for family, kind, proto, _name, addr in infos:
+            if (family, addr) in seen:
+                continue
+            seen.add((family, addr))
+            s = socket.socket(family, kind, proto)
+            out.append(s)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            if port == 0 and len(out) > 1:
+                addr = (addr[0], out[0].getsockname()[1], *addr[2:])
+            s.bind(addr)
+            s.listen(backlog)
+            s.setblocking(False)
+    except BaseException:
+        for s in out:
+            s.close()
+        raise
+    return out
+
+
+class _Serving:
+    """Serves connections in this process with aiohttp's protocol factory,
+    counting them from hand-over until aiohttp has them (`connections`)."""
+
+    def __init__(self, protocol_factory: Callable[[], asyncio.Protocol], own_connections: Callable[[], int]):
+        self.protocol_factory = protocol_factory
+        self.own_connections = own_connections
+        self._starting = 0       # connections taken here that aiohttp does not hold yet
+        self._tasks: set[asyncio.Task] = set()
+
+    def open_connections(self) -> int:
+        return self.own_connections() + self._starting
+
+    def _serve(self, conn: socket.socket) -> None:
+        self._starting += 1
+        t = asyncio.get_running_loop().create_task(self._connect(conn))
+        self._tasks.add(t)
+        t.add_done_callback(self._tasks.discard)
+
+    async def _connect(self, conn: socket.socket) -> None:
+        try:
+            await asyncio.get_running_loop().connect_accepted_socket(self.protocol_factory, conn)
+        except Exception as e:           # noqa: BLE001 -- one connection; its client sees it close
+            log.warning("gateway process %d: could not serve a connection: %s", os.getpid(), e)
+            conn.close()
+        finally:
+            self._starting -= 1
+
+
+class Outlet:
+    """The leader's end of one worker's connection channel."""
+
+    def __init__(self, slot: int, sock: socket.socket, loop: asyncio.AbstractEventLoop):
+        self.slot = slot
+        self.sock = sock
+        self.loop = loop
+        self.sent = 0            # number of the last connection handed over
+        self.acked = 0           # ... and of the last one the worker said it received
+        self.reported_open = 0   # connections open in the worker at its last report
+        self.ready = False       # the worker has reported once: it serves what it is given
+        self.full = False        # the last hand-over found the channel full (logged once)
+        self.alive = True
+        sock.setblocking(False)
+        loop.add_reader(sock.fileno(), self._on_readable)
+
+    def load(self) -> int:
+        """Open connections, counting the ones on their way as open."""
+        return self.reported_open + (self.sent - self.acked)
+
+    def give(self, conn: socket.socket) -> bool:
+        """Pass `conn` to the worker; False (and `conn` untouched) if it cannot take it."""
+        try:
+            socket.send_fds(self.sock, [CONN.pack(MAGIC, VERSION, self.sent + 1)], [conn.fileno()])
+        except BlockingIOError:
+            if not self.full:
+                log.warning("gateway worker %d is not taking connections (channel full); "
+                            "serving them elsewhere", self.slot)
+            self.full = True
+            return False
+        except OSError as e:
+            if self.alive:
+                log.warning("gateway worker %d: connection channel broken (%s)", self.slot, e)
+            self.close()
+            return False
+        self.sent += 1
+        self.full = False
+        return True
+
+    def _on_readable(self) -> None:
+        while True:
+            try:
+                msg = self.sock.recv(64)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                msg = b""
+            if not msg:                  # the worker is gone
+                self.close()
+                return
+            if len(msg) != LOAD.size or msg[:5] != LOAD_HEAD:
+                log.error("gateway worker %d: bad connection-channel message %r; closing it", self.slot, msg)
+                self.close()
+                return
+            _m, _v, acked, n_open = LOAD.unpack(msg)
+            if acked >= self.acked:      # messages come in order; this only guards against nonsense
+                self.acked, self.reported_open = min(acked, self.sent), n_open
+            self.ready = True
+
+    def close(self) -> None:
+        if self.sock.fileno() >= 0:
+            self.loop.remove_reader(self.sock.fileno())
+            self.sock.close()
+        self.alive = False
+
+
+class Dispatcher(_Serving):
+    """The leader's listening sockets and the choice of process for each connection."""
+
+    def __init__(self, protocol_factory: Callable[[], asyncio.Protocol],
+                 own_connections: Callable[[], int]):
+        """`protocol_factory` serves a connection in the leader (aiohttp's
+        `runner.server`); `own_connections()` counts the ones it has open."""
+        super().__init__(protocol_factory, own_connections)
+        self.outlets: dict[int, Outlet] = {}
+        self.listeners: list[socket.socket] = []
+        self.port = 0
+        self._turn = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def listen(self, host: str, port: int, backlog: int) -> int:
+        self._loop = asyncio.get_running_loop()
+        self.listeners = listen_sockets(host, port, backlog)
+        for s in self.listeners:
+            self._loop.add_reader(s.fileno(), self._accept, s)
+        self.port = self.listeners[0].getsockname()[1]
+        return self.port
+
+    def add_worker(self, slot: int, sock: socket.socket) -> None:
+        self.remove_worker(slot)
+        self.outlets[slot] = Outlet(slot, sock, self._loop or asyncio.get_running_loop())
+
+    def remove_worker(self, slot: int) -> None:
+        """No more connections for this worker (stopping, or gone)."""
+        o = self.outlets.pop(slot, None)
+        if o is not None:
+            o.close()
+
+    def stop_accepting(self) -> None:
+        for s in self.listeners:
+            if s.fileno() >= 0:
+                self._loop.remove_reader(s.fileno())
+                s.close()
+        self.listeners = []
+
+    # ------------------------------------------------------------------ accepting
+    def _accept(self, lsock: socket.socket) -> None:
+        for _ in range(ACCEPT_BATCH):
+            try:
+                conn, _addr = lsock.accept()
+            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+                return
+            except OSError as e:
+                if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    # as asyncio's own accept loop: pause rather than spin on a full table
+                    log.error("gateway: cannot accept a connection (%s); pausing %.0f s", e, ACCEPT_RETRY_S)
+                    self._loop.remove_reader(lsock.fileno())
+                    self._loop.call_later(ACCEPT_RETRY_S, self._resume, lsock)
+                    return
+                raise
+            self._dispatch(conn)
+
+    def _resume(self, lsock: socket.socket) -> None:
+        if lsock.fileno() >= 0 and lsock in self.listeners:
+            self._loop.add_reader(lsock.fileno(), self._accept, lsock)
+
+    def _dispatch(self, conn: socket.socket) -> None:
+        for outlet in self._order():
+            if outlet is None:
+                break
+            if outlet.give(conn):
+                conn.close()             # the worker holds it now
+                return
+            if not outlet.alive:
+                self.outlets.pop(outlet.slot, None)
+        self._serve(conn)
+
+    def _order(self) -> list[Outlet | None]:
+        """Candidates, least loaded first (None is the leader, whose
+        connections weigh LEADER_WEIGHT each)."""
+        cands: list[Outlet | None] = [None, *(o for o in self.outlets.values() if o.alive and o.ready)]
+        if len(cands) == 1:
+            return cands
+        counts = [self.open_connections(), *(o.load() for o in cands[1:])]
+        n = len(cands)
+        start = self._turn % n
+        # weighted count; then the plain count (of equals, the process with
+        # fewer connections); then in turn
+        order = sorted(range(n), key=lambda i: (counts[i] * (LEADER_WEIGHT if i == 0 else 1), counts[i],
+                                                (i - start) % n))
+        self._turn = order[0] + 1
+        return [cands[i] for i in order]
+
+
+class Inlet(_Serving):
+    """A worker's end of its connection channel: serves the connections the
+    leader passes, and reports how many it has open."""
+
+    def __init__(self, sock: socket.socket, protocol_factory: Callable[[], asyncio.Protocol],
+                 own_connections: Callable[[], int]):
+        super().__init__(protocol_factory, own_connections)
+        self.sock = sock
+        self.seq = 0
+        self.received = 0
+        self._reported: int | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._reporter: asyncio.Task | None = None
+        self.closed = False
+
+    def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self.sock.setblocking(False)
+        self._loop.add_reader(self.sock.fileno(), self._on_readable)
+        self._reporter = self._loop.create_task(self._report_changes())
+        self._report()                   # the first report says: ready for connections
+
+    def _on_readable(self) -> None:
+        got = False
+        while not self.closed:
+            try:
+                msg, fds, _flags, _addr = socket.recv_fds(self.sock, 64, 1)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:
+                msg, fds = b"", []
+            if not msg and not fds:      # the leader is gone (the IPC channel says so too)
+                self.close()
+                return
+            if len(msg) != CONN.size or msg[:5] != CONN_HEAD or len(fds) != 1:
+                for fd in fds:
+                    socket.close(fd)
+                log.error("gateway worker: bad connection-channel message %r (%d descriptors)", msg, len(fds))
+                continue
+            self.seq = CONN.unpack(msg)[2]
+            self.received += 1
+            got = True
+            try:
+                conn = socket.socket(fileno=fds[0])
+            except OSError as e:
+                socket.close(fds[0])
+                log.warning("gateway worker: a passed connection is unusable: %s", e)
+                continue
+            self._serve(conn)
+        if got:
+            self._report()
+
+    def _report(self) -> None:
+        if self.closed:
+            return
+        n = self.open_connections()
+        try:
+            self.sock.send(LOAD.pack(MAGIC, VERSION, self.seq, min(n, 0xFFFFFFFF)))
+        except (BlockingIOError, InterruptedError):
+            return                       # the next round sends it
+        except OSError:
+            self.close()
+            return
+        self._reported = n
+
+    async def _report_changes(self) -> None:
+        while not self.closed:
+            await asyncio.sleep(REPORT_S)
+            if self.open_connections() != self._reported:
+                self._report()
+
+    def close(self) -> None:
+        """Take no more connections (those open are served on)."""
+        if self.closed:
+            return
+        self.closed = True
+        if self._loop is not None and self.sock.fileno() >= 0:
+            self._loop.remove_reader(self.sock.fileno())
+        self.sock.close()
+        if self._reporter is not None and self._reporter is not asyncio.current_task():
+            self._reporter.cancel()
