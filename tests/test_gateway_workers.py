@@ -176,17 +176,6 @@ def test_each_new_connection_goes_to_the_process_with_the_fewest_open(dep):
         c.close()
 
 
-def test_the_leader_listens_on_every_address_of_its_host_on_one_port():
-    from airlock.primary.dispatch import listen_sockets
-    socks = listen_sockets("localhost", 0, 8)
-    try:
-        assert socks and len({s.getsockname()[1] for s in socks}) == 1
-        assert all(s.getblocking() is False for s in socks)
-    finally:
-        for s in socks:
-            s.close()
-
-
 def test_new_connections_after_a_worker_is_killed_are_all_served(dep):
     """A killed worker's channel breaks; the leader hands no connection to it
     (it notices at the latest when passing one fails) and serves on."""

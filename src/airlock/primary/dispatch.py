@@ -15,13 +15,15 @@ kernel hashes each connection's addresses and ports onto a process, blind
 to how many connections each already has, so four connections of one
 client land all on one process of two about one time in eight, and that
 process's CPU bounds them while the other idles (docs/performance.md).
-Handing out from one place also means a worker that dies or is stopped
-has no accept queue to lose, and nothing else can bind the port beside
-the leader.
+Handing out from one place also means nothing can share the port with
+the gateway.  A connection passed to a worker that dies before reading it
+is lost (its client sees a reset), as one in a dying listener's accept
+queue was.
 
 A worker whose channel is broken (it died, or is being stopped) gets no
-more connections, one whose channel is full (it is not reading) none
-while it is full; they go to the next process in the order.
+more connections; one whose channel is full, or that has not taken a
+passed connection for STALLED_S (its event loop is stuck), none until it
+reads again; they go to the next process in the order.
 """
 from __future__ import annotations
 
@@ -47,6 +49,10 @@ REPORT_S = 0.05                  # a worker reports a changed count of open conn
 # holds 2 of 4 and 6 of 16 connections in the leader; 4 KiB PUTs at 16
 # connections: +17% against 1 (docs/performance.md).
 LEADER_WEIGHT = 2
+STALLED_S = 5.0                  # a worker that has not taken a passed connection for this long gets no more
+# errors of a send or receive on a channel that mean the other end is gone;
+# any other (ENOBUFS, ENOMEM, ETOOMANYREFS: transient) only fails this one hand-over
+BROKEN = (errno.EPIPE, errno.ECONNRESET, errno.ECONNREFUSED, errno.ENOTCONN, errno.EBADF)
 ACCEPT_BATCH = 64                # connections accepted per wake-up of a listening socket, at most
 ACCEPT_RETRY_S = 1.0             # out of descriptors or memory: stop accepting for this long
 
@@ -68,7 +74,12 @@ def listen_sockets(host: str, port: int, backlog: int) -> list[socket.socket]:
             if (family, addr) in seen:
                 continue
             seen.add((family, addr))
-            s = socket.socket(family, kind, proto)
+            try:
+                s = socket.socket(family, kind, proto)
+            except OSError as e:
+                if e.errno == errno.EAFNOSUPPORT and len(infos) > 1:
+                    continue             # as asyncio: e.g. IPv6 disabled on the host, "" listens on IPv4 only
+                raise
             out.append(s)
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             if family == socket.AF_INET6:
@@ -78,6 +89,8 @@ def listen_sockets(host: str, port: int, backlog: int) -> list[socket.socket]:
             s.bind(addr)
             s.listen(backlog)
             s.setblocking(False)
+        if not out:
+            raise OSError(errno.EAFNOSUPPORT, f"no address family of {host!r} can be used")
     except BaseException:
         for s in out:
             s.close()
@@ -117,15 +130,22 @@ class _Serving:
 class Outlet:
     """The leader's end of one worker's connection channel."""
 
-    def __init__(self, slot: int, sock: socket.socket, loop: asyncio.AbstractEventLoop):
+    def __init__(self, slot: int, sock: socket.socket, loop: asyncio.AbstractEventLoop,
+                 on_broken: Callable[[int], None] | None = None):
+        """`on_broken(slot)` runs once if the leader gives up on a channel whose
+        worker may still run (a bad message): the pool stops that worker, and
+        its restart brings a new channel."""
         self.slot = slot
         self.sock = sock
         self.loop = loop
+        self.on_broken = on_broken
         self.sent = 0            # number of the last connection handed over
         self.acked = 0           # ... and of the last one the worker said it received
         self.reported_open = 0   # connections open in the worker at its last report
         self.ready = False       # the worker has reported once: it serves what it is given
         self.full = False        # the last hand-over found the channel full (logged once)
+        self.waiting_since: float | None = None   # when the oldest connection it has not taken was passed
+        self.stalled = False     # ... over STALLED_S ago: no more until it takes it (logged once)
         self.alive = True
         sock.setblocking(False)
         loop.add_reader(sock.fileno(), self._on_readable)
@@ -133,6 +153,18 @@ class Outlet:
     def load(self) -> int:
         """Open connections, counting the ones on their way as open."""
         return self.reported_open + (self.sent - self.acked)
+
+    def eligible(self) -> bool:
+        """Alive, reported ready, and not sitting on a connection for STALLED_S."""
+        if not (self.alive and self.ready):
+            return False
+        if self.waiting_since is not None and self.loop.time() - self.waiting_since > STALLED_S:
+            if not self.stalled:
+                log.error("gateway worker %d has not taken a connection passed %.0f s ago; "
+                          "giving it no more until it does", self.slot, STALLED_S)
+            self.stalled = True
+            return False
+        return True
 
     def give(self, conn: socket.socket) -> bool:
         """Pass `conn` to the worker; False (and `conn` untouched) if it cannot take it."""
@@ -145,10 +177,16 @@ class Outlet:
             self.full = True
             return False
         except OSError as e:
-            if self.alive:
-                log.warning("gateway worker %d: connection channel broken (%s)", self.slot, e)
-            self.close()
+            if e.errno in BROKEN:
+                if self.alive:
+                    log.warning("gateway worker %d: connection channel broken (%s)", self.slot, e)
+                self.close()
+            else:
+                log.warning("gateway worker %d: could not pass a connection (%s); serving it elsewhere",
+                            self.slot, e)
             return False
+        if self.sent == self.acked:
+            self.waiting_since = self.loop.time()
         self.sent += 1
         self.full = False
         return True
@@ -159,18 +197,30 @@ class Outlet:
                 msg = self.sock.recv(64)
             except (BlockingIOError, InterruptedError):
                 return
-            except OSError:
+            except OSError as e:
+                if e.errno not in BROKEN:
+                    log.warning("gateway worker %d: connection channel: %s", self.slot, e)
+                    return               # transient: the next report comes
                 msg = b""
             if not msg:                  # the worker is gone
                 self.close()
                 return
             if len(msg) != LOAD.size or msg[:5] != LOAD_HEAD:
-                log.error("gateway worker %d: bad connection-channel message %r; closing it", self.slot, msg)
+                log.error("gateway worker %d: bad connection-channel message %r; stopping it", self.slot, msg)
                 self.close()
+                if self.on_broken is not None:
+                    self.on_broken(self.slot)
                 return
             _m, _v, acked, n_open = LOAD.unpack(msg)
-            if acked >= self.acked:      # messages come in order; this only guards against nonsense
-                self.acked, self.reported_open = min(acked, self.sent), n_open
+            if acked < self.acked:       # messages come in order; this only guards against nonsense
+                continue
+            took = min(acked, self.sent) > self.acked
+            self.acked, self.reported_open = min(acked, self.sent), n_open
+            if took:                     # it takes connections: the rest wait from now, if any
+                self.waiting_since = None if self.acked == self.sent else self.loop.time()
+                if self.stalled:
+                    log.warning("gateway worker %d takes connections again", self.slot)
+                self.stalled = False
             self.ready = True
 
     def close(self) -> None:
@@ -202,9 +252,9 @@ class Dispatcher(_Serving):
         self.port = self.listeners[0].getsockname()[1]
         return self.port
 
-    def add_worker(self, slot: int, sock: socket.socket) -> None:
+    def add_worker(self, slot: int, sock: socket.socket, on_broken: Callable[[int], None] | None = None) -> None:
         self.remove_worker(slot)
-        self.outlets[slot] = Outlet(slot, sock, self._loop or asyncio.get_running_loop())
+        self.outlets[slot] = Outlet(slot, sock, self._loop or asyncio.get_running_loop(), on_broken)
 
     def remove_worker(self, slot: int) -> None:
         """No more connections for this worker (stopping, or gone)."""
@@ -254,7 +304,7 @@ class Dispatcher(_Serving):
     def _order(self) -> list[Outlet | None]:
         """Candidates, least loaded first (None is the leader, whose
         connections weigh LEADER_WEIGHT each)."""
-        cands: list[Outlet | None] = [None, *(o for o in self.outlets.values() if o.alive and o.ready)]
+        cands: list[Outlet | None] = [None, *(o for o in self.outlets.values() if o.eligible())]
         if len(cands) == 1:
             return cands
         counts = [self.open_connections(), *(o.load() for o in cands[1:])]
@@ -278,7 +328,7 @@ class Inlet(_Serving):
         self.sock = sock
         self.seq = 0
         self.received = 0
-        self._reported: int | None = None
+        self._reported: tuple[int, int] | None = None    # (seq, open) of the last report sent
         self._loop: asyncio.AbstractEventLoop | None = None
         self._reporter: asyncio.Task | None = None
         self.closed = False
@@ -328,15 +378,16 @@ class Inlet(_Serving):
             self.sock.send(LOAD.pack(MAGIC, VERSION, self.seq, min(n, 0xFFFFFFFF)))
         except (BlockingIOError, InterruptedError):
             return                       # the next round sends it
-        except OSError:
-            self.close()
-            return
-        self._reported = n
+        except OSError as e:
+            if e.errno in BROKEN:
+                self.close()
+            return                       # else transient: the next round sends it
+        self._reported = (self.seq, n)
 
     async def _report_changes(self) -> None:
         while not self.closed:
             await asyncio.sleep(REPORT_S)
-            if self.open_connections() != self._reported:
+            if (self.seq, self.open_connections()) != self._reported:
                 self._report()
 
     def close(self) -> None:

@@ -140,10 +140,26 @@ class WorkerPool:
             theirs.close()
             their_conns.close()
         w.peer = Peer(mine, self.handlers)
-        await w.peer.start()
-        # the worker gets connections from its first report on (it is serving then)
-        self.dispatcher.add_worker(w.slot, conns)
+        try:
+            await w.peer.start()
+        except BaseException:
+            conns.close()
+            raise
+        if self.stopping or self.engine.degraded is not None:
+            conns.close()                # stopped meanwhile: no connections for it (stop_one ends it)
+            self._terminate(w)
+        else:
+            # the worker gets connections from its first report on (it is serving then)
+            self.dispatcher.add_worker(w.slot, conns, on_broken=lambda _slot: self._terminate(w))
         log.info("gateway worker %d started (pid %d)", w.slot, w.proc.pid)
+
+    def _terminate(self, w: Worker) -> None:
+        """SIGTERM a worker (it finishes its requests and exits; the supervisor restarts it unless stopping)."""
+        if w.proc is not None and w.proc.returncode is None:
+            try:
+                w.proc.send_signal(signal.SIGTERM)
+            except ProcessLookupError:
+                pass
 
     async def _supervise(self, w: Worker) -> None:
         delay = RESTART_DELAY_S

@@ -23,7 +23,8 @@ after a write was acknowledged sees it.  A worker that finds the primary's
 storage gone tells the leader and exits (the leader serves degraded reads
 alone); a worker whose channel closes (leader gone) exits.
 
-Run as `python -m airlock.primary.worker FD` by the leader only.
+Run as `python -m airlock.primary.worker FD CONN_FD` by the leader only (FD: the
+IPC channel, CONN_FD: the connection channel; docs/format/ipc.md).
 """
 from __future__ import annotations
 

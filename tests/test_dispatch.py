@@ -1,0 +1,148 @@
+"""The connection channel between the gateway's leader and a worker
+(primary/dispatch.py, docs/format/ipc.md "Connection channel"), end to end
+over real socketpairs in one event loop: what the leader does when a worker
+does not take what it was passed, sends nonsense, or goes away, and what a
+worker does with a bad message.  (The whole gateway with workers:
+test_gateway_workers.py.)"""
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+
+import pytest
+
+from airlock.primary import dispatch
+from airlock.primary.dispatch import CONN, LOAD, MAGIC, VERSION, Inlet, Outlet, connection_channel
+
+
+def report(worker_end: socket.socket, last: int, n_open: int) -> None:
+    worker_end.send(LOAD.pack(MAGIC, VERSION, last, n_open))
+
+
+async def settle() -> None:
+    for _ in range(5):
+        await asyncio.sleep(0.01)
+
+
+async def ready_outlet(slot: int) -> tuple[Outlet, socket.socket, list]:
+    """A leader's outlet whose worker end has reported ready: (outlet, worker end, slots it asked to restart)."""
+    leader_end, worker_end = connection_channel()
+    broken: list[int] = []
+    o = Outlet(slot, leader_end, asyncio.get_running_loop(), on_broken=broken.append)
+    report(worker_end, 0, 0)
+    await settle()
+    assert o.eligible()
+    return o, worker_end, broken
+
+
+def test_a_worker_that_does_not_take_a_passed_connection_gets_none_until_it_does(monkeypatch):
+    monkeypatch.setattr(dispatch, "STALLED_S", 0.1)
+
+    async def main():
+        leader_end, worker_end = connection_channel()
+        o = Outlet(1, leader_end, asyncio.get_running_loop())
+        assert not o.eligible()                  # not before its first report
+        report(worker_end, 0, 0)
+        await settle()
+        assert o.eligible() and o.load() == 0
+        a, b = socket.socketpair()
+        assert o.give(a)
+        a.close()
+        assert o.load() == 1 and o.eligible()    # passed, not yet taken: counted as open
+        await asyncio.sleep(0.15)
+        assert not o.eligible()                  # waited longer than STALLED_S
+        msg, fds, _f, _a = socket.recv_fds(worker_end, 64, 1)
+        assert CONN.unpack(msg)[2] == 1 and len(fds) == 1
+        os.close(fds[0])
+        report(worker_end, 1, 1)
+        await settle()
+        assert o.eligible() and o.load() == 1
+        o.close()
+        worker_end.close()
+        b.close()
+    asyncio.run(main())
+
+
+def test_a_bad_report_takes_the_worker_out_and_asks_for_its_restart():
+    async def main():
+        o, worker_end, broken = await ready_outlet(3)
+        worker_end.send(b"ALCN\x09" + bytes(12))   # another version
+        await settle()
+        assert broken == [3] and not o.alive and not o.eligible()
+        worker_end.close()
+    asyncio.run(main())
+
+
+def test_a_dead_worker_is_out_at_once_and_the_connection_is_left_to_the_caller():
+    async def main():
+        o, worker_end, broken = await ready_outlet(2)
+        worker_end.close()                        # the worker died
+        a, b = socket.socketpair()
+        assert not o.give(a)                      # EPIPE (or end of file seen first)
+        assert a.fileno() >= 0                    # still the caller's to serve
+        assert not o.alive and broken == []       # gone by itself: nothing to stop
+        a.close()
+        b.close()
+    asyncio.run(main())
+
+
+class Echo(asyncio.Protocol):
+    def connection_made(self, transport):
+        self.transport = transport
+
+    def data_received(self, data):
+        self.transport.write(data.upper())
+
+
+def test_a_worker_serves_what_it_is_passed_reports_it_and_drops_bad_messages():
+    async def main():
+        leader_end, worker_end = connection_channel()
+        served: list[Echo] = []
+
+        def factory():
+            p = Echo()
+            served.append(p)
+            return p
+        inlet = Inlet(worker_end, factory, lambda: sum(not p.transport.is_closing() for p in served))
+        inlet.start()
+        leader_end.setblocking(False)
+        await settle()
+        first = LOAD.unpack(leader_end.recv(64))
+        assert first[2:] == (0, 0)                # ready, nothing open
+        # a message with a bad magic: its descriptor is closed, not served
+        x, y = socket.socketpair()
+        socket.send_fds(leader_end, [b"XXXX\x01" + bytes(8)], [x.fileno()])
+        x.close()
+        await settle()
+        y.settimeout(2)
+        assert y.recv(10) == b""                  # the worker closed its copy: the peer sees end of file
+        y.close()
+        # a good one: served by the protocol
+        c, d = socket.socketpair()
+        socket.send_fds(leader_end, [CONN.pack(MAGIC, VERSION, 1)], [c.fileno()])
+        c.close()
+        await settle()
+        rep = LOAD.unpack(leader_end.recv(64))
+        assert rep[2:] == (1, 1)                  # connection 1 received, one open
+        d.setblocking(False)
+        loop = asyncio.get_running_loop()
+        await loop.sock_sendall(d, b"hello")
+        assert await asyncio.wait_for(loop.sock_recv(d, 10), 2) == b"HELLO"
+        d.close()
+        inlet.close()
+        for p in served:
+            p.transport.close()
+        leader_end.close()
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost"])
+def test_the_leader_listens_on_every_address_of_its_host_on_one_port(host):
+    socks = dispatch.listen_sockets(host, 0, 8)
+    try:
+        assert socks and len({s.getsockname()[1] for s in socks}) == 1
+        assert all(s.getblocking() is False for s in socks)
+    finally:
+        for s in socks:
+            s.close()
