@@ -87,6 +87,22 @@ def test_a_dead_worker_is_out_at_once_and_the_connection_is_left_to_the_caller()
     asyncio.run(main())
 
 
+class EchoServer:
+    """A protocol factory with `connections`, as aiohttp's web.Server."""
+
+    def __init__(self):
+        self.served: list[Echo] = []
+
+    def __call__(self) -> "Echo":
+        p = Echo()
+        self.served.append(p)
+        return p
+
+    @property
+    def connections(self) -> list:
+        return [p for p in self.served if not p.transport.is_closing()]
+
+
 class Echo(asyncio.Protocol):
     def connection_made(self, transport):
         self.transport = transport
@@ -98,13 +114,8 @@ class Echo(asyncio.Protocol):
 def test_a_worker_serves_what_it_is_passed_reports_it_and_drops_bad_messages():
     async def main():
         leader_end, worker_end = connection_channel()
-        served: list[Echo] = []
-
-        def factory():
-            p = Echo()
-            served.append(p)
-            return p
-        inlet = Inlet(worker_end, factory, lambda: sum(not p.transport.is_closing() for p in served))
+        server = EchoServer()
+        inlet = Inlet(worker_end, server)
         inlet.start()
         leader_end.setblocking(False)
         await settle()
@@ -131,7 +142,7 @@ def test_a_worker_serves_what_it_is_passed_reports_it_and_drops_bad_messages():
         assert await asyncio.wait_for(loop.sock_recv(d, 10), 2) == b"HELLO"
         d.close()
         inlet.close()
-        for p in served:
+        for p in server.served:
             p.transport.close()
         leader_end.close()
     asyncio.run(main())

@@ -120,8 +120,7 @@ async def serve(cfg: GatewayConfig, on_ready=None, stop: asyncio.Event | None = 
         if processes > 1:
             from airlock.primary.dispatch import Dispatcher
             from airlock.primary.leader import WorkerPool
-            server = runner.server
-            dispatcher = Dispatcher(server, lambda: len(server.connections))
+            dispatcher = Dispatcher(runner.server)
             engine.connections = dispatcher.open_connections
             try:
                 port = dispatcher.listen(cfg.host, cfg.port, backlog=1024)

@@ -47,7 +47,8 @@ REPORT_S = 0.05                  # a worker reports a changed count of open conn
 # every process's commits (a small PUT costs it ~0.4 ms more CPU when it
 # serves the PUT's connection too).  With 2, a gateway of two processes
 # holds 2 of 4 and 6 of 16 connections in the leader; 4 KiB PUTs at 16
-# connections: +17% against 1 (docs/performance.md).
+# connections: +3% and +17% against 1 in two interleaved runs
+# (docs/performance.md).
 LEADER_WEIGHT = 2
 STALLED_S = 5.0                  # a worker that has not taken a passed connection for this long gets no more
 # errors of a send or receive on a channel that mean the other end is gone;
@@ -99,17 +100,18 @@ def listen_sockets(host: str, port: int, backlog: int) -> list[socket.socket]:
 
 
 class _Serving:
-    """Serves connections in this process with aiohttp's protocol factory,
-    counting them from hand-over until aiohttp has them (`connections`)."""
+    """Serves connections in this process with `server` -- aiohttp's
+    `web.Server` (`runner.server`): the protocol factory, whose
+    `connections` lists the ones it holds -- counting each from hand-over
+    until aiohttp has it."""
 
-    def __init__(self, protocol_factory: Callable[[], asyncio.Protocol], own_connections: Callable[[], int]):
-        self.protocol_factory = protocol_factory
-        self.own_connections = own_connections
+    def __init__(self, server):
+        self.server = server
         self._starting = 0       # connections taken here that aiohttp does not hold yet
         self._tasks: set[asyncio.Task] = set()
 
     def open_connections(self) -> int:
-        return self.own_connections() + self._starting
+        return len(self.server.connections) + self._starting
 
     def _serve(self, conn: socket.socket) -> None:
         self._starting += 1
@@ -119,7 +121,7 @@ class _Serving:
 
     async def _connect(self, conn: socket.socket) -> None:
         try:
-            await asyncio.get_running_loop().connect_accepted_socket(self.protocol_factory, conn)
+            await asyncio.get_running_loop().connect_accepted_socket(self.server, conn)
         except Exception as e:           # noqa: BLE001 -- one connection; its client sees it close
             log.warning("gateway process %d: could not serve a connection: %s", os.getpid(), e)
             conn.close()
@@ -233,14 +235,11 @@ class Outlet:
 class Dispatcher(_Serving):
     """The leader's listening sockets and the choice of process for each connection."""
 
-    def __init__(self, protocol_factory: Callable[[], asyncio.Protocol],
-                 own_connections: Callable[[], int]):
-        """`protocol_factory` serves a connection in the leader (aiohttp's
-        `runner.server`); `own_connections()` counts the ones it has open."""
-        super().__init__(protocol_factory, own_connections)
+    def __init__(self, server):
+        """`server`: aiohttp's `runner.server`, which serves the leader's own connections."""
+        super().__init__(server)
         self.outlets: dict[int, Outlet] = {}
         self.listeners: list[socket.socket] = []
-        self.port = 0
         self._turn = 0
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -249,8 +248,7 @@ class Dispatcher(_Serving):
         self.listeners = listen_sockets(host, port, backlog)
         for s in self.listeners:
             self._loop.add_reader(s.fileno(), self._accept, s)
-        self.port = self.listeners[0].getsockname()[1]
-        return self.port
+        return self.listeners[0].getsockname()[1]
 
     def add_worker(self, slot: int, sock: socket.socket, on_broken: Callable[[int], None] | None = None) -> None:
         self.remove_worker(slot)
@@ -322,12 +320,10 @@ class Inlet(_Serving):
     """A worker's end of its connection channel: serves the connections the
     leader passes, and reports how many it has open."""
 
-    def __init__(self, sock: socket.socket, protocol_factory: Callable[[], asyncio.Protocol],
-                 own_connections: Callable[[], int]):
-        super().__init__(protocol_factory, own_connections)
+    def __init__(self, sock: socket.socket, server):
+        super().__init__(server)
         self.sock = sock
         self.seq = 0
-        self.received = 0
         self._reported: tuple[int, int] | None = None    # (seq, open) of the last report sent
         self._loop: asyncio.AbstractEventLoop | None = None
         self._reporter: asyncio.Task | None = None
@@ -358,7 +354,6 @@ class Inlet(_Serving):
                 log.error("gateway worker: bad connection-channel message %r (%d descriptors)", msg, len(fds))
                 continue
             self.seq = CONN.unpack(msg)[2]
-            self.received += 1
             got = True
             try:
                 conn = socket.socket(fileno=fds[0])

@@ -208,10 +208,7 @@ class WorkerPool:
             self.dispatcher.remove_worker(w.slot)       # no new connections for it
             if w.proc is None or w.proc.returncode is not None:
                 return
-            try:
-                w.proc.send_signal(signal.SIGTERM)
-            except ProcessLookupError:
-                return
+            self._terminate(w)
             try:
                 await asyncio.wait_for(w.proc.wait(), STOP_GRACE_S)
             except asyncio.TimeoutError:

@@ -449,8 +449,7 @@ async def run(fd: int, conn_fd: int) -> None:
     app = make_app(engine, cfg)
     runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=SHUTDOWN_GRACE_S)
     await runner.setup()
-    server = runner.server
-    inlet = Inlet(conn_sock, server, lambda: len(server.connections))
+    inlet = Inlet(conn_sock, runner.server)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
