@@ -13,11 +13,12 @@ import socket
 import pytest
 
 from airlock.primary import dispatch
-from airlock.primary.dispatch import CONN, LOAD, MAGIC, VERSION, Inlet, Outlet, connection_channel
+from airlock.primary.dispatch import (CONN, LOAD, MAGIC, VERSION, Activity, Dispatcher, Inlet, Outlet,
+                                      connection_channel)
 
 
-def report(worker_end: socket.socket, last: int, n_open: int) -> None:
-    worker_end.send(LOAD.pack(MAGIC, VERSION, last, n_open))
+def report(worker_end: socket.socket, last: int, n_busy: int) -> None:
+    worker_end.send(LOAD.pack(MAGIC, VERSION, last, n_busy))
 
 
 async def settle() -> None:
@@ -49,7 +50,7 @@ def test_a_worker_that_does_not_take_a_passed_connection_gets_none_until_it_does
         a, b = socket.socketpair()
         assert o.give(a)
         a.close()
-        assert o.load() == 1 and o.eligible()    # passed, not yet taken: counted as open
+        assert o.load() == 1 and o.eligible()    # passed, not yet taken: counted as busy
         await asyncio.sleep(0.15)
         assert not o.eligible()                  # waited longer than STALLED_S
         msg, fds, _f, _a = socket.recv_fds(worker_end, 64, 1)
@@ -120,7 +121,7 @@ def test_a_worker_serves_what_it_is_passed_reports_it_and_drops_bad_messages():
         leader_end.setblocking(False)
         await settle()
         first = LOAD.unpack(leader_end.recv(64))
-        assert first[2:] == (0, 0)                # ready, nothing open
+        assert first[2:] == (0, 0)                # ready, nothing busy
         # a message with a bad magic: its descriptor is closed, not served
         x, y = socket.socketpair()
         socket.send_fds(leader_end, [b"XXXX\x01" + bytes(8)], [x.fileno()])
@@ -135,7 +136,7 @@ def test_a_worker_serves_what_it_is_passed_reports_it_and_drops_bad_messages():
         c.close()
         await settle()
         rep = LOAD.unpack(leader_end.recv(64))
-        assert rep[2:] == (1, 1)                  # connection 1 received, one open
+        assert rep[2:] == (1, 1)                  # connection 1 received, one busy (just handed over)
         d.setblocking(False)
         loop = asyncio.get_running_loop()
         await loop.sock_sendall(d, b"hello")
@@ -145,6 +146,76 @@ def test_a_worker_serves_what_it_is_passed_reports_it_and_drops_bad_messages():
         for p in server.served:
             p.transport.close()
         leader_end.close()
+    asyncio.run(main())
+
+
+class _Request:
+    def __init__(self, protocol):
+        self.protocol = protocol
+
+
+class _Server:
+    """Stands for aiohttp's web.Server: the live connections (protocols)."""
+
+    def __init__(self):
+        self.connections: list = []
+
+
+def test_a_connection_is_busy_while_a_request_runs_and_for_ACTIVE_S_after_any_sign_of_life(monkeypatch):
+    monkeypatch.setattr(dispatch, "ACTIVE_S", 0.2)
+
+    async def main():
+        act = Activity()
+        a, b, idle = object(), object(), object()
+        conns = [a, b, idle]
+        assert act.busy(conns) == 0               # never seen: idle keep-alive connections
+        act.touch(a)                              # handed over
+        assert act.busy(conns) == 1
+        release = asyncio.Event()
+
+        async def slow(request):
+            await release.wait()
+            return "done"
+
+        async def quick(request):
+            return "done"
+        running = asyncio.ensure_future(act.wrap(slow)(_Request(b)))
+        assert await act.wrap(quick)(_Request(a)) == "done"
+        await asyncio.sleep(0)
+        assert act.busy(conns) == 2
+        await asyncio.sleep(0.3)                  # a went idle longer than ACTIVE_S; b is still at work
+        assert act.busy(conns) == 1
+        release.set()
+        assert await running == "done"
+        assert act.busy(conns) == 1               # b just finished: busy for ACTIVE_S more
+        await asyncio.sleep(0.3)
+        assert act.busy(conns) == 0
+        assert act.busy([idle]) == 0 and set(act._seen) <= {idle}   # closed ones are forgotten
+        assert await act.wrap(quick)(_Request(idle)) == "done"
+        assert act.busy([idle]) == 1              # and the handlers still keep count after that
+    asyncio.run(main())
+
+
+def test_the_leader_serves_a_lone_busy_connection_and_hands_the_next_to_a_worker():
+    async def main():
+        server = _Server()
+        d = Dispatcher(server)
+        leader_end, worker_end = connection_channel()
+        d.add_worker(1, leader_end)
+        report(worker_end, 0, 0)
+        await settle()
+        idle = object()
+        server.connections.append(idle)           # an idle keep-alive connection in the leader
+        assert d._order()[0] is None              # nobody busy: the leader first
+        busy = object()
+        server.connections.append(busy)
+        d.activity.touch(busy)
+        assert d._order()[0] is d.outlets[1]      # the leader's one busy connection counts twice
+        report(worker_end, 0, 2)
+        await settle()
+        assert d._order()[0] is None              # 2 against 2, and the leader has fewer
+        d.remove_worker(1)
+        worker_end.close()
     asyncio.run(main())
 
 

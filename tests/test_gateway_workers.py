@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import closing, contextmanager
 
 import boto3
 import pytest
@@ -31,6 +32,17 @@ def fresh_client(gw):
                         aws_secret_access_key=SECRET_KEY, region_name="us-east-1",
                         config=Config(s3={"addressing_style": "path"}, retries={"total_max_attempts": 1},
                                       max_pool_connections=1))
+
+
+@contextmanager
+def one_connection(gw):
+    """A fresh client, closed after the block and given the time for the
+    worker that served it to report the close (REPORT_S): until then the
+    leader counts the connection as busy."""
+    from airlock.primary.dispatch import REPORT_S
+    with closing(fresh_client(gw)) as s3:
+        yield s3
+    time.sleep(3 * REPORT_S)
 
 
 def health_or_none(gw) -> dict | None:
@@ -118,18 +130,54 @@ def put_until_stored(gw, bucket: str, key: str, body: bytes, tries: int = 40) ->
     raise AssertionError(f"{key} was never stored")
 
 
+class leader_kept_busy:
+    """Keeps one connection in the leader busy (a health call on it every
+    0.25 s) while in the block, so that connections opened one at a time go
+    to the workers: without it each would find the leader idle and stay
+    there (primary/dispatch.py)."""
+
+    def __init__(self, gw):
+        self.gw = gw
+
+    def __enter__(self):
+        import http.client
+        import threading
+        from airlock.primary.dispatch import ACTIVE_S
+        time.sleep(ACTIVE_S + 0.1)       # the test's earlier connections idle: the leader takes this one
+        self.conn = http.client.HTTPConnection("127.0.0.1", self.gw.port, timeout=10)
+        h = _health_over(self.conn)
+        busy = {p["role"]: p["busy_connections"] for p in h["processes"]}   # this request is in flight
+        assert busy == {"leader": 1, "worker": 0}, h["processes"]
+        self.stop = threading.Event()
+
+        def beat():
+            while not self.stop.wait(0.25):
+                _health_over(self.conn)
+        self.thread = threading.Thread(target=beat, daemon=True)
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join(timeout=15)
+        self.conn.close()
+        return False
+
+
 def put_large_until_direct(gw, bucket: str, prefix: str, above: int = 0, limit: int = 40) -> dict:
-    """1 MiB uploads over fresh connections until a worker has sent chunks on
-    its own link (more than `above` in all).  A worker opens that link in the
+    """1 MiB uploads over fresh connections, with the leader kept busy so
+    that they go to the workers, until a worker has sent chunks on its own
+    link (more than `above` in all).  A worker opens that link in the
     background on its first large chunk; until it is up, large chunks go
     through the leader.  Returns what was stored."""
     bodies = {}
-    for i in range(limit):
-        key, body = f"{prefix}{i}", os.urandom((1 << 20) + 4001 * i)
-        put_until_stored(gw, bucket, key, body)
-        bodies[key] = body
-        if direct_chunks(gw) > above:
-            return bodies
+    with leader_kept_busy(gw):
+        for i in range(limit):
+            key, body = f"{prefix}{i}", os.urandom((1 << 20) + 4001 * i)
+            put_until_stored(gw, bucket, key, body)
+            bodies[key] = body
+            if direct_chunks(gw) > above:
+                return bodies
     raise AssertionError(f"no worker sent a chunk on its own link in {limit} uploads")
 
 
@@ -166,10 +214,11 @@ def _wait_all_closed(gw) -> None:
     time.sleep(0.2)                  # the health call's own connection closes too
 
 
-def test_each_new_connection_goes_to_the_process_with_the_fewest_open(dep):
-    """The leader hands connections out by open count (its own counting
-    twice), not by the kernel's hash of addresses: six connections to three
-    processes are two each; after they close, three new ones are one each."""
+def test_each_new_connection_goes_to_the_process_with_the_fewest_busy(dep):
+    """The leader hands connections out by busy count (its own counting
+    twice), not by the kernel's hash of addresses: six connections opened
+    together to three processes are two each; after they close, three new
+    ones are one each."""
     gw = dep.gateway
     conns = _open_served(gw, 2 * WORKERS)
     h = _health_over(conns[0])
@@ -184,16 +233,42 @@ def test_each_new_connection_goes_to_the_process_with_the_fewest_open(dep):
         c.close()
 
 
+def test_idle_connections_do_not_count_so_one_client_at_a_time_is_served_by_the_leader(dep):
+    """A keep-alive connection idle for ACTIVE_S is not busy: three
+    connections opened one after another, each idle by the time the next
+    opens, all go to the leader (which serves a write without a worker's
+    call to it); with one of them busy, the next ones go to the workers."""
+    from airlock.primary.dispatch import ACTIVE_S
+    gw = dep.gateway
+    _wait_all_closed(gw)
+    time.sleep(ACTIVE_S)             # the health calls' connections, forgotten
+    conns = []
+    for _ in range(3):
+        conns += _open_served(gw, 1)
+        time.sleep(ACTIVE_S + 0.3)
+    h = _health_over(conns[-1])
+    by_role = sorted((p["role"], p["connections"]) for p in h["processes"])
+    assert by_role == [("leader", 3)] + [("worker", 0)] * (WORKERS - 1), h["processes"]
+    leader = next(p for p in h["processes"] if p["role"] == "leader")
+    assert leader["busy_connections"] == 1, leader     # the one the health call came on
+    conns += _open_served(gw, WORKERS - 1)   # the leader's busy one counts twice: one to each worker
+    h = _health_over(conns[-1])
+    assert sorted(p["connections"] for p in h["processes"] if p["role"] == "worker") == [1] * (WORKERS - 1), h["processes"]
+    for c in conns:
+        c.close()
+
+
 def test_new_connections_after_a_worker_is_killed_are_all_served(dep):
     """A killed worker's channel breaks; the leader hands no connection to it
     (it notices at the latest when passing one fails) and serves on."""
     gw = dep.gateway
     fresh_client(gw).create_bucket(Bucket="onward")
     victim = worker_pids(gw)[0]
-    os.kill(victim, signal.SIGKILL)
-    for i in range(4 * WORKERS):     # each on a new connection, right after the kill
-        fresh_client(gw).put_object(Bucket="onward", Key=f"k{i}", Body=b"x" * i)
-        assert fresh_client(gw).get_object(Bucket="onward", Key=f"k{i}")["Body"].read() == b"x" * i
+    with leader_kept_busy(gw):       # so that new connections go to the workers, the dead one too
+        os.kill(victim, signal.SIGKILL)
+        for i in range(4 * WORKERS):     # each on a new connection, right after the kill
+            fresh_client(gw).put_object(Bucket="onward", Key=f"k{i}", Body=b"x" * i)
+            assert fresh_client(gw).get_object(Bucket="onward", Key=f"k{i}")["Body"].read() == b"x" * i
     wait_until(lambda: len(worker_pids(gw)) == WORKERS - 1 and victim not in worker_pids(gw),
                "the killed worker replaced")
     wait_until(lambda: serving(gw, WORKERS), "replacement serving")
@@ -414,15 +489,24 @@ def test_a_failed_upload_through_a_worker_still_ships_its_chunks(dep):
     import hashlib
     gw = dep.gateway
     fresh_client(gw).create_bucket(Bucket="retry")
-    for i in range(8):                   # fresh connections: most land on workers
-        body = os.urandom(3000 + i)
-        with pytest.raises(ClientError) as e:
-            fresh_client(gw).put_object(Bucket="retry", Key=f"r{i}", Body=body,
-                                        ContentMD5=base64.b64encode(hashlib.md5(b"other").digest()).decode())
-        assert e.value.response["Error"]["Code"] == "BadDigest"
-        fresh_client(gw).put_object(Bucket="retry", Key=f"r{i}", Body=body)
-        assert fresh_client(gw).get_object(Bucket="retry", Key=f"r{i}")["Body"].read() == body
-    assert gw.health()["replication_stats"]["missing_chunks_resent"] == 0
+    before = {p["pid"]: p["stats"]["gets"] for p in gw.health()["processes"]}
+    with leader_kept_busy(gw):           # fresh connections, each closed after use: they land on workers
+        for i in range(8):
+            body = os.urandom(3000 + i)
+            with pytest.raises(ClientError) as e, one_connection(gw) as s3:
+                s3.put_object(Bucket="retry", Key=f"r{i}", Body=body,
+                              ContentMD5=base64.b64encode(hashlib.md5(b"other").digest()).decode())
+            assert e.value.response["Error"]["Code"] == "BadDigest"
+            with one_connection(gw) as s3:
+                s3.put_object(Bucket="retry", Key=f"r{i}", Body=body)
+            with one_connection(gw) as s3:
+                assert s3.get_object(Bucket="retry", Key=f"r{i}")["Body"].read() == body
+    h = gw.health()
+    assert h["replication_stats"]["missing_chunks_resent"] == 0
+    # the reads were served by workers, and so were the writes before them
+    # (a write's "puts" counter is the leader's, which commits it)
+    on_workers = sum(p["stats"]["gets"] - before.get(p["pid"], 0) for p in h["processes"] if p["role"] == "worker")
+    assert on_workers == 8, h["processes"]
 
 
 def test_the_unfinished_chunk_files_of_a_dead_worker_are_removed(dep):

@@ -111,17 +111,22 @@ async def serve(cfg: GatewayConfig, on_ready=None, stop: asyncio.Event | None = 
     await engine.start()
     runner = pool = dispatcher = None
     try:
-        runner = web.AppRunner(make_app(engine, cfg), access_log=None, handle_signals=False,
+        # With workers, the leader alone listens and hands each connection to the
+        # process with the fewest busy (primary/dispatch.py, leader.py, worker.py).
+        processes = gateway_processes(cfg)
+        activity = None
+        if processes > 1:
+            from airlock.primary.dispatch import Activity
+            activity = Activity()
+        runner = web.AppRunner(make_app(engine, cfg, activity), access_log=None, handle_signals=False,
                                shutdown_timeout=SHUTDOWN_GRACE_S)
         await runner.setup()
-        # With workers, the leader alone listens and hands each connection to the
-        # process with the fewest open (primary/dispatch.py, leader.py, worker.py).
-        processes = gateway_processes(cfg)
         if processes > 1:
             from airlock.primary.dispatch import Dispatcher
             from airlock.primary.leader import WorkerPool
-            dispatcher = Dispatcher(runner.server)
-            engine.connections = dispatcher.open_connections
+            dispatcher = Dispatcher(runner.server, activity)
+            engine.connections = lambda: {"connections": dispatcher.open_connections(),
+                                          "busy_connections": dispatcher.busy_connections()}
             try:
                 port = dispatcher.listen(cfg.host, cfg.port, backlog=1024)
             except OSError as e:

@@ -1,14 +1,25 @@
 """The leader accepts every connection and hands each to the least busy process.
 
 With workers, only the leader listens on the gateway's port.  Each accepted
-connection goes to the process with the fewest open connections (the
-leader's counting double, as it also runs every commit; among equals, in
-turn): the leader serves it itself, or passes the socket to a worker over
-that worker's connection channel (a SOCK_SEQPACKET socketpair, the
-descriptor as SCM_RIGHTS; docs/format/ipc.md, "Connection channel").  The worker tells the leader,
+connection goes to the process with the fewest busy connections (the
+leader's counting double, as it also runs every commit; among equals the
+one with fewer, then the leader, then in turn): the leader serves it
+itself, or passes the socket to a worker over that worker's connection
+channel (a SOCK_SEQPACKET socketpair, the descriptor as SCM_RIGHTS;
+docs/format/ipc.md, "Connection channel").  The worker tells the leader,
 on the same channel, the last connection it received and how many it has
-open, when they arrive and at most REPORT_S after one closes; its first
-report, sent once it can serve, makes it eligible.
+busy, when they arrive and at most REPORT_S after the count changes; its
+first report, sent once it can serve, makes it eligible.
+
+Busy, not open (`Activity`): a connection with a request in flight, or
+handed over or with a request begun or ended within ACTIVE_S.  A
+client's keep-alive pool holds connections it may not use for minutes;
+counted as open, one idle connection of a benchmark's set-up client sent
+the busy one to a worker, where a small PUT costs a worker -> leader
+commit call more (4 KiB PUT at one connection: 314 ops/s on the worker,
+398 in the leader; docs/performance.md).  With ties going to the leader,
+one busy client connection is served there and the second goes to a
+worker.
 
 Why not SO_REUSEPORT (every process listening, the kernel picking): the
 kernel hashes each connection's addresses and ports onto a process, blind
@@ -33,17 +44,19 @@ import logging
 import os
 import socket
 import struct
-from collections.abc import Callable
+import time
+from collections.abc import Awaitable, Callable
 
 log = logging.getLogger("airlock.dispatch")
 
 MAGIC = b"ALCN"
-VERSION = 1
+VERSION = 2                      # 2: the worker reports busy connections, not open ones
 CONN = struct.Struct("<4sBQ")    # leader -> worker: magic, version, the connection's number; its descriptor rides along
-LOAD = struct.Struct("<4sBQI")   # worker -> leader: magic, version, last connection number received, connections open
+LOAD = struct.Struct("<4sBQI")   # worker -> leader: magic, version, last connection number received, connections busy
 CONN_HEAD = LOAD_HEAD = MAGIC + bytes([VERSION])
-REPORT_S = 0.05                  # a worker reports a changed count of open connections this often at most
-# The leader's open connections count this many times each: it also runs
+REPORT_S = 0.05                  # a worker reports a changed count of busy connections this often at most
+ACTIVE_S = 1.0                   # a connection without a request in flight is busy this long after its last sign of life
+# The leader's busy connections count this many times each: it also runs
 # every process's commits (a small PUT costs it ~0.4 ms more CPU when it
 # serves the PUT's connection too).  With 2, a gateway of two processes
 # holds 2 of 4 and 6 of 16 connections in the leader; 4 KiB PUTs at 16
@@ -99,19 +112,70 @@ def listen_sockets(host: str, port: int, backlog: int) -> list[socket.socket]:
     return out
 
 
+class Activity:
+    """When each of this process's connections last showed life (handed
+    over, a request begun or ended) and how many requests each has in
+    flight.  `wrap` puts it around the HTTP handler; `busy` counts."""
+
+    def __init__(self):
+        self._seen: dict = {}        # protocol -> time.monotonic() of its last sign of life
+        self._in_flight: dict = {}   # protocol -> requests being handled (absent: none)
+
+    def touch(self, proto) -> None:
+        self._seen[proto] = time.monotonic()
+
+    def wrap(self, handler: Callable[..., Awaitable]) -> Callable[..., Awaitable]:
+        """`handler` (aiohttp's request -> response), keeping count."""
+        seen, in_flight = self._seen, self._in_flight
+
+        async def tracked(request):
+            proto = request.protocol
+            seen[proto] = time.monotonic()
+            in_flight[proto] = in_flight.get(proto, 0) + 1
+            try:
+                return await handler(request)
+            finally:
+                n = in_flight.pop(proto) - 1
+                if n:
+                    in_flight[proto] = n
+                seen[proto] = time.monotonic()
+        return tracked
+
+    def busy(self, connections) -> int:
+        """How many of `connections` (the live protocols) are busy: a
+        request in flight, or a sign of life within ACTIVE_S.  Forgets
+        connections no longer live."""
+        since = time.monotonic() - ACTIVE_S
+        seen, in_flight = self._seen, self._in_flight
+        n = 0
+        for proto in connections:
+            if proto in in_flight or seen.get(proto, since) > since:
+                n += 1
+        if len(seen) > len(connections):       # in place: `wrap`'s handlers hold this dict
+            live = set(connections)
+            for proto in [p for p in seen if p not in live and p not in in_flight]:
+                del seen[proto]
+        return n
+
+
 class _Serving:
     """Serves connections in this process with `server` -- aiohttp's
     `web.Server` (`runner.server`): the protocol factory, whose
     `connections` lists the ones it holds -- counting each from hand-over
-    until aiohttp has it."""
+    until aiohttp has it.  `activity` must wrap the server's HTTP handler
+    (make_app) for requests to count."""
 
-    def __init__(self, server):
+    def __init__(self, server, activity: Activity | None = None):
         self.server = server
+        self.activity = activity or Activity()
         self._starting = 0       # connections taken here that aiohttp does not hold yet
         self._tasks: set[asyncio.Task] = set()
 
     def open_connections(self) -> int:
         return len(self.server.connections) + self._starting
+
+    def busy_connections(self) -> int:
+        return self.activity.busy(self.server.connections) + self._starting
 
     def _serve(self, conn: socket.socket) -> None:
         self._starting += 1
@@ -121,7 +185,8 @@ class _Serving:
 
     async def _connect(self, conn: socket.socket) -> None:
         try:
-            await asyncio.get_running_loop().connect_accepted_socket(self.server, conn)
+            _transport, proto = await asyncio.get_running_loop().connect_accepted_socket(self.server, conn)
+            self.activity.touch(proto)   # new: busy until it has been idle for ACTIVE_S
         except Exception as e:           # noqa: BLE001 -- one connection; its client sees it close
             log.warning("gateway process %d: could not serve a connection: %s", os.getpid(), e)
             conn.close()
@@ -143,7 +208,7 @@ class Outlet:
         self.on_broken = on_broken
         self.sent = 0            # number of the last connection handed over
         self.acked = 0           # ... and of the last one the worker said it received
-        self.reported_open = 0   # connections open in the worker at its last report
+        self.reported_busy = 0   # connections busy in the worker at its last report
         self.ready = False       # the worker has reported once: it serves what it is given
         self.full = False        # the last hand-over found the channel full (logged once)
         self.waiting_since: float | None = None   # when the oldest connection it has not taken was passed
@@ -153,8 +218,8 @@ class Outlet:
         loop.add_reader(sock.fileno(), self._on_readable)
 
     def load(self) -> int:
-        """Open connections, counting the ones on their way as open."""
-        return self.reported_open + (self.sent - self.acked)
+        """Busy connections, counting the ones on their way as busy."""
+        return self.reported_busy + (self.sent - self.acked)
 
     def eligible(self) -> bool:
         """Alive, reported ready, and not sitting on a connection for STALLED_S."""
@@ -213,11 +278,11 @@ class Outlet:
                 if self.on_broken is not None:
                     self.on_broken(self.slot)
                 return
-            _m, _v, acked, n_open = LOAD.unpack(msg)
+            _m, _v, acked, n_busy = LOAD.unpack(msg)
             if acked < self.acked:       # messages come in order; this only guards against nonsense
                 continue
             took = min(acked, self.sent) > self.acked
-            self.acked, self.reported_open = min(acked, self.sent), n_open
+            self.acked, self.reported_busy = min(acked, self.sent), n_busy
             if took:                     # it takes connections: the rest wait from now, if any
                 self.waiting_since = None if self.acked == self.sent else self.loop.time()
                 if self.stalled:
@@ -235,9 +300,10 @@ class Outlet:
 class Dispatcher(_Serving):
     """The leader's listening sockets and the choice of process for each connection."""
 
-    def __init__(self, server):
-        """`server`: aiohttp's `runner.server`, which serves the leader's own connections."""
-        super().__init__(server)
+    def __init__(self, server, activity: Activity | None = None):
+        """`server`: aiohttp's `runner.server`, which serves the leader's own
+        connections; `activity`: the one wrapped around its handler."""
+        super().__init__(server, activity)
         self.outlets: dict[int, Outlet] = {}
         self.listeners: list[socket.socket] = []
         self._turn = 0
@@ -300,31 +366,32 @@ class Dispatcher(_Serving):
         self._serve(conn)
 
     def _order(self) -> list[Outlet | None]:
-        """Candidates, least loaded first (None is the leader, whose
+        """Candidates, least loaded first (None is the leader, whose busy
         connections weigh LEADER_WEIGHT each)."""
         cands: list[Outlet | None] = [None, *(o for o in self.outlets.values() if o.eligible())]
         if len(cands) == 1:
             return cands
-        counts = [self.open_connections(), *(o.load() for o in cands[1:])]
+        counts = [self.busy_connections(), *(o.load() for o in cands[1:])]
         n = len(cands)
         start = self._turn % n
         # weighted count; then the plain count (of equals, the process with
-        # fewer connections); then in turn
+        # fewer busy connections); then the leader (at low load it serves a
+        # request without the commit call a worker makes); then in turn
         order = sorted(range(n), key=lambda i: (counts[i] * (LEADER_WEIGHT if i == 0 else 1), counts[i],
-                                                (i - start) % n))
+                                                i != 0, (i - start) % n))
         self._turn = order[0] + 1
         return [cands[i] for i in order]
 
 
 class Inlet(_Serving):
     """A worker's end of its connection channel: serves the connections the
-    leader passes, and reports how many it has open."""
+    leader passes, and reports how many it has busy."""
 
-    def __init__(self, sock: socket.socket, server):
-        super().__init__(server)
+    def __init__(self, sock: socket.socket, server, activity: Activity | None = None):
+        super().__init__(server, activity)
         self.sock = sock
         self.seq = 0
-        self._reported: tuple[int, int] | None = None    # (seq, open) of the last report sent
+        self._reported: tuple[int, int] | None = None    # (seq, busy) of the last report sent
         self._loop: asyncio.AbstractEventLoop | None = None
         self._reporter: asyncio.Task | None = None
         self.closed = False
@@ -368,7 +435,7 @@ class Inlet(_Serving):
     def _report(self) -> None:
         if self.closed:
             return
-        n = self.open_connections()
+        n = self.busy_connections()
         try:
             self.sock.send(LOAD.pack(MAGIC, VERSION, self.seq, min(n, 0xFFFFFFFF)))
         except (BlockingIOError, InterruptedError):
@@ -382,7 +449,7 @@ class Inlet(_Serving):
     async def _report_changes(self) -> None:
         while not self.closed:
             await asyncio.sleep(REPORT_S)
-            if (self.seq, self.open_connections()) != self._reported:
+            if (self.seq, self.busy_connections()) != self._reported:
                 self._report()
 
     def close(self) -> None:

@@ -82,7 +82,8 @@ class Engine:
         self._key_locks: dict[tuple[str, str], list] = {}
         # async callables returning another gateway process's {"pid", "role", "stats"} (workers)
         self.stats_sources: list[Callable[[], Awaitable[dict]]] = []
-        self.connections: Callable[[], int] | None = None   # open client connections (with workers)
+        # with workers: the leader's client connections, {"connections": open, "busy_connections": busy}
+        self.connections: Callable[[], dict] | None = None
         # called on entering degraded mode (the leader stops its workers)
         self.on_degraded: list[Callable[[], None]] = []
 
@@ -190,7 +191,7 @@ class Engine:
         if replicated:
             processes[0]["vault_link"] = cp.link_state
         if self.connections is not None:
-            processes[0]["connections"] = self.connections()
+            processes[0].update(self.connections())
         for source in self.stats_sources:
             try:
                 proc = await source()

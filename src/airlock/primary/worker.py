@@ -44,7 +44,7 @@ from airlock import errors as E
 from airlock import malloc
 from airlock.aio import retrieve_exception
 from airlock.chunk.store import ChunkStore
-from airlock.primary.dispatch import Inlet
+from airlock.primary.dispatch import Activity, Inlet
 from airlock.primary.engine import Engine
 from airlock.primary.index import Index
 from airlock.primary.ipc import VERSION, Peer
@@ -415,6 +415,7 @@ async def run(fd: int, conn_fd: int) -> None:
         proc = {"pid": os.getpid(), "role": "worker", "stats": stats}
         if inlet is not None:
             proc["connections"] = inlet.open_connections()
+            proc["busy_connections"] = inlet.busy_connections()
         state = getattr(engine.commit_point, "link_state", None)
         if state is not None:
             proc["vault_link"] = state
@@ -446,10 +447,11 @@ async def run(fd: int, conn_fd: int) -> None:
     engine.stop = stop
     engine.open()
     await engine.start()
-    app = make_app(engine, cfg)
+    activity = Activity()
+    app = make_app(engine, cfg, activity)
     runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=SHUTDOWN_GRACE_S)
     await runner.setup()
-    inlet = Inlet(conn_sock, runner.server)
+    inlet = Inlet(conn_sock, runner.server, activity)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)

@@ -242,12 +242,15 @@ class S3App:
         raise E.MethodNotAllowed(Method=m, ResourceType="OBJECT")
 
 
-def make_app(engine: Engine, config: GatewayConfig) -> web.Application:
+def make_app(engine: Engine, config: GatewayConfig, activity=None) -> web.Application:
+    """`activity`: a gateway process's `primary.dispatch.Activity`, which
+    then sees every request (where connections go depends on it)."""
     s3 = S3App(engine, config)
     # auto_decompress off: a body sent with Content-Encoding: gzip is stored as sent, as S3 does
     app = web.Application(client_max_size=CLIENT_MAX_SIZE,
                           handler_args={"max_field_size": 65536, "auto_decompress": False})
     app["s3"] = s3
     app["users_by_id"] = {u.user_id: u for u in config.users}
-    app.router.add_route("*", r"/{tail:[\s\S]*}", s3.handle)   # [\s\S]: keys may hold newlines
+    handle = s3.handle if activity is None else activity.wrap(s3.handle)
+    app.router.add_route("*", r"/{tail:[\s\S]*}", handle)   # [\s\S]: keys may hold newlines
     return app
