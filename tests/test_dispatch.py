@@ -206,16 +206,39 @@ def test_the_leader_serves_a_lone_busy_connection_and_hands_the_next_to_a_worker
         await settle()
         idle = object()
         server.connections.append(idle)           # an idle keep-alive connection in the leader
-        assert d._order()[0] is None              # nobody busy: the leader first
+        assert d._order(d.busy_connections())[0] is None   # nobody busy: the leader first
         busy = object()
         server.connections.append(busy)
         d.activity.touch(busy)
-        assert d._order()[0] is d.outlets[1]      # the leader's one busy connection counts twice
+        assert d._order(d.busy_connections())[0] is d.outlets[1]   # the leader's one busy connection counts twice
         report(worker_end, 0, 2)
         await settle()
-        assert d._order()[0] is None              # 2 against 2, and the leader has fewer
+        assert d._order(d.busy_connections())[0] is None   # 2 against 2, and the leader has fewer
         d.remove_worker(1)
         worker_end.close()
+    asyncio.run(main())
+
+
+def test_a_leader_serving_alone_forgets_the_connections_that_closed():
+    """With no worker to choose from (degraded mode, all restarting) the
+    leader still walks its connections at each accept, so closed ones do
+    not pile up in its Activity."""
+    async def main():
+        server = EchoServer()
+        d = Dispatcher(server)
+        port = d.listen("127.0.0.1", 0, 8)
+        for _ in range(20):
+            _r, w = await asyncio.open_connection("127.0.0.1", port)
+            await settle()
+            w.close()
+            await w.wait_closed()
+            await settle()
+        assert len(server.served) == 20
+        assert len(d.activity._seen) <= 2, len(d.activity._seen)
+        d.stop_accepting()
+        for p in server.served:
+            p.transport.close()
+        await asyncio.sleep(0)
     asyncio.run(main())
 
 

@@ -132,12 +132,18 @@ def put_until_stored(gw, bucket: str, key: str, body: bytes, tries: int = 40) ->
 
 class leader_kept_busy:
     """Keeps one connection in the leader busy (a health call on it every
-    0.25 s) while in the block, so that connections opened one at a time go
-    to the workers: without it each would find the leader idle and stay
-    there (primary/dispatch.py)."""
+    0.25 s) while in the block, so that connections opened one at a time,
+    each closed before the next (`one_connection`), go to the workers:
+    without it each would find the leader idle and stay there
+    (primary/dispatch.py).  `health()` asks on that same connection, so
+    that asking does not add a request elsewhere."""
 
     def __init__(self, gw):
         self.gw = gw
+
+    def health(self) -> dict:
+        with self.lock:
+            return _health_over(self.conn)
 
     def __enter__(self):
         import http.client
@@ -145,14 +151,16 @@ class leader_kept_busy:
         from airlock.primary.dispatch import ACTIVE_S
         time.sleep(ACTIVE_S + 0.1)       # the test's earlier connections idle: the leader takes this one
         self.conn = http.client.HTTPConnection("127.0.0.1", self.gw.port, timeout=10)
-        h = _health_over(self.conn)
-        busy = {p["role"]: p["busy_connections"] for p in h["processes"]}   # this request is in flight
-        assert busy == {"leader": 1, "worker": 0}, h["processes"]
+        self.lock = threading.Lock()
+        h = self.health()                # this request is in flight while the document is made
+        leader = [p["busy_connections"] for p in h["processes"] if p["role"] == "leader"]
+        workers = [p["busy_connections"] for p in h["processes"] if p["role"] == "worker"]
+        assert leader == [1] and workers == [0] * (WORKERS - 1), h["processes"]
         self.stop = threading.Event()
 
         def beat():
             while not self.stop.wait(0.25):
-                _health_over(self.conn)
+                self.health()
         self.thread = threading.Thread(target=beat, daemon=True)
         self.thread.start()
         return self
@@ -166,8 +174,9 @@ class leader_kept_busy:
 
 def put_large_until_direct(gw, bucket: str, prefix: str, above: int = 0, limit: int = 40) -> dict:
     """1 MiB uploads over fresh connections, with the leader kept busy so
-    that they go to the workers, until a worker has sent chunks on its own
-    link (more than `above` in all).  A worker opens that link in the
+    that most go to the workers (a client not closed stays busy for a
+    second), until a worker has sent chunks on its own link (more than
+    `above` in all).  A worker opens that link in the
     background on its first large chunk; until it is up, large chunks go
     through the leader.  Returns what was stored."""
     bodies = {}
@@ -251,7 +260,7 @@ def test_idle_connections_do_not_count_so_one_client_at_a_time_is_served_by_the_
     assert by_role == [("leader", 3)] + [("worker", 0)] * (WORKERS - 1), h["processes"]
     leader = next(p for p in h["processes"] if p["role"] == "leader")
     assert leader["busy_connections"] == 1, leader     # the one the health call came on
-    conns += _open_served(gw, WORKERS - 1)   # the leader's busy one counts twice: one to each worker
+    conns += _open_served(gw, WORKERS - 1)   # the leader has one busy: one to each worker
     h = _health_over(conns[-1])
     assert sorted(p["connections"] for p in h["processes"] if p["role"] == "worker") == [1] * (WORKERS - 1), h["processes"]
     for c in conns:
@@ -358,9 +367,13 @@ def test_a_worker_that_cannot_open_its_own_link_sends_large_chunks_through_the_l
     fresh_client(gw).create_bucket(Bucket="refused")
     assert proxy.command("refuse on") == "ok"
     bodies = {f"r{i}": os.urandom((1 << 20) + 4001 * i) for i in range(6)}
-    for k, b in bodies.items():
-        fresh_client(gw).put_object(Bucket="refused", Key=k, Body=b)
-    h = gw.health()
+    with leader_kept_busy(gw) as kb:     # the uploads go to the workers
+        before = sum(p["requests"] for p in kb.health()["processes"] if p["role"] == "worker")
+        for k, b in bodies.items():
+            with one_connection(gw) as s3:
+                s3.put_object(Bucket="refused", Key=k, Body=b)
+        h = kb.health()
+    assert sum(p["requests"] for p in h["processes"] if p["role"] == "worker") - before == 6, h["processes"]
     assert h["stats"].get("chunks_shipped_direct", 0) == 0, h["stats"]
     workers = [p for p in h.get("processes", []) if p["role"] == "worker"]
     assert workers and all(p["vault_link"] in ("connecting", "not connected") for p in workers), workers

@@ -126,7 +126,8 @@ async def serve(cfg: GatewayConfig, on_ready=None, stop: asyncio.Event | None = 
             from airlock.primary.leader import WorkerPool
             dispatcher = Dispatcher(runner.server, activity)
             engine.connections = lambda: {"connections": dispatcher.open_connections(),
-                                          "busy_connections": dispatcher.busy_connections()}
+                                          "busy_connections": dispatcher.busy_connections(),
+                                          "requests": dispatcher.activity.requests}
             try:
                 port = dispatcher.listen(cfg.host, cfg.port, backlog=1024)
             except OSError as e:

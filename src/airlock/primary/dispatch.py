@@ -120,6 +120,7 @@ class Activity:
     def __init__(self):
         self._seen: dict = {}        # protocol -> time.monotonic() of its last sign of life
         self._in_flight: dict = {}   # protocol -> requests being handled (absent: none)
+        self.requests = 0            # requests this process has begun serving (health: `requests`)
 
     def touch(self, proto) -> None:
         self._seen[proto] = time.monotonic()
@@ -130,6 +131,7 @@ class Activity:
 
         async def tracked(request):
             proto = request.protocol
+            self.requests += 1
             seen[proto] = time.monotonic()
             in_flight[proto] = in_flight.get(proto, 0) + 1
             try:
@@ -335,6 +337,7 @@ class Dispatcher(_Serving):
 
     # ------------------------------------------------------------------ accepting
     def _accept(self, lsock: socket.socket) -> None:
+        lead = None                      # the leader's busy count, walked once per batch
         for _ in range(ACCEPT_BATCH):
             try:
                 conn, _addr = lsock.accept()
@@ -348,30 +351,36 @@ class Dispatcher(_Serving):
                     self._loop.call_later(ACCEPT_RETRY_S, self._resume, lsock)
                     return
                 raise
-            self._dispatch(conn)
+            if lead is None:
+                lead = self.busy_connections()     # also forgets the closed ones, workers or not
+            if self._dispatch(conn, lead):
+                lead += 1
 
     def _resume(self, lsock: socket.socket) -> None:
         if lsock.fileno() >= 0 and lsock in self.listeners:
             self._loop.add_reader(lsock.fileno(), self._accept, lsock)
 
-    def _dispatch(self, conn: socket.socket) -> None:
-        for outlet in self._order():
+    def _dispatch(self, conn: socket.socket, lead: int) -> bool:
+        """Give `conn` to a worker or serve it here (True); `lead`: the
+        leader's busy connections."""
+        for outlet in self._order(lead):
             if outlet is None:
                 break
             if outlet.give(conn):
                 conn.close()             # the worker holds it now
-                return
+                return False
             if not outlet.alive:
                 self.outlets.pop(outlet.slot, None)
         self._serve(conn)
+        return True
 
-    def _order(self) -> list[Outlet | None]:
-        """Candidates, least loaded first (None is the leader, whose busy
-        connections weigh LEADER_WEIGHT each)."""
+    def _order(self, lead: int) -> list[Outlet | None]:
+        """Candidates, least loaded first (None is the leader, with `lead`
+        busy connections weighing LEADER_WEIGHT each)."""
         cands: list[Outlet | None] = [None, *(o for o in self.outlets.values() if o.eligible())]
         if len(cands) == 1:
             return cands
-        counts = [self.busy_connections(), *(o.load() for o in cands[1:])]
+        counts = [lead, *(o.load() for o in cands[1:])]
         n = len(cands)
         start = self._turn % n
         # weighted count; then the plain count (of equals, the process with

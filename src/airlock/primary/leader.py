@@ -3,7 +3,7 @@
 The leader is the gateway process that owns the commit point (primary log,
 vault link), the index writer and the data-directory lock.  It alone listens
 on the port, serves S3 like every worker, hands each new connection to the
-process with the fewest open (primary/dispatch.py), and answers its workers' calls
+process with the fewest busy (primary/dispatch.py), and answers its workers' calls
 (docs/format/ipc.md) by running its own engine's methods, so every write
 still goes through one commit point, one set of key locks and one index.
 See primary/worker.py for the worker's side.

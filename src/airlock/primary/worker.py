@@ -2,7 +2,7 @@
 
 With `[gateway] workers = N` the gateway is one leader and N-1 workers
 (docs/architecture.md, "Gateway processes").  The leader accepts every
-connection on the port and hands each to the process with the fewest open
+connection on the port and hands each to the process with the fewest busy
 (primary/dispatch.py); a worker receives its connections on a channel of
 their own and does the per-request work itself: HTTP, SigV4,
 reading the body, MD5 / chunking / BLAKE3, writing chunk files, reading the
@@ -416,6 +416,7 @@ async def run(fd: int, conn_fd: int) -> None:
         if inlet is not None:
             proc["connections"] = inlet.open_connections()
             proc["busy_connections"] = inlet.busy_connections()
+            proc["requests"] = inlet.activity.requests
         state = getattr(engine.commit_point, "link_state", None)
         if state is not None:
             proc["vault_link"] = state
