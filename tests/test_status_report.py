@@ -43,3 +43,15 @@ def test_a_degraded_or_unreachable_gateway_exits_1():
     assert code == 1 and any("DEGRADED: primary storage failed" in l for l in lines)
     _lines, code = status_report({"gateway": {"status": "down", "error": "connection refused"}})
     assert code == 1
+
+
+def test_a_gateway_of_several_processes_shows_where_its_connections_are():
+    procs = [{"role": "leader", "pid": 1, "vault_link": "connected", "connections": 3, "busy_connections": 1,
+              "requests": 40},
+             {"role": "worker", "pid": 2, "vault_link": "not connected", "connections": 2, "busy_connections": 2,
+              "requests": 7}]
+    lines, code = status_report({"gateway": {**HEALTHY_GATEWAY, "processes": procs}, "vault": HEALTHY_VAULT})
+    assert code == 0
+    assert "  connections: leader 1 3 open / 1 busy / 40 requests, worker 2 2 open / 2 busy / 7 requests" in lines
+    lines, _code = status_report({"gateway": HEALTHY_GATEWAY, "vault": HEALTHY_VAULT})
+    assert not any(l.startswith("  connections:") for l in lines)     # one process: nothing to place

@@ -596,6 +596,11 @@ def status_report(out: dict) -> tuple[list[str], int]:
         if links:
             # a worker opens its own link on its first large chunk; until then they go through the leader
             lines.append(f"  vault links: {', '.join(links)}")
+        served = [f"{p.get('role')} {p.get('pid')} {p['connections']} open / {p.get('busy_connections', '-')} busy"
+                  f" / {p.get('requests', '-')} requests" for p in g.get("processes") or [] if "connections" in p]
+        if served:
+            # where the leader has placed client connections (primary/dispatch.py)
+            lines.append(f"  connections: {', '.join(served)}")
         if g.get("degraded_reason"):
             lines.append(f"  DEGRADED: {g['degraded_reason']}; reads served from the vault, writes refused")
         st = g.get("stats") or {}
