@@ -6,10 +6,10 @@ import asyncio
 import hashlib
 import logging
 import os
-import signal
 
 from aiohttp import web
 
+from airlock.aio import stop_on_signals
 from airlock.config import GatewayConfig, gateway_processes
 from airlock.errors import ConfigError
 from airlock.primary.engine import Engine
@@ -138,9 +138,7 @@ async def serve(cfg: GatewayConfig, on_ready=None, stop: asyncio.Event | None = 
             site = web.TCPSite(runner, cfg.host, cfg.port, backlog=1024, reuse_address=True)
             await site.start()
         stop = stop or asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
+        stop_on_signals(stop, "gateway")
         if on_ready is not None:
             on_ready(cfg)
         await stop.wait()

@@ -33,7 +33,6 @@ import contextvars
 import faulthandler
 import logging
 import os
-import signal
 import socket
 import sys
 import time
@@ -42,7 +41,7 @@ from aiohttp import web
 
 from airlock import errors as E
 from airlock import malloc
-from airlock.aio import retrieve_exception
+from airlock.aio import retrieve_exception, stop_on_signals
 from airlock.chunk.store import ChunkStore
 from airlock.primary.dispatch import Activity, Inlet
 from airlock.primary.engine import Engine
@@ -453,9 +452,7 @@ async def run(fd: int, conn_fd: int) -> None:
     runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=SHUTDOWN_GRACE_S)
     await runner.setup()
     inlet = Inlet(conn_sock, runner.server, activity)
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+    stop_on_signals(stop, "gateway worker")
     inlet.start()                    # the leader hands this process connections from now on
     log.info("gateway worker %d serving connections on port %d", os.getpid(), port)
     await asyncio.wait([asyncio.ensure_future(stop.wait()), asyncio.ensure_future(peer.closed.wait())],

@@ -14,10 +14,10 @@ import fcntl
 import json
 import logging
 import os
-import signal
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from airlock.aio import stop_on_signals
 from airlock.errors import ConfigError, PolicyError
 from airlock.vault.catalog import Retention
 
@@ -322,9 +322,7 @@ async def serve_vault(cfg: VaultConfig, on_ready=None) -> None:
     vault = Vault(cfg)
     await vault.start()
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+    stop_on_signals(stop, "vault")
     if on_ready is not None:
         on_ready(cfg, vault)
     try:
