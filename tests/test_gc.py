@@ -316,3 +316,38 @@ def test_local_deployment_gc_with_airlock_up_vault_only(tmp_path):
         assert body == content("local-keep", 2 * MiB)
     finally:
         up.stop()
+
+
+def test_gc_shrinks_the_small_chunk_database_once_most_of_it_is_free(deployment):
+    """Deleting many small objects frees pages of small.sqlite; gc rewrites
+    it without them once they are worth it (SHRINK_MIN_BYTES), and the
+    objects kept read back."""
+    from airlock.primary.gc import SHRINK_MIN_BYTES
+    s3 = deployment.gateway.client()
+    primary = deployment.root / "primary"
+    db = primary / "chunks" / "small.sqlite"
+    s3.create_bucket(Bucket=BUCKET)
+    size = 60 * KiB                                          # one chunk each: a row (<= 64 KiB)
+    n = (SHRINK_MIN_BYTES * 3 // 2) // size
+    keys = [f"small/{i:04d}" for i in range(n)]
+    import concurrent.futures as cf
+    with cf.ThreadPoolExecutor(8) as ex:
+        list(ex.map(lambda k: s3.put_object(Bucket=BUCKET, Key=k, Body=content(k, size)), keys))
+    kept = keys[:20]
+    doomed = keys[20:]
+    for i in range(0, len(doomed), 1000):
+        s3.delete_objects(Bucket=BUCKET, Delete={"Objects": [{"Key": k} for k in doomed[i:i + 1000]]})
+    deployment.gateway.stop()
+    big = db.stat().st_size
+    assert big > SHRINK_MIN_BYTES, big
+    r = deployment.airlock("gc")
+    assert f"{len(doomed)} small chunk(s)" in gc_line(r.stdout), r.stdout
+    line = next(ln for ln in r.stdout.splitlines() if ln.startswith("small.sqlite rewritten"))
+    assert db.stat().st_size < big / 4, (line, db.stat().st_size, big)
+    again = deployment.airlock("gc")       # nothing free left: not rewritten again
+    assert "small.sqlite" not in again.stdout, again.stdout
+    deployment.start_gateway()
+    s3 = deployment.gateway.client()
+    for k in kept:
+        assert s3.get_object(Bucket=BUCKET, Key=k)["Body"].read() == content(k, size), k
+    assert s3.list_objects_v2(Bucket=BUCKET, Prefix="small/")["KeyCount"] == len(kept)

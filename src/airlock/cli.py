@@ -545,6 +545,12 @@ def cmd_gc(args) -> int:
     if r.vault_last_seq is not None:
         print(f"primary log at {r.primary_last_seq}, vault log at {r.vault_last_seq}")
     print(r.line())
+    if r.small_db_shrunk is not None:
+        before, after = r.small_db_shrunk
+        print(f"small.sqlite rewritten without its free pages: {before:,} -> {after:,} bytes")
+    if r.small_db_not_shrunk is not None:
+        print(f"small.sqlite not rewritten ({r.small_db_not_shrunk}); its free pages are reused for new "
+              f"small chunks; run gc again with more free space to shrink it")
     if r.other_files:
         print(f"left alone: {r.other_files} file(s) under chunks/ that are not chunk files")
     return 0

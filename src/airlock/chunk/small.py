@@ -49,6 +49,17 @@ def as_oserror(e: sqlite3.Error) -> OSError:
     return OSError(errno.ENOSPC if full else errno.EIO, f"small-chunk database: {e}")
 
 
+def _size_with_wal(path: str) -> int:
+    """Bytes of the database file and its write-ahead log."""
+    n = 0
+    for suffix in ("", "-wal"):
+        try:
+            n += os.path.getsize(path + suffix)
+        except FileNotFoundError:
+            pass
+    return n
+
+
 def _open_lock_file(path: str) -> int:
     try:
         return os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -242,6 +253,34 @@ class SmallChunks:
                     db.execute("ROLLBACK")
                 raise
         return written
+
+    # ------------------------------------------------------------------ shrinking (airlock gc)
+    def shrink(self, min_free_bytes: int, min_free_share: float) -> tuple[int, int] | None:
+        """Rewrite the database without its free pages (VACUUM) when they
+        come to at least `min_free_bytes` and `min_free_share` of it;
+        returns (bytes before, bytes after), or None when not worth it.
+        For `airlock gc`, which holds the data directory's lock: no gateway
+        has the database open.  VACUUM is one transaction (a crash leaves
+        the old file); it needs free disk space about the size of the rows
+        kept, and raises OSError (`as_oserror`) without it."""
+        with self._flock():
+            if self._writer is None:
+                self._writer = self._connect()
+            db = self._writer            # no commit runs meanwhile: gc deletes, then shrinks, in one thread
+            try:
+                page = db.execute("PRAGMA page_size").fetchone()[0]
+                total = db.execute("PRAGMA page_count").fetchone()[0] * page
+                free = db.execute("PRAGMA freelist_count").fetchone()[0] * page
+                if free < min_free_bytes or free < min_free_share * total:
+                    return None
+                before = _size_with_wal(self.path)
+                db.execute("VACUUM")
+                # the new pages went through the write-ahead log: copy them
+                # into the database file (synced: synchronous=FULL) and empty the log
+                db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            except sqlite3.Error as e:
+                raise as_oserror(e) from e
+            return before, _size_with_wal(self.path)
 
     def close(self) -> None:
         if self._writer is not None:

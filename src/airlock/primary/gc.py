@@ -31,7 +31,11 @@ committed record references are removed, and a chunk read later that is
 missing is fetched from the vault and written back (docs/architecture.md,
 "Reads").  An interrupted run leaves some of the garbage; run it again.  The
 space of removed rows stays in small.sqlite (SQLite reuses free pages for
-new rows; the file does not shrink); removed files free theirs at once.
+new rows); when the free pages come to SHRINK_MIN_BYTES and SHRINK_MIN_SHARE
+of the file, gc rewrites it without them (VACUUM: one transaction, and it
+needs free space about the size of the rows kept; on a disk too full for
+that, gc says so and leaves the file as it is).  Removed files free their
+space at once.
 """
 from __future__ import annotations
 
@@ -48,6 +52,8 @@ from airlock.primary.engine import committed_state
 from airlock.primary.scrub import CHUNK_NAME, live_chunks
 
 ROW_BATCH = 1000           # small-chunk rows deleted per transaction
+SHRINK_MIN_BYTES = 16 << 20   # small.sqlite is rewritten when at least this much of it is free ...
+SHRINK_MIN_SHARE = 0.25       # ... and at least this share of it
 
 
 @dataclass
@@ -64,6 +70,8 @@ class GcReport:
     dry_run: bool = False
     primary_last_seq: int = 0
     vault_last_seq: int | None = None
+    small_db_shrunk: tuple[int, int] | None = None   # small.sqlite (+ its log) bytes before and after
+    small_db_not_shrunk: str | None = None           # why it could not be rewritten (a full disk)
 
     def line(self) -> str:
         verb = "would remove" if self.dry_run else "removed"
@@ -137,6 +145,10 @@ def _sweep_rows(store: ChunkStore, live, r: GcReport, dry_run: bool) -> None:
         return
     for i in range(0, len(dead), ROW_BATCH):
         store.small.delete_many(dead[i:i + ROW_BATCH])
+    try:
+        r.small_db_shrunk = store.small.shrink(SHRINK_MIN_BYTES, SHRINK_MIN_SHARE)
+    except OSError as e:         # the rows are deleted all the same; their pages are reused
+        r.small_db_not_shrunk = str(e)
 
 
 def _sweep_files(store: ChunkStore, live, r: GcReport, dry_run: bool, fsync: bool) -> None:
