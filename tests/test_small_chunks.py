@@ -14,7 +14,7 @@ from pathlib import Path
 import blake3
 import pytest
 
-from airlock.chunk.small import FORMAT_NAME, SmallChunks
+from airlock.chunk.small import FORMAT_NAME, WAL_SIZE_LIMIT, SmallChunks
 from airlock.chunk.store import SMALL_CHUNK_MAX, ChunkStore
 from airlock.errors import FormatError, IntegrityError
 
@@ -176,3 +176,20 @@ def test_a_damaged_database_another_process_has_open_is_not_moved_aside(tmp_path
     first.close()
     ChunkStore(str(tmp_path))                               # the next start, alone: moves it aside
     assert len(list((tmp_path / "chunks").glob("small.sqlite.damaged-*"))) == 1
+
+
+def test_the_write_ahead_log_is_cut_back_after_a_burst(tmp_path):
+    """One large transaction grows the log past WAL_SIZE_LIMIT; once a
+    checkpoint has emptied it, the next commit cuts the file back."""
+    small = SmallChunks(str(tmp_path), fsync=False)
+    try:
+        rows = [(b"%032d" % i, os.urandom(60 * 1024)) for i in range(2 * WAL_SIZE_LIMIT // (60 * 1024) + 10)]
+        small._submit_rows([("INSERT OR IGNORE", d, data) for d, data in rows])
+        wal = tmp_path / "small.sqlite-wal"
+        assert wal.stat().st_size > WAL_SIZE_LIMIT
+        small._writer.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        small.put(b"%032d" % 10**9, b"after the burst")
+        assert wal.stat().st_size <= WAL_SIZE_LIMIT
+        assert small.get(rows[0][0]) == rows[0][1] and small.get(b"%032d" % 10**9) == b"after the burst"
+    finally:
+        small.close()

@@ -32,6 +32,13 @@ OPEN_NAME = "small.open"    # every process with the database open holds a share
 log = logging.getLogger("airlock.chunks")
 
 BUSY_TIMEOUT_S = 30.0
+# After a checkpoint has emptied the write-ahead log it is cut back to this
+# size when the next transaction starts over at its beginning; without a
+# limit the file keeps the largest size it ever reached (24 MB after a few
+# hundred 60 KiB uploads whose commits overlapped readers).  Above the
+# ~4 MB SQLite's automatic checkpoint lets it reach in steady use, so that
+# it is cut only after bursts.
+WAL_SIZE_LIMIT = 8 << 20
 SQLITE_CORRUPT, SQLITE_NOTADB = 11, 26     # the result codes that mean a damaged file
 SQLITE_FULL = 13                           # ... and the one of a full disk       # a reader (or another tool) holding SQLite locks longer than this is an error
 
@@ -149,6 +156,7 @@ class SmallChunks:
         db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=BUSY_TIMEOUT_S)
         db.execute("PRAGMA journal_mode=WAL")
         db.execute(f"PRAGMA synchronous={'FULL' if self.fsync else 'NORMAL'}")
+        db.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT}")
         return db
 
     def _reader(self) -> sqlite3.Connection:
