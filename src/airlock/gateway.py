@@ -116,18 +116,15 @@ async def serve(cfg: GatewayConfig, on_ready=None, stop: asyncio.Event | None = 
         processes = gateway_processes(cfg)
         activity = None
         if processes > 1:
-            from airlock.primary.dispatch import Activity
+            from airlock.primary.dispatch import Activity, Dispatcher
+            from airlock.primary.leader import WorkerPool
             activity = Activity()
         runner = web.AppRunner(make_app(engine, cfg, activity), access_log=None, handle_signals=False,
                                shutdown_timeout=SHUTDOWN_GRACE_S)
         await runner.setup()
         if processes > 1:
-            from airlock.primary.dispatch import Dispatcher
-            from airlock.primary.leader import WorkerPool
             dispatcher = Dispatcher(runner.server, activity)
-            engine.connections = lambda: {"connections": dispatcher.open_connections(),
-                                          "busy_connections": dispatcher.busy_connections(),
-                                          "requests": dispatcher.activity.requests}
+            engine.connections = dispatcher.counts
             try:
                 port = dispatcher.listen(cfg.host, cfg.port, backlog=1024)
             except OSError as e:

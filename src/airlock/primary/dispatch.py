@@ -179,6 +179,11 @@ class _Serving:
     def busy_connections(self) -> int:
         return self.activity.busy(self.server.connections) + self._starting
 
+    def counts(self) -> dict:
+        """This process's entries in the health document's `processes`."""
+        return {"connections": self.open_connections(), "busy_connections": self.busy_connections(),
+                "requests": self.activity.requests}
+
     def _serve(self, conn: socket.socket) -> None:
         self._starting += 1
         t = asyncio.get_running_loop().create_task(self._connect(conn))

@@ -82,8 +82,8 @@ class Engine:
         self._key_locks: dict[tuple[str, str], list] = {}
         # async callables returning another gateway process's {"pid", "role", "stats"} (workers)
         self.stats_sources: list[Callable[[], Awaitable[dict]]] = []
-        # with workers: the leader's client connections and requests begun,
-        # {"connections": open, "busy_connections": busy, "requests": n}
+        # with workers: the leader's client connections and requests begun
+        # (primary/dispatch.py `counts`)
         self.connections: Callable[[], dict] | None = None
         # called on entering degraded mode (the leader stops its workers)
         self.on_degraded: list[Callable[[], None]] = []

@@ -413,9 +413,7 @@ async def run(fd: int, conn_fd: int) -> None:
         stats.update(getattr(engine.commit_point, "stats", {}))
         proc = {"pid": os.getpid(), "role": "worker", "stats": stats}
         if inlet is not None:
-            proc["connections"] = inlet.open_connections()
-            proc["busy_connections"] = inlet.busy_connections()
-            proc["requests"] = inlet.activity.requests
+            proc.update(inlet.counts())
         state = getattr(engine.commit_point, "link_state", None)
         if state is not None:
             proc["vault_link"] = state
