@@ -112,6 +112,36 @@ def test_writes_from_any_process_are_read_by_every_other_and_reach_the_vault(dep
     assert "equal" in r.stdout.lower(), r.stdout
 
 
+def test_bucket_changes_made_through_one_worker_are_seen_at_once_by_another(dep):
+    """A worker caches bucket rows until the leader's index generation page
+    says a bucket record was applied (docs/format/ipc.md): a change made
+    through another process must be seen by the very next request."""
+    gw = dep.gateway
+    fresh_client(gw).create_bucket(Bucket="gen")
+    with leader_kept_busy(gw) as lead:
+        w, x = fresh_client(gw), fresh_client(gw)
+        assert "Status" not in w.get_bucket_versioning(Bucket="gen")     # w's worker caches the row
+        x.head_bucket(Bucket="gen")
+        w.head_bucket(Bucket="gen")
+        busy = sorted(p["busy_connections"] for p in lead.health()["processes"] if p["role"] == "worker")
+        assert busy == [1, 1], "w and x are not each served by a worker"
+        for status in ("Enabled", "Suspended", "Enabled"):
+            x.put_bucket_versioning(Bucket="gen", VersioningConfiguration={"Status": status})
+            assert w.get_bucket_versioning(Bucket="gen")["Status"] == status
+        x.delete_bucket(Bucket="gen")
+        with pytest.raises(ClientError) as e:
+            w.head_bucket(Bucket="gen")
+        assert e.value.response["Error"]["Code"] == "404"
+        with pytest.raises(ClientError) as e:
+            w.put_object(Bucket="gen", Key="k", Body=b"x")
+        assert e.value.response["Error"]["Code"] == "NoSuchBucket"
+        x.create_bucket(Bucket="gen")
+        w.put_object(Bucket="gen", Key="k", Body=b"x")
+        assert x.get_object(Bucket="gen", Key="k")["Body"].read() == b"x"
+        w.close()
+        x.close()
+
+
 def direct_chunks(gw) -> int:
     """Chunks the workers have sent to the vault on links of their own."""
     return wait_until(lambda: health_or_none(gw), "health")["stats"].get("chunks_shipped_direct", 0)

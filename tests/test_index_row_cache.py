@@ -3,6 +3,8 @@ committed change must be seen by the very next read (no stale object after
 an overwrite, a delete, a version removal, a bucket's deletion)."""
 from __future__ import annotations
 
+import os
+
 import pytest
 from botocore.exceptions import ClientError
 
@@ -52,17 +54,24 @@ def test_a_recreated_bucket_does_not_serve_the_old_buckets_objects(s3):
     assert e.value.response["Error"]["Code"] == "NoSuchKey"
 
 
-def test_a_read_only_view_drops_its_cached_rows_when_another_connection_commits(tmp_path):
+@pytest.mark.parametrize("told_by", ["generation page", "sqlite data_version"])
+def test_a_read_only_view_drops_its_cached_rows_when_another_connection_commits(tmp_path, told_by):
     """A gateway worker reads the leader's index through its own read-only
     connection; its row and bucket caches must not outlive a commit made by
-    the leader's connection (SQLite data_version)."""
+    the leader's connection (told by the index generation page the leader
+    shares with its workers, or without one by SQLite's data_version)."""
     from airlock.log import payload as P
+    from airlock.primary.generation import Generation
     from airlock.primary.index import Index
     from airlock.primary.model import Manifest, ObjectMeta
 
     path = str(tmp_path / "index.sqlite")
     writer = Index(path)
-    reader = Index(path, readonly=True)
+    if told_by == "generation page":
+        writer.generation = page = Generation.create()
+        reader = Index(path, readonly=True, generation=Generation.attach(os.dup(page.fd)))
+    else:
+        reader = Index(path, readonly=True)
 
     def put(seq, text):
         m = Manifest(bucket="b", key="k", size=len(text), etag=f"e{seq}", mtime=float(seq),
@@ -107,3 +116,53 @@ def test_a_cached_small_object_reads_back_exactly_as_committed(tmp_path):
     fresh = Index(str(tmp_path / "index.sqlite"))                    # nothing cached
     assert fresh.object("b", "k") == m.replace(seq=2)
     fresh.close()
+
+
+def test_a_workers_view_keeps_its_bucket_rows_while_only_objects_change(tmp_path):
+    """With the generation page, an object-put drops a worker's cached
+    manifests but not its bucket rows (they change only through bucket
+    records), so a PUT-heavy load costs a worker no bucket query."""
+    from airlock.log import payload as P
+    from airlock.primary.generation import Generation
+    from airlock.primary.index import Index
+    from airlock.primary.model import Manifest, ObjectMeta
+
+    path = str(tmp_path / "index.sqlite")
+    writer = Index(path)
+    writer.generation = page = Generation.create()
+    reader = Index(path, readonly=True, generation=Generation.attach(os.dup(page.fd)))
+    writer.apply([(1, P.BUCKET_CREATE, {"bucket": "b", "owner": "o", "created": 1.0})])
+    assert reader.bucket("b").owner == "o"
+    m = Manifest(bucket="b", key="k", size=1, etag="e", mtime=2.0, meta=ObjectMeta(), chunks=[])
+    writer.apply([(2, P.OBJECT_PUT, m.to_json())])
+    assert reader.object("b", "k").etag == "e"
+    assert "b" in reader._bucket_rows                      # still cached after the object-put
+    assert page.read() == (2, 1)
+    writer.apply([(3, P.BUCKET_DELETE, {"bucket": "b"})])
+    assert reader.bucket("b") is None and reader.object("b", "k") is None
+    reader.close()
+    writer.close()
+
+
+def test_an_object_put_stored_from_its_payload_reads_back_as_if_encoded_again(tmp_path):
+    """The leader hands the index each record's payload bytes along with the
+    decoded dict, and an object-put's manifest is stored as that text; it
+    must read back exactly as one stored from the dict (non-ASCII keys and
+    metadata included)."""
+    from airlock.log import payload as P
+    from airlock.primary.index import Index
+    from airlock.primary.model import ChunkRef, Manifest, ObjectMeta
+
+    a, b = Index(str(tmp_path / "a.sqlite")), Index(str(tmp_path / "b.sqlite"))
+    m = Manifest(bucket="b", key="clé/ü 1", size=3, etag="abc", mtime=2.5,
+                 meta=ObjectMeta(headers={"content-type": "text/plain"}, user={"note": "grüße"}),
+                 chunks=[ChunkRef("00" * 32, 3)], version_id="v1")
+    payload = P.encode_payload(m.to_json())
+    for idx in (a, b):
+        idx.apply([(1, P.BUCKET_CREATE, {"bucket": "b", "owner": "o", "created": 1.0})])
+    a.apply([(2, P.OBJECT_PUT, P.decode_payload(P.OBJECT_PUT, payload), payload)])
+    b.apply([(2, P.OBJECT_PUT, m.to_json())])
+    for idx in (a, b):
+        assert idx.object("b", "clé/ü 1") == m.replace(seq=2)
+        assert idx.version("b", "clé/ü 1", "v1").manifest == m.replace(seq=2)
+        idx.close()

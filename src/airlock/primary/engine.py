@@ -142,7 +142,8 @@ class Engine:
             self.store.close()
 
     def _on_durable(self, records) -> None:
-        self.index.apply([(seq, rtype, P.decode_payload(rtype, payload))
+        # the payload goes along: an object-put's JSON is stored as it is
+        self.index.apply([(seq, rtype, P.decode_payload(rtype, payload), payload)
                           for seq, rtype, payload in records])
 
     async def _commit(self, rtype: int, body: dict) -> int:

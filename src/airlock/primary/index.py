@@ -48,14 +48,19 @@ OBJECT_ROW_CACHE_ROWS = 2048      # current-version manifests kept (bounded: sma
 OBJECT_ROW_CACHE_TEXT = 4096      # only manifests up to this many characters (small objects)
 
 class Index:
-    def __init__(self, path: str, *, readonly: bool = False):
+    def __init__(self, path: str, *, readonly: bool = False, generation=None):
         """`readonly`: a gateway worker's view of the leader's index (another
-        process writes it); its caches are dropped whenever SQLite's
-        data_version says another connection committed."""
+        process writes it); its caches are dropped whenever the leader says
+        it committed since: by the index generation page `generation`
+        (primary/generation.py; the writer's own index bumps it, a reader's
+        reads it), or without one by SQLite's data_version (a query per
+        lookup).  A writer may be given its page later (`.generation = ...`)."""
         self.path = path
         self.readonly = readonly
         self.db = self._open_readonly() if readonly else self._open()
+        self.generation = generation
         self._data_version = None
+        self._seen = (None, None)         # the generation's (applied, buckets) when the caches were last valid
         # bucket rows are read on every request (access checks, versioning
         # state) and change only through bucket records: cached, dropped in apply()
         self._bucket_rows: dict[str, tuple | None] = {}
@@ -93,6 +98,16 @@ class Index:
     def _sync(self) -> None:
         """Drop the caches if another connection has committed since the last
         look (read-only views only; the writer clears them in apply)."""
+        if self.generation is not None:
+            now = self.generation.read()
+            seen = self._seen
+            if now != seen:
+                if now[0] != seen[0]:
+                    self._object_rows.clear()
+                if now[1] != seen[1]:
+                    self._bucket_rows.clear()
+                self._seen = now
+            return
         v = self.db.execute("PRAGMA data_version").fetchone()[0]
         if v != self._data_version:
             self._data_version = v
@@ -123,13 +138,21 @@ class Index:
         return int(self.db.execute("SELECT v FROM meta WHERE k='applied_seq'").fetchone()[0])
 
     def apply(self, records) -> None:
-        """Apply (seq, rtype, payload_dict) records in one transaction."""
+        """Apply (seq, rtype, payload_dict) records in one transaction.  A
+        record may carry its payload's bytes as a fourth item: an
+        object-put's manifest is then stored as that JSON text, not encoded
+        again."""
         db = self.db
+        buckets = any(r[1] in BUCKET_RECORDS for r in records)
         db.execute("BEGIN")
         try:
             last = None
-            for seq, rtype, body in records:
-                self._apply_one(seq, rtype, body)
+            for rec in records:
+                seq = rec[0]
+                if rec[1] == P.OBJECT_PUT:
+                    self._put_version(seq, rec[2], str(rec[3], "utf-8") if len(rec) > 3 else None)
+                else:
+                    self._apply_one(seq, rec[1], rec[2])
                 last = seq
             if last is not None:
                 db.execute("UPDATE meta SET v=? WHERE k='applied_seq'", (str(last),))
@@ -139,18 +162,23 @@ class Index:
             raise
         finally:
             self._object_rows.clear()
-            if self._bucket_rows and any(r[1] in BUCKET_RECORDS for r in records):
+            if buckets:
                 self._bucket_rows.clear()
+        if self.generation is not None:
+            self.generation.bump(buckets)     # after COMMIT: the workers' caches go stale now
 
-    def _put_version(self, seq: int, m: dict) -> None:
+    def _put_version(self, seq: int, m: dict, text: str | None = None) -> None:
         """An object-put or upload-complete: a new version, the latest one; a
-        "null" version replaces the key's previous null version."""
+        "null" version replaces the key's previous null version (REPLACE:
+        the same key and version id; a new seq never collides).  `text`: `m`
+        as JSON already (the record's payload), else encoded here."""
         db = self.db
-        text = json.dumps(m, ensure_ascii=False)
-        vid = m.get("version_id") or NULL_VERSION
-        db.execute("DELETE FROM versions WHERE bucket=? AND key=? AND version_id=?", (m["bucket"], m["key"], vid))
-        db.execute("INSERT INTO versions VALUES (?,?,?,?,0,?)", (m["bucket"], m["key"], vid, seq, text))
-        db.execute("INSERT OR REPLACE INTO objects VALUES (?,?,?,?)", (m["bucket"], m["key"], seq, text))
+        if text is None:
+            text = json.dumps(m, ensure_ascii=False)
+        bucket, key = m["bucket"], m["key"]
+        db.execute("INSERT OR REPLACE INTO versions VALUES (?,?,?,?,0,?)",
+                   (bucket, key, m.get("version_id") or NULL_VERSION, seq, text))
+        db.execute("INSERT OR REPLACE INTO objects VALUES (?,?,?,?)", (bucket, key, seq, text))
 
     def _delete(self, seq: int, b: dict) -> None:
         """An object-delete (docs/format/records.md): a delete marker if the

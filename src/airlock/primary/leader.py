@@ -20,6 +20,7 @@ import time
 from airlock.config import GatewayConfig
 from airlock.primary.dispatch import Dispatcher, connection_channel
 from airlock.primary.engine import Engine
+from airlock.primary.generation import Generation
 from airlock.primary.ipc import VERSION, Peer
 from airlock.primary.worker import CARRY_CHUNKS, FORWARDED, tmp_owner
 
@@ -49,6 +50,10 @@ class WorkerPool:
         self.dispatcher = dispatcher
         self.workers = [Worker(i) for i in range(1, processes)]
         self.stopping = False
+        # tells the workers when their index caches are stale (docs/format/ipc.md);
+        # the engine's index bumps it after every transaction it commits
+        self.generation = Generation.create()
+        engine.index.generation = self.generation
         self._supervisors: list[asyncio.Task] = []
         self._tasks: set[asyncio.Task] = set()
         self.handlers = {name: getattr(engine, name) for name in FORWARDED}
@@ -131,7 +136,7 @@ class WorkerPool:
         try:
             w.proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "airlock.primary.worker", str(theirs.fileno()), str(their_conns.fileno()),
-                pass_fds=(theirs.fileno(), their_conns.fileno()))
+                str(self.generation.fd), pass_fds=(theirs.fileno(), their_conns.fileno(), self.generation.fd))
         except BaseException:
             mine.close()
             conns.close()

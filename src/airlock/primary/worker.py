@@ -45,6 +45,7 @@ from airlock.aio import retrieve_exception, stop_on_signals
 from airlock.chunk.store import ChunkStore
 from airlock.primary.dispatch import Activity, Inlet
 from airlock.primary.engine import Engine
+from airlock.primary.generation import Generation, GenerationError
 from airlock.primary.index import Index
 from airlock.primary.ipc import VERSION, Peer
 from airlock.primary.model import ChunkRef
@@ -264,8 +265,9 @@ class WorkerEngine(Engine):
     """The engine of a worker: local reads and ingest, writes through the leader."""
 
     def __init__(self, data_dir: str, peer: Peer, *, replicated: bool, link=None, link_timeout: float = 30.0,
-                 **kw):
+                 generation: Generation | None = None, **kw):
         super().__init__(data_dir, **kw)
+        self.generation = generation                # when the leader's index changed (docs/format/ipc.md)
         self.peer = peer
         self.replicated = replicated
         self.link = link                            # this worker's own link, for large chunks
@@ -276,7 +278,8 @@ class WorkerEngine(Engine):
         # clean_tmp=False: tmp/ holds the other processes' writes in progress
         self.store = ChunkStore(self.data_dir, fsync=self.chunk_fsync, clean_tmp=False,
                                 owner=tmp_owner(os.getpid()))
-        self.index = Index(os.path.join(self.data_dir, "index.sqlite"), readonly=True)
+        self.index = Index(os.path.join(self.data_dir, "index.sqlite"), readonly=True,
+                           generation=self.generation)
         self.commit_point = _LeaderCommitPoint(self.peer, self.replicated, self.link, self.link_timeout)
 
     @property
@@ -393,11 +396,15 @@ for _name in SHIP_HELD_ON_FAILURE:
     setattr(WorkerEngine, _name, _ship_held_on_failure(_name))
 
 
-async def run(fd: int, conn_fd: int) -> None:
+async def run(fd: int, conn_fd: int, gen_fd: int) -> None:
     from airlock.s3.app import make_app
     from airlock.gateway import SHUTDOWN_GRACE_S
     sock = socket.socket(fileno=fd)
     conn_sock = socket.socket(fileno=conn_fd)
+    try:
+        generation = Generation.attach(gen_fd)
+    except GenerationError as e:
+        raise SystemExit(f"gateway worker: {e}") from None
     inlet: Inlet | None = None
     stop = asyncio.Event()
 
@@ -441,7 +448,7 @@ async def run(fd: int, conn_fd: int) -> None:
         from airlock.gateway import make_link_client
         link = make_link_client(cfg)     # connected in the background on first use (large chunks)
     engine = WorkerEngine(cfg.data, peer, replicated=replicated, link=link, link_timeout=cfg.ack_timeout,
-                          fsync=cfg.fsync, chunk_fsync=chunk_fsync)
+                          generation=generation, fsync=cfg.fsync, chunk_fsync=chunk_fsync)
     engine.stop = stop
     engine.open()
     await engine.start()
@@ -464,13 +471,13 @@ async def run(fd: int, conn_fd: int) -> None:
 def main(argv: list[str]) -> int:
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s worker[{os.getpid()}] %(levelname)s "
                         f"%(name)s: %(message)s")
-    if len(argv) != 3 or not (argv[1].isdigit() and argv[2].isdigit()):
-        print("usage: python -m airlock.primary.worker FD CONN_FD (started by the gateway's leader)",
+    if len(argv) != 4 or not all(a.isdigit() for a in argv[1:]):
+        print("usage: python -m airlock.primary.worker FD CONN_FD GEN_FD (started by the gateway's leader)",
               file=sys.stderr)
         return 2
     malloc.tune()
     faulthandler.enable()               # a fatal signal leaves its traceback in the log
-    asyncio.run(run(int(argv[1]), int(argv[2])))
+    asyncio.run(run(int(argv[1]), int(argv[2]), int(argv[3])))
     return 0
 
 
