@@ -196,6 +196,65 @@ def test_a_connection_is_busy_while_a_request_runs_and_for_ACTIVE_S_after_any_si
     asyncio.run(main())
 
 
+def test_a_connection_closed_before_any_request_is_not_busy(monkeypatch):
+    """A handed-over connection counts as busy at once, unless its client
+    closed it without sending anything (wrk's probe, a load balancer's TCP
+    check): a connection waiting to send, or whose request is on its way,
+    still counts."""
+    monkeypatch.setattr(dispatch, "ACTIVE_S", 600.0)   # no stall of this machine makes them idle
+    act = Activity()
+    pairs = [socket.socketpair() for _ in range(4)]
+    protos = [object() for _ in pairs]
+    for proto, (ours, _theirs) in zip(protos, pairs):
+        act.touch(proto, ours)
+    assert act.busy(protos) == 4
+    pairs[0][1].close()                            # closed unused
+    pairs[1][1].sendall(b"GET / HTTP/1.1\r\n")      # a request on its way
+    pairs[2][1].sendall(b"PUT")
+    pairs[2][1].close()                            # sent, then closed: its request still counts
+    assert act.busy(protos) == 3
+    assert dispatch.closed_unused(pairs[0][0]) is True
+    assert dispatch.closed_unused(pairs[1][0]) is None
+    assert dispatch.closed_unused(pairs[3][0]) is False
+    pairs[3][0].close()                            # closed on this side (aiohttp closed it)
+    assert dispatch.closed_unused(pairs[3][0]) is True
+    for ours, theirs in pairs:
+        ours.close()
+        theirs.close()
+
+
+def test_a_probe_closed_unused_in_the_same_accept_batch_does_not_send_the_next_connection_away():
+    """wrk connects, closes at once, then opens its real connection: when
+    both wait in the backlog, one accept batch takes them, and the probe
+    (kept by the idle leader) must not count as busy for the next."""
+    async def main():
+        server = EchoServer()
+        d = Dispatcher(server)
+        port = d.listen("127.0.0.1", 0, 8)
+        leader_end, worker_end = connection_channel()
+        d.add_worker(1, leader_end)
+        report(worker_end, 0, 0)
+        await settle()
+        # both connect before the loop runs the accept: the kernel completes them
+        probe = socket.create_connection(("127.0.0.1", port))
+        probe.close()
+        real = socket.create_connection(("127.0.0.1", port))
+        real.setblocking(False)
+        await settle()
+        assert d.outlets[1].sent == 0, "the real connection went to the worker"
+        loop = asyncio.get_running_loop()
+        await loop.sock_sendall(real, b"hi")
+        assert await asyncio.wait_for(loop.sock_recv(real, 10), 2) == b"HI"   # served in the leader
+        real.close()
+        d.stop_accepting()
+        d.remove_worker(1)
+        worker_end.close()
+        for p in server.served:
+            p.transport.close()
+        await asyncio.sleep(0)
+    asyncio.run(main())
+
+
 def test_the_leader_serves_a_lone_busy_connection_and_hands_the_next_to_a_worker():
     async def main():
         server = _Server()

@@ -10,6 +10,7 @@ import concurrent.futures as cf
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -295,6 +296,32 @@ def test_idle_connections_do_not_count_so_one_client_at_a_time_is_served_by_the_
     assert sorted(p["connections"] for p in h["processes"] if p["role"] == "worker") == [1] * (WORKERS - 1), h["processes"]
     for c in conns:
         c.close()
+
+
+def test_a_connection_closed_unused_does_not_send_the_next_client_to_a_worker(dep):
+    """wrk (and a load balancer's TCP check) opens a connection and closes it
+    unused just before the real one: the leader must not count that probe
+    as busy, or a single client lands on a worker (and pays the worker ->
+    leader commit call on every write)."""
+    import http.client
+    from airlock.primary.dispatch import ACTIVE_S
+    gw = dep.gateway
+
+    def served_by() -> dict:
+        h = _health_over(probe_free)
+        return {p["pid"]: p["requests"] for p in h["processes"]}
+
+    leader = gw.proc.pid
+    for attempt in range(5):
+        time.sleep(ACTIVE_S + 0.1)                       # every earlier connection idle
+        probe = socket.create_connection(("127.0.0.1", gw.port))
+        probe.close()
+        probe_free = http.client.HTTPConnection("127.0.0.1", gw.port, timeout=10)
+        before = served_by()
+        after = served_by()
+        grew = {pid for pid in after if after[pid] != before.get(pid)}
+        assert grew == {leader}, f"attempt {attempt}: the client's requests were served by {grew}"
+        probe_free.close()
 
 
 def test_new_connections_after_a_worker_is_killed_are_all_served(dep):

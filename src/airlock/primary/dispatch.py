@@ -19,7 +19,11 @@ the busy one to a worker, where a small PUT costs a worker -> leader
 commit call more (4 KiB PUT at one connection: 314 ops/s on the worker,
 398 in the leader; docs/performance.md).  With ties going to the leader,
 one busy client connection is served there and the second goes to a
-worker.
+worker.  A connection its client closed before sending anything (wrk
+opens and closes one to test the address before its load; a load
+balancer's TCP check does the same) is not busy either: counted from its
+hand-over, it sent the single connection that follows it to a worker in 5
+of 8 benchmark cells (`closed_unused`, which peeks at the socket).
 
 Why not SO_REUSEPORT (every process listening, the kernel picking): the
 kernel hashes each connection's addresses and ports onto a process, blind
@@ -120,18 +124,24 @@ class Activity:
     def __init__(self):
         self._seen: dict = {}        # protocol -> time.monotonic() of its last sign of life
         self._in_flight: dict = {}   # protocol -> requests being handled (absent: none)
+        self._fresh: dict = {}       # protocol -> its socket, while no request has begun on it
         self.requests = 0            # requests this process has begun serving (health: `requests`)
 
-    def touch(self, proto) -> None:
+    def touch(self, proto, sock: socket.socket | None = None) -> None:
+        """A sign of life; `sock`: a connection just handed over (busy from
+        now on, unless its client closes it before sending a request)."""
         self._seen[proto] = time.monotonic()
+        if sock is not None:
+            self._fresh[proto] = sock
 
     def wrap(self, handler: Callable[..., Awaitable]) -> Callable[..., Awaitable]:
         """`handler` (aiohttp's request -> response), keeping count."""
-        seen, in_flight = self._seen, self._in_flight
+        seen, in_flight, fresh = self._seen, self._in_flight, self._fresh
 
         async def tracked(request):
             proto = request.protocol
             self.requests += 1
+            fresh.pop(proto, None)
             seen[proto] = time.monotonic()
             in_flight[proto] = in_flight.get(proto, 0) + 1
             try:
@@ -148,15 +158,20 @@ class Activity:
         request in flight, or a sign of life within ACTIVE_S.  Forgets
         connections no longer live."""
         since = time.monotonic() - ACTIVE_S
-        seen, in_flight = self._seen, self._in_flight
+        seen, in_flight, fresh = self._seen, self._in_flight, self._fresh
         n = 0
         for proto in connections:
-            if proto in in_flight or seen.get(proto, since) > since:
+            if proto in in_flight:
                 n += 1
-        if len(seen) > len(connections):       # in place: `wrap`'s handlers hold this dict
+            elif seen.get(proto, since) > since:
+                sock = fresh.get(proto)
+                if sock is None or not closed_unused(sock):
+                    n += 1
+        if len(seen) > len(connections):       # in place: `wrap`'s handlers hold these dicts
             live = set(connections)
             for proto in [p for p in seen if p not in live and p not in in_flight]:
                 del seen[proto]
+                fresh.pop(proto, None)
         return n
 
 
@@ -170,14 +185,14 @@ class _Serving:
     def __init__(self, server, activity: Activity | None = None):
         self.server = server
         self.activity = activity or Activity()
-        self._starting = 0       # connections taken here that aiohttp does not hold yet
+        self._starting: set[socket.socket] = set()   # connections taken here that aiohttp does not hold yet
         self._tasks: set[asyncio.Task] = set()
 
     def open_connections(self) -> int:
-        return len(self.server.connections) + self._starting
+        return len(self.server.connections) + len(self._starting)
 
     def busy_connections(self) -> int:
-        return self.activity.busy(self.server.connections) + self._starting
+        return self.activity.busy(self.server.connections) + sum(not closed_unused(s) for s in self._starting)
 
     def counts(self) -> dict:
         """This process's entries in the health document's `processes`."""
@@ -185,7 +200,7 @@ class _Serving:
                 "requests": self.activity.requests}
 
     def _serve(self, conn: socket.socket) -> None:
-        self._starting += 1
+        self._starting.add(conn)
         t = asyncio.get_running_loop().create_task(self._connect(conn))
         self._tasks.add(t)
         t.add_done_callback(self._tasks.discard)
@@ -193,12 +208,44 @@ class _Serving:
     async def _connect(self, conn: socket.socket) -> None:
         try:
             _transport, proto = await asyncio.get_running_loop().connect_accepted_socket(self.server, conn)
-            self.activity.touch(proto)   # new: busy until it has been idle for ACTIVE_S
+            self.activity.touch(proto, conn)   # new: busy until idle for ACTIVE_S (or closed unused)
         except Exception as e:           # noqa: BLE001 -- one connection; its client sees it close
             log.warning("gateway process %d: could not serve a connection: %s", os.getpid(), e)
             conn.close()
         finally:
-            self._starting -= 1
+            self._starting.discard(conn)
+
+
+def closed_unused(sock: socket.socket) -> bool | None:
+    """Whether the client closed (or reset) `sock`, a connection on which no
+    request has begun, without sending anything: wrk's connectivity probe
+    before its load, a load balancer's TCP check.  Such a connection is not
+    busy, though it counts as busy from its hand-over until then; a client
+    that opens its real connection right after the probe would otherwise
+    find the process busy with it.  Peeks, never reads (aiohttp reads the
+    socket).  None: bytes are waiting (a request is on its way)."""
+    try:
+        data = sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+    except (BlockingIOError, InterruptedError):
+        return False
+    except OSError:
+        return True                      # reset by its client, or closed here already
+    return None if data else True
+
+
+def _drop_closed_unused(kept: list[socket.socket]) -> int:
+    """How many of `kept` (connections the leader took in this accept batch,
+    each counted busy) were closed unused since (`closed_unused`); the ones
+    settled either way leave `kept`."""
+    gone = 0
+    for conn in list(kept):
+        state = closed_unused(conn)
+        if state is False:
+            continue                     # open, nothing sent yet: busy as counted, look again
+        kept.remove(conn)                # a request on its way (busy for sure), or gone
+        if state:
+            gone += 1
+    return gone
 
 
 class Outlet:
@@ -343,6 +390,7 @@ class Dispatcher(_Serving):
     # ------------------------------------------------------------------ accepting
     def _accept(self, lsock: socket.socket) -> None:
         lead = None                      # the leader's busy count, walked once per batch
+        kept: list[socket.socket] = []   # connections this batch kept in the leader, each counted in `lead`
         for _ in range(ACCEPT_BATCH):
             try:
                 conn, _addr = lsock.accept()
@@ -358,8 +406,11 @@ class Dispatcher(_Serving):
                 raise
             if lead is None:
                 lead = self.busy_connections()     # also forgets the closed ones, workers or not
+            elif kept and self.outlets:          # (alone, the leader takes it whatever the count)
+                lead -= _drop_closed_unused(kept)
             if self._dispatch(conn, lead):
                 lead += 1
+                kept.append(conn)
 
     def _resume(self, lsock: socket.socket) -> None:
         if lsock.fileno() >= 0 and lsock in self.listeners:
