@@ -92,6 +92,9 @@ def test_a_read_only_view_drops_its_cached_rows_when_another_connection_commits(
         reader.db.execute("INSERT INTO meta VALUES ('x', 'y')")   # it is read-only
     reader.close()
     writer.close()
+    for idx in (reader, writer):
+        if idx.generation is not None:
+            idx.generation.close()
 
 
 def test_a_cached_small_object_reads_back_exactly_as_committed(tmp_path):
@@ -142,6 +145,8 @@ def test_a_workers_view_keeps_its_bucket_rows_while_only_objects_change(tmp_path
     assert reader.bucket("b") is None and reader.object("b", "k") is None
     reader.close()
     writer.close()
+    reader.generation.close()
+    page.close()
 
 
 def test_an_object_put_stored_from_its_payload_reads_back_as_if_encoded_again(tmp_path):
@@ -166,3 +171,19 @@ def test_an_object_put_stored_from_its_payload_reads_back_as_if_encoded_again(tm
         assert idx.object("b", "clé/ü 1") == m.replace(seq=2)
         assert idx.version("b", "clé/ü 1", "v1").manifest == m.replace(seq=2)
         idx.close()
+
+
+def test_a_payload_that_is_not_plain_utf8_json_is_stored_encoded_again(tmp_path):
+    """json.loads takes a byte-order mark; the stored text must not carry one."""
+    from airlock.log import payload as P
+    from airlock.primary.index import Index
+    from airlock.primary.model import Manifest, ObjectMeta
+
+    idx = Index(str(tmp_path / "index.sqlite"))
+    idx.apply([(1, P.BUCKET_CREATE, {"bucket": "b", "owner": "o", "created": 1.0})])
+    m = Manifest(bucket="b", key="k", size=1, etag="e", mtime=2.0, meta=ObjectMeta(), chunks=[])
+    payload = b"\xef\xbb\xbf" + P.encode_payload(m.to_json())
+    idx.apply([(2, P.OBJECT_PUT, P.decode_payload(P.OBJECT_PUT, payload), payload)])
+    idx._object_rows.clear()
+    assert idx.object("b", "k") == m.replace(seq=2)
+    idx.close()

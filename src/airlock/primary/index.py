@@ -47,6 +47,19 @@ CREATE TABLE IF NOT EXISTS parts (
 OBJECT_ROW_CACHE_ROWS = 2048      # current-version manifests kept (bounded: small ones only, below)
 OBJECT_ROW_CACHE_TEXT = 4096      # only manifests up to this many characters (small objects)
 
+def _json_text(payload) -> str | None:
+    """A record's payload as the text to store, or None (encode the decoded
+    dict again) if it is not plain UTF-8 JSON of an object: json.loads also
+    takes a byte-order mark or UTF-16/32, which the stored text must not
+    carry (encode_payload never writes them; a record from elsewhere might)."""
+    if payload[:1] != b"{":
+        return None
+    try:
+        return str(payload, "utf-8")
+    except UnicodeDecodeError:
+        return None
+
+
 class Index:
     def __init__(self, path: str, *, readonly: bool = False, generation=None):
         """`readonly`: a gateway worker's view of the leader's index (another
@@ -150,7 +163,7 @@ class Index:
             for rec in records:
                 seq = rec[0]
                 if rec[1] == P.OBJECT_PUT:
-                    self._put_version(seq, rec[2], str(rec[3], "utf-8") if len(rec) > 3 else None)
+                    self._put_version(seq, rec[2], _json_text(rec[3]) if len(rec) > 3 else None)
                 else:
                     self._apply_one(seq, rec[1], rec[2])
                 last = seq
@@ -169,14 +182,15 @@ class Index:
 
     def _put_version(self, seq: int, m: dict, text: str | None = None) -> None:
         """An object-put or upload-complete: a new version, the latest one; a
-        "null" version replaces the key's previous null version (REPLACE:
-        the same key and version id; a new seq never collides).  `text`: `m`
-        as JSON already (the record's payload), else encoded here."""
+        "null" version replaces the key's previous null version (the same
+        key and version id; a seq taken already stays an error).  `text`:
+        `m` as JSON already (the record's payload), else encoded here."""
         db = self.db
         if text is None:
             text = json.dumps(m, ensure_ascii=False)
         bucket, key = m["bucket"], m["key"]
-        db.execute("INSERT OR REPLACE INTO versions VALUES (?,?,?,?,0,?)",
+        db.execute("INSERT INTO versions VALUES (?,?,?,?,0,?) ON CONFLICT (bucket, key, version_id) "
+                   "DO UPDATE SET seq=excluded.seq, is_delete_marker=0, manifest=excluded.manifest",
                    (bucket, key, m.get("version_id") or NULL_VERSION, seq, text))
         db.execute("INSERT OR REPLACE INTO objects VALUES (?,?,?,?)", (bucket, key, seq, text))
 

@@ -230,3 +230,7 @@ class WorkerPool:
         for w in self.workers:
             if w.peer is not None:
                 await w.peer.aclose()
+        # no worker reads the page now; the engine may still apply records
+        if getattr(self.engine.index, "generation", None) is self.generation:
+            self.engine.index.generation = None
+        self.generation.close()

@@ -23,8 +23,9 @@ after a write was acknowledged sees it.  A worker that finds the primary's
 storage gone tells the leader and exits (the leader serves degraded reads
 alone); a worker whose channel closes (leader gone) exits.
 
-Run as `python -m airlock.primary.worker FD CONN_FD` by the leader only (FD: the
-IPC channel, CONN_FD: the connection channel; docs/format/ipc.md).
+Run as `python -m airlock.primary.worker FD CONN_FD GEN_FD` by the leader only
+(FD: the IPC channel, CONN_FD: the connection channel, GEN_FD: the index
+generation page; docs/format/ipc.md).
 """
 from __future__ import annotations
 
