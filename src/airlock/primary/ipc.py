@@ -38,11 +38,16 @@ def encode_error(e: BaseException) -> tuple:
         return (type(e).__name__, e.message, dict(e.extra), getattr(e, "headers", None))
     if isinstance(e, E.AirlockError) and getattr(E, type(e).__name__, None) is type(e):
         return (type(e).__name__, str(e), {}, None)
+    if isinstance(e, OSError) and isinstance(e.errno, int):
+        # the receiver maps it as its own (a full disk is a 503, s3/errors.py)
+        return ("OSError", e.strerror or str(e), {"errno": e.errno}, None)
     log.error("gateway call failed: %r", e, exc_info=e)
     return ("InternalError", None, {}, None)
 
 
 def decode_error(name: str, message: str | None, extra: dict, headers) -> BaseException:
+    if name == "OSError" and isinstance(extra.get("errno"), int):
+        return OSError(extra["errno"], message)
     cls = getattr(E, name, None)
     if not (isinstance(cls, type) and issubclass(cls, E.AirlockError)):
         cls = E.InternalError
