@@ -220,7 +220,10 @@ def test_a_primary_whose_disk_filled_up_answers_503_and_takes_writes_again_once_
         s3 = gw.client()
         s3.create_bucket(Bucket="full")
         acked, _refused, error = fill_until_refused(s3, "full")
-        assert error["Code"] == "ServiceUnavailable" and "storage is full" in error["Message"], error
+        # the gateway's log goes with a failure: it once answered InternalError
+        # here in a full run and the cause was never seen (2026-11-27)
+        assert error["Code"] == "ServiceUnavailable" and "storage is full" in error["Message"], \
+            (error, gw.log_text()[-6000:])
         assert len(acked) >= 3
         assert "primary storage full" in gw.log_text()
         if min_free_mib == 0:

@@ -312,7 +312,7 @@ def test_a_connection_closed_unused_does_not_send_the_next_client_to_a_worker(de
         return {p["pid"]: p["requests"] for p in h["processes"]}
 
     leader = gw.proc.pid
-    for attempt in range(5):
+    for attempt in range(3):
         time.sleep(ACTIVE_S + 0.1)                       # every earlier connection idle
         probe = socket.create_connection(("127.0.0.1", gw.port))
         probe.close()
