@@ -192,7 +192,11 @@ class _Serving:
         return len(self.server.connections) + len(self._starting)
 
     def busy_connections(self) -> int:
-        return self.activity.busy(self.server.connections) + sum(not closed_unused(s) for s in self._starting)
+        return self.activity.busy(self.server.connections) + self._busy_starting()
+
+    def _busy_starting(self) -> int:
+        """The connections on their way to aiohttp, less those closed unused."""
+        return sum(not closed_unused(s) for s in self._starting)
 
     def counts(self) -> dict:
         """This process's entries in the health document's `processes`."""
@@ -232,20 +236,6 @@ def closed_unused(sock: socket.socket) -> bool | None:
         return True                      # reset by its client, or closed here already
     return None if data else True
 
-
-def _drop_closed_unused(kept: list[socket.socket]) -> int:
-    """How many of `kept` (connections the leader took in this accept batch,
-    each counted busy) were closed unused since (`closed_unused`); the ones
-    settled either way leave `kept`."""
-    gone = 0
-    for conn in list(kept):
-        state = closed_unused(conn)
-        if state is False:
-            continue                     # open, nothing sent yet: busy as counted, look again
-        kept.remove(conn)                # a request on its way (busy for sure), or gone
-        if state:
-            gone += 1
-    return gone
 
 
 class Outlet:
@@ -389,8 +379,7 @@ class Dispatcher(_Serving):
 
     # ------------------------------------------------------------------ accepting
     def _accept(self, lsock: socket.socket) -> None:
-        lead = None                      # the leader's busy count, walked once per batch
-        kept: list[socket.socket] = []   # connections this batch kept in the leader, each counted in `lead`
+        held = None                      # busy connections aiohttp holds here: walked once per batch
         for _ in range(ACCEPT_BATCH):
             try:
                 conn, _addr = lsock.accept()
@@ -404,31 +393,29 @@ class Dispatcher(_Serving):
                     self._loop.call_later(ACCEPT_RETRY_S, self._resume, lsock)
                     return
                 raise
-            if lead is None:
-                lead = self.busy_connections()     # also forgets the closed ones, workers or not
-            elif kept and self.outlets:          # (alone, the leader takes it whatever the count)
-                lead -= _drop_closed_unused(kept)
-            if self._dispatch(conn, lead):
-                lead += 1
-                kept.append(conn)
+            if held is None:
+                held = self.activity.busy(self.server.connections)   # also forgets the closed ones
+            # the connections taken since (this batch's among them) are still
+            # on their way to aiohttp: counted afresh, so that a probe closed
+            # meanwhile is not busy (alone, the leader takes it whatever the count)
+            self._dispatch(conn, held + self._busy_starting() if self.outlets else held)
 
     def _resume(self, lsock: socket.socket) -> None:
         if lsock.fileno() >= 0 and lsock in self.listeners:
             self._loop.add_reader(lsock.fileno(), self._accept, lsock)
 
-    def _dispatch(self, conn: socket.socket, lead: int) -> bool:
-        """Give `conn` to a worker or serve it here (True); `lead`: the
-        leader's busy connections."""
+    def _dispatch(self, conn: socket.socket, lead: int) -> None:
+        """Give `conn` to a worker or serve it here; `lead`: the leader's
+        busy connections."""
         for outlet in self._order(lead):
             if outlet is None:
                 break
             if outlet.give(conn):
                 conn.close()             # the worker holds it now
-                return False
+                return
             if not outlet.alive:
                 self.outlets.pop(outlet.slot, None)
         self._serve(conn)
-        return True
 
     def _order(self, lead: int) -> list[Outlet | None]:
         """Candidates, least loaded first (None is the leader, with `lead`

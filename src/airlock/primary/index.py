@@ -161,12 +161,8 @@ class Index:
         try:
             last = None
             for rec in records:
-                seq = rec[0]
-                if rec[1] == P.OBJECT_PUT:
-                    self._put_version(seq, rec[2], _json_text(rec[3]) if len(rec) > 3 else None)
-                else:
-                    self._apply_one(seq, rec[1], rec[2])
-                last = seq
+                last = rec[0]
+                self._apply_one(last, rec[1], rec[2], _json_text(rec[3]) if len(rec) > 3 else None)
             if last is not None:
                 db.execute("UPDATE meta SET v=? WHERE k='applied_seq'", (str(last),))
             db.execute("COMMIT")
@@ -217,10 +213,11 @@ class Index:
         else:
             db.execute("INSERT OR REPLACE INTO objects VALUES (?,?,?,?)", (bucket, key, row[0], row[2]))
 
-    def _apply_one(self, seq: int, rtype: int, b: dict) -> None:
+    def _apply_one(self, seq: int, rtype: int, b: dict, text: str | None = None) -> None:
+        """`text`: the payload as JSON text, if the caller has it (an object-put stores it as is)."""
         db = self.db
         if rtype == P.OBJECT_PUT:
-            self._put_version(seq, b)
+            self._put_version(seq, b, text)
         elif rtype == P.OBJECT_DELETE:
             self._delete(seq, b)
         elif rtype == P.BUCKET_CREATE:
