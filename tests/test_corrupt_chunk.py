@@ -123,7 +123,9 @@ def test_object_partly_local_partly_only_in_the_vault_is_served_whole(dep, store
     """Claims 5 and 10: some chunks read locally, the others requested from the vault."""
     s3, bodies = stored
     gw = dep.gateway
-    digests = chunks_of(gw, "damage", "big.bin")
+    # chunk files only: the random body's last chunk may be under 64 KiB,
+    # a row of small.sqlite with no file of its own
+    digests = [d for d in chunks_of(gw, "damage", "big.bin") if chunk_path(gw, d).exists()]
     for d in digests[::2]:
         chunk_path(gw, d).unlink()
     assert s3.get_object(Bucket="damage", Key="big.bin")["Body"].read() == bodies["big.bin"]
