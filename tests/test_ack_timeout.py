@@ -222,3 +222,74 @@ def test_a_link_connect_cancelled_midway_leaves_no_half_open_connection(proxied,
         await link.close()
 
     asyncio.run(run())
+
+
+def test_a_put_whose_append_never_reached_the_vault_is_sent_at_reconnect_and_void(proxied):
+    """The primary log takes a batch while its APPEND is on the way.  Here the
+    APPEND (and the chunk before it) never arrive: the client hears 503, the
+    primary log holds a record the vault lacks.  Reconnecting sends it (its
+    chunk too, on the vault's missing_chunks answer) and then the ABORT that
+    voids it, so both logs hold the same records and the object is nowhere."""
+    d, proxy = proxied
+    s3 = d.gateway.client()
+    s3.create_bucket(Bucket="keep")
+    s3.put_object(Bucket="keep", Key="a", Body=b"before")
+    before = d.vault.status()["last_seq"]
+    proxy.command("hold up")
+    try:
+        with pytest.raises(ClientError) as e:
+            s3.put_object(Bucket="keep", Key="late", Body=os.urandom(5000))
+        assert e.value.response["Error"]["Code"] == "ServiceUnavailable", e.value.response
+        assert d.vault.status()["last_seq"] == before          # nothing reached the vault
+        assert d.gateway.health()["last_seq"] == before + 1    # the primary log has it
+        assert_invisible(s3, "late")
+        proxy.command("cut")                                   # the held bytes die with the connection
+    finally:
+        proxy.command("pass")
+    s3.put_object(Bucket="keep", Key="next", Body=b"next")     # reconnects, sends the record, voids it
+    assert s3.get_object(Bucket="keep", Key="next")["Body"].read() == b"next"
+    assert_voided_everywhere(d, s3, "late", before + 1)
+    d.gateway.restart()
+    assert_invisible(d.gateway.client(), "late")
+    assert_voided_everywhere(d, d.gateway.client(), "late", before + 1)
+
+
+def test_a_put_cut_short_by_a_gateway_crash_before_its_append_arrived_ends_the_same_on_both_sides(proxied):
+    """The gateway dies (SIGKILL) with a record in its log whose APPEND never
+    reached the vault.  Its client heard nothing, so the change may happen or
+    not, but the same on both sides: the restarted gateway sends it on."""
+    d, proxy = proxied
+    s3 = d.gateway.client(retries={"mode": "standard", "total_max_attempts": 1}, read_timeout=30)
+    s3.create_bucket(Bucket="keep")
+    before = d.vault.status()["last_seq"]
+    body = os.urandom(5000)
+    proxy.command("hold up")
+    import threading
+    t = threading.Thread(target=lambda: _put_ignoring_errors(s3, "cut", body), daemon=True)
+    t.start()
+    try:
+        wait_until(lambda: d.gateway.health()["last_seq"] == before + 1, "the primary log to take the record",
+                   timeout=ACK_TIMEOUT_S - 0.5, interval=0.02)
+        d.gateway.kill()
+        proxy.command("cut")
+    finally:
+        proxy.command("pass")
+    t.join(10)
+    assert d.vault.status()["last_seq"] == before
+    r = d.airlock("gc", check=False)      # the vault may lack copies of what the tail references
+    assert r.returncode == 1 and "never acknowledged" in r.stderr, r.stdout + r.stderr
+    d.start_gateway()
+    s3 = d.gateway.client()
+    wait_until(lambda: d.vault.status()["last_seq"] == before + 1, "the restarted gateway to send the record")
+    assert s3.get_object(Bucket="keep", Key="cut")["Body"].read() == body
+    r = d.airlock("verify", check=False)
+    assert r.returncode == 0, r.stdout + r.stderr
+    s3.put_object(Bucket="keep", Key="after", Body=b"after")
+    assert d.gateway.health()["last_seq"] == d.vault.status()["last_seq"] == before + 2
+
+
+def _put_ignoring_errors(s3, key: str, body: bytes) -> None:
+    try:
+        s3.put_object(Bucket="keep", Key=key, Body=body)
+    except Exception:  # noqa: BLE001 - the gateway is killed under it
+        pass

@@ -87,7 +87,11 @@ def test_put_is_invisible_until_vault_acks(proxied, size):
         assert put.is_alive(), "the PUT was answered before the vault's ack"
         assert proxy.stats()["up"] - up_before >= size   # every chunk went over the link
         assert_invisible(s3, "held", "obj")
-        assert d.gateway.health()["last_seq"] == before            # the primary log waits for the ack too
+        # the primary log takes the record while the APPEND is on its way (both
+        # domains sync at once); durable there, it still waits for the ACK
+        wait_until(lambda: d.gateway.health()["last_seq"] == before + 1, "the primary log to take the record",
+                   timeout=WAIT_S, interval=0.02)
+        assert_invisible(s3, "held", "obj")
         assert s3.get_object(Bucket="held", Key="other")["Body"].read() == b"already there"
         assert put.is_alive()
     finally:

@@ -171,6 +171,12 @@ class LogWriter:
         # shield, as in append
         return list(await asyncio.shield(both))
 
+    def enqueue(self, records: list[tuple[int, bytes]]) -> list[asyncio.Future]:
+        """Append records without waiting: they take their sequence numbers
+        now, in order; the returned futures give each one's seq once it is
+        durable (or the LogWriteError that stopped the writer)."""
+        return self._enqueue(records)
+
     def _enqueue(self, records, before: Callable[[], None] | None = None) -> list[asyncio.Future]:
         """Number and queue records (all validated before any seq is taken);
         futures of their seqs, set when they are durable.  Queued together,

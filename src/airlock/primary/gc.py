@@ -47,6 +47,7 @@ from airlock.chunk.store import ChunkStore
 from airlock.fsutil import fsync_dir
 from airlock.link.client import LinkClient
 from airlock.log.reader import last_sequence
+from airlock.primary.replication import MAX_BATCH_RECORDS
 from airlock.primary.datalock import PrimaryLock
 from airlock.primary.engine import committed_state
 from airlock.primary.scrub import CHUNK_NAME, live_chunks
@@ -105,6 +106,11 @@ async def gc(data_dir: str, link: LinkClient | None, *, dry_run: bool = False,
                     f"the vault holds records this primary has not applied (vault log at "
                     f"{r.vault_last_seq}, primary log at {r.primary_last_seq}): start the gateway once, "
                     f"so that it fetches them, then run gc again")
+            if r.primary_last_seq - r.vault_last_seq in range(1, MAX_BATCH_RECORDS + 1):
+                raise E.PolicyError(
+                    f"the primary log ends with records the vault never acknowledged (primary log at "
+                    f"{r.primary_last_seq}, vault log at {r.vault_last_seq}; a gateway stopped while "
+                    f"sending them): start the gateway once, so that it sends them, then run gc again")
             if r.vault_last_seq < r.primary_last_seq:
                 raise E.PolicyError(
                     f"the vault's log (at {r.vault_last_seq}) is behind the primary's (at "

@@ -1,11 +1,17 @@
 """The replicated commit point: a change is durable when the vault says so.
 
-    commit(record) -> queue -> [batch] -> APPEND over the link -> vault fsync -> ACK
-                   -> primary log append (group fsync) -> on_durable (index) -> visible
+    commit(record) -> queue -> [batch] -> primary log append (group fsync)  \
+                                       `-> APPEND over the link -> vault fsync -> ACK
+                   -> both done -> on_durable (index) -> visible
 
-Order of durability.  The vault acknowledges first, the primary log follows.
-So the primary log is always a prefix of the vault log, and the vault is the
-authority on what happened.  A record is assigned the next sequence number
+Order of durability.  A batch is queued on the primary log just before its
+APPEND goes out, so the two domains sync at the same time; nothing is applied
+(visible) and no client is answered before the vault's ACK *and* the primary
+log's sync.  The vault is the authority on what happened: the primary log is a
+prefix of the vault log except for the one batch on its way (at most
+MAX_BATCH_RECORDS records).  With chunk_sync = "vault" (`overlap` off: the
+primary's chunk files are not durable) the primary log follows the ACK, as
+it always did before.  A record is assigned the next sequence number
 when its batch is sent; batches go one at a time (window 1: while one batch
 is in flight the next one accumulates, which is the group commit), so both
 logs hold the same records in the same order.
@@ -14,13 +20,17 @@ No acknowledgement (vault down, link cut, ack timeout).  The vault may or may
 not hold the records of the failed batch.  Before the clients hear 503 their
 sequence numbers are written to `pending-aborts.json` (fsynced).  When the
 link comes back the primary reconciles (`_reconcile`):
-  1. HELLO tells the vault's last durable sequence number V; the primary's is L <= V.
+  1. HELLO tells the vault's last durable sequence number V; the primary's is L.
+  1a. The primary log may hold records beyond V: the batch whose APPEND never
+     arrived (or a gateway that died sending it).  No client heard they
+     succeeded; they are sent to the vault now (V becomes L).  A gap of more
+     than MAX_BATCH_RECORDS is refused (not this primary's vault, or it lost data).
   2. Records L+1..V are fetched from the vault and appended to the primary log
      (the vault holds them, so they happened) -- except that any of them listed
      in pending-aborts is *void*: kept in both logs, never applied.
   3. If any pending abort is <= V, an ABORT record listing them is committed
-     through the normal path, so the vault knows too.  Aborts above V never
-     reached the vault; those sequence numbers are simply reused.
+     through the normal path, so the vault knows too.  Without `overlap`,
+     aborts above V were never written anywhere; those numbers are reused.
   4. pending-aborts.json is removed.
 The result: a change that got 503 is visible nowhere, and no sequence number
 is ever applied twice (the vault accepts a retransmission only if it is
@@ -45,11 +55,13 @@ import time
 from collections.abc import Awaitable, Callable
 
 from airlock import errors as E
+from airlock.aio import retrieve_exception
 from airlock.chunk.store import ChunkStore
 from airlock.fsutil import fsync_dir
 from airlock.link import protocol as W
 from airlock.link.client import LinkClient
 from airlock.log import payload as P
+from airlock.log.reader import read_log
 from airlock.log.writer import LogWriteError, LogWriter
 
 log = logging.getLogger("airlock.replication")
@@ -59,6 +71,7 @@ RECONNECT_TIMEOUT_S = 5.0     # a commit waits this long for a dead link to come
 RECONNECT_INTERVAL_S = 1.0    # a lost link is retried in the background this often
 FETCH_BATCH = 1000            # records per GET_RECORDS while reconciling
 MAX_BATCH_BYTES = 8 << 20    # records per APPEND frame, by size (the frame limit is 16 MiB)
+MAX_BATCH_RECORDS = 4096     # ... and by count: the most records the primary log can hold beyond the vault's
 MISSING_CHUNK_RETRIES = 2     # APPEND refused for missing chunks: resend them this many times
 
 
@@ -89,8 +102,22 @@ class ReplicatedCommitPoint:
         self.on_local_failure = on_local_failure
         self._local_failure: asyncio.Task | None = None
         self._next_seq = self.log.last_seq + 1
+        # Records the primary log made durable before the vault acknowledged
+        # them wait here, in sequence order, until it does (or they are void):
+        # nothing is applied (visible) before the vault's ACK.  Everything the
+        # log held at open was replayed already.
+        self._acked_seq = self.log.last_seq
+        self._held: list[tuple[int, int, bytes]] = []
+        self._apply_error: BaseException | None = None
+        # the primary log appends of the batch sent last (awaited before reconciling)
+        self._inflight: list[asyncio.Future] = []
+        # The primary log takes a batch while it goes to the vault, not after
+        # the ACK, when its records' chunks are durable locally (with
+        # chunk_sync = "vault" they are not, so it waits for the ACK as before)
+        self.overlap = store.fsync
         self.stats = {"batches": 0, "records": 0, "ack_failures": 0, "reconciled": 0,
-                      "chunks_shipped": 0, "bytes_shipped": 0, "missing_chunks_resent": 0}
+                      "chunks_shipped": 0, "bytes_shipped": 0, "missing_chunks_resent": 0,
+                      "pushed": 0}
 
     # ------------------------------------------------------------------ state
     @property
@@ -130,9 +157,40 @@ class ReplicatedCommitPoint:
         fsync_dir(os.path.dirname(self._aborts_path) or ".")
 
     def _local_durable(self, records) -> None:
-        live = [r for r in records if r[0] not in self.void]
+        """The primary log made `records` durable (in order): apply those the
+        vault has acknowledged; hold the others until it does."""
+        self._held.extend(records)
+        self._apply_held()
+
+    def _apply_held(self) -> None:
+        """Apply, in order, the held records the vault has acknowledged; void
+        ones are dropped.  Raises what the engine's hook raised (and, after
+        that, again: nothing more is applied once a record was not)."""
+        if self._apply_error is not None:
+            raise self._apply_error
+        n = 0
+        for seq, _r, _p in self._held:
+            if seq > self._acked_seq and seq not in self.void:
+                break
+            n += 1
+        if not n:
+            return
+        ready, self._held = self._held[:n], self._held[n:]
+        live = [r for r in ready if r[0] not in self.void]
         if live:
             self._engine_on_durable(live)
+
+    def _acknowledged(self, seq: int) -> None:
+        """The vault holds every record up to `seq`: apply what the primary
+        log holds of them.  A failure to apply is a failure of the primary's
+        storage, as when the log's own hook fails (`_finish` reports it)."""
+        self._acked_seq = max(self._acked_seq, seq)
+        try:
+            self._apply_held()
+        except Exception as exc:  # noqa: BLE001
+            log.error("applying acknowledged records failed: %r", exc)
+            self._apply_error = exc
+            self.paused = True
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -210,12 +268,19 @@ class ReplicatedCommitPoint:
         self._ready = True
 
     async def _reconcile(self, vault_last: int) -> None:
+        await self._settle_inflight()
         local_last = self.log.last_seq
         if vault_last < local_last:
-            await self.link.close()
-            raise E.VaultRejected(
-                f"the vault's log ends at sequence {vault_last} but the primary's at {local_last}: "
-                f"this is not the vault this primary replicates to, or it lost data; refusing to write")
+            if local_last - vault_last > MAX_BATCH_RECORDS:
+                await self.link.close()
+                raise E.VaultRejected(
+                    f"the vault's log ends at sequence {vault_last} but the primary's at {local_last}: "
+                    f"this is not the vault this primary replicates to, or it lost data; refusing to write")
+            await self._push_tail(vault_last, local_last)
+            vault_last = local_last
+        self._acknowledged(vault_last)
+        if self._apply_error is not None:
+            raise E.ReplicationError(f"the primary cannot apply records the vault holds: {self._apply_error!r}")
         seq = local_last + 1
         fetched = 0
         while seq <= vault_last:
@@ -239,8 +304,11 @@ class ReplicatedCommitPoint:
                 raise E.ReplicationError(f"primary log sequence diverged while reconciling: {got[:3]}...")
             fetched += len(records)
         self._next_seq = vault_last + 1
-        # failed sequence numbers above V never reached the vault and are reused
-        # from V+1: the records that take them now are live, not void
+        # Failed sequence numbers above V were never written anywhere (without
+        # `overlap` a batch is written locally only after its ACK) and are
+        # reused from V+1: the records that take them now are live, not void.
+        # (With `overlap` every failed number is in the primary log, so the
+        # push above made V cover them.)
         self.void = {s for s in self.void if s <= vault_last}
         if fetched:
             log.info("reconciled: took %d record(s) the vault held beyond the primary log (up to %d)",
@@ -249,10 +317,54 @@ class ReplicatedCommitPoint:
         if voids:
             log.warning("voiding %d record(s) the vault holds but whose clients got an error: %s",
                         len(voids), voids[:10])
-            await self._replicate([(P.ABORT, P.encode_payload({"seqs": voids}))])
+            local = await self._replicate([(P.ABORT, P.encode_payload({"seqs": voids}))])
+            results = await asyncio.gather(*(f for _s, f in local), return_exceptions=True)
+            failed = next((r for r in results if isinstance(r, BaseException)), self._apply_error)
+            if failed is not None:
+                # the vault holds the ABORT, the primary log cannot: served from the vault
+                await self._primary_log_failed(failed, wait=False)
+                raise E.ReplicationError(f"the primary log cannot take the ABORT the vault holds: {failed}")
         self.pending_aborts.clear()
         self._save_aborts()
         self.stats["reconciled"] += 1
+
+    async def _settle_inflight(self) -> None:
+        """Wait for the primary log appends of the last batch sent (its ACK
+        failed while they were on their way): reconciling needs the log's end."""
+        pending = [t for t in self._inflight if not t.done()]
+        if pending:
+            await asyncio.wait_for(asyncio.gather(*pending, return_exceptions=True), self.ack_timeout)
+        self._inflight = []
+        if self.log.failed is not None:
+            # the vault may hold what the primary log could not take: served from the vault
+            await self._primary_log_failed(self.log.failed, wait=False)
+            raise E.ReplicationError(f"the primary log cannot be written: {self.log.failed}")
+
+    async def _push_tail(self, vault_last: int, local_last: int) -> None:
+        """The primary log ends with records the vault never acknowledged: the
+        batch that was on its way when its ACK failed (or the gateway died).
+        No client was told they succeeded; those told 503 are pending aborts
+        (void, and voided on the vault below).  They go to the vault now, so
+        the two logs hold the same records again."""
+        loop = asyncio.get_running_loop()
+        directory = self.log.directory
+
+        def read_tail():
+            return [(r.seq, r.rtype, bytes(r.payload)) for r in read_log(directory, vault_last + 1)
+                    if r.seq <= local_last]
+        records = await loop.run_in_executor(self.executor, read_tail)
+        if [r[0] for r in records] != list(range(vault_last + 1, local_last + 1)):
+            raise E.ReplicationError(f"the primary log's records {vault_last + 1}..{local_last} are not readable")
+        log.warning("sending the vault %d record(s) it never acknowledged (%d..%d)",
+                    len(records), vault_last + 1, local_last)
+        try:
+            acked = await asyncio.wait_for(self._append_with_repair(records), self.ack_timeout)
+        except BaseException:
+            await self.link.close()          # the next attempt starts on a new connection
+            raise
+        if acked < local_last:
+            raise E.ReplicationError(f"vault acknowledged {acked}, expected {local_last}")
+        self.stats["pushed"] += len(records)
 
     # ------------------------------------------------------------------ commit
     async def commit(self, rtype: int, payload: bytes) -> int:
@@ -269,7 +381,7 @@ class ReplicatedCommitPoint:
         size = 0
         for i, (_r, payload, _f) in enumerate(self._queue):
             size += len(payload) + 64
-            if i and size > MAX_BATCH_BYTES:
+            if i and (size > MAX_BATCH_BYTES or i >= MAX_BATCH_RECORDS):
                 batch, self._queue = self._queue[:i], self._queue[i:]
                 return batch
         batch, self._queue = self._queue, []
@@ -291,7 +403,7 @@ class ReplicatedCommitPoint:
     async def _finish(self, batch, local) -> None:
         """`local`: [(seq, task of its primary log append)] of an acknowledged batch."""
         results = await asyncio.gather(*(t for _s, t in local), return_exceptions=True)
-        failed = next((r for r in results if isinstance(r, BaseException)), None)
+        failed = next((r for r in results if isinstance(r, BaseException)), self._apply_error)
         if failed is not None:
             await self._primary_log_failed(failed)
         for (_r, _p, fut), (seq, _t), res in zip(batch, local, results):
@@ -343,15 +455,23 @@ class ReplicatedCommitPoint:
                 raise E.VaultUnavailable("the vault did not answer in time") from None
             return await self._replicate(records)
 
-    async def _replicate(self, records: list[tuple[int, bytes]]) -> list[tuple[int, asyncio.Task]]:
-        """Send one batch, await the vault's durable ack, start the local
-        appends (in sequence order) and return (seq, task) for each.  Lock held."""
+    async def _replicate(self, records: list[tuple[int, bytes]]) -> list[tuple[int, asyncio.Future]]:
+        """Number one batch, start its primary log appends, await the vault's
+        durable ack and return (seq, future of its local append) for each
+        record.  With `overlap` the local appends start before the APPEND
+        goes out, so both domains sync at once; nothing is applied (visible)
+        before the ack all the same (`_local_durable`).  Lock held."""
         first = self._next_seq
         numbered = [(first + i, rtype, payload) for i, (rtype, payload) in enumerate(records)]
+        local = None
+        if self.overlap:
+            local = self._start_local(numbered)     # raises (nothing numbered or sent) if the log is unusable
         self._next_seq = first + len(numbered)
         try:
             acked = await asyncio.wait_for(self._append_with_repair(numbered), self.ack_timeout)
-        except (asyncio.TimeoutError, E.ReplicationError, OSError) as exc:
+            if acked < numbered[-1][0]:
+                raise E.ReplicationError(f"vault acknowledged {acked}, expected {numbered[-1][0]}")
+        except Exception as exc:  # noqa: BLE001 - whatever went wrong, the vault may hold them
             self.stats["ack_failures"] += 1
             # The vault may hold these records: they must never take effect.
             self.pending_aborts.update(s for s, _r, _p in numbered)
@@ -359,21 +479,40 @@ class ReplicatedCommitPoint:
             self._save_aborts()
             self._ready = False
             await self.link.close()
-            self._next_seq = first  # reconciliation decides what the next number is
+            if local is None:
+                # never written locally: reconciliation decides what the next number is
+                self._next_seq = first
             if isinstance(exc, asyncio.TimeoutError):
                 raise E.AckTimeout(f"no durable ack from the vault within {self.ack_timeout:g}s") from None
             raise
-        if acked < numbered[-1][0]:
-            raise E.ReplicationError(f"vault acknowledged {acked}, expected {numbered[-1][0]}")
         self.stats["batches"] += 1
         self.stats["records"] += len(numbered)
-        tasks = [(s, asyncio.ensure_future(self.log.append(rtype, payload))) for s, rtype, payload in numbered]
-        # let the appends take their sequence numbers now, in order, before anyone else can
-        await asyncio.sleep(0)
-        if self.log.next_seq != self._next_seq and self.log.failed is None:
+        if local is None:
+            local = self._start_local(numbered, acked=True)
+        self._acknowledged(numbered[-1][0])
+        return local
+
+    def _start_local(self, numbered, acked: bool = False) -> list[tuple[int, asyncio.Future]]:
+        """Queue a batch's primary log appends (they take its sequence numbers
+        at once, in order).  Before the ack an unusable log refuses the batch;
+        after it, the failure is the appends' (`_finish` handles it)."""
+        if not acked:
+            self._refuse_if_log_unusable()
+        elif self.log.failed is not None:
+            futs = []
+            for _ in numbered:
+                fut = asyncio.get_running_loop().create_future()
+                fut.set_exception(self.log.failed)
+                futs.append(fut)
+            return [(s, f) for (s, _r, _p), f in zip(numbered, futs)]
+        if self.log.next_seq != numbered[0][0]:
             raise E.ReplicationError(
-                f"primary log at {self.log.next_seq - 1}, replication at {self._next_seq - 1}")
-        return tasks
+                f"primary log at {self.log.next_seq - 1}, replication at {numbered[0][0] - 1}")
+        futs = self.log.enqueue([(rtype, payload) for _s, rtype, payload in numbered])
+        for f in futs:
+            f.add_done_callback(retrieve_exception)
+        self._inflight = futs
+        return [(s, f) for (s, _r, _p), f in zip(numbered, futs)]
 
     async def _append_with_repair(self, numbered) -> int:
         for attempt in range(MISSING_CHUNK_RETRIES + 1):
