@@ -254,18 +254,17 @@ def test_a_put_whose_append_never_reached_the_vault_is_sent_at_reconnect_and_voi
     assert_voided_everywhere(d, d.gateway.client(), "late", before + 1)
 
 
-def test_a_put_cut_short_by_a_gateway_crash_before_its_append_arrived_ends_the_same_on_both_sides(proxied):
-    """The gateway dies (SIGKILL) with a record in its log whose APPEND never
-    reached the vault.  Its client heard nothing, so the change may happen or
-    not, but the same on both sides: the restarted gateway sends it on."""
-    d, proxy = proxied
+def _gateway_killed_with_an_unsent_record(d: Deployment, proxy: FaultProxy, key: str, body: bytes) -> int:
+    """A PUT whose record the primary log took while its APPEND (held in the
+    proxy) never reached the vault, and then SIGKILL of the gateway.  Returns
+    the vault's last sequence number (the record's is one more)."""
+    import threading
     s3 = d.gateway.client(retries={"mode": "standard", "total_max_attempts": 1}, read_timeout=30)
     s3.create_bucket(Bucket="keep")
+    s3.put_object(Bucket="keep", Key="base", Body=b"acknowledged")
     before = d.vault.status()["last_seq"]
-    body = os.urandom(5000)
     proxy.command("hold up")
-    import threading
-    t = threading.Thread(target=lambda: _put_ignoring_errors(s3, "cut", body), daemon=True)
+    t = threading.Thread(target=lambda: _put_ignoring_errors(s3, key, body), daemon=True)
     t.start()
     try:
         wait_until(lambda: d.gateway.health()["last_seq"] == before + 1, "the primary log to take the record",
@@ -276,6 +275,16 @@ def test_a_put_cut_short_by_a_gateway_crash_before_its_append_arrived_ends_the_s
         proxy.command("pass")
     t.join(10)
     assert d.vault.status()["last_seq"] == before
+    return before
+
+
+def test_a_put_cut_short_by_a_gateway_crash_before_its_append_arrived_ends_the_same_on_both_sides(proxied):
+    """The gateway dies (SIGKILL) with a record in its log whose APPEND never
+    reached the vault.  Its client heard nothing, so the change may happen or
+    not, but the same on both sides: the restarted gateway sends it on."""
+    d, proxy = proxied
+    body = os.urandom(5000)
+    before = _gateway_killed_with_an_unsent_record(d, proxy, "cut", body)
     r = d.airlock("gc", check=False)      # the vault may lack copies of what the tail references
     assert r.returncode == 1 and "never acknowledged" in r.stderr, r.stdout + r.stderr
     d.start_gateway()
@@ -286,6 +295,24 @@ def test_a_put_cut_short_by_a_gateway_crash_before_its_append_arrived_ends_the_s
     assert r.returncode == 0, r.stdout + r.stderr
     s3.put_object(Bucket="keep", Key="after", Body=b"after")
     assert d.gateway.health()["last_seq"] == d.vault.status()["last_seq"] == before + 2
+
+
+def test_restore_of_a_primary_log_ahead_by_one_batch_asks_for_a_gateway_start_first(proxied):
+    """`airlock restore` does not guess about records the vault lacks: it
+    changes nothing and says to start the gateway once (which sends them);
+    after that, restore has nothing to fetch."""
+    d, proxy = proxied
+    body = os.urandom(5000)
+    before = _gateway_killed_with_an_unsent_record(d, proxy, "cut", body)
+    r = d.airlock("restore", check=False)
+    assert r.returncode != 0 and "start the gateway once" in r.stderr, r.stdout + r.stderr
+    d.start_gateway()
+    wait_until(lambda: d.vault.status()["last_seq"] == before + 1, "the restarted gateway to send the record")
+    d.gateway.stop()
+    r = d.airlock("restore")
+    assert "records_fetched=0" in r.stdout, r.stdout
+    d.start_gateway()
+    assert d.gateway.client().get_object(Bucket="keep", Key="cut")["Body"].read() == body
 
 
 def _put_ignoring_errors(s3, key: str, body: bytes) -> None:

@@ -46,7 +46,7 @@ from airlock import errors as E
 from airlock.chunk.store import ChunkStore
 from airlock.fsutil import fsync_dir
 from airlock.link.client import LinkClient
-from airlock.log.reader import last_sequence
+from airlock.log.reader import last_sequence, read_log
 from airlock.primary.replication import MAX_BATCH_RECORDS
 from airlock.primary.datalock import PrimaryLock
 from airlock.primary.engine import committed_state
@@ -129,6 +129,7 @@ def collect(data_dir: str, r: GcReport, *, dry_run: bool, fsync: bool) -> None:
         r.objects, r.parts, live = live_chunks(index)
     finally:
         index.close()
+    live = set(live) | _chunks_of_pending_aborts(data_dir)
     # tmp/ is left alone: the gateway empties it when it starts, and a scrub may be writing there
     store = ChunkStore(data_dir, fsync=fsync, clean_tmp=False)
     try:
@@ -136,6 +137,30 @@ def collect(data_dir: str, r: GcReport, *, dry_run: bool, fsync: bool) -> None:
         _sweep_rows(store, live, r, dry_run)
     finally:
         store.close()
+
+
+def _chunks_of_pending_aborts(data_dir: str) -> set[str]:
+    """Chunks of the records in pending-aborts.json.  They are void (never
+    state), but the gateway may still have to send them to the vault, whose
+    APPEND wants every chunk a record references, before the ABORT that voids
+    them there (primary/replication.py `_push_tail`): kept until then."""
+    import json
+
+    from airlock.vault.catalog import classify      # the chunks a record references, as the vault sees them
+    try:
+        with open(os.path.join(data_dir, "pending-aborts.json")) as f:
+            seqs = {int(s) for s in json.load(f)["seqs"]}
+    except FileNotFoundError:
+        return set()
+    out: set[str] = set()
+    if seqs:
+        for rec in read_log(os.path.join(data_dir, "log"), min(seqs)):
+            if rec.seq in seqs:
+                try:
+                    out.update(classify(rec.seq, rec.rtype, bytes(rec.payload)).chunks)
+                except E.FormatError:
+                    pass
+    return out
 
 
 def _sweep_rows(store: ChunkStore, live, r: GcReport, dry_run: bool) -> None:

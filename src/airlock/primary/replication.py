@@ -23,8 +23,10 @@ link comes back the primary reconciles (`_reconcile`):
   1. HELLO tells the vault's last durable sequence number V; the primary's is L.
   1a. The primary log may hold records beyond V: the batch whose APPEND never
      arrived (or a gateway that died sending it).  No client heard they
-     succeeded; they are sent to the vault now (V becomes L).  A gap of more
-     than MAX_BATCH_RECORDS is refused (not this primary's vault, or it lost data).
+     succeeded; they are sent to the vault now (V becomes L), with an ABORT
+     voiding the pending aborts among them in the same APPEND frame.  A gap
+     of more than MAX_BATCH_RECORDS, or a vault whose record V differs from
+     the primary's, is refused (not this primary's vault, or it lost data).
   2. Records L+1..V are fetched from the vault and appended to the primary log
      (the vault holds them, so they happened) -- except that any of them listed
      in pending-aborts is *void*: kept in both logs, never applied.
@@ -276,8 +278,10 @@ class ReplicatedCommitPoint:
                 raise E.VaultRejected(
                     f"the vault's log ends at sequence {vault_last} but the primary's at {local_last}: "
                     f"this is not the vault this primary replicates to, or it lost data; refusing to write")
-            await self._push_tail(vault_last, local_last)
-            vault_last = local_last
+            if vault_last:
+                await self._same_record(vault_last)
+            vault_last = await self._push_tail(vault_last, local_last)
+            local_last = self.log.last_seq
         self._acknowledged(vault_last)
         if self._apply_error is not None:
             raise E.ReplicationError(f"the primary cannot apply records the vault holds: {self._apply_error!r}")
@@ -330,22 +334,43 @@ class ReplicatedCommitPoint:
 
     async def _settle_inflight(self) -> None:
         """Wait for the primary log appends of the last batch sent (its ACK
-        failed while they were on their way): reconciling needs the log's end."""
-        pending = [t for t in self._inflight if not t.done()]
+        failed while they were on their way): reconciling needs the log's end.
+        Never cancels them (the log writes them all the same)."""
+        pending = [f for f in self._inflight if not f.done()]
         if pending:
-            await asyncio.wait_for(asyncio.gather(*pending, return_exceptions=True), self.ack_timeout)
-        self._inflight = []
+            await asyncio.wait(pending, timeout=self.ack_timeout)
         if self.log.failed is not None:
             # the vault may hold what the primary log could not take: served from the vault
             await self._primary_log_failed(self.log.failed, wait=False)
             raise E.ReplicationError(f"the primary log cannot be written: {self.log.failed}")
+        if self.log.next_seq - 1 != self.log.last_seq:
+            raise E.ReplicationError("the primary log is still writing its last batch; reconciling later")
+        self._inflight = []
 
-    async def _push_tail(self, vault_last: int, local_last: int) -> None:
-        """The primary log ends with records the vault never acknowledged: the
-        batch that was on its way when its ACK failed (or the gateway died).
-        No client was told they succeeded; those told 503 are pending aborts
-        (void, and voided on the vault below).  They go to the vault now, so
-        the two logs hold the same records again."""
+    async def _same_record(self, seq: int) -> None:
+        """The vault's record `seq` is the primary log's: the two logs share
+        their history up to it (checked before sending the vault more)."""
+        directory = self.log.directory
+        mine = await asyncio.get_running_loop().run_in_executor(
+            self.executor, lambda: next(read_log(directory, seq), None))
+        theirs = await self.link.get_records(seq, 1)
+        if (mine is None or not theirs or theirs[0][0] != seq or theirs[0][1] != mine.rtype
+                or bytes(theirs[0][2]) != bytes(mine.payload)):
+            await self.link.close()
+            raise E.VaultRejected(
+                f"the vault's record {seq} is not the primary log's: this is not the vault this primary "
+                f"replicates to; refusing to write")
+
+    async def _push_tail(self, vault_last: int, local_last: int) -> int:
+        """The primary log ends with records the vault does not hold: the
+        batch that was on its way when its ACK failed or the gateway died, or
+        records a vault restored from an older copy lost.  They go to the
+        vault now, so that the two logs hold the same records again (sending
+        is safe even if an APPEND of them from before is still being
+        processed there: the vault takes a byte-identical record twice).
+        Pending aborts among them (their clients were told 503) are voided by
+        an ABORT record in the same APPEND frame, so the vault never holds
+        them live.  Returns the vault's new last sequence number."""
         loop = asyncio.get_running_loop()
         directory = self.log.directory
 
@@ -355,16 +380,36 @@ class ReplicatedCommitPoint:
         records = await loop.run_in_executor(self.executor, read_tail)
         if [r[0] for r in records] != list(range(vault_last + 1, local_last + 1)):
             raise E.ReplicationError(f"the primary log's records {vault_last + 1}..{local_last} are not readable")
-        log.warning("sending the vault %d record(s) it never acknowledged (%d..%d)",
-                    len(records), vault_last + 1, local_last)
+        voids = sorted(s for s in self.pending_aborts if s <= local_last)
+        abort = []
+        local = []
+        if voids:
+            abort = [(local_last + 1, P.ABORT, P.encode_payload({"seqs": voids}))]
+            local = self._start_local(abort)
+        self._next_seq = local_last + 1 + len(abort)
+        log.warning("sending the vault %d record(s) it does not hold (%d..%d)%s", len(records),
+                    vault_last + 1, local_last, f", and an ABORT voiding {voids[:10]}" if voids else "")
+        batch = records + abort
         try:
-            acked = await asyncio.wait_for(self._append_with_repair(records), self.ack_timeout)
-        except BaseException:
+            acked = await asyncio.wait_for(self._append_with_repair(batch), self.ack_timeout)
+            if acked < batch[-1][0]:
+                raise E.ReplicationError(f"vault acknowledged {acked}, expected {batch[-1][0]}")
+        except Exception:
+            if abort:       # like any record sent without an ack: the vault may hold it
+                self.pending_aborts.add(abort[0][0])
+                self.void.add(abort[0][0])
+                self._save_aborts()
             await self.link.close()          # the next attempt starts on a new connection
             raise
-        if acked < local_last:
-            raise E.ReplicationError(f"vault acknowledged {acked}, expected {local_last}")
         self.stats["pushed"] += len(records)
+        if abort:
+            results = await asyncio.gather(*(f for _s, f in local), return_exceptions=True)
+            failed = next((r for r in results if isinstance(r, BaseException)), None)
+            if failed is not None:
+                await self._primary_log_failed(failed, wait=False)
+                raise E.ReplicationError(f"the primary log cannot take the ABORT the vault holds: {failed}")
+            self.pending_aborts.difference_update(voids)
+        return batch[-1][0]
 
     # ------------------------------------------------------------------ commit
     async def commit(self, rtype: int, payload: bytes) -> int:

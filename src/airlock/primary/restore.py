@@ -5,7 +5,9 @@ Runs with the gateway stopped (it holds `PrimaryLock`), the vault running,
 over one link session with the primary's identity:
 
 1. Log.  The primary log must be a prefix of the vault log
-   (primary/replication.py).  An unreadable local log is moved aside to
+   (primary/replication.py; a log ahead by at most one batch, which the
+   gateway sends on when it connects, is refused with that advice).  An
+   unreadable local log is moved aside to
    `log.damaged-<time>` and started empty.  The last local record (every
    one with `verify_log`) is compared with the vault's at the same sequence
    number: different bytes mean this is not a primary of this vault, and
@@ -44,6 +46,7 @@ from airlock.log.record import FormatError as LogFormatError
 from airlock.log.writer import LogWriter
 from airlock.primary.datalock import PrimaryLock
 from airlock.primary.engine import replay_log
+from airlock.primary.replication import MAX_BATCH_RECORDS
 from airlock.primary.index import Index
 from airlock.primary.scrub import (CHECK_THREADS, SLICE, Damage, Progress, check_chunk, live_chunks,
                                    repair_from_vault)
@@ -126,6 +129,11 @@ async def _restore_log(data_dir: str, link: LinkClient, summary: RestoreSummary,
     try:
         local_last = writer.last_seq
         vault_last = int(link.hello["last_seq"])
+        if 0 < local_last - vault_last <= MAX_BATCH_RECORDS:
+            raise E.VaultRejected(
+                f"the primary log ends at sequence {local_last}, the vault's at {vault_last}: the gateway "
+                f"stopped while sending it these records (or the vault lost them); start the gateway "
+                f"once, so that it sends them, then run restore again; nothing was changed")
         if local_last > vault_last:
             raise E.VaultRejected(
                 f"the primary log ends at sequence {local_last} but the vault's at {vault_last}: the "
