@@ -4,7 +4,8 @@ chunk store, with the gateway stopped.
     the data directory's lock          -> refused while a gateway runs
     vault's last sequence vs the log   -> refused unless they are equal (vault ahead:
                                           records this primary has not applied yet;
-                                          vault behind: not this primary's vault)
+                                          behind by a batch: the gateway has to send it;
+                                          further behind: not this primary's vault)
     committed state (log replay)       -> live chunks: every object, kept version
                                           and open multipart upload part
     files chunks/<2 hex>/<64 hex> not live -> unlinked, each directory fsynced once
@@ -116,20 +117,23 @@ async def gc(data_dir: str, link: LinkClient | None, *, dry_run: bool = False,
                     f"the vault's log (at {r.vault_last_seq}) is behind the primary's (at "
                     f"{r.primary_last_seq}): it is not this primary's vault, or it lost data; "
                     f"gc removes nothing while the vault may lack copies")
-        collect(data_dir, r, dry_run=dry_run, fsync=fsync)
+        collect(data_dir, r, dry_run=dry_run, fsync=fsync, vault_checked=link is not None)
         return r
     finally:
         lock.release()
 
 
-def collect(data_dir: str, r: GcReport, *, dry_run: bool, fsync: bool) -> None:
-    """The sweep itself (lock held, vault checked)."""
+def collect(data_dir: str, r: GcReport, *, dry_run: bool, fsync: bool, vault_checked: bool = True) -> None:
+    """The sweep itself (lock held).  Without a vault check the end of the
+    primary log may be records the vault lacks, which the gateway will send
+    (with their chunks) when it connects: their chunks are kept."""
     index = committed_state(data_dir)
     try:
         r.objects, r.parts, live = live_chunks(index)
     finally:
         index.close()
-    live = set(live) | _chunks_of_pending_aborts(data_dir)
+    if not vault_checked:
+        live = set(live) | _chunks_of_log_tail(data_dir)
     # tmp/ is left alone: the gateway empties it when it starts, and a scrub may be writing there
     store = ChunkStore(data_dir, fsync=fsync, clean_tmp=False)
     try:
@@ -139,27 +143,21 @@ def collect(data_dir: str, r: GcReport, *, dry_run: bool, fsync: bool) -> None:
         store.close()
 
 
-def _chunks_of_pending_aborts(data_dir: str) -> set[str]:
-    """Chunks of the records in pending-aborts.json.  They are void (never
-    state), but the gateway may still have to send them to the vault, whose
-    APPEND wants every chunk a record references, before the ABORT that voids
-    them there (primary/replication.py `_push_tail`): kept until then."""
-    import json
-
+def _chunks_of_log_tail(data_dir: str) -> set[str]:
+    """Chunks of the primary log's last records, as many as may be beyond
+    the vault's log (MAX_BATCH_RECORDS, and an ABORT), void or not: the
+    vault's APPEND wants every chunk a record references, so the gateway may
+    still need them to send those records (primary/replication.py
+    `_push_tail`)."""
     from airlock.vault.catalog import classify      # the chunks a record references, as the vault sees them
-    try:
-        with open(os.path.join(data_dir, "pending-aborts.json")) as f:
-            seqs = {int(s) for s in json.load(f)["seqs"]}
-    except FileNotFoundError:
-        return set()
+    log_dir = os.path.join(data_dir, "log")
+    first = max(1, last_sequence(log_dir) - MAX_BATCH_RECORDS)
     out: set[str] = set()
-    if seqs:
-        for rec in read_log(os.path.join(data_dir, "log"), min(seqs)):
-            if rec.seq in seqs:
-                try:
-                    out.update(classify(rec.seq, rec.rtype, bytes(rec.payload)).chunks)
-                except E.FormatError:
-                    pass
+    for rec in read_log(log_dir, first):
+        try:
+            out.update(classify(rec.seq, rec.rtype, bytes(rec.payload)).chunks)
+        except E.FormatError:
+            pass
     return out
 
 

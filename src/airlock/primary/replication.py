@@ -158,6 +158,17 @@ class ReplicatedCommitPoint:
         os.replace(tmp, self._aborts_path)
         fsync_dir(os.path.dirname(self._aborts_path) or ".")
 
+    async def _save_aborts_or_stop(self) -> None:
+        """Persist the pending aborts of a batch that got no ack.  If that
+        fails the records stay void only in memory (a restart would apply
+        them), so the primary's storage is treated as failed: nothing more is
+        written here (degraded mode, served from the vault)."""
+        try:
+            self._save_aborts()
+        except OSError as exc:
+            log.error("pending-aborts.json could not be written (%s): stopping writes", exc)
+            await self._primary_log_failed(exc, wait=False)
+
     def _local_durable(self, records) -> None:
         """The primary log made `records` durable (in order): apply those the
         vault has acknowledged; hold the others until it does."""
@@ -284,6 +295,7 @@ class ReplicatedCommitPoint:
             local_last = self.log.last_seq
         self._acknowledged(vault_last)
         if self._apply_error is not None:
+            await self._primary_log_failed(self._apply_error, wait=False)
             raise E.ReplicationError(f"the primary cannot apply records the vault holds: {self._apply_error!r}")
         seq = local_last + 1
         fetched = 0
@@ -322,8 +334,7 @@ class ReplicatedCommitPoint:
             log.warning("voiding %d record(s) the vault holds but whose clients got an error: %s",
                         len(voids), voids[:10])
             local = await self._replicate([(P.ABORT, P.encode_payload({"seqs": voids}))])
-            results = await asyncio.gather(*(f for _s, f in local), return_exceptions=True)
-            failed = next((r for r in results if isinstance(r, BaseException)), self._apply_error)
+            failed = await self._local_outcome(local)
             if failed is not None:
                 # the vault holds the ABORT, the primary log cannot: served from the vault
                 await self._primary_log_failed(failed, wait=False)
@@ -346,6 +357,18 @@ class ReplicatedCommitPoint:
         if self.log.next_seq - 1 != self.log.last_seq:
             raise E.ReplicationError("the primary log is still writing its last batch; reconciling later")
         self._inflight = []
+
+    async def _local_outcome(self, local) -> BaseException | None:
+        """What became of the primary log appends `local` (an ABORT the vault
+        acknowledged): None once durable (and applied), else the failure.
+        Bounded, as this runs with the lock held: a stalled disk answers 503
+        (a later reconcile sends the same ABORT again; voiding twice is harmless)."""
+        futs = [f for _s, f in local]
+        _done, pending = await asyncio.wait(futs, timeout=self.ack_timeout)
+        if pending:
+            raise E.ReplicationError("the primary log did not take an ABORT in time; reconciling later")
+        failed = next((f.exception() for f in futs if f.exception() is not None), None)
+        return failed if failed is not None else self._apply_error
 
     async def _same_record(self, seq: int) -> None:
         """The vault's record `seq` is the primary log's: the two logs share
@@ -395,16 +418,15 @@ class ReplicatedCommitPoint:
             if acked < batch[-1][0]:
                 raise E.ReplicationError(f"vault acknowledged {acked}, expected {batch[-1][0]}")
         except Exception:
+            await self.link.close()          # the next attempt starts on a new connection
             if abort:       # like any record sent without an ack: the vault may hold it
                 self.pending_aborts.add(abort[0][0])
                 self.void.add(abort[0][0])
-                self._save_aborts()
-            await self.link.close()          # the next attempt starts on a new connection
+                await self._save_aborts_or_stop()
             raise
         self.stats["pushed"] += len(records)
         if abort:
-            results = await asyncio.gather(*(f for _s, f in local), return_exceptions=True)
-            failed = next((r for r in results if isinstance(r, BaseException)), None)
+            failed = await self._local_outcome(local)
             if failed is not None:
                 await self._primary_log_failed(failed, wait=False)
                 raise E.ReplicationError(f"the primary log cannot take the ABORT the vault holds: {failed}")
@@ -521,12 +543,12 @@ class ReplicatedCommitPoint:
             # The vault may hold these records: they must never take effect.
             self.pending_aborts.update(s for s, _r, _p in numbered)
             self.void.update(s for s, _r, _p in numbered)
-            self._save_aborts()
             self._ready = False
             await self.link.close()
             if local is None:
                 # never written locally: reconciliation decides what the next number is
                 self._next_seq = first
+            await self._save_aborts_or_stop()
             if isinstance(exc, asyncio.TimeoutError):
                 raise E.AckTimeout(f"no durable ack from the vault within {self.ack_timeout:g}s") from None
             raise
