@@ -315,6 +315,22 @@ def test_restore_of_a_primary_log_ahead_by_one_batch_asks_for_a_gateway_start_fi
     assert d.gateway.client().get_object(Bucket="keep", Key="cut")["Body"].read() == body
 
 
+def test_gc_without_the_vault_keeps_what_a_killed_gateway_still_has_to_send(proxied):
+    """With the vault's check skipped (`gc --no-vault-check`), gc cannot know
+    what the vault lacks: the chunks of the primary log's last batch stay,
+    so the restarted gateway can still send that batch to the vault."""
+    d, proxy = proxied
+    body = os.urandom(300 * 1024)            # a chunk file of its own, not a small row
+    before = _gateway_killed_with_an_unsent_record(d, proxy, "cut", body)
+    r = d.airlock("gc", "--no-vault-check")
+    assert "gc: removed 0 chunk file(s)" in r.stdout, r.stdout
+    d.start_gateway()
+    wait_until(lambda: d.vault.status()["last_seq"] == before + 1, "the restarted gateway to send the record")
+    assert d.gateway.client().get_object(Bucket="keep", Key="cut")["Body"].read() == body
+    r = d.airlock("verify", check=False)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
 def _put_ignoring_errors(s3, key: str, body: bytes) -> None:
     try:
         s3.put_object(Bucket="keep", Key=key, Body=body)
