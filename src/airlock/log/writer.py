@@ -174,7 +174,14 @@ class LogWriter:
     def enqueue(self, records: list[tuple[int, bytes]]) -> list[asyncio.Future]:
         """Append records without waiting: they take their sequence numbers
         now, in order; the returned futures give each one's seq once it is
-        durable (or the LogWriteError that stopped the writer)."""
+        durable, or the LogWriteError that stopped the writer (at once, if
+        it had stopped already)."""
+        if self._failed is not None:
+            loop = asyncio.get_running_loop()
+            futs = [loop.create_future() for _ in records]
+            for f in futs:
+                f.set_exception(self._failed)
+            return futs
         return self._enqueue(records)
 
     def _enqueue(self, records, before: Callable[[], None] | None = None) -> list[asyncio.Future]:
@@ -322,10 +329,15 @@ class LogWriter:
             os.close(self._fd)
             self._fd = None
 
-    async def aclose(self) -> None:
-        """Wait for in-flight appends to become durable (or fail), then close."""
+    async def drain(self) -> None:
+        """Wait until every append queued so far is durable or failed.  A
+        cancelled wait leaves the writes going on."""
         while self._flusher is not None:
             await asyncio.shield(self._flusher)
+
+    async def aclose(self) -> None:
+        """Wait for in-flight appends to become durable (or fail), then close."""
+        await self.drain()
         self.close()
 
     def __enter__(self) -> "LogWriter":

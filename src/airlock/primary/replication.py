@@ -111,8 +111,6 @@ class ReplicatedCommitPoint:
         self._acked_seq = self.log.last_seq
         self._held: list[tuple[int, int, bytes]] = []
         self._apply_error: BaseException | None = None
-        # the primary log appends of the batch sent last (awaited before reconciling)
-        self._inflight: list[asyncio.Future] = []
         # The primary log takes a batch while it goes to the vault, not after
         # the ACK, when its records' chunks are durable locally (with
         # chunk_sync = "vault" they are not, so it waits for the ACK as before)
@@ -333,42 +331,39 @@ class ReplicatedCommitPoint:
         if voids:
             log.warning("voiding %d record(s) the vault holds but whose clients got an error: %s",
                         len(voids), voids[:10])
-            local = await self._replicate([(P.ABORT, P.encode_payload({"seqs": voids}))])
-            failed = await self._local_outcome(local)
-            if failed is not None:
-                # the vault holds the ABORT, the primary log cannot: served from the vault
-                await self._primary_log_failed(failed, wait=False)
-                raise E.ReplicationError(f"the primary log cannot take the ABORT the vault holds: {failed}")
+            await self._abort_locally_too(await self._replicate([(P.ABORT, P.encode_payload({"seqs": voids}))]))
         self.pending_aborts.clear()
         self._save_aborts()
         self.stats["reconciled"] += 1
 
     async def _settle_inflight(self) -> None:
         """Wait for the primary log appends of the last batch sent (its ACK
-        failed while they were on their way): reconciling needs the log's end.
-        Never cancels them (the log writes them all the same)."""
-        pending = [f for f in self._inflight if not f.done()]
-        if pending:
-            await asyncio.wait(pending, timeout=self.ack_timeout)
+        failed while they were on their way): reconciling needs the log's end."""
+        try:
+            await asyncio.wait_for(self.log.drain(), self.ack_timeout)
+        except asyncio.TimeoutError:
+            raise E.ReplicationError("the primary log is still writing its last batch; reconciling later") from None
         if self.log.failed is not None:
             # the vault may hold what the primary log could not take: served from the vault
             await self._primary_log_failed(self.log.failed, wait=False)
             raise E.ReplicationError(f"the primary log cannot be written: {self.log.failed}")
-        if self.log.next_seq - 1 != self.log.last_seq:
-            raise E.ReplicationError("the primary log is still writing its last batch; reconciling later")
-        self._inflight = []
 
-    async def _local_outcome(self, local) -> BaseException | None:
-        """What became of the primary log appends `local` (an ABORT the vault
-        acknowledged): None once durable (and applied), else the failure.
-        Bounded, as this runs with the lock held: a stalled disk answers 503
-        (a later reconcile sends the same ABORT again; voiding twice is harmless)."""
+    async def _abort_locally_too(self, local) -> None:
+        """Wait for the primary log appends `local` of an ABORT the vault
+        acknowledged.  Bounded, as this runs with the lock held: a stalled
+        disk answers 503 (a later reconcile sends the same ABORT again;
+        voiding twice is harmless).  If the log cannot take it, the vault
+        holds what the primary cannot: served from the vault."""
         futs = [f for _s, f in local]
+        if not futs:
+            return
         _done, pending = await asyncio.wait(futs, timeout=self.ack_timeout)
         if pending:
             raise E.ReplicationError("the primary log did not take an ABORT in time; reconciling later")
-        failed = next((f.exception() for f in futs if f.exception() is not None), None)
-        return failed if failed is not None else self._apply_error
+        failed = next((f.exception() for f in futs if f.exception() is not None), self._apply_error)
+        if failed is not None:
+            await self._primary_log_failed(failed, wait=False)
+            raise E.ReplicationError(f"the primary log cannot take the ABORT the vault holds: {failed}")
 
     async def _same_record(self, seq: int) -> None:
         """The vault's record `seq` is the primary log's: the two logs share
@@ -394,44 +389,23 @@ class ReplicatedCommitPoint:
         Pending aborts among them (their clients were told 503) are voided by
         an ABORT record in the same APPEND frame, so the vault never holds
         them live.  Returns the vault's new last sequence number."""
-        loop = asyncio.get_running_loop()
         directory = self.log.directory
 
         def read_tail():
             return [(r.seq, r.rtype, bytes(r.payload)) for r in read_log(directory, vault_last + 1)
                     if r.seq <= local_last]
-        records = await loop.run_in_executor(self.executor, read_tail)
-        if [r[0] for r in records] != list(range(vault_last + 1, local_last + 1)):
+        tail = await asyncio.get_running_loop().run_in_executor(self.executor, read_tail)
+        if [r[0] for r in tail] != list(range(vault_last + 1, local_last + 1)):
             raise E.ReplicationError(f"the primary log's records {vault_last + 1}..{local_last} are not readable")
         voids = sorted(s for s in self.pending_aborts if s <= local_last)
-        abort = []
-        local = []
-        if voids:
-            abort = [(local_last + 1, P.ABORT, P.encode_payload({"seqs": voids}))]
-            local = self._start_local(abort)
-        self._next_seq = local_last + 1 + len(abort)
-        log.warning("sending the vault %d record(s) it does not hold (%d..%d)%s", len(records),
+        log.warning("sending the vault %d record(s) it does not hold (%d..%d)%s", len(tail),
                     vault_last + 1, local_last, f", and an ABORT voiding {voids[:10]}" if voids else "")
-        batch = records + abort
-        try:
-            acked = await asyncio.wait_for(self._append_with_repair(batch), self.ack_timeout)
-            if acked < batch[-1][0]:
-                raise E.ReplicationError(f"vault acknowledged {acked}, expected {batch[-1][0]}")
-        except Exception:
-            await self.link.close()          # the next attempt starts on a new connection
-            if abort:       # like any record sent without an ack: the vault may hold it
-                self.pending_aborts.add(abort[0][0])
-                self.void.add(abort[0][0])
-                await self._save_aborts_or_stop()
-            raise
-        self.stats["pushed"] += len(records)
-        if abort:
-            failed = await self._local_outcome(local)
-            if failed is not None:
-                await self._primary_log_failed(failed, wait=False)
-                raise E.ReplicationError(f"the primary log cannot take the ABORT the vault holds: {failed}")
-            self.pending_aborts.difference_update(voids)
-        return batch[-1][0]
+        abort = [(P.ABORT, P.encode_payload({"seqs": voids}))] if voids else []
+        self._next_seq = local_last + 1
+        await self._abort_locally_too(await self._replicate(abort, resend=tail))
+        self.pending_aborts.difference_update(voids)
+        self.stats["pushed"] += len(tail)
+        return self._next_seq - 1
 
     # ------------------------------------------------------------------ commit
     async def commit(self, rtype: int, payload: bytes) -> int:
@@ -522,33 +496,38 @@ class ReplicatedCommitPoint:
                 raise E.VaultUnavailable("the vault did not answer in time") from None
             return await self._replicate(records)
 
-    async def _replicate(self, records: list[tuple[int, bytes]]) -> list[tuple[int, asyncio.Future]]:
+    async def _replicate(self, records: list[tuple[int, bytes]],
+                         resend: list[tuple[int, int, bytes]] = ()) -> list[tuple[int, asyncio.Future]]:
         """Number one batch, start its primary log appends, await the vault's
         durable ack and return (seq, future of its local append) for each
         record.  With `overlap` the local appends start before the APPEND
         goes out, so both domains sync at once; nothing is applied (visible)
-        before the ack all the same (`_local_durable`).  Lock held."""
+        before the ack all the same (`_local_durable`).  `resend`: records the
+        primary log holds already and the vault lacks (`_push_tail`), sent
+        ahead of the batch in the same frame.  Lock held."""
         first = self._next_seq
         numbered = [(first + i, rtype, payload) for i, (rtype, payload) in enumerate(records)]
+        frame = list(resend) + numbered
         local = None
         if self.overlap:
             local = self._start_local(numbered)     # raises (nothing numbered or sent) if the log is unusable
         self._next_seq = first + len(numbered)
         try:
-            acked = await asyncio.wait_for(self._append_with_repair(numbered), self.ack_timeout)
-            if acked < numbered[-1][0]:
-                raise E.ReplicationError(f"vault acknowledged {acked}, expected {numbered[-1][0]}")
+            acked = await asyncio.wait_for(self._append_with_repair(frame), self.ack_timeout)
+            if acked < frame[-1][0]:
+                raise E.ReplicationError(f"vault acknowledged {acked}, expected {frame[-1][0]}")
         except Exception as exc:  # noqa: BLE001 - whatever went wrong, the vault may hold them
             self.stats["ack_failures"] += 1
-            # The vault may hold these records: they must never take effect.
-            self.pending_aborts.update(s for s, _r, _p in numbered)
-            self.void.update(s for s, _r, _p in numbered)
             self._ready = False
             await self.link.close()
             if local is None:
                 # never written locally: reconciliation decides what the next number is
                 self._next_seq = first
-            await self._save_aborts_or_stop()
+            if numbered:
+                # The vault may hold these records: they must never take effect.
+                self.pending_aborts.update(s for s, _r, _p in numbered)
+                self.void.update(s for s, _r, _p in numbered)
+                await self._save_aborts_or_stop()
             if isinstance(exc, asyncio.TimeoutError):
                 raise E.AckTimeout(f"no durable ack from the vault within {self.ack_timeout:g}s") from None
             raise
@@ -556,29 +535,23 @@ class ReplicatedCommitPoint:
         self.stats["records"] += len(numbered)
         if local is None:
             local = self._start_local(numbered, acked=True)
-        self._acknowledged(numbered[-1][0])
+        self._acknowledged(frame[-1][0])
         return local
 
     def _start_local(self, numbered, acked: bool = False) -> list[tuple[int, asyncio.Future]]:
         """Queue a batch's primary log appends (they take its sequence numbers
         at once, in order).  Before the ack an unusable log refuses the batch;
         after it, the failure is the appends' (`_finish` handles it)."""
+        if not numbered:
+            return []
         if not acked:
             self._refuse_if_log_unusable()
-        elif self.log.failed is not None:
-            futs = []
-            for _ in numbered:
-                fut = asyncio.get_running_loop().create_future()
-                fut.set_exception(self.log.failed)
-                futs.append(fut)
-            return [(s, f) for (s, _r, _p), f in zip(numbered, futs)]
-        if self.log.next_seq != numbered[0][0]:
+        if self.log.failed is None and self.log.next_seq != numbered[0][0]:
             raise E.ReplicationError(
                 f"primary log at {self.log.next_seq - 1}, replication at {numbered[0][0] - 1}")
         futs = self.log.enqueue([(rtype, payload) for _s, rtype, payload in numbered])
         for f in futs:
             f.add_done_callback(retrieve_exception)
-        self._inflight = futs
         return [(s, f) for (s, _r, _p), f in zip(numbered, futs)]
 
     async def _append_with_repair(self, numbered) -> int:
