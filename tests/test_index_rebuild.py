@@ -130,3 +130,28 @@ def test_index_behind_the_log_is_caught_up_by_replay(gateway, tmp_path):
     assert gateway.stop() == 0
     gateway.start()
     assert gateway.client().get_object(Bucket="later", Key="y")["Body"].read() == b"y"
+
+
+def test_records_the_index_holds_already_are_not_applied_again(tmp_path):
+    """An index handed a record at or below its `applied_seq` (degraded mode
+    swaps in an index built from the vault's log while records of the
+    primary log, which it holds already, are still being applied) keeps the
+    newer state: the key's current version does not go back."""
+    from airlock.log import payload as P
+    from airlock.primary.index import Index
+    from airlock.primary.model import Manifest, ObjectMeta
+
+    def put(seq):
+        return (seq, P.OBJECT_PUT, Manifest(bucket="b", key="k", size=1, etag=f"e{seq}", mtime=float(seq),
+                                            meta=ObjectMeta(), chunks=[]).to_json())
+
+    idx = Index(str(tmp_path / INDEX_NAME))
+    idx.apply([(1, P.BUCKET_CREATE, {"bucket": "b", "owner": "o", "created": 1.0}), put(2), put(3)])
+    idx.apply([put(2)])                       # late, and held already
+    assert idx.object("b", "k").etag == "e3" and idx.applied_seq() == 3
+    idx.apply([put(3), put(4)])               # the overlap is skipped, the rest applied
+    assert idx.object("b", "k").etag == "e4" and idx.applied_seq() == 4
+    idx.close()
+    reopened = Index(str(tmp_path / INDEX_NAME))
+    assert reopened.object("b", "k").etag == "e4" and reopened.applied_seq() == 4
+    reopened.close()

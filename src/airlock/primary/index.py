@@ -154,14 +154,24 @@ class Index:
         """Apply (seq, rtype, payload_dict) records in one transaction.  A
         record may carry its payload's bytes as a fourth item: an
         object-put's manifest is then stored as that JSON text, not encoded
-        again."""
+        again.
+
+        Records at or below `applied_seq` are skipped: this index holds them
+        already.  Applying one again would move a key back to an older
+        version (`objects` takes whatever is applied last); it happens when
+        the engine swaps in an index built from the vault's log
+        (`_serve_from_vault`) while records of its own log, which that index
+        already holds, are still on their way to being applied."""
         db = self.db
         buckets = any(r[1] in BUCKET_RECORDS for r in records)
         db.execute("BEGIN")
         try:
+            applied = self.applied_seq()
             last = None
             for rec in records:
-                last = rec[0]
+                if rec[0] <= applied:
+                    continue
+                last = applied = rec[0]
                 self._apply_one(last, rec[1], rec[2], _json_text(rec[3]) if len(rec) > 3 else None)
             if last is not None:
                 db.execute("UPDATE meta SET v=? WHERE k='applied_seq'", (str(last),))
