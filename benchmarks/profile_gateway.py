@@ -73,11 +73,14 @@ def frame_label(f: dict) -> str:
 
 def is_idle_wait(f: dict) -> bool:
     """Leaf frames that are a thread waiting for work, which py-spy's idle
-    detection does not always drop: a pool worker blocked in work_queue.get()
-    and the event loop blocked in epoll."""
+    detection does not always drop: a pool worker blocked in work_queue.get(),
+    the event loop blocked in epoll, and asyncio's child watcher blocked in
+    waitpid() for a gateway worker process (the leader's; ~20% of its
+    "active" samples at 1 MiB c=16, none of it CPU)."""
     path = f.get("file") or ""
     return ((f["name"] == "_worker" and path.endswith("concurrent/futures/thread.py"))
-            or (f["name"] == "EpollSelector.select" and path.endswith("selectors.py")))
+            or (f["name"] == "EpollSelector.select" and path.endswith("selectors.py"))
+            or (f["name"] == "ThreadedChildWatcher._do_waitpid" and path.endswith("unix_events.py")))
 
 
 def summarize(speedscope: Path, top: int = TOP) -> str:
@@ -103,7 +106,7 @@ def summarize(speedscope: Path, top: int = TOP) -> str:
                 incl_c[label] += w
     busy = max(total - idle, 1e-9)
     out = [f"{speedscope.name}: {total:.2f} s of active samples, {idle:.2f} s of them idle waits "
-           f"(pool queue.get, epoll) dropped, {busy:.2f} s busy = 100% below", "", "busy share per thread:"]
+           f"(pool queue.get, epoll, waitpid) dropped, {busy:.2f} s busy = 100% below", "", "busy share per thread:"]
     for name, n in per_thread.most_common(8):
         out.append(f"  {100 * n / busy:5.1f}%  {name}")
     out += ["", f"top {top} by self share:"]

@@ -53,6 +53,13 @@ STAGES = [
     ("airlock.vault.store", "VaultStore", "_append_serialized", "a", "vault.append"),
     ("airlock.vault.store", "VaultStore", "_sync_newest", "s", "vault.sync_overlay"),
     ("airlock.vault.store", "VaultStore", "put_chunk", "s", "vault.put_chunk"),
+    ("airlock.link.server", None, "_verify_and_put", "s", "vault.verify_and_put"),
+    # inside ingest_body: the hashing jobs (per buffer) and the large chunk files' writes
+    ("airlock.primary.ingest", "Ingest", "feed_md5", "s", "ingest.md5"),
+    ("airlock.primary.ingest", "Ingest", "feed_rest", "s", "ingest.feed_rest"),
+    ("airlock.primary.ingest", "Ingest", "finish_rest", "s", "ingest.finish_rest"),
+    ("airlock.primary.ingest", "Ingest", "wait_durable", "s", "ingest.wait_durable"),
+    ("airlock.chunk.store", "ChunkStore", "_write_file", "s", "store.write_file"),
 ]
 
 SITECUSTOMIZE = r'''
