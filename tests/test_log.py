@@ -448,3 +448,36 @@ def test_seq_gap_between_segments_is_corruption(tmp_path):
         LogWriter(tmp_path).open()
     with pytest.raises(record.FormatError):
         list(read_log(tmp_path))
+
+
+def test_the_chunks_a_record_references_are_the_same_for_gc_and_the_vault():
+    """`payload.chunks_referenced` (what `airlock gc` keeps for a log tail) and
+    the vault's `classify` (what its APPEND wants present) agree on every
+    record type; a malformed manifest is a FormatError for the vault."""
+    from airlock.errors import FormatError
+    from airlock.log import payload as P
+    from airlock.vault.catalog import classify
+
+    def manifest(key, *digests):
+        return {"bucket": "b", "key": key, "size": 1, "etag": "e", "mtime": 1.0,
+                "chunks": [[d, 1] for d in digests]}
+
+    cases = [
+        (P.BUCKET_CREATE, {"bucket": "b", "owner": "o", "created": 1.0}, ()),
+        (P.OBJECT_PUT, manifest("k", "aa", "bb"), ("aa", "bb")),
+        (P.OBJECT_DELETE, {"bucket": "b", "key": "k", "mtime": 1.0, "marker": "v1"}, ()),
+        (P.OBJECT_DELETE, {"bucket": "b", "key": "k", "mtime": 1.0, "version_id": "v2",
+                           "was_latest": True, "restores": manifest("k", "cc")}, ("cc",)),
+        (P.OBJECT_DELETE, {"bucket": "b", "key": "k", "mtime": 1.0, "version_id": "v2",
+                           "was_latest": True, "restores": None}, ()),
+        (P.OBJECT_DELETE, {"bucket": "b", "key": "k", "mtime": 1.0, "version_id": "v1",
+                           "was_latest": False}, ()),
+        (P.UPLOAD_PART, {"upload_id": "u", "number": 1, "chunks": [["dd", 5], ["ee", 5]]}, ("dd", "ee")),
+        (P.UPLOAD_COMPLETE, {"upload_id": "u", "manifest": manifest("k", "dd", "ee")}, ("dd", "ee")),
+        (P.ABORT, {"seqs": [1]}, ()),
+    ]
+    for seq, (rtype, body, want) in enumerate(cases, start=2):
+        assert P.chunks_referenced(rtype, body) == want, (rtype, body)
+        assert classify(seq, rtype, P.encode_payload(body)).chunks == want, (rtype, body)
+    with pytest.raises(FormatError):
+        classify(20, P.UPLOAD_COMPLETE, P.encode_payload({"upload_id": "u", "manifest": ["not", "an", "object"]}))

@@ -47,3 +47,27 @@ def decode_payload(rtype: int, payload: bytes) -> dict[str, Any]:
     if not isinstance(obj, dict):
         raise FormatError(f"record payload of type {NAMES[rtype]} is not a JSON object")
     return obj
+
+
+def chunks_referenced(rtype: int, body: dict[str, Any]) -> tuple[str, ...]:
+    """The chunk ids (hex) a decoded record references, in manifest order:
+    the vault's APPEND wants every one of them before it takes the record.
+    An object-put's and an upload-complete's manifest, an upload-part's
+    chunks, and the version a removal of the latest version "restores".
+    KeyError / TypeError / ValueError / IndexError on a malformed body
+    (the caller says which record it was)."""
+    if rtype == OBJECT_PUT:
+        manifest = body
+    elif rtype == UPLOAD_COMPLETE:
+        manifest = body["manifest"]
+    elif rtype == UPLOAD_PART:
+        return tuple(str(c[0]) for c in body.get("chunks") or ())
+    elif rtype == OBJECT_DELETE and "version_id" in body and body["was_latest"]:
+        manifest = body.get("restores")
+        if manifest is None:
+            return ()
+    else:
+        return ()
+    if not isinstance(manifest, dict):
+        raise TypeError(f"manifest is a {type(manifest).__name__}, not an object")
+    return tuple(str(c[0]) for c in manifest.get("chunks") or ())

@@ -47,6 +47,7 @@ from airlock import errors as E
 from airlock.chunk.store import ChunkStore
 from airlock.fsutil import fsync_dir
 from airlock.link.client import LinkClient
+from airlock.log import payload as P
 from airlock.log.reader import last_sequence, read_log
 from airlock.primary.replication import MAX_BATCH_RECORDS
 from airlock.primary.datalock import PrimaryLock
@@ -149,15 +150,14 @@ def _chunks_of_log_tail(data_dir: str) -> set[str]:
     vault's APPEND wants every chunk a record references, so the gateway may
     still need them to send those records (primary/replication.py
     `_push_tail`)."""
-    from airlock.vault.catalog import classify      # the chunks a record references, as the vault sees them
     log_dir = os.path.join(data_dir, "log")
     first = max(1, last_sequence(log_dir) - MAX_BATCH_RECORDS)
     out: set[str] = set()
     for rec in read_log(log_dir, first):
         try:
-            out.update(classify(rec.seq, rec.rtype, bytes(rec.payload)).chunks)
-        except E.FormatError:
-            pass
+            out.update(P.chunks_referenced(rec.rtype, P.decode_payload(rec.rtype, bytes(rec.payload))))
+        except (E.FormatError, KeyError, TypeError, ValueError, IndexError):
+            pass        # not a record the vault would take either
     return out
 
 

@@ -111,15 +111,13 @@ def classify(seq: int, rtype: int, payload: bytes) -> Entry:
                 raise FormatError(f"record {seq} (bucket-versioning): bad status {body['status']!r}")
         elif rtype == P.UPLOAD_COMPLETE:
             manifest = body["manifest"]
-        elif rtype == P.UPLOAD_PART:
-            chunks = tuple(str(c[0]) for c in body.get("chunks") or ())
         elif rtype == RECORD_ABORT:
             voids = tuple(int(s) for s in body["seqs"])
             if any(not 1 <= s < seq for s in voids):
                 raise FormatError(f"record {seq} (abort): can only void earlier records: {voids}")
+        chunks = P.chunks_referenced(rtype, body)
         if manifest is not None:
             bucket, key = str(manifest["bucket"]), str(manifest["key"])
-            chunks = tuple(str(c[0]) for c in manifest.get("chunks") or ())
         elif rtype in (P.OBJECT_DELETE, P.UPLOAD_CREATE):
             bucket, key = str(body["bucket"]), str(body["key"])
         elif rtype in (P.BUCKET_CREATE, P.BUCKET_DELETE, P.BUCKET_VERSIONING):
