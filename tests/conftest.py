@@ -339,10 +339,10 @@ class Deployment:
 
 
 @contextlib.contextmanager
-def proxied_deployment(root: Path, ack_timeout: float):
+def proxied_deployment(root: Path, ack_timeout: float, gateway_config: Path | None = None):
     """A Deployment whose link runs through a fault proxy (tests/faultproxy.py)."""
     from faultproxy import FaultProxy
-    d = Deployment(root, ack_timeout=ack_timeout)
+    d = Deployment(root, ack_timeout=ack_timeout, gateway_config=gateway_config)
     d.vault.start()
     proxy = FaultProxy(d.vault.port).start()
     d.use_proxy(proxy)

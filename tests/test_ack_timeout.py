@@ -39,6 +39,17 @@ def proxied(tmp_path):
         yield dp
 
 
+@pytest.fixture(params=["local", "vault"], ids=lambda m: f"chunk_sync={m}")
+def proxied_either_chunk_sync(tmp_path, request):
+    """`proxied` with each chunk_sync mode: with "local" the primary log takes
+    a batch while its APPEND is on the way, with "vault" only once its ACK
+    came or failed."""
+    cfg = tmp_path / "gateway.toml"
+    cfg.write_text(f'[gateway]\nchunk_sync = "{request.param}"\n')
+    with proxied_deployment(tmp_path / "deploy", ACK_TIMEOUT_S, gateway_config=cfg) as dp:
+        yield dp
+
+
 # ---------------------------------------------------------------------- helpers
 
 
@@ -224,13 +235,14 @@ def test_a_link_connect_cancelled_midway_leaves_no_half_open_connection(proxied,
     asyncio.run(run())
 
 
-def test_a_put_whose_append_never_reached_the_vault_is_sent_at_reconnect_and_void(proxied):
-    """The primary log takes a batch while its APPEND is on the way.  Here the
-    APPEND (and the chunk before it) never arrive: the client hears 503, the
-    primary log holds a record the vault lacks.  Reconnecting sends it (its
-    chunk too, on the vault's missing_chunks answer) and then the ABORT that
-    voids it, so both logs hold the same records and the object is nowhere."""
-    d, proxy = proxied
+def test_a_put_whose_append_never_reached_the_vault_is_sent_at_reconnect_and_void(proxied_either_chunk_sync):
+    """The primary log takes a batch while its APPEND is on the way (or, with
+    chunk_sync = "vault", once the ACK failed).  Here the APPEND (and the
+    chunk before it) never arrive: the client hears 503, the primary log
+    holds a record the vault lacks, so its number is never given to another
+    record.  Reconnecting sends it with the ABORT that voids it, so both logs
+    hold the same records and the object is nowhere."""
+    d, proxy = proxied_either_chunk_sync
     s3 = d.gateway.client()
     s3.create_bucket(Bucket="keep")
     s3.put_object(Bucket="keep", Key="a", Body=b"before")
@@ -252,6 +264,39 @@ def test_a_put_whose_append_never_reached_the_vault_is_sent_at_reconnect_and_voi
     d.gateway.restart()
     assert_invisible(d.gateway.client(), "late")
     assert_voided_everywhere(d, d.gateway.client(), "late", before + 1)
+
+
+def test_a_void_record_whose_chunk_is_gone_on_both_sides_is_still_sent_and_voided(proxied_either_chunk_sync):
+    """As above, and the primary's copy of the 503'd record's chunk is gone
+    too before the reconnect (deleted here; a disk fault or, with chunk_sync
+    = "vault", a power cut): nobody has the chunk any more.  The record is
+    void, so the vault takes it without its chunk in the same APPEND as the
+    ABORT that voids it; reconciling does not fail on it again and again,
+    and both logs hold the same records."""
+    import chunkdamage
+    from airlock.chunk.store import digest_of
+    d, proxy = proxied_either_chunk_sync
+    s3 = d.gateway.client()
+    s3.create_bucket(Bucket="keep")
+    s3.put_object(Bucket="keep", Key="a", Body=b"before")
+    before = d.vault.status()["last_seq"]
+    body = os.urandom(5000)
+    proxy.command("hold up")
+    try:
+        with pytest.raises(ClientError) as e:
+            s3.put_object(Bucket="keep", Key="late", Body=body)
+        assert e.value.response["Error"]["Code"] == "ServiceUnavailable", e.value.response
+        assert d.vault.status()["last_seq"] == before
+        assert d.gateway.health()["last_seq"] == before + 1
+        proxy.command("cut")
+        digest = digest_of(body)
+        assert chunkdamage.exists(d.gateway.data, digest)
+        chunkdamage.delete(d.gateway.data, digest)
+    finally:
+        proxy.command("pass")
+    s3.put_object(Bucket="keep", Key="next", Body=b"next")     # reconnects, sends the record, voids it
+    assert s3.get_object(Bucket="keep", Key="next")["Body"].read() == b"next"
+    assert_voided_everywhere(d, s3, "late", before + 1)
 
 
 def _gateway_killed_with_an_unsent_record(d: Deployment, proxy: FaultProxy, key: str, body: bytes) -> int:

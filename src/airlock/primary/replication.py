@@ -10,8 +10,8 @@ APPEND goes out, so the two domains sync at the same time; nothing is applied
 log's sync.  The vault is the authority on what happened: the primary log is a
 prefix of the vault log except for the one batch on its way (at most
 MAX_BATCH_RECORDS records).  With chunk_sync = "vault" (`overlap` off: the
-primary's chunk files are not durable) the primary log follows the ACK, as
-it always did before.  A record is assigned the next sequence number
+primary's chunk files are not durable) the primary log takes a batch after
+its ACK, or, void, after its failure.  A record is assigned the next sequence number
 when its batch is sent; batches go one at a time (window 1: while one batch
 is in flight the next one accumulates, which is the group commit), so both
 logs hold the same records in the same order.
@@ -31,8 +31,10 @@ link comes back the primary reconciles (`_reconcile`):
      (the vault holds them, so they happened) -- except that any of them listed
      in pending-aborts is *void*: kept in both logs, never applied.
   3. If any pending abort is <= V, an ABORT record listing them is committed
-     through the normal path, so the vault knows too.  Without `overlap`,
-     aborts above V were never written anywhere; those numbers are reused.
+     through the normal path, so the vault knows too.  Without `overlap` a
+     failed batch is written to the primary log (void) when its ACK fails, so
+     that its numbers are never reused: the vault may still take the lost
+     APPEND after answering the next HELLO.
   4. pending-aborts.json is removed.
 The result: a change that got 503 is visible nowhere, and no sequence number
 is ever applied twice (the vault accepts a retransmission only if it is
@@ -318,11 +320,8 @@ class ReplicatedCommitPoint:
                 raise E.ReplicationError(f"primary log sequence diverged while reconciling: {got[:3]}...")
             fetched += len(records)
         self._next_seq = vault_last + 1
-        # Failed sequence numbers above V were never written anywhere (without
-        # `overlap` a batch is written locally only after its ACK) and are
-        # reused from V+1: the records that take them now are live, not void.
-        # (With `overlap` every failed number is in the primary log, so the
-        # push above made V cover them.)
+        # Every failed number is in the primary log (`_replicate`), so the
+        # push above made V cover them; nothing above V is void.
         self.void = {s for s in self.void if s <= vault_last}
         if fetched:
             log.info("reconciled: took %d record(s) the vault held beyond the primary log (up to %d)",
@@ -520,14 +519,27 @@ class ReplicatedCommitPoint:
             self.stats["ack_failures"] += 1
             self._ready = False
             await self.link.close()
-            if local is None:
-                # never written locally: reconciliation decides what the next number is
-                self._next_seq = first
             if numbered:
                 # The vault may hold these records: they must never take effect.
                 self.pending_aborts.update(s for s, _r, _p in numbered)
                 self.void.update(s for s, _r, _p in numbered)
                 await self._save_aborts_or_stop()
+                if local is None and not self.paused:
+                    # Without `overlap` the batch goes into the primary log
+                    # now, void (pending-aborts.json is durable first), so
+                    # that its numbers are never given to other records: the
+                    # vault may still be processing the lost APPEND after
+                    # answering the next HELLO, and a reused number would
+                    # then collide there (and a later reconcile fetch the
+                    # 503'd records as live).  Reconnecting sends them like
+                    # any batch whose APPEND never arrived (`_push_tail`).
+                    try:
+                        void = self._start_local(numbered, acked=True)
+                    except E.ReplicationError as e:
+                        log.error("could not write a failed batch to the primary log: %s", e)
+                    else:
+                        # durable before the clients hear 503 (bounded: the lock is held)
+                        await asyncio.wait([f for _s, f in void], timeout=self.ack_timeout)
             if isinstance(exc, asyncio.TimeoutError):
                 raise E.AckTimeout(f"no durable ack from the vault within {self.ack_timeout:g}s") from None
             raise

@@ -441,7 +441,13 @@ class VaultStore:
                         raise FormatError(f"record {seq}: payload of {len(payload)} bytes exceeds {MAX_PAYLOAD}")
             except FormatError as e:
                 raise _rejected("bad_record", str(e)) from e
-            missing = self._missing_chunks(entries)
+            # A record voided by an ABORT in this same APPEND never takes
+            # effect, so its chunks need not be here: the primary pushes a
+            # 503'd record it holds together with the ABORT that voids it,
+            # and may no longer have (or never have had) a good copy of a
+            # chunk of it (docs/format/link.md, APPEND).
+            voided = {s for e in entries for s in e.voids}
+            missing = self._missing_chunks([e for e in entries if e.seq not in voided] if voided else entries)
             if missing:
                 raise _rejected("missing_chunks", f"{len(missing)} referenced chunks are missing",
                                 digests=missing)
