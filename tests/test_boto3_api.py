@@ -699,6 +699,66 @@ def test_delete_objects_batch(cli, bkt):
     assert [o["Key"] for o in cli.list_objects_v2(Bucket=bkt)["Contents"]] == ["d3"]
 
 
+def test_conditional_delete_removes_only_the_object_it_names(s3c, b):
+    """If-Match, x-amz-if-match-size and x-amz-if-match-last-modified-time:
+    a failed condition is 412 and the object stays; one that holds deletes."""
+    etag = s3c.put_object(Bucket=b, Key="k", Body=b"important")["ETag"]
+    mtime = s3c.head_object(Bucket=b, Key="k")["LastModified"]
+    for cond in ({"IfMatch": '"0000"'}, {"IfMatchSize": 999},
+                 {"IfMatchLastModifiedTime": mtime - timedelta(days=1)},
+                 {"IfMatch": etag, "IfMatchSize": 8}):
+        with pytest.raises(ClientError) as ei:
+            s3c.delete_object(Bucket=b, Key="k", **cond)
+        assert _status(ei.value) == 412 and _code(ei.value) == "PreconditionFailed", cond
+        assert s3c.get_object(Bucket=b, Key="k")["Body"].read() == b"important", cond
+    s3c.delete_object(Bucket=b, Key="k", IfMatch=etag, IfMatchSize=9, IfMatchLastModifiedTime=mtime)
+    with pytest.raises(ClientError) as ei:
+        s3c.head_object(Bucket=b, Key="k")
+    assert _status(ei.value) == 404
+    with pytest.raises(ClientError) as ei:                  # a condition on nothing: NoSuchKey
+        s3c.delete_object(Bucket=b, Key="k", IfMatch=etag)
+    assert _code(ei.value) == "NoSuchKey"
+
+
+def test_conditional_delete_of_a_version_checks_that_version(s3c, b):
+    s3c.put_bucket_versioning(Bucket=b, VersioningConfiguration={"Status": "Enabled"})
+    old = s3c.put_object(Bucket=b, Key="k", Body=b"old")
+    new = s3c.put_object(Bucket=b, Key="k", Body=b"new")
+    with pytest.raises(ClientError) as ei:
+        s3c.delete_object(Bucket=b, Key="k", VersionId=old["VersionId"], IfMatch=new["ETag"])
+    assert _status(ei.value) == 412
+    s3c.delete_object(Bucket=b, Key="k", VersionId=old["VersionId"], IfMatch=old["ETag"])
+    versions = s3c.list_object_versions(Bucket=b, Prefix="k").get("Versions", [])
+    assert [v["VersionId"] for v in versions] == [new["VersionId"]]
+    with pytest.raises(ClientError) as ei:                  # a delete marker only where the condition holds
+        s3c.delete_object(Bucket=b, Key="k", IfMatch=old["ETag"])
+    assert _status(ei.value) == 412
+    assert s3c.get_object(Bucket=b, Key="k")["Body"].read() == b"new"
+
+
+def test_a_malformed_delete_condition_is_invalid_argument_and_deletes_nothing(gw, s3c, b):
+    s3c.put_object(Bucket=b, Key="k", Body=b"x")
+    for name, value in (("x-amz-if-match-size", "many"), ("x-amz-if-match-last-modified-time", "yesterday")):
+        req = _signed("DELETE", f"{gw.endpoint}/{b}/k", b"", {name: value})
+        status, _h, body = _send(gw, req, b"")
+        assert status == 400 and _err(body)["Code"] == "InvalidArgument", (name, body)
+    assert s3c.get_object(Bucket=b, Key="k")["Body"].read() == b"x"
+
+
+def test_delete_objects_honours_each_objects_conditions(s3c, b):
+    tags = {k: s3c.put_object(Bucket=b, Key=k, Body=k.encode() * 3)["ETag"] for k in ("a", "b", "c", "d")}
+    r = s3c.delete_objects(Bucket=b, Delete={"Objects": [
+        {"Key": "a", "ETag": tags["a"]},                 # holds
+        {"Key": "b", "ETag": tags["a"]},                 # another object's ETag
+        {"Key": "c", "Size": 1},                         # wrong size
+        {"Key": "d", "Size": 3, "ETag": tags["d"]},      # holds
+    ]})
+    assert sorted(d["Key"] for d in r["Deleted"]) == ["a", "d"]
+    assert sorted((e["Key"], e["Code"]) for e in r["Errors"]) == [("b", "PreconditionFailed"),
+                                                                  ("c", "PreconditionFailed")]
+    assert sorted(o["Key"] for o in s3c.list_objects_v2(Bucket=b)["Contents"]) == ["b", "c"]
+
+
 def test_every_response_has_request_id(s3c, b):
     responses = [s3c.put_object(Bucket=b, Key="k", Body=b"x"), s3c.head_object(Bucket=b, Key="k"),
                  s3c.list_objects_v2(Bucket=b), s3c.list_buckets(), s3c.delete_object(Bucket=b, Key="k")]

@@ -261,6 +261,29 @@ def test_conditional_requests_match_moto(gw):
     differential(gw, sc_conditionals, new_bucket())
 
 
+def sc_conditional_deletes(rec, b):
+    rec("create_bucket", Bucket=b)
+    r = rec("put_object", "ETag", Bucket=b, Key="precious", Body=b"important")
+    etag = r["ETag"]
+    rec("delete_object", Bucket=b, Key="precious", IfMatch='"00000000000000000000000000000000"')  # 412
+    rec("get_object", _body=True, Bucket=b, Key="precious")                # still there
+    rec("delete_object", Bucket=b, Key="missing", IfMatch=etag)            # NoSuchKey
+    rec("delete_object", Bucket=b, Key="precious", IfMatch=etag)           # 204
+    rec("head_object", Bucket=b, Key="precious")                           # gone
+    rec("put_object", Bucket=b, Key="again", Body=b"again")
+    rec("delete_object", Bucket=b, Key="again", IfMatch="*")               # any ETag: 204
+    rec.moto_diverges(("delete_object", {"status": 204}),
+                      "moto compares '*' with the ETag as a string; If-Match: * matches any current "
+                      "object (RFC 9110 13.1.1), as S3's conditional writes document it")
+    rec("head_object", Bucket=b, Key="again")
+    rec.moto_diverges(("head_object", 404, "404"), "follows from moto refusing If-Match: *")
+
+
+def test_conditional_deletes_match_moto(gw):
+    """A delete whose If-Match fails leaves the object where it is."""
+    differential(gw, sc_conditional_deletes, new_bucket())
+
+
 def sc_metadata(rec, b):
     rec("create_bucket", Bucket=b)
     rec("put_object", Bucket=b, Key="m", Body=b"meta",

@@ -508,6 +508,31 @@ def test_conditional_creates_of_one_key_from_many_processes_let_exactly_one_win(
     assert fresh_client(gw).get_object(Bucket="race", Key="only-once")["Body"].read() == f"writer {first}".encode()
 
 
+def test_conditional_deletes_from_many_processes_remove_only_the_object_they_name(dep):
+    """Every process checks a delete's If-Match where the leader commits it,
+    under the key's lock: of many deletes naming one ETag exactly one
+    succeeds, and none naming an older ETag removes the newer object."""
+    gw = dep.gateway
+    fresh_client(gw).create_bucket(Bucket="cdel")
+    old = fresh_client(gw).put_object(Bucket="cdel", Key="k", Body=b"old")["ETag"]
+
+    def attempt(etag: str):
+        try:
+            fresh_client(gw).delete_object(Bucket="cdel", Key="k", IfMatch=etag)
+            return "deleted"
+        except ClientError as e:
+            return e.response["Error"]["Code"]
+
+    with cf.ThreadPoolExecutor(12) as ex:
+        outcomes = list(ex.map(attempt, [old] * 24))
+    assert outcomes.count("deleted") == 1 and set(outcomes) == {"deleted", "NoSuchKey"}, outcomes
+    fresh_client(gw).put_object(Bucket="cdel", Key="k", Body=b"new")
+    with cf.ThreadPoolExecutor(12) as ex:
+        outcomes = list(ex.map(attempt, [old] * 24))
+    assert set(outcomes) == {"PreconditionFailed"}, outcomes
+    assert fresh_client(gw).get_object(Bucket="cdel", Key="k")["Body"].read() == b"new"
+
+
 def test_a_worker_killed_amid_writes_loses_nothing_acknowledged_and_is_replaced(dep):
     gw = dep.gateway
     fresh_client(gw).create_bucket(Bucket="sturdy")

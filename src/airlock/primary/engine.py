@@ -445,8 +445,9 @@ class Engine:
                      parts=src.parts, part_checksums=src.part_checksums)
         return await self.commit_object(m, precondition=precondition)
 
-    async def delete_object(self, bucket: str, key: str,
-                            version_id: str | None = None) -> tuple[str | None, bool]:
+    async def delete_object(self, bucket: str, key: str, version_id: str | None = None, *,
+                            precondition: Callable[[Manifest | None], None] | None = None,
+                            ) -> tuple[str | None, bool]:
         """S3 DeleteObject.  Returns (version id to report, is a delete marker).
 
         Without `version_id`: in a never-versioned bucket the object is
@@ -454,27 +455,40 @@ class Engine:
         with a new version id is added; in a Suspended one a "null" delete
         marker replaces the null version.  With `version_id`: that version or
         delete marker is removed for good (on the primary; the vault keeps the
-        history) and the newest remaining version becomes current."""
+        history) and the newest remaining version becomes current.
+        `precondition` (a conditional delete) sees the object the request
+        would delete -- the current one, or the version named; None for a
+        delete marker or nothing -- just before the commit, under the key's
+        write lock, and raises to refuse."""
         self._need_bucket(bucket)
         now = time.time()
         status = self.index.versioning(bucket)
         if version_id is None and status == "":
             def legacy():
-                if self.index.object(bucket, key) is None:
+                current = self.index.object(bucket, key)
+                if precondition is not None:
+                    precondition(current)
+                if current is None:
                     return None
                 return P.OBJECT_DELETE, {"bucket": bucket, "key": key, "mtime": now}
             await self._commit_key(bucket, key, legacy)
             return None, False
         if version_id is None:
             marker = _new_version_id() if status == "Enabled" else NULL_VERSION
-            await self._commit_key(bucket, key, lambda: (
-                P.OBJECT_DELETE, {"bucket": bucket, "key": key, "mtime": now, "marker": marker}))
+
+            def add_marker():
+                if precondition is not None:
+                    precondition(self.index.object(bucket, key))
+                return P.OBJECT_DELETE, {"bucket": bucket, "key": key, "mtime": now, "marker": marker}
+            await self._commit_key(bucket, key, add_marker)
             return marker, True
 
         found: list[ObjectVersion] = []
 
         def remove():
             v = self.index.version(bucket, key, version_id)
+            if precondition is not None:
+                precondition(None if v is None or v.is_delete_marker else v.manifest)
             if v is None:
                 return None
             found.append(v)

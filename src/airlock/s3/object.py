@@ -1,6 +1,7 @@
 """Object operations: PutObject, GetObject, HeadObject, DeleteObject, CopyObject."""
 from __future__ import annotations
 
+import datetime
 import email.utils
 import re
 from urllib.parse import unquote
@@ -118,6 +119,59 @@ class WritePrecondition:
             tags = _etags(self.if_match)
             if current.etag not in tags and "*" not in tags:
                 raise E.PreconditionFailed(Condition="If-Match")
+
+
+class DeletePrecondition:
+    """A conditional delete: DeleteObject's If-Match, x-amz-if-match-size and
+    x-amz-if-match-last-modified-time, or an object's ETag, Size and
+    LastModifiedTime in DeleteObjects.  Checked by the engine against the
+    object the request would delete (the current one, or the version named),
+    under the key's write lock, like WritePrecondition; a plain object for
+    the same reason.  A condition on an object that is not there is
+    NoSuchKey (as moto answers If-Match)."""
+
+    def __init__(self, etag: str | None, size: int | None, mtime: float | None):
+        self.etag = etag
+        self.size = size
+        self.mtime = mtime
+
+    def __call__(self, current: Manifest | None) -> None:
+        if current is None:
+            raise E.NoSuchKey()
+        if self.etag is not None:
+            tags = _etags(self.etag)
+            if current.etag not in tags and "*" not in tags:
+                raise E.PreconditionFailed(Condition="If-Match")
+        if self.size is not None and current.size != self.size:
+            raise E.PreconditionFailed(Condition="x-amz-if-match-size")
+        if self.mtime is not None and int(current.mtime) != int(self.mtime):
+            raise E.PreconditionFailed(Condition="x-amz-if-match-last-modified-time")
+
+
+def delete_precondition(etag: str | None, size: str | None, mtime: str | None,
+                        names=("If-Match", "x-amz-if-match-size", "x-amz-if-match-last-modified-time")):
+    """A DeletePrecondition from the request's values (None: no condition).
+    A size that is not a whole number, or a time that is neither an HTTP
+    date nor ISO 8601, is InvalidArgument: silently deleting anyway would
+    be the one wrong answer."""
+    if etag is None and size is None and mtime is None:
+        return None
+    n = None
+    if size is not None:
+        if not size.strip().isdigit():
+            raise E.InvalidArgument(f"{names[1]} must be a whole number of bytes", ArgumentName=names[1],
+                                    ArgumentValue=size)
+        n = int(size)
+    t = None
+    if mtime is not None:
+        t = _parse_http_date(mtime)
+        if t is None:
+            try:
+                t = datetime.datetime.fromisoformat(mtime.strip().replace("Z", "+00:00")).timestamp()
+            except ValueError:
+                raise E.InvalidArgument(f"{names[2]} is not a date", ArgumentName=names[2],
+                                        ArgumentValue=mtime) from None
+    return DeletePrecondition(etag, n, t)
 
 
 def check_read_conditions(headers, m: Manifest, prefix: str = "") -> None:
@@ -305,7 +359,10 @@ async def get_object(ctx) -> web.StreamResponse:
 # ---------------------------------------------------------------------------- DELETE
 async def delete_object(ctx) -> web.Response:
     owned_bucket(ctx)
-    vid, marker = await ctx.engine.delete_object(ctx.bucket, ctx.key, version_id_param(ctx))
+    h = ctx.headers
+    cond = delete_precondition(h.get("If-Match"), h.get("x-amz-if-match-size"),
+                               h.get("x-amz-if-match-last-modified-time"))
+    vid, marker = await ctx.engine.delete_object(ctx.bucket, ctx.key, version_id_param(ctx), precondition=cond)
     headers = {}
     if vid is not None:
         headers["x-amz-version-id"] = vid
