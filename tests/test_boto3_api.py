@@ -759,6 +759,83 @@ def test_delete_objects_honours_each_objects_conditions(s3c, b):
     assert sorted(o["Key"] for o in s3c.list_objects_v2(Bucket=b)["Contents"]) == ["b", "c"]
 
 
+def test_completing_with_a_wrong_whole_object_checksum_is_bad_digest_and_keeps_the_upload(s3c, b):
+    p1, p2 = os.urandom(5 * 1024 * 1024), b"end"
+    uid = s3c.create_multipart_upload(Bucket=b, Key="k", ChecksumAlgorithm="CRC32",
+                                      ChecksumType="FULL_OBJECT")["UploadId"]
+    parts = []
+    for n, data in ((1, p1), (2, p2)):
+        r = s3c.upload_part(Bucket=b, Key="k", UploadId=uid, PartNumber=n, Body=data, ChecksumAlgorithm="CRC32")
+        parts.append({"PartNumber": n, "ETag": r["ETag"], "ChecksumCRC32": r["ChecksumCRC32"]})
+    wrong = base64.b64encode((zlib.crc32(p1 + p2) ^ 1).to_bytes(4, "big")).decode()
+    with pytest.raises(ClientError) as ei:
+        s3c.complete_multipart_upload(Bucket=b, Key="k", UploadId=uid, MultipartUpload={"Parts": parts},
+                                      ChecksumCRC32=wrong, ChecksumType="FULL_OBJECT")
+    assert _code(ei.value) == "BadDigest" and _status(ei.value) == 400
+    with pytest.raises(ClientError) as ei:               # the type the upload was not created with
+        s3c.complete_multipart_upload(Bucket=b, Key="k", UploadId=uid, MultipartUpload={"Parts": parts},
+                                      ChecksumType="COMPOSITE")
+    assert _code(ei.value) == "InvalidRequest"
+    right = base64.b64encode(zlib.crc32(p1 + p2).to_bytes(4, "big")).decode()
+    r = s3c.complete_multipart_upload(Bucket=b, Key="k", UploadId=uid, MultipartUpload={"Parts": parts},
+                                      ChecksumCRC32=right, ChecksumType="FULL_OBJECT")
+    assert r["ChecksumCRC32"] == right and r["ChecksumType"] == "FULL_OBJECT"
+    assert s3c.get_object(Bucket=b, Key="k")["Body"].read() == p1 + p2
+
+
+def test_a_multipart_checksum_type_the_algorithm_cannot_have_is_invalid_request(s3c, b):
+    for alg, ctype in (("SHA256", "FULL_OBJECT"), ("CRC64NVME", "COMPOSITE")):
+        with pytest.raises(ClientError) as ei:
+            s3c.create_multipart_upload(Bucket=b, Key="k", ChecksumAlgorithm=alg, ChecksumType=ctype)
+        assert _code(ei.value) == "InvalidRequest", (alg, ctype)
+
+
+def test_not_modified_names_the_representation_the_client_has(gw, s3c, b):
+    etag = s3c.put_object(Bucket=b, Key="k", Body=b"cached")["ETag"]
+    url = s3c.generate_presigned_url("get_object", Params={"Bucket": b, "Key": "k"}, ExpiresIn=60)
+    status, headers, body = _urlopen(urllib.request.Request(url, headers={"If-None-Match": etag}))
+    assert status == 304 and body == b""
+    h = {k.lower(): v for k, v in headers.items()}
+    assert h["etag"] == etag and h["last-modified"], h
+
+
+def test_list_buckets_takes_a_prefix_and_pages(s3c):
+    names = [f"lbp-{i:02d}-{time.time_ns() % 10**6}" for i in range(5)]
+    for n in names:
+        s3c.create_bucket(Bucket=n)
+    r = s3c.list_buckets(Prefix="lbp-0")
+    assert sorted(x["Name"] for x in r["Buckets"]) == sorted(names) and r["Prefix"] == "lbp-0"
+    seen, token = [], None
+    while True:
+        kw = {"ContinuationToken": token} if token else {}
+        r = s3c.list_buckets(Prefix="lbp-", MaxBuckets=2, **kw)
+        assert len(r["Buckets"]) <= 2
+        seen += [x["Name"] for x in r["Buckets"]]
+        token = r.get("ContinuationToken")
+        if not token:
+            break
+    assert seen == sorted(names)
+    assert s3c.list_buckets(Prefix="lbp-", BucketRegion="eu-west-3")["Buckets"] == []
+    url = s3c.generate_presigned_url("list_buckets", Params={}, ExpiresIn=60) + "&max-buckets=0"
+    status, _h, body = _urlopen(url)
+    assert status == 400 and _err(body)["Code"] == "InvalidArgument"
+
+
+def test_upload_part_copy_takes_only_a_range_inside_the_source(s3c, b):
+    s3c.put_object(Bucket=b, Key="src", Body=b"0123456789")
+    uid = s3c.create_multipart_upload(Bucket=b, Key="dst")["UploadId"]
+    for rng in ("bytes=5-100", "bytes=0-", "bytes=-5", "bytes=6-2", "bytes=10-10", "5-6"):
+        with pytest.raises(ClientError) as ei:
+            s3c.upload_part_copy(Bucket=b, Key="dst", UploadId=uid, PartNumber=1,
+                                 CopySource={"Bucket": b, "Key": "src"}, CopySourceRange=rng)
+        assert _code(ei.value) == "InvalidArgument", rng
+    e = s3c.upload_part_copy(Bucket=b, Key="dst", UploadId=uid, PartNumber=1, CopySource={"Bucket": b, "Key": "src"},
+                             CopySourceRange="bytes=2-5")["CopyPartResult"]["ETag"]
+    s3c.complete_multipart_upload(Bucket=b, Key="dst", UploadId=uid,
+                                  MultipartUpload={"Parts": [{"PartNumber": 1, "ETag": e}]})
+    assert s3c.get_object(Bucket=b, Key="dst")["Body"].read() == b"2345"
+
+
 def test_every_response_has_request_id(s3c, b):
     responses = [s3c.put_object(Bucket=b, Key="k", Body=b"x"), s3c.head_object(Bucket=b, Key="k"),
                  s3c.list_objects_v2(Bucket=b), s3c.list_buckets(), s3c.delete_object(Bucket=b, Key="k")]

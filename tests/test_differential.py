@@ -230,6 +230,7 @@ def sc_ranges(rec, b):
         rec("get_object", "ContentLength", "ContentRange", _body=True, Bucket=b, Key="r", Range=rng)
     rec("put_object", Bucket=b, Key="empty", Body=b"")
     rec("get_object", "ContentLength", _body=True, Bucket=b, Key="empty", Range="bytes=0-")
+    rec("get_object", "ContentLength", "ContentRange", _body=True, Bucket=b, Key="empty", Range="bytes=-1")
 
 
 def test_ranges_match_moto(gw):
@@ -399,6 +400,69 @@ def sc_multipart(rec, b):
 
 def test_multipart_matches_moto(gw):
     differential(gw, sc_multipart, new_bucket())
+
+
+def sc_multipart_checksums(rec, b):
+    """FULL_OBJECT and COMPOSITE multipart checksums, and the whole object's
+    checksum an SDK names when it completes the upload."""
+    import zlib
+    rec("create_bucket", Bucket=b)
+    p1, p2 = b"f" * (5 * MB), b"tail of the object"
+
+    def crc32(data: bytes) -> str:
+        return base64.b64encode(zlib.crc32(data).to_bytes(4, "big")).decode()
+
+    for key, ctype in (("full", "FULL_OBJECT"), ("composite", "COMPOSITE")):
+        up = rec("create_multipart_upload", "ChecksumAlgorithm", "ChecksumType", Bucket=b, Key=key,
+                 ChecksumAlgorithm="CRC32", ChecksumType=ctype)
+        uid = up["UploadId"]
+        parts = []
+        for n, data in ((1, p1), (2, p2)):
+            r = rec("upload_part", "ETag", "ChecksumCRC32", Bucket=b, Key=key, UploadId=uid, PartNumber=n,
+                    Body=data, ChecksumAlgorithm="CRC32")
+            parts.append({"PartNumber": n, "ETag": r["ETag"], "ChecksumCRC32": r["ChecksumCRC32"]})
+        claim = {}
+        if ctype == "FULL_OBJECT":
+            claim = {"ChecksumCRC32": crc32(p1 + p2), "ChecksumType": "FULL_OBJECT"}
+            want = crc32(p1 + p2)
+        else:
+            want = crc32(b"".join(base64.b64decode(p["ChecksumCRC32"]) for p in parts)) + "-2"
+        rec("complete_multipart_upload", "ETag", "ChecksumCRC32", "ChecksumType", Bucket=b, Key=key,
+            UploadId=uid, MultipartUpload={"Parts": parts}, **claim)
+        done = rec.log[-1]
+        if isinstance(done[1], dict):
+            rec.moto_diverges((done[0], {**done[1], "ChecksumCRC32": want, "ChecksumType": ctype}),
+                              "moto leaves the checksum out of CompleteMultipartUpload's answer; S3 "
+                              "returns it (CompleteMultipartUploadOutput.ChecksumCRC32, ChecksumType)")
+        rec("head_object", "ContentLength", "ChecksumCRC32", "ChecksumType", Bucket=b, Key=key,
+            ChecksumMode="ENABLED")
+        head = rec.log[-1]
+        if ctype == "COMPOSITE" and isinstance(head[1], dict):
+            rec.moto_diverges((head[0], {**head[1], "ChecksumCRC32": want}),
+                              "moto drops the -<parts> suffix S3 gives a COMPOSITE checksum on HeadObject")
+    up = rec("create_multipart_upload", "ChecksumAlgorithm", "ChecksumType", Bucket=b, Key="nvme",
+             ChecksumAlgorithm="CRC64NVME")                      # FULL_OBJECT is its only type
+    rec.moto_diverges(("create_multipart_upload", {"status": 200, "ChecksumAlgorithm": "CRC64NVME",
+                                                   "ChecksumType": "FULL_OBJECT"}),
+                      "moto echoes x-amz-checksum-type only when the request named it; S3 answers the "
+                      "type the upload has (FULL_OBJECT, the only one CRC64NVME allows)")
+    r = rec("upload_part", "ChecksumCRC64NVME", Bucket=b, Key="nvme", UploadId=up["UploadId"], PartNumber=1,
+            Body=p2, ChecksumAlgorithm="CRC64NVME")
+    rec("complete_multipart_upload", "ChecksumCRC64NVME", "ChecksumType", Bucket=b, Key="nvme",
+        UploadId=up["UploadId"], MultipartUpload={"Parts": [
+            {"PartNumber": 1, "ETag": r["ETag"], "ChecksumCRC64NVME": r["ChecksumCRC64NVME"]}]})
+    rec.moto_diverges(("complete_multipart_upload", {"status": 200, "ChecksumCRC64NVME": r["ChecksumCRC64NVME"],
+                                                     "ChecksumType": "FULL_OBJECT"}),
+                      "moto leaves the checksum out of CompleteMultipartUpload's answer (as above); one "
+                      "part's CRC is the whole object's")
+    rec("head_object", "ChecksumCRC64NVME", "ChecksumType", Bucket=b, Key="nvme", ChecksumMode="ENABLED")
+    rec.moto_diverges(("head_object", {"status": 200, "ChecksumCRC64NVME": r["ChecksumCRC64NVME"],
+                                       "ChecksumType": "FULL_OBJECT"}),
+                      "moto reports a checksum type only if the upload's request named one")
+
+
+def test_multipart_checksums_match_moto(gw):
+    differential(gw, sc_multipart_checksums, new_bucket())
 
 
 def sc_list_uploads(rec, b):

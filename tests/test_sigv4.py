@@ -459,3 +459,18 @@ def test_sigv2_presigned_virtual_host_url_verifies_with_bucket_from_host():
     ctx = authenticate("GET", parts.path, parts.query, CIMultiDict({"Host": parts.netloc}), KEYS.get,
                        now=_v2_expiry(url) - dt.timedelta(minutes=1), virtual_host_bucket="bucket")
     assert ctx.presigned
+
+
+@pytest.mark.parametrize("op", ["list_objects_v2", "list_objects", "head_bucket"])
+def test_sigv2_presigned_bucket_url_verifies(boto3_wire, op):
+    """botocore signs a bucket's own resource as "/bucket/" even when the
+    URL's path is "/bucket"; both name the same bucket."""
+    client, _ = boto3_wire
+    url = client.generate_presigned_url(op, Params={"Bucket": "bucket"})
+    assert "AWSAccessKeyId=" in url
+    w = Wire("HEAD" if op == "head_bucket" else "GET", url, {})
+    assert w.auth(now=_v2_expiry(url) - dt.timedelta(minutes=1)).presigned
+    tampered = Wire("GET" if op == "head_bucket" else "GET", url.replace("/bucket", "/bucket2", 1), {})
+    if op != "head_bucket":
+        with pytest.raises(SignatureDoesNotMatch):
+            tampered.auth(now=_v2_expiry(url) - dt.timedelta(minutes=1))

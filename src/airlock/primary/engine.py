@@ -717,9 +717,14 @@ class Engine:
         await self._commit(P.UPLOAD_ABORT, {"upload_id": up.upload_id})
 
     async def complete_upload(self, up: Upload, requested: list[tuple[int, str, dict[str, str]]],
-                              precondition: Callable[[Manifest | None], None] | None = None) -> Manifest:
+                              precondition: Callable[[Manifest | None], None] | None = None,
+                              claim: tuple[str, str] | None = None,
+                              claimed_type: str | None = None) -> Manifest:
         """`requested` is [(part_number, etag_without_quotes, {alg: b64})] as the
-        client listed them."""
+        client listed them.  `claim`: (algorithm, base64) of the whole
+        object's checksum the client named, checked against the one computed
+        from the parts (FULL_OBJECT or COMPOSITE, as the upload was created);
+        `claimed_type` the checksum type it named."""
         if not requested:
             raise E.MalformedXML()
         have = {p.part_number: p for p in self.index.parts(up.upload_id)}
@@ -740,13 +745,21 @@ class Engine:
         md5s = b"".join(bytes.fromhex(p.etag) for p in chosen)
         etag = f"{hashlib.md5(md5s).hexdigest()}-{len(chosen)}"
         chunks = [c for p in chosen for c in p.chunks]
+        from airlock.s3 import checksums as C
         checksums: dict[str, str] = {}
         ctype = None
         alg = up.checksum_algorithm
+        utype = ((up.checksum_type or "").upper() or C.multipart_checksum_type(alg, None)) if alg else None
+        if utype == "FULL_OBJECT" and alg not in C.CRC_ALGORITHMS:
+            utype = "COMPOSITE"             # an upload created before the type was checked
+        if claimed_type is not None and claimed_type != (utype or claimed_type):
+            raise E.InvalidRequest(f"The upload was created using the {utype} checksum type. "
+                                   f"The complete request referenced the {claimed_type} checksum type.")
         if alg and all(alg in p.checksums for p in chosen):
-            from airlock.s3.checksums import composite_checksum
-            checksums[alg] = composite_checksum(alg, [base64.b64decode(p.checksums[alg]) for p in chosen])
-            ctype = "COMPOSITE"
+            checksums[alg] = C.multipart_object_checksum(alg, utype, [(p.checksums[alg], p.size) for p in chosen])
+            ctype = utype
+        if claim is not None:
+            C.check_object_claim(claim, alg, utype, checksums.get(alg), len(chosen))
         m = Manifest(bucket=up.bucket, key=up.key, size=sum(p.size for p in chosen), etag=etag,
                      mtime=time.time(), meta=up.meta, chunks=chunks, checksums=checksums,
                      checksum_type=ctype, parts=[p.size for p in chosen],

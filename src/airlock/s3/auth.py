@@ -385,19 +385,28 @@ def _authenticate_presigned_v2(method, raw_path, raw_query, query, headers, look
     resource = raw_path or "/"
     if virtual_host_bucket:
         resource = f"/{virtual_host_bucket}{resource}"
+    # A bucket's own resource is "/bucket/" in SigV2 (botocore signs a
+    # bucket-level presigned URL so even when its path is "/bucket"): both
+    # spellings name the same bucket, so both are accepted.
+    paths = [resource]
+    if resource.count("/") == 1 and len(resource) > 1:
+        paths.append(resource + "/")
     # as botocore builds it: raw names, "name" or "name=<decoded value>", stable sort by name
     subs = [part.split("=", 1) for part in raw_query.split("&") if part]
     subs = sorted((s for s in subs if s[0] in _V2_SUBRESOURCES), key=lambda s: s[0])
+    query = ""
     if subs:
-        resource += "?" + "&".join(s[0] if len(s) == 1 else f"{s[0]}={unquote(s[1])}" for s in subs)
+        query = "?" + "&".join(s[0] if len(s) == 1 else f"{s[0]}={unquote(s[1])}" for s in subs)
     lines = [method.upper(), standard("content-md5"), standard("content-type"), expires_s]
     lines += [f"{k}:{','.join(amz[k])}" for k in sorted(amz)]
-    lines.append(resource)
-    string_to_sign = "\n".join(lines)
-    mac = _v2_hmac(secret).copy()
-    mac.update(string_to_sign.encode("utf-8", "surrogateescape"))
-    expected = base64.b64encode(mac.digest())
-    if not hmac.compare_digest(expected, provided.encode("utf-8", "replace")):
+    string_to_sign = ""
+    for path in paths:
+        string_to_sign = "\n".join(lines + [path + query])
+        mac = _v2_hmac(secret).copy()
+        mac.update(string_to_sign.encode("utf-8", "surrogateescape"))
+        if hmac.compare_digest(base64.b64encode(mac.digest()), provided.encode("utf-8", "replace")):
+            break
+    else:
         raise SignatureDoesNotMatch(AWSAccessKeyId=access_key, StringToSign=string_to_sign,
                                     SignatureProvided=provided)
     return AuthContext(access_key=access_key, region="us-east-1", amz_date=now.strftime(AMZ_DATE_FORMAT),

@@ -24,13 +24,17 @@ MAX_OBJECT_SIZE = 5 * 1024 ** 4   # S3's object size limit (5 TiB)
 
 
 class BodyStream:
-    def __init__(self, request: web.Request, actx: auth.AuthContext):
+    def __init__(self, request: web.Request, actx: auth.AuthContext, checksum_headers: bool = True):
+        """`checksum_headers` False: x-amz-checksum-<alg> headers are not
+        about this body (CompleteMultipartUpload's name the whole object's
+        checksum); a checksum in a trailer still is."""
         self.request = request
         self.headers = request.headers
         self.mode = auth.payload_mode(actx)
         self.received = 0
         self.trailers: dict[str, str] = {}
-        self.checksum = checksums.requested_checksum(self.headers)
+        self.checksum = checksums.requested_checksum(
+            self.headers if checksum_headers else checksums.without_checksum_values(self.headers))
         md5 = self.headers.get("Content-MD5")
         self.content_md5 = checksums.parse_content_md5(md5) if md5 is not None else None
         self.expected_sha256 = actx.payload_hash if self.mode == "sha256" else None
@@ -96,9 +100,11 @@ class BodyStream:
             checksums.verify_checksum(alg, expected, d.checksums[alg], checksums.header_name(alg))
 
 
-async def read_small_body(request: web.Request, actx: auth.AuthContext, limit: int) -> bytes:
-    """Read a whole (XML) request body, decoding and verifying it like any other."""
-    stream = BodyStream(request, actx)
+async def read_small_body(request: web.Request, actx: auth.AuthContext, limit: int,
+                          checksum_headers: bool = True) -> bytes:
+    """Read a whole (XML) request body, decoding and verifying it like any
+    other (`checksum_headers`: see BodyStream)."""
+    stream = BodyStream(request, actx, checksum_headers)
     parts: list[bytes] = []
     total = 0
     async for piece in stream:

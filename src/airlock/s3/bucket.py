@@ -2,6 +2,8 @@
 GetBucketLocation, GetBucketVersioning, PutBucketVersioning."""
 from __future__ import annotations
 
+import base64
+
 from aiohttp import web
 
 from airlock import errors as E
@@ -10,11 +12,47 @@ from airlock.s3.common import check_bucket_name, owned_bucket, xml_response
 from airlock.s3.xml import MAX_XML_BODY, child_text, doc, el, esc, iso8601, parse
 
 
+MAX_BUCKETS_PAGE = 10000     # ListBuckets' max-buckets range is 1..10000
+
+
 async def list_buckets(ctx) -> web.Response:
-    buckets = ctx.engine.list_buckets(owner=ctx.user.user_id)
-    items = "".join(f"<Bucket>{el('Name', b.name)}{el('CreationDate', iso8601(b.created))}</Bucket>"
-                    for b in buckets)
-    return xml_response(doc("ListAllMyBucketsResult", f"{ctx.owner_xml()}<Buckets>{items}</Buckets>"))
+    """ListBuckets, in name order; `prefix`, `bucket-region`, and pages of
+    `max-buckets` with an opaque `continuation-token` (the last name given,
+    base64url)."""
+    q = ctx.query
+    prefix = q.get("prefix", "")
+    region = q.get("bucket-region")
+    limit = None
+    if "max-buckets" in q:
+        raw = q["max-buckets"]
+        if not raw.isdigit() or not 1 <= int(raw) <= MAX_BUCKETS_PAGE:
+            raise E.InvalidArgument(f"max-buckets must be between 1 and {MAX_BUCKETS_PAGE}",
+                                    ArgumentName="max-buckets", ArgumentValue=raw)
+        limit = int(raw)
+    after = None
+    if "continuation-token" in q:
+        token = q["continuation-token"]
+        try:
+            after = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode("utf-8")
+        except (ValueError, UnicodeDecodeError):
+            raise E.InvalidArgument("The continuation token provided is incorrect",
+                                    ArgumentName="continuation-token") from None
+    buckets = sorted(ctx.engine.list_buckets(owner=ctx.user.user_id), key=lambda b: b.name)
+    if region is not None and region != ctx.config.region:
+        buckets = []
+    buckets = [b for b in buckets if b.name.startswith(prefix) and (after is None or b.name > after)]
+    more = limit is not None and len(buckets) > limit
+    if limit is not None:
+        buckets = buckets[:limit]
+    items = "".join(f"<Bucket>{el('Name', b.name)}{el('CreationDate', iso8601(b.created))}"
+                    f"{el('BucketRegion', ctx.config.region)}</Bucket>" for b in buckets)
+    tail = ""
+    if more:
+        tail += el("ContinuationToken",
+                   base64.urlsafe_b64encode(buckets[-1].name.encode()).decode().rstrip("="))
+    if "prefix" in q:
+        tail += el("Prefix", prefix)
+    return xml_response(doc("ListAllMyBucketsResult", f"{ctx.owner_xml()}<Buckets>{items}</Buckets>{tail}"))
 
 
 async def create_bucket(ctx) -> web.Response:

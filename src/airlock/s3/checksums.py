@@ -154,6 +154,36 @@ def requested_checksum(headers: Mapping[str, str]) -> ChecksumRequest:
     return ChecksumRequest(None, None, False)
 
 
+def without_checksum_values(headers: Mapping[str, str]) -> dict[str, str]:
+    """`headers` without x-amz-checksum-<alg> values (and without the SDK's
+    algorithm header, which only announces them)."""
+    return {k: v for k, v in headers.items()
+            if not ((k.lower().startswith("x-amz-checksum-") and k.lower() not in _NOT_VALUES)
+                    or k.lower() == "x-amz-sdk-checksum-algorithm")}
+
+
+def object_checksum_claim(headers: Mapping[str, str]) -> tuple[str, str] | None:
+    """(algorithm, value) of the whole object's checksum a
+    CompleteMultipartUpload names in an x-amz-checksum-<alg> header: a
+    FULL_OBJECT value, or a COMPOSITE one with or without its "-<parts>"
+    suffix.  None if there is none; InvalidRequest for more than one or a
+    value that is not base64 of the algorithm's size."""
+    found = [(k.lower()[len("x-amz-checksum-"):].upper(), v.strip()) for k, v in headers.items()
+             if k.lower().startswith("x-amz-checksum-") and k.lower() not in _NOT_VALUES]
+    if not found:
+        return None
+    if len(found) > 1:
+        raise InvalidRequest("Expecting a single x-amz-checksum- header. Multiple checksum Types are not allowed.")
+    alg, value = found[0]
+    if alg not in ALGORITHMS:
+        raise NotImplementedS3(f"Checksum algorithm {alg} is not supported.", Header=f"x-amz-checksum-{alg.lower()}")
+    b64, dash, count = value.partition("-")
+    if dash and not count.isdigit():
+        raise InvalidRequest(f"Value for x-amz-checksum-{alg.lower()} header is invalid.")
+    decode_value(alg, b64)
+    return alg, value
+
+
 def trailer_names(headers: Mapping[str, str]) -> list[str]:
     """Lower-cased names announced in ``x-amz-trailer`` (comma separated)."""
     getall = getattr(headers, "getall", None)
@@ -211,6 +241,54 @@ _COMBINE = {
     "CRC32C": (_crt.combine_crc32c, 4),
     "CRC64NVME": (_crt.combine_crc64nvme, 8),
 }
+
+
+def multipart_checksum_type(alg: str | None, ctype: str | None) -> str | None:
+    """The checksum type of a multipart upload with algorithm `alg`: `ctype`
+    as asked, else FULL_OBJECT for CRC64NVME (the one type S3 allows it)
+    and COMPOSITE for the others; None without an algorithm.
+    InvalidRequest for a combination S3 refuses."""
+    if alg is None:
+        return None
+    if ctype is None:
+        return "FULL_OBJECT" if alg == "CRC64NVME" else "COMPOSITE"
+    if ctype == "FULL_OBJECT" and alg not in CRC_ALGORITHMS:
+        raise InvalidRequest(f"The FULL_OBJECT checksum type cannot be used with the {alg.lower()} checksum algorithm.")
+    if ctype == "COMPOSITE" and alg == "CRC64NVME":
+        raise InvalidRequest("The COMPOSITE checksum type cannot be used with the crc64nvme checksum algorithm.")
+    return ctype
+
+
+def multipart_object_checksum(alg: str, ctype: str, parts: list[tuple[str, int]]) -> str:
+    """The object checksum of a completed upload from its parts' (base64
+    checksum, length): FULL_OBJECT (the CRC of the whole object) or
+    COMPOSITE (checksum of the part checksums, "-<parts>")."""
+    digests = [(base64.b64decode(v), n) for v, n in parts]
+    if ctype == "FULL_OBJECT":
+        return full_object_checksum(alg, digests)
+    return composite_checksum(alg, [d for d, _n in digests])
+
+
+def check_object_claim(claim: tuple[str, str], alg: str | None, ctype: str | None,
+                       computed: str | None, parts: int) -> None:
+    """The whole object's checksum a CompleteMultipartUpload named
+    (`object_checksum_claim`) against the one computed from the parts:
+    BadDigest if they differ, InvalidRequest if the upload has no such
+    checksum to compare with."""
+    calg, value = claim
+    if alg is None or calg != alg:
+        raise InvalidRequest(f"The upload was created using the {(alg or 'null').lower()} checksum algorithm. "
+                             f"The complete request referenced the {calg.lower()} checksum algorithm.")
+    if computed is None:
+        raise InvalidRequest(f"The upload was created using a {alg.lower()} checksum. The complete request "
+                             f"cannot be checked: a part was uploaded without its {alg.lower()} checksum.")
+    b64, _dash, count = value.partition("-")
+    if ctype == "FULL_OBJECT":
+        ok = not count and b64 == computed
+    else:
+        ok = b64 == computed.partition("-")[0] and (not count or int(count) == parts)
+    if not ok:
+        raise BadDigest(f"The {alg} you specified did not match the calculated checksum.")
 
 
 def full_object_checksum(alg: str, parts: list[tuple[bytes, int]]) -> str:

@@ -2,6 +2,8 @@
 list parts, list uploads."""
 from __future__ import annotations
 
+import re
+
 from aiohttp import web
 
 from airlock import errors as E
@@ -9,7 +11,7 @@ from airlock.s3 import checksums
 from airlock.s3.body import BodyStream, read_small_body
 from airlock.s3.common import int_param, owned_bucket, xml_response
 from airlock.primary.model import NULL_VERSION
-from airlock.s3.object import (_byte_range, etag_header, meta_from_headers, source_manifest,
+from airlock.s3.object import (etag_header, meta_from_headers, source_manifest,
                                version_headers, write_precondition)
 from airlock.s3.xml import MAX_XML_BODY, child_text, children, doc, el, iso8601, parse
 
@@ -39,14 +41,20 @@ async def create_upload(ctx) -> web.Response:
         if alg not in checksums.ALGORITHMS:
             raise E.InvalidRequest("Checksum algorithm provided is unsupported.")
     ctype = ctx.headers.get("x-amz-checksum-type")
-    if ctype is not None and ctype.upper() not in ("COMPOSITE", "FULL_OBJECT"):
-        raise E.InvalidRequest("Value for x-amz-checksum-type header is invalid.")
+    if ctype is not None:
+        ctype = ctype.upper()
+        if ctype not in ("COMPOSITE", "FULL_OBJECT"):
+            raise E.InvalidRequest("Value for x-amz-checksum-type header is invalid.")
+        if alg is None:
+            raise E.InvalidRequest("The x-amz-checksum-type header can only be used "
+                                   "with the x-amz-checksum-algorithm header.")
+    ctype = checksums.multipart_checksum_type(alg, ctype)    # the default, or InvalidRequest
     up = await ctx.engine.create_upload(ctx.bucket, ctx.key, ctx.user.user_id, meta,
                                         checksum_algorithm=alg, checksum_type=ctype)
     headers = {}
     if alg:
         headers["x-amz-checksum-algorithm"] = alg
-        headers["x-amz-checksum-type"] = (ctype or "COMPOSITE").upper()
+        headers["x-amz-checksum-type"] = ctype
     body = el("Bucket", ctx.bucket) + el("Key", ctx.key) + el("UploadId", up.upload_id)
     return xml_response(doc("InitiateMultipartUploadResult", body), headers=headers)
 
@@ -63,13 +71,29 @@ async def upload_part(ctx) -> web.Response:
     return web.Response(status=200, headers=headers)
 
 
+_COPY_RANGE = re.compile(r"bytes=(\d+)-(\d+)")
+
+
+def _copy_range(value: str, size: int) -> tuple[int, int] | None:
+    """x-amz-copy-source-range: exactly bytes=first-last, both inside the
+    source (S3 takes no open or suffix range here and clamps nothing).
+    Returns [start, end) or None."""
+    m = _COPY_RANGE.fullmatch(value.strip())
+    if m is None:
+        return None
+    first, last = int(m.group(1)), int(m.group(2))
+    if first > last or last >= size:
+        return None
+    return first, last + 1
+
+
 async def upload_part_copy(ctx) -> web.Response:
     number = _part_number(ctx)
     up = _upload(ctx)
     src = source_manifest(ctx)
     rng_header = ctx.headers.get("x-amz-copy-source-range")
     if rng_header is not None:
-        rng = _byte_range(rng_header, src.size)
+        rng = _copy_range(rng_header, src.size)
         if rng is None:
             raise E.InvalidArgument("The x-amz-copy-source-range value must be of the form "
                                     "bytes=first-last where first and last are the zero-based offsets "
@@ -91,7 +115,11 @@ async def upload_part_copy(ctx) -> web.Response:
 async def complete_upload(ctx) -> web.Response:
     up = _upload(ctx)
     cond = write_precondition(ctx.headers)
-    raw = await read_small_body(ctx.request, ctx.auth, MAX_XML_BODY)
+    # an x-amz-checksum-<alg> header here is the whole object's checksum, to
+    # be checked against the parts', not the checksum of this XML body
+    claim = checksums.object_checksum_claim(ctx.headers)
+    claimed_type = ctx.headers.get("x-amz-checksum-type")
+    raw = await read_small_body(ctx.request, ctx.auth, MAX_XML_BODY, checksum_headers=False)
     root = parse(raw, "CompleteMultipartUpload")
     requested = []
     for p in children(root, "Part"):
@@ -102,7 +130,8 @@ async def complete_upload(ctx) -> web.Response:
         cks = {alg: v for alg in checksums.ALGORITHMS
                if (v := child_text(p, f"Checksum{alg}")) is not None}
         requested.append((int(num), etag.strip().strip('"'), cks))
-    m = await ctx.engine.complete_upload(up, requested, precondition=cond)
+    m = await ctx.engine.complete_upload(up, requested, precondition=cond, claim=claim,
+                                         claimed_type=claimed_type.upper() if claimed_type else None)
     host = ctx.headers.get("Host", "")
     body = (el("Location", f"http://{host}/{ctx.bucket}/{ctx.key}") + el("Bucket", ctx.bucket)
             + el("Key", ctx.key) + el("ETag", etag_header(m.etag)))

@@ -191,15 +191,21 @@ def check_read_conditions(headers, m: Manifest, prefix: str = "") -> None:
         t = _parse_http_date(if_unmod)
         if t is not None and mtime > t:
             raise cond_failed(Condition=prefix + "If-Unmodified-Since")
-    not_modified = E.NotModified if not prefix else E.PreconditionFailed
+    def not_modified(condition: str) -> E.S3Error:
+        if prefix:
+            return E.PreconditionFailed(Condition=condition)
+        err = E.NotModified(Condition=condition)
+        # a 304 names the representation the client already has (RFC 9110 15.4.5)
+        err.headers = {"ETag": etag_header(m.etag), "Last-Modified": http_date(m.mtime)}
+        return err
     if if_none is not None:
         tags = _etags(if_none)
         if m.etag in tags or "*" in tags:
-            raise not_modified(Condition=prefix + "If-None-Match")
+            raise not_modified(prefix + "If-None-Match")
     elif if_mod is not None:
         t = _parse_http_date(if_mod)
         if t is not None and mtime <= t:
-            raise not_modified(Condition=prefix + "If-Modified-Since")
+            raise not_modified(prefix + "If-Modified-Since")
 
 
 def object_headers(m: Manifest, with_checksums: bool) -> dict[str, str]:
@@ -259,6 +265,8 @@ def _byte_range(header: str | None, size: int) -> tuple[int, int] | None:
         n = int(b)
         if n == 0:
             raise E.InvalidRange(RangeRequested=header, ActualObjectSize=str(size))
+        if size == 0:
+            return None     # the last n bytes of nothing: the whole (empty) object, 200 (as moto)
         return max(size - n, 0), size
     start = int(a)
     end = size if b == "" else min(int(b) + 1, size)
