@@ -776,6 +776,10 @@ def test_completing_with_a_wrong_whole_object_checksum_is_bad_digest_and_keeps_t
         s3c.complete_multipart_upload(Bucket=b, Key="k", UploadId=uid, MultipartUpload={"Parts": parts},
                                       ChecksumType="COMPOSITE")
     assert _code(ei.value) == "InvalidRequest"
+    bad_part = [parts[0], {**parts[1], "ChecksumCRC32": "AAAAAA=="}]
+    with pytest.raises(ClientError) as ei:               # a part's listed checksum is not the part's
+        s3c.complete_multipart_upload(Bucket=b, Key="k", UploadId=uid, MultipartUpload={"Parts": bad_part})
+    assert _code(ei.value) == "InvalidPart"
     right = base64.b64encode(zlib.crc32(p1 + p2).to_bytes(4, "big")).decode()
     r = s3c.complete_multipart_upload(Bucket=b, Key="k", UploadId=uid, MultipartUpload={"Parts": parts},
                                       ChecksumCRC32=right, ChecksumType="FULL_OBJECT")

@@ -730,13 +730,17 @@ class Engine:
         have = {p.part_number: p for p in self.index.parts(up.upload_id)}
         chosen: list[Part] = []
         prev = 0
-        for number, etag, _cks in requested:
+        for number, etag, cks in requested:
             if number <= prev:
                 raise E.InvalidPartOrder(UploadId=up.upload_id)
             prev = number
             p = have.get(number)
             if p is None or p.etag != etag:
                 raise E.InvalidPart(UploadId=up.upload_id, PartNumber=str(number), ETag=etag)
+            # a part checksum the client lists must be the one the part was stored with
+            if any(alg in p.checksums and p.checksums[alg] != v for alg, v in cks.items()):
+                raise E.InvalidPart("The checksum listed for a part does not match the part's checksum.",
+                                    UploadId=up.upload_id, PartNumber=str(number), ETag=etag)
             chosen.append(p)
         for p in chosen[:-1]:
             if p.size < MIN_PART_SIZE:
