@@ -126,7 +126,7 @@ def test_everything_survives_a_clean_restart(gateway):
 
 # ---------------------------------------------------------------------------- kill -9
 UPLOADERS = 8                   # concurrent client threads
-ROUNDS = 3                      # kill/restart cycles in one test
+ROUNDS = int(os.environ.get("AIRLOCK_CRASH_ROUNDS") or 2)   # kill/restart cycles in one test (see test_replication_crash)
 KILL_AFTER_S = (0.5, 3.0)       # random delay before SIGKILL, seconds
 ROUND_BUDGET_S = 15.0           # an uploader gives up after this even if the gateway lives
 MAX_OBJECTS_PER_THREAD = 40     # bound on work per uploader per round
@@ -223,7 +223,7 @@ def test_kill_9_during_uploads_keeps_every_acknowledged_object_and_no_other(gate
         for u in s3.list_multipart_uploads(Bucket=bucket).get("Uploads", []):
             s3.abort_multipart_upload(Bucket=bucket, Key=u["Key"], UploadId=u["UploadId"])
         assert acked, f"seed={seed}: no upload was acknowledged in round {rnd}; the test proved nothing"
-    assert time.monotonic() - t_start < 90, "crash test exceeded its time budget"
+    assert time.monotonic() - t_start < 30 * ROUNDS, "crash test exceeded its time budget"
 
 
 # ---------------------------------------------------------------------------- torn log tail

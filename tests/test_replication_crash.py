@@ -35,7 +35,9 @@ MiB = 1024 * KiB
 PART = 5 * MiB                  # S3's minimum size of every multipart part but the last
 
 UPLOADERS = 7                   # concurrent client threads
-ROUNDS_EACH = 3                 # rounds per victim, alternating gateway / vault
+# rounds per victim, alternating gateway / vault; 2 keeps `make test` inside
+# its 10 minutes, AIRLOCK_CRASH_ROUNDS=10 (with AIRLOCK_CRASH_SEED) digs deeper
+ROUNDS_EACH = int(os.environ.get("AIRLOCK_CRASH_ROUNDS") or 2)
 KILL_AFTER_S = (0.4, 2.5)       # random delay before SIGKILL, seconds
 VAULT_DOWN_S = (0.2, 1.5)       # how long the vault stays dead; writes meanwhile wait or get 503
 AFTER_RESTART_S = 0.8           # writes keep going this long after the vault is back (reconcile under load)
@@ -43,7 +45,7 @@ ROUND_BUDGET_S = 12.0           # an uploader gives up after this
 MAX_OBJECTS_PER_THREAD = 30     # bound on work per uploader per round
 ACK_TIMEOUT_S = 2.0             # gateway's wait for the vault's ack before 503
 RECONNECT_WAIT_S = 30.0         # how long the test waits for the link to come back
-TEST_BUDGET_S = 90.0
+TEST_BUDGET_S = 15.0 * 2 * ROUNDS_EACH
 NO_RETRIES = {"mode": "standard", "total_max_attempts": 1}   # every error is seen by the test
 BUCKET = "crash"
 PROBE_BUCKET = "probe"
