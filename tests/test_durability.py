@@ -233,6 +233,42 @@ def _last_segment(gateway) -> Path:
     return Path(segs[-1][1])
 
 
+def test_damage_inside_the_primary_log_stops_the_gateway_and_restore_takes_the_vaults_copy(tmp_path):
+    """A flipped byte in the middle of the primary log (intact records after
+    it) is a disk fault, not a torn tail: the gateway refuses to start with
+    a line naming the segment, and cuts nothing (it used to cut the log
+    there and serve without the acknowledged objects behind the damage).
+    `airlock restore` puts the log aside and takes the vault's copy."""
+    from conftest import Deployment
+    d = Deployment(tmp_path / "deploy").start()
+    try:
+        s3 = d.gateway.client()
+        s3.create_bucket(Bucket="rot")
+        bodies = {f"k{i}": content_for(f"k{i}", 3000 + i) for i in range(30)}
+        for k, v in bodies.items():
+            s3.put_object(Bucket="rot", Key=k, Body=v)
+        d.gateway.stop()
+        seg = _last_segment(d.gateway)
+        recs = list(read_log(seg.parent))
+        data = bytearray(seg.read_bytes())
+        data[recs[len(recs) // 2].offset + 40] ^= 0xFF
+        seg.write_bytes(bytes(data))
+        with pytest.raises(RuntimeError, match="exited early"):
+            d.start_gateway()
+        errors = [line for line in d.gateway.log_text().splitlines() if "damaged record at offset" in line]
+        assert errors and seg.name in errors[-1] and "airlock restore" in errors[-1], d.gateway.log_text()[-2000:]
+        assert seg.stat().st_size == len(data)              # nothing cut
+        r = d.airlock("restore")
+        assert "failed=0" in r.stdout.strip().splitlines()[-1], r.stdout
+        d.start_gateway()
+        s3 = d.gateway.client()
+        for k, v in bodies.items():
+            assert s3.get_object(Bucket="rot", Key=k)["Body"].read() == v
+        d.airlock("verify")
+    finally:
+        d.stop()
+
+
 @pytest.mark.parametrize("tail", ["garbage", "half_record"])
 def test_torn_log_tail_is_cut_on_restart_and_writes_continue(gateway, tail):
     s3 = gateway.client()

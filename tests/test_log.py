@@ -277,6 +277,27 @@ def test_garbage_tail_is_cut_on_reopen(tmp_path):
     assert [r.payload for r in read_log(tmp_path)] == [b"a", b"b"]
 
 
+def test_damage_with_intact_records_after_it_is_not_cut(tmp_path):
+    """A flipped byte in the middle of the last segment, with intact records
+    after it, is a disk fault, not a torn tail: opening refuses (naming the
+    segment and offset) and nothing is cut."""
+    with LogWriter(tmp_path) as w:
+        for i in range(20):
+            w.append_sync(1, b"record %d" % i)
+    (_, path), = list_segments(tmp_path)
+    recs = list(read_log(tmp_path))
+    before = open(path, "rb").read()
+    at = recs[5].offset + 30                    # inside record 6's payload
+    with open(path, "r+b") as f:
+        f.seek(at)
+        f.write(bytes([before[at] ^ 0xFF]))
+    with pytest.raises(record.FormatError, match=r"damaged record at offset \d+, with intact records after it"):
+        LogWriter(tmp_path).open()
+    assert os.path.getsize(path) == len(before)    # nothing cut
+    # a reader still stops cleanly where the damage is
+    assert [r.seq for r in read_log(tmp_path)] == [1, 2, 3, 4, 5]
+
+
 def test_torn_record_in_a_non_last_segment_is_corruption(tmp_path):
     with LogWriter(tmp_path, segment_bytes=200) as w:
         for i in range(10):

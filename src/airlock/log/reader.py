@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from typing import NamedTuple
 
 from airlock.log.record import (
-    SEGMENT_HEADER_SIZE, FormatError, Record, decode_records, decode_segment_header,
+    RECORD_MAGIC, SEGMENT_HEADER_SIZE, FormatError, Record, decode_records, decode_segment_header,
 )
 
 SEGMENT_NAME = re.compile(r"^seg-(\d{20})\.log$")
@@ -71,6 +71,26 @@ def scan_segment(path: str, first_seq: int, expected_seq: int | None, last: bool
         raise FormatError(f"{path}: damaged record at offset {end} in a segment that is not the last "
                           f"({len(data) - end} bytes unreadable)")
     return SegmentScan(path, first_seq, records, end, len(data), status)
+
+
+def intact_records_after(path: str, end: int) -> list[Record]:
+    """The first run of intact records found past the damaged spot `end` of
+    a segment (records whose magic, length and checksum all hold), or [].
+    A torn tail -- an append that a crash cut short -- leaves nothing
+    intact after it; records after damage mean the damage is in the middle
+    of the log (a disk fault), which is not cut (docs/format/log.md,
+    "Recovery", step 4)."""
+    with open(path, "rb") as f:
+        data = f.read()
+    at = end + 1
+    while True:
+        at = data.find(RECORD_MAGIC, at)
+        if at < 0:
+            return []
+        records, _end, _status = decode_records(data, at)
+        if records:
+            return records
+        at += 1
 
 
 def read_log(directory, from_seq: int = 1) -> Iterator[Record]:

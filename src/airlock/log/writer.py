@@ -21,7 +21,7 @@ from typing import NamedTuple
 
 from airlock.aio import retrieve_exception
 from airlock.fsutil import fsync_dir
-from airlock.log.reader import list_segments, scan_segment, segment_name
+from airlock.log.reader import intact_records_after, list_segments, scan_segment, segment_name
 from airlock.log.record import (
     MAX_PAYLOAD, SEGMENT_HEADER_SIZE, FormatError, decode_segment_header, encode_record,
     encode_segment_header,
@@ -93,6 +93,13 @@ class LogWriter:
             first_seq, path = segments[-1]
             self._repair_torn_header(path, first_seq)
             scan = scan_segment(path, first_seq, expected, last=True)
+            if scan.status != "ok":
+                after = intact_records_after(path, scan.end)
+                if after:
+                    raise FormatError(
+                        f"{path}: damaged record at offset {scan.end}, with intact records after it "
+                        f"(seq {after[0].seq} at offset {after[0].offset}): not a torn tail, so nothing "
+                        f"is cut; the good copy is in the vault (airlock restore)")
             self.truncated_bytes = scan.size - scan.end
             if scan.status != "ok":
                 with open(path, "r+b") as f:
