@@ -91,9 +91,17 @@ def test_ransomware_pass_is_undone_from_a_snapshot(dep):
     assert " written=0 " in again.stdout and " deleted=0 " in again.stdout, again.stdout
     # ... and the snapshot can also be restored into a new bucket
     r = dep.airlock("restore", "--snapshot", "before-attack", "--bucket", "records", "--to-bucket", "records-copy")
+    # ... but never over a bucket that holds objects, nor under a name S3 refuses, nor onto itself
+    for target, why in (("other", "holds objects"), ("records-copy", "holds objects"),
+                        ("Bad_Name", "not a valid S3 bucket name"), ("a/b", "not a valid S3 bucket name"),
+                        ("records", "must name another bucket")):
+        r = dep.airlock("restore", "--snapshot", "before-attack", "--bucket", "records", "--to-bucket", target,
+                        check=False)
+        assert r.returncode != 0 and why in r.stderr and "Traceback" not in r.stderr, (target, r.stderr)
     dep.start_gateway()
     s3 = dep.gateway.client()
     assert bodies_of(s3, "records-copy") == originals
+    assert bodies_of(s3, "other") == {"note.txt": b"untouched bucket\n"}
     dep.airlock("verify")
 
     # accounting in `snapshot list` equals what base.sqlite holds

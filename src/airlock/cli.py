@@ -58,14 +58,73 @@ def _print_endpoint(cfg: GatewayConfig, data: str, vault_port: int | None) -> No
     print("\n".join(lines), flush=True)
 
 
+DEPLOYMENT_KEYS = ("gateway", "vault", "primary", "vault_data")
+
+
 def _deployment(data: str) -> dict:
     path = os.path.join(data, DEPLOYMENT_FILE)
     try:
         with open(path) as f:
-            return json.load(f)
-    except FileNotFoundError:
+            dep = json.load(f)
+    except (FileNotFoundError, NotADirectoryError):
         raise ConfigError(f"{data} is not a local deployment ({DEPLOYMENT_FILE} missing; "
                           f"start one with `airlock up --data {data}`)") from None
+    except (OSError, ValueError) as e:      # unreadable, not UTF-8, not JSON
+        raise ConfigError(f"{path} cannot be read ({e}); `airlock up --data {data}` writes it anew") from None
+    if not isinstance(dep, dict) or not all(isinstance(dep.get(k), str) for k in DEPLOYMENT_KEYS):
+        raise ConfigError(f"{path} does not name the deployment's {', '.join(DEPLOYMENT_KEYS)}; "
+                          f"`airlock up --data {data}` writes it anew")
+    return dep
+
+
+def _port(value: str) -> int:
+    """argparse type of a TCP port."""
+    try:
+        port = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {value!r}") from None
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is 1..65535, not {port}")
+    return port
+
+
+def _positive(kind):
+    """argparse type: a number above zero (`kind` int or float)."""
+    def parse(value: str):
+        try:
+            v = kind(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {value!r}") from None
+        if not v > 0:
+            raise argparse.ArgumentTypeError(f"must be above 0, not {value}")
+        return v
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def _non_negative_int(value: str) -> int:
+    try:
+        v = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {value!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, not {v}")
+    return v
+
+
+def _check_free(port: int, what: str) -> None:
+    """Refuse to start a child on a port something already listens on (the
+    readiness check, a connect, would take that listener for the child)."""
+    import socket
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        # as the servers bind: connections of an earlier run in TIME_WAIT are
+        # no obstacle, a listener is
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError as e:
+            raise ConfigError(f"the {what} port 127.0.0.1:{port} is not free ({e.strerror}); "
+                              f"stop what uses it or choose another port") from None
 
 
 def _wait_ready(proc: subprocess.Popen, what: str, port: int | None = None, path: str | None = None) -> None:
@@ -179,11 +238,19 @@ def cmd_up(args) -> int:
     cfg = load_gateway_config(args.config)
     cfg.port = args.port
     vault_port = args.vault_port or args.port + 1
+    if vault_port == args.port:
+        raise ConfigError(f"the S3 port and the vault's link port must differ (both {args.port})")
+    if vault_port > 65535:
+        raise ConfigError(f"the vault's link port would be {vault_port}: give --vault-port")
     keys.ensure_local_pair(data)
-    with open(os.path.join(data, DEPLOYMENT_FILE + ".tmp"), "w") as f:
-        json.dump({"gateway": f"127.0.0.1:{args.port}", "vault": f"127.0.0.1:{vault_port}",
-                   "primary": "primary", "vault_data": "vault"}, f)
-    os.replace(os.path.join(data, DEPLOYMENT_FILE + ".tmp"), os.path.join(data, DEPLOYMENT_FILE))
+
+    def record_deployment() -> None:
+        # written once this deployment's vault runs here: a refused start
+        # must not point status/verify/restore at ports nothing serves
+        with open(os.path.join(data, DEPLOYMENT_FILE + ".tmp"), "w") as f:
+            json.dump({"gateway": f"127.0.0.1:{args.port}", "vault": f"127.0.0.1:{vault_port}",
+                       "primary": "primary", "vault_data": "vault"}, f)
+        os.replace(os.path.join(data, DEPLOYMENT_FILE + ".tmp"), os.path.join(data, DEPLOYMENT_FILE))
     py = [sys.executable, "-m", "airlock"]
     vault_cmd = py + ["vault", "--data", os.path.join(data, "vault"), "--listen", f"127.0.0.1:{vault_port}",
                       "--keys", os.path.join(data, "vault", "keys")]
@@ -209,11 +276,15 @@ def cmd_up(args) -> int:
             os.unlink(os.path.join(data, "vault", ADMIN_SOCKET))
         except FileNotFoundError:
             pass
+        _check_free(vault_port, "vault's link")
+        if not args.vault_only:
+            _check_free(args.port, "S3")
         vault = subprocess.Popen(vault_cmd)
         children.append(("vault", vault))
         # the admin socket appears once the link listens (probing the link
         # port itself would show up in the vault's log as a refused handshake)
         _wait_ready(vault, "vault", path=os.path.join(data, "vault", ADMIN_SOCKET))
+        record_deployment()
         if args.vault_only:
             # for the operator commands that need the vault and a stopped gateway (restore, gc)
             print(f"airlock vault is up alone (link on 127.0.0.1:{vault_port}, data "
@@ -474,8 +545,17 @@ def cmd_restore(args) -> int:
 
 def _restore_snapshot(args) -> int:
     from airlock.primary.pitr import restore_snapshot
+    from airlock.errors import InvalidBucketName
+    from airlock.s3.common import check_bucket_name
     if args.prefix:
         raise ConfigError("--prefix does not go with --snapshot (a snapshot restores whole buckets)")
+    if args.to_bucket is not None:
+        if args.to_bucket == args.bucket:
+            raise ConfigError("--to-bucket must name another bucket (without it, --bucket B is restored in place)")
+        try:
+            check_bucket_name(args.to_bucket)
+        except InvalidBucketName:
+            raise ConfigError(f"--to-bucket {args.to_bucket!r} is not a valid S3 bucket name") from None
     cfg = _primary_side(args)
     tty = sys.stderr.isatty()
 
@@ -645,8 +725,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     up = sub.add_parser("up", help="run vault + gateway on this machine in the foreground")
     up.add_argument("--data", default="./airlock-data", help="data directory (default ./airlock-data)")
-    up.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"S3 port (default {DEFAULT_PORT})")
-    up.add_argument("--vault-port", type=int, help="link port of the vault (default: S3 port + 1)")
+    up.add_argument("--port", type=_port, default=DEFAULT_PORT, help=f"S3 port (default {DEFAULT_PORT})")
+    up.add_argument("--vault-port", type=_port, help="link port of the vault (default: S3 port + 1)")
     up.add_argument("--config", help="TOML config file for the gateway (users, region)")
     up.add_argument("--vault-only", action="store_true",
                     help="start only the vault (for restore and gc, which need the gateway stopped)")
@@ -656,10 +736,10 @@ def build_parser() -> argparse.ArgumentParser:
     gw.add_argument("--config", help="TOML config file")
     gw.add_argument("--data", dest="data_dir", help="primary data directory (overrides config)")
     gw.add_argument("--listen", help="host:port (overrides config)")
-    gw.add_argument("--port", type=int, help="port (overrides config)")
+    gw.add_argument("--port", type=_port, help="port (overrides config)")
     gw.add_argument("--vault", help="host:port of the vault's link (overrides config)")
     gw.add_argument("--link-keys", help="directory with primary.crt, primary.key, vault.crt")
-    gw.add_argument("--ack-timeout", type=float, help="seconds to wait for the vault's ack before 503")
+    gw.add_argument("--ack-timeout", type=_positive(float), help="seconds to wait for the vault's ack before 503")
     gw.add_argument("--no-fsync", action="store_true", help="skip fsync (benchmarks of throw-away data only)")
     gw.add_argument("--chunk-sync", choices=["vault", "local"], default=None,
                     help="'local' (default: fsync chunk files too) or, with a vault, 'vault' (chunk "
@@ -674,8 +754,8 @@ def build_parser() -> argparse.ArgumentParser:
     va.add_argument("--data", dest="data_dir", help="vault data directory (overrides config)")
     va.add_argument("--listen", help="host:port of the link (overrides config)")
     va.add_argument("--keys", help="directory with vault.crt, vault.key, primary.crt")
-    va.add_argument("--overlay-max-bytes", type=int, help="seal the open overlay at this size")
-    va.add_argument("--overlay-max-age", type=float, help="seal the open overlay at this age (seconds)")
+    va.add_argument("--overlay-max-bytes", type=_positive(int), help="seal the open overlay at this size")
+    va.add_argument("--overlay-max-age", type=_positive(float), help="seal the open overlay at this age (seconds)")
     va.set_defaults(func=cmd_vault)
 
     ke = sub.add_parser("keys", help="create link identities (mutual TLS keys)")
@@ -688,7 +768,7 @@ def build_parser() -> argparse.ArgumentParser:
         c = sub.add_parser(name, help=helptext)
         c.add_argument("--data", help="local deployment directory")
         c.add_argument("--vault-data", help="the vault's data directory (two-host deployments)")
-        c.add_argument("--keep", type=int, default=0, help="overlays to keep (default 0: merge all)")
+        c.add_argument("--keep", type=_non_negative_int, default=0, help="overlays to keep (default 0: merge all)")
         c.add_argument("--config", help="the vault's config (its data dir and retention), on the vault host")
         c.set_defaults(func=func)
 
@@ -773,6 +853,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"airlock: {e}", file=sys.stderr)
         return 2
     except AirlockError as e:
+        print(f"airlock: {e}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:
+        # `airlock status | head -1`: the reader is gone, nothing more to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except (OSError, UnicodeDecodeError) as e:
+        # a path that is a file, a directory that cannot be made, a config
+        # that is not UTF-8: one line (the traceback with --verbose)
+        logging.getLogger("airlock").debug("failed", exc_info=True)
         print(f"airlock: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

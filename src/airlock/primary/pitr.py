@@ -78,6 +78,11 @@ async def restore_snapshot(cfg: GatewayConfig, snapshot: str, bucket: str | None
             snap_buckets = {b["bucket"]: b for b in (await link.list(snapshot=ref))["buckets"]}
             if bucket is not None and bucket not in snap_buckets:
                 raise E.ConfigError(f"bucket {bucket!r} did not exist at snapshot {snapshot!r}")
+            if to_bucket is not None and engine.bucket(to_bucket) is not None \
+                    and not engine.index.bucket_is_empty(to_bucket):
+                # side by side means side by side: never written over what a bucket holds
+                raise E.ConfigError(f"bucket {to_bucket!r} exists and holds objects; --to-bucket restores into "
+                                    f"a new or empty bucket (remove it first, or choose another name)")
             for src in ([bucket] if bucket else sorted(snap_buckets)):
                 await _restore_bucket(engine, link, ref, src, to_bucket or src, snap_buckets[src],
                                       in_place=to_bucket is None, summary=summary, progress=progress)

@@ -73,6 +73,8 @@ def load_vault_config(path: str | None) -> VaultConfig:
         cfg.overlay_max_age_s = float(v.get("overlay_max_age", cfg.overlay_max_age_s))
     except (TypeError, ValueError):
         raise ConfigError("[vault] overlay_max_bytes / overlay_max_age must be numbers") from None
+    if cfg.overlay_max_bytes <= 0 or cfg.overlay_max_age_s <= 0:
+        raise ConfigError("[vault] overlay_max_bytes / overlay_max_age must be above 0")
     cfg.fsync = bool(v.get("fsync", cfg.fsync))
     cfg.retention = _parse_retention(v.get("retention", {}))
     cfg.snapshots = _parse_snapshots(v.get("snapshots", {}))
