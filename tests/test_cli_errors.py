@@ -76,3 +76,31 @@ def test_a_config_that_is_not_utf8_is_one_line(tmp_path):
 def test_numbers_out_of_range_are_refused_before_anything_starts(tmp_path, args, words):
     one_line_error(airlock(*args, "--data", str(tmp_path / "d")), *words)
     assert not (tmp_path / "d").exists()
+
+
+@pytest.mark.parametrize("text, words", [
+    ('[gateway]\nchunk_synk = "vault"\n', ("[gateway] unknown settings: chunk_synk",)),
+    ('[gatewy]\nfsync = false\n', ("unknown config table", "[gatewy]")),
+    ('[link]\nack_timout = 3\n', ("[link] unknown settings: ack_timout",)),
+    ('[gateway]\nfsync = "no"\n', ("[gateway] fsync must be true or false",)),
+    ('[gateway]\nregion = 5\n', ("[gateway] region must be a string",)),
+    ('[gateway]\ndomains = "localhost"\n', ("[gateway] domains must be a list",)),
+])
+def test_a_misspelt_or_mistyped_gateway_setting_is_an_error_not_a_default(tmp_path, text, words):
+    cfg = tmp_path / "gateway.toml"
+    cfg.write_text(text)
+    r = airlock("gateway", "--config", str(cfg), "--data", str(tmp_path / "d"))
+    one_line_error(r, *words)
+    assert r.returncode == 2
+
+
+@pytest.mark.parametrize("text, words", [
+    ('[vault]\nbogus = 1\n', ("[vault] unknown settings: bogus",)),
+    ('[vault]\nfsync = "yes"\n', ("[vault] fsync must be true or false",)),
+])
+def test_a_misspelt_or_mistyped_vault_setting_is_an_error_not_a_default(tmp_path, text, words):
+    cfg = tmp_path / "vault.toml"
+    cfg.write_text(text)
+    r = airlock("vault", "--config", str(cfg), "--data", str(tmp_path / "v"))
+    one_line_error(r, *words)
+    assert r.returncode == 2

@@ -125,24 +125,58 @@ def read_toml(path: str | None) -> dict:
         raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
 
 
-def table(raw: dict, name: str) -> dict:
-    """The [name] table of a parsed config ({} if absent)."""
+#: The tables a config file may hold (one file may serve both commands:
+#: the gateway reads [gateway], [link], [[users]]; the vault [vault]).
+TABLES = ("gateway", "link", "users", "vault")
+
+
+def table(raw: dict, name: str, known: tuple[str, ...] | None = None) -> dict:
+    """The [name] table of a parsed config ({} if absent).  With `known`, a
+    setting not in it is an error: a misspelt one would otherwise leave its
+    default in force without a word.  Unknown top-level tables are refused
+    the same way."""
+    unknown_tables = sorted(k for k in raw if k not in TABLES)
+    if unknown_tables:
+        raise ConfigError(f"unknown config table(s): {', '.join(f'[{t}]' for t in unknown_tables)} "
+                          f"(known: {', '.join(f'[{t}]' for t in TABLES)})")
     t = raw.get(name, {})
     if not isinstance(t, dict):
         raise ConfigError(f"[{name}] must be a table")
+    if known is not None:
+        unknown = sorted(set(t) - set(known))
+        if unknown:
+            raise ConfigError(f"[{name}] unknown settings: {', '.join(unknown)} (known: {', '.join(known)})")
     return t
+
+
+def typed(t: dict, name: str, key: str, kind: type, default):
+    """t[key] if it is a `kind` (default if absent); ConfigError otherwise
+    (`fsync = "no"` must not read as true)."""
+    if key not in t:
+        return default
+    v = t[key]
+    if not isinstance(v, kind) or (kind is not bool and isinstance(v, bool)):
+        words = {bool: "true or false", str: "a string", list: "a list"}.get(kind, kind.__name__)
+        raise ConfigError(f"[{name}] {key} must be {words}, got {v!r}")
+    return v
+
+
+GATEWAY_KEYS = ("listen", "data", "region", "domains", "fsync", "chunk_sync", "workers", "min_free_mib")
+LINK_KEYS = ("vault", "keys", "ack_timeout")
 
 
 def load_gateway_config(path: str | None) -> GatewayConfig:
     cfg = GatewayConfig()
     raw = read_toml(path)
-    g = table(raw, "gateway")
+    g = table(raw, "gateway", GATEWAY_KEYS)
     if "listen" in g:
         cfg.host, cfg.port = _parse_listen(str(g["listen"]))
     cfg.data = str(g.get("data", cfg.data))
-    cfg.region = str(g.get("region", cfg.region))
-    cfg.domains = list(g.get("domains", cfg.domains))
-    cfg.fsync = bool(g.get("fsync", cfg.fsync))
+    cfg.region = typed(g, "gateway", "region", str, cfg.region)
+    cfg.domains = typed(g, "gateway", "domains", list, cfg.domains)
+    if not all(isinstance(d, str) for d in cfg.domains):
+        raise ConfigError("[gateway] domains must be a list of host names (strings)")
+    cfg.fsync = typed(g, "gateway", "fsync", bool, cfg.fsync)
     if "chunk_sync" in g:
         cfg.chunk_sync = str(g["chunk_sync"])
         if cfg.chunk_sync not in CHUNK_SYNC_MODES:
@@ -155,7 +189,7 @@ def load_gateway_config(path: str | None) -> GatewayConfig:
         if isinstance(v, bool) or not isinstance(v, int) or v < 0:
             raise ConfigError(f"[gateway] min_free_mib must be a whole number of MiB (0 or more), got {v!r}")
         cfg.min_free_mib = v
-    link = table(raw, "link")
+    link = table(raw, "link", LINK_KEYS)
     if "vault" in link:
         cfg.vault = _parse_listen(str(link["vault"]))
     if "keys" in link:

@@ -59,11 +59,12 @@ class VaultConfig:
 
 
 def load_vault_config(path: str | None) -> VaultConfig:
-    from airlock.config import _parse_listen, read_toml, table
+    from airlock.config import _parse_listen, read_toml, table, typed
     cfg = VaultConfig()
     if not path:
         return cfg
-    v = table(read_toml(path), "vault")
+    v = table(read_toml(path), "vault", ("listen", "data", "keys", "overlay_max_bytes", "overlay_max_age",
+                                         "fsync", "retention", "snapshots"))
     if "listen" in v:
         cfg.host, cfg.port = _parse_listen(str(v["listen"]))
     cfg.data = str(v.get("data", cfg.data))
@@ -75,7 +76,7 @@ def load_vault_config(path: str | None) -> VaultConfig:
         raise ConfigError("[vault] overlay_max_bytes / overlay_max_age must be numbers") from None
     if cfg.overlay_max_bytes <= 0 or cfg.overlay_max_age_s <= 0:
         raise ConfigError("[vault] overlay_max_bytes / overlay_max_age must be above 0")
-    cfg.fsync = bool(v.get("fsync", cfg.fsync))
+    cfg.fsync = typed(v, "vault", "fsync", bool, cfg.fsync)
     cfg.retention = _parse_retention(v.get("retention", {}))
     cfg.snapshots = _parse_snapshots(v.get("snapshots", {}))
     return cfg
