@@ -124,3 +124,18 @@ def test_scrub_reports_a_damaged_chunk_the_vault_cannot_replace(deployment):
     line = next(ln for ln in r.stdout.splitlines() if stray in ln)
     assert "not referenced" in line and "vault has no copy" in line, line
     assert summary(r.stdout)["remaining"] == 1
+
+
+def test_scrub_with_the_vault_down_still_reports_the_damage(deployment):
+    """The vault unreachable: nothing can be repaired, but the report (each
+    damaged chunk, the summary line for scripts) is printed all the same."""
+    upload(deployment)
+    primary = deployment.root / "primary"
+    digest = chunk_digests(primary, BUCKET)["medium.bin"][0]
+    flip_byte(chunk_path(primary, digest), 16)
+    deployment.vault.stop()
+    r = deployment.airlock("scrub", check=False)
+    assert r.returncode == 1, r.stdout + r.stderr
+    line = next(ln for ln in r.stdout.splitlines() if digest in ln)
+    assert "NOT repaired" in line and "vault cannot be reached" in line, line
+    assert summary(r.stdout)["remaining"] == 1

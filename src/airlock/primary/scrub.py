@@ -265,9 +265,19 @@ async def scrub(data_dir: str, link: LinkClient | None, *, repair: bool = True,
         if repair and report.damage:
             if link is None:
                 raise E.ConfigError("repair needs the link to the vault")
-            await link.connect()
+            try:
+                await link.connect()
+            except (E.ReplicationError, OSError, asyncio.TimeoutError) as e:
+                # the report still says what is damaged (and that it stays so)
+                for d in report.damage:
+                    d.error = f"the vault cannot be reached ({e})"
+                return report
             try:
                 await repair_from_vault(link, store, report.damage, executor)
+            except (E.ReplicationError, OSError, asyncio.TimeoutError) as e:
+                for d in report.damage:
+                    if not d.repaired and not d.error:
+                        d.error = f"the link to the vault was lost ({e})"
             finally:
                 await link.close()
             for d in report.damage:
