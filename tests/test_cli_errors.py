@@ -104,3 +104,19 @@ def test_a_misspelt_or_mistyped_vault_setting_is_an_error_not_a_default(tmp_path
     r = airlock("vault", "--config", str(cfg), "--data", str(tmp_path / "v"))
     one_line_error(r, *words)
     assert r.returncode == 2
+
+
+@pytest.mark.parametrize("args, words", [
+    (("verify",), ("give --data DIR",)),
+    (("scrub",), ("give --data DIR",)),
+    (("restore",), ("give --data DIR",)),
+    (("status", "--gateway", "garbage"), ("--gateway must be host:port",)),
+    (("gateway", "--vault", "garbage"), ("--vault must be host:port",)),
+])
+def test_missing_or_malformed_addresses_say_which_argument(tmp_path, args, words):
+    one_line_error(airlock(*args, cwd=tmp_path), *words)
+
+
+def test_keys_into_a_file_says_so(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    one_line_error(airlock("keys", "--dir", str(tmp_path / "afile"), "--role", "primary"), "is a file")

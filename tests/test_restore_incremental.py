@@ -224,6 +224,8 @@ def test_restore_with_bucket_copies_only_that_buckets_chunks(deployment):
     assert s["objects"] == 1
     assert chunk_files(primary) == docs | {d for d, _n in refs[("photos", "2026/dog.raw")]}
 
+    r = deployment.airlock("restore", "--bucket", "dcos", check=False)      # a typo
+    assert r.returncode == 2 and "there is no bucket 'dcos'" in r.stderr, r.stderr
     s = summary(deployment.airlock("restore").stdout)
     assert s["chunks_copied"] == len(photos) - len(refs[("photos", "2026/dog.raw")])
     deployment.start_gateway()

@@ -161,7 +161,7 @@ def _gateway_config(args) -> GatewayConfig:
     if getattr(args, "chunk_sync", None):
         cfg.chunk_sync = args.chunk_sync
     if args.vault:
-        cfg.vault = _parse_listen(args.vault)
+        cfg.vault = _parse_listen(args.vault, "--vault")
     if args.link_keys:
         cfg.link_keys = args.link_keys
     if args.ack_timeout is not None:
@@ -219,6 +219,8 @@ def cmd_keys(args) -> int:
         return 0
     if not args.dir or not args.role:
         raise ConfigError("give --dir DIR --role primary|vault, or --local DATA")
+    if os.path.exists(args.dir) and not os.path.isdir(args.dir):
+        raise ConfigError(f"--dir {args.dir} is a file, not a directory")
     try:
         cert, key = keys.create_identity(args.dir, args.role, overwrite=False)
     except FileExistsError:
@@ -463,10 +465,12 @@ def _primary_side(args) -> GatewayConfig:
         cfg.data = os.path.join(args.data, dep["primary"])
         cfg.vault = _parse_listen(dep["vault"])
         cfg.link_keys = os.path.join(args.data, "primary", "keys")
-    else:
+    elif getattr(args, "config", None):
         cfg = load_gateway_config(args.config)
         if cfg.vault is None:
-            raise ConfigError("the gateway config has no [link] vault")
+            raise ConfigError(f"the gateway config {args.config} has no [link] vault")
+    else:
+        raise ConfigError("give --data DIR (a local deployment) or --config FILE (the gateway's config)")
     return cfg
 
 
@@ -646,6 +650,8 @@ def cmd_status(args) -> int:
     import urllib.request
     out: dict = {}
     gateway = args.gateway or (_deployment(args.data)["gateway"] if args.data else None)
+    if args.gateway:
+        _parse_listen(args.gateway, "--gateway")       # a typo is an error, not "down"
     if gateway:
         try:
             with urllib.request.urlopen(f"http://{gateway}/_airlock/health", timeout=5) as r:

@@ -81,10 +81,11 @@ def default_user() -> User:
     return User(ak, sk, uid, "airlock")
 
 
-def _parse_listen(value: str) -> tuple[str, int]:
+def _parse_listen(value: str, what: str = "listen") -> tuple[str, int]:
+    """host:port (`what` names the setting in the error)."""
     host, sep, port = value.rpartition(":")
-    if not sep or not port.isdigit():
-        raise ConfigError(f"listen must be host:port, got {value!r}")
+    if not sep or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ConfigError(f"{what} must be host:port (port 1..65535), got {value!r}")
     return host.strip("[]") or "127.0.0.1", int(port)
 
 
@@ -191,7 +192,7 @@ def load_gateway_config(path: str | None) -> GatewayConfig:
         cfg.min_free_mib = v
     link = table(raw, "link", LINK_KEYS)
     if "vault" in link:
-        cfg.vault = _parse_listen(str(link["vault"]))
+        cfg.vault = _parse_listen(str(link["vault"]), "[link] vault")
     if "keys" in link:
         cfg.link_keys = str(link["keys"])
     if "ack_timeout" in link:

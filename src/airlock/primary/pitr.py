@@ -97,6 +97,7 @@ async def restore_snapshot(cfg: GatewayConfig, snapshot: str, bucket: str | None
 async def _restore_bucket(engine, link, ref, src: str, dst: str, src_info: dict, *, in_place: bool,
                           summary: PitrSummary, progress) -> None:
     owner = src_info.get("owner")
+    before = (summary.written, summary.unchanged, summary.deleted)     # the summary counts every bucket
     existing = engine.bucket(dst)
     if existing is None:
         await engine.create_bucket(dst, owner)
@@ -150,4 +151,5 @@ async def _restore_bucket(engine, link, ref, src: str, dst: str, src_info: dict,
     if progress:
         progress(summary)
     log.info("bucket %s restored from snapshot %s into %s: %d written, %d unchanged, %d deleted",
-             src, ref, dst, summary.written, summary.unchanged, summary.deleted)
+             src, ref, dst, summary.written - before[0], summary.unchanged - before[1],
+             summary.deleted - before[2])

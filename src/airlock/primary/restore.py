@@ -90,6 +90,10 @@ async def restore(data_dir: str, link: LinkClient, *, bucket: str | None = None,
             await _restore_log(data_dir, link, summary, verify_log)
             index = _rebuild_index(data_dir, void)
             try:
+                if bucket is not None and index.bucket(bucket) is None:
+                    # a typo must not read as "0 objects restored, all fine"
+                    raise E.ConfigError(f"there is no bucket {bucket!r} (the primary log is restored from "
+                                        f"the vault; no chunks were checked)")
                 summary.objects, summary.parts, referrers = live_chunks(index, bucket, prefix)
             finally:
                 index.close()
