@@ -78,30 +78,20 @@ def test_numbers_out_of_range_are_refused_before_anything_starts(tmp_path, args,
     assert not (tmp_path / "d").exists()
 
 
-@pytest.mark.parametrize("text, words", [
-    ('[gateway]\nchunk_synk = "vault"\n', ("[gateway] unknown settings: chunk_synk",)),
-    ('[gatewy]\nfsync = false\n', ("unknown config table", "[gatewy]")),
-    ('[link]\nack_timout = 3\n', ("[link] unknown settings: ack_timout",)),
-    ('[gateway]\nfsync = "no"\n', ("[gateway] fsync must be true or false",)),
-    ('[gateway]\nregion = 5\n', ("[gateway] region must be a string",)),
-    ('[gateway]\ndomains = "localhost"\n', ("[gateway] domains must be a list",)),
+@pytest.mark.parametrize("command, text, words", [
+    ("gateway", '[gateway]\nchunk_synk = "vault"\n', ("[gateway] unknown settings: chunk_synk",)),
+    ("gateway", '[gatewy]\nfsync = false\n', ("unknown config table", "[gatewy]")),
+    ("gateway", '[link]\nack_timout = 3\n', ("[link] unknown settings: ack_timout",)),
+    ("gateway", '[gateway]\nfsync = "no"\n', ("[gateway] fsync must be true or false",)),
+    ("gateway", '[gateway]\nregion = 5\n', ("[gateway] region must be a string",)),
+    ("gateway", '[gateway]\ndomains = "localhost"\n', ("[gateway] domains must be a list",)),
+    ("vault", '[vault]\nbogus = 1\n', ("[vault] unknown settings: bogus",)),
+    ("vault", '[vault]\nfsync = "yes"\n', ("[vault] fsync must be true or false",)),
 ])
-def test_a_misspelt_or_mistyped_gateway_setting_is_an_error_not_a_default(tmp_path, text, words):
-    cfg = tmp_path / "gateway.toml"
+def test_a_misspelt_or_mistyped_setting_is_an_error_not_a_default(tmp_path, command, text, words):
+    cfg = tmp_path / f"{command}.toml"
     cfg.write_text(text)
-    r = airlock("gateway", "--config", str(cfg), "--data", str(tmp_path / "d"))
-    one_line_error(r, *words)
-    assert r.returncode == 2
-
-
-@pytest.mark.parametrize("text, words", [
-    ('[vault]\nbogus = 1\n', ("[vault] unknown settings: bogus",)),
-    ('[vault]\nfsync = "yes"\n', ("[vault] fsync must be true or false",)),
-])
-def test_a_misspelt_or_mistyped_vault_setting_is_an_error_not_a_default(tmp_path, text, words):
-    cfg = tmp_path / "vault.toml"
-    cfg.write_text(text)
-    r = airlock("vault", "--config", str(cfg), "--data", str(tmp_path / "v"))
+    r = airlock(command, "--config", str(cfg), "--data", str(tmp_path / "d"))
     one_line_error(r, *words)
     assert r.returncode == 2
 

@@ -77,39 +77,26 @@ def _deployment(data: str) -> dict:
     return dep
 
 
-def _port(value: str) -> int:
-    """argparse type of a TCP port."""
-    try:
-        port = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a port number: {value!r}") from None
-    if not 1 <= port <= 65535:
-        raise argparse.ArgumentTypeError(f"a port is 1..65535, not {port}")
-    return port
-
-
-def _positive(kind):
-    """argparse type: a number above zero (`kind` int or float)."""
+def _number(kind, ok, rule: str):
+    """An argparse type: `kind` (int or float) for which ok(v) holds, else
+    "<rule>, not <value>"."""
     def parse(value: str):
         try:
             v = kind(value)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"not a number: {value!r}") from None
-        if not v > 0:
-            raise argparse.ArgumentTypeError(f"must be above 0, not {value}")
+            raise argparse.ArgumentTypeError(
+                f"not a {'whole number' if kind is int else 'number'}: {value!r}") from None
+        if not ok(v):
+            raise argparse.ArgumentTypeError(f"{rule}, not {value}")
         return v
     parse.__name__ = kind.__name__
     return parse
 
 
-def _non_negative_int(value: str) -> int:
-    try:
-        v = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {value!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, not {v}")
-    return v
+_port = _number(int, lambda v: 1 <= v <= 65535, "a port is 1..65535")
+_positive_int = _number(int, lambda v: v > 0, "must be above 0")
+_positive_float = _number(float, lambda v: v > 0, "must be above 0")
+_non_negative_int = _number(int, lambda v: v >= 0, "must be 0 or more")
 
 
 def _check_free(port: int, what: str) -> None:
@@ -745,7 +732,7 @@ def build_parser() -> argparse.ArgumentParser:
     gw.add_argument("--port", type=_port, help="port (overrides config)")
     gw.add_argument("--vault", help="host:port of the vault's link (overrides config)")
     gw.add_argument("--link-keys", help="directory with primary.crt, primary.key, vault.crt")
-    gw.add_argument("--ack-timeout", type=_positive(float), help="seconds to wait for the vault's ack before 503")
+    gw.add_argument("--ack-timeout", type=_positive_float, help="seconds to wait for the vault's ack before 503")
     gw.add_argument("--no-fsync", action="store_true", help="skip fsync (benchmarks of throw-away data only)")
     gw.add_argument("--chunk-sync", choices=["vault", "local"], default=None,
                     help="'local' (default: fsync chunk files too) or, with a vault, 'vault' (chunk "
@@ -760,8 +747,8 @@ def build_parser() -> argparse.ArgumentParser:
     va.add_argument("--data", dest="data_dir", help="vault data directory (overrides config)")
     va.add_argument("--listen", help="host:port of the link (overrides config)")
     va.add_argument("--keys", help="directory with vault.crt, vault.key, primary.crt")
-    va.add_argument("--overlay-max-bytes", type=_positive(int), help="seal the open overlay at this size")
-    va.add_argument("--overlay-max-age", type=_positive(float), help="seal the open overlay at this age (seconds)")
+    va.add_argument("--overlay-max-bytes", type=_positive_int, help="seal the open overlay at this size")
+    va.add_argument("--overlay-max-age", type=_positive_float, help="seal the open overlay at this age (seconds)")
     va.set_defaults(func=cmd_vault)
 
     ke = sub.add_parser("keys", help="create link identities (mutual TLS keys)")

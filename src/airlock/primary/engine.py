@@ -753,10 +753,8 @@ class Engine:
         checksums: dict[str, str] = {}
         ctype = None
         alg = up.checksum_algorithm
-        utype = ((up.checksum_type or "").upper() or C.multipart_checksum_type(alg, None)) if alg else None
-        if utype == "FULL_OBJECT" and alg not in C.CRC_ALGORITHMS:
-            utype = "COMPOSITE"             # an upload created before the type was checked
-        if claimed_type is not None and claimed_type != (utype or claimed_type):
+        utype = C.stored_upload_checksum_type(alg, up.checksum_type)
+        if claimed_type is not None and utype is not None and claimed_type != utype:
             raise E.InvalidRequest(f"The upload was created using the {utype} checksum type. "
                                    f"The complete request referenced the {claimed_type} checksum type.")
         if alg and all(alg in p.checksums for p in chosen):

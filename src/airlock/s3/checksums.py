@@ -101,6 +101,12 @@ class ChecksumRequest(NamedTuple):
     from_trailer: bool
 
 
+def _is_checksum_value(name: str) -> bool:
+    """x-amz-checksum-<alg> (a value), not x-amz-checksum-type / -algorithm / -mode."""
+    lname = name.lower()
+    return lname.startswith("x-amz-checksum-") and lname not in _NOT_VALUES
+
+
 def requested_checksum(headers: Mapping[str, str]) -> ChecksumRequest:
     """Which flexible checksum the client wants verified, and its value if sent as a header.
 
@@ -110,9 +116,9 @@ def requested_checksum(headers: Mapping[str, str]) -> ChecksumRequest:
     """
     found: list[tuple[str, str]] = []
     for name in headers.keys():
-        lname = name.lower()
-        if not lname.startswith("x-amz-checksum-") or lname in _NOT_VALUES:
+        if not _is_checksum_value(name):
             continue
+        lname = name.lower()
         alg = lname[len("x-amz-checksum-"):].upper()
         if alg not in ALGORITHMS:
             raise NotImplementedS3(f"Checksum algorithm {alg} is not supported.", Header=lname)
@@ -158,8 +164,7 @@ def without_checksum_values(headers: Mapping[str, str]) -> dict[str, str]:
     """`headers` without x-amz-checksum-<alg> values (and without the SDK's
     algorithm header, which only announces them)."""
     return {k: v for k, v in headers.items()
-            if not ((k.lower().startswith("x-amz-checksum-") and k.lower() not in _NOT_VALUES)
-                    or k.lower() == "x-amz-sdk-checksum-algorithm")}
+            if not (_is_checksum_value(k) or k.lower() == "x-amz-sdk-checksum-algorithm")}
 
 
 def object_checksum_claim(headers: Mapping[str, str]) -> tuple[str, str] | None:
@@ -169,7 +174,7 @@ def object_checksum_claim(headers: Mapping[str, str]) -> tuple[str, str] | None:
     suffix.  None if there is none; InvalidRequest for more than one or a
     value that is not base64 of the algorithm's size."""
     found = [(k.lower()[len("x-amz-checksum-"):].upper(), v.strip()) for k, v in headers.items()
-             if k.lower().startswith("x-amz-checksum-") and k.lower() not in _NOT_VALUES]
+             if _is_checksum_value(k)]
     if not found:
         return None
     if len(found) > 1:
@@ -257,6 +262,16 @@ def multipart_checksum_type(alg: str | None, ctype: str | None) -> str | None:
     if ctype == "COMPOSITE" and alg == "CRC64NVME":
         raise InvalidRequest("The COMPOSITE checksum type cannot be used with the crc64nvme checksum algorithm.")
     return ctype
+
+
+def stored_upload_checksum_type(alg: str | None, stored: str | None) -> str | None:
+    """The checksum type an upload has: `stored` as create_upload validated
+    it, the default for uploads that stored none, and COMPOSITE for a
+    FULL_OBJECT + SHA* pair created before the type was checked."""
+    if alg is None:
+        return None
+    ctype = (stored or "").upper() or multipart_checksum_type(alg, None)
+    return "COMPOSITE" if ctype == "FULL_OBJECT" and alg not in CRC_ALGORITHMS else ctype
 
 
 def multipart_object_checksum(alg: str, ctype: str, parts: list[tuple[str, int]]) -> str:

@@ -82,6 +82,12 @@ def _etags(value: str) -> list[str]:
     return [v.strip().strip('"') for v in value.split(",")]
 
 
+def _etag_matches(value: str, etag: str) -> bool:
+    """Does an If-Match / If-None-Match list (quoted, comma separated, or *) name `etag`?"""
+    tags = _etags(value)
+    return etag in tags or "*" in tags
+
+
 def _parse_http_date(value: str) -> float | None:
     try:
         d = email.utils.parsedate_to_datetime(value)
@@ -116,8 +122,7 @@ class WritePrecondition:
         if self.if_match is not None:
             if current is None:
                 raise E.NoSuchKey()
-            tags = _etags(self.if_match)
-            if current.etag not in tags and "*" not in tags:
+            if not _etag_matches(self.if_match, current.etag):
                 raise E.PreconditionFailed(Condition="If-Match")
 
 
@@ -138,10 +143,8 @@ class DeletePrecondition:
     def __call__(self, current: Manifest | None) -> None:
         if current is None:
             raise E.NoSuchKey()
-        if self.etag is not None:
-            tags = _etags(self.etag)
-            if current.etag not in tags and "*" not in tags:
-                raise E.PreconditionFailed(Condition="If-Match")
+        if self.etag is not None and not _etag_matches(self.etag, current.etag):
+            raise E.PreconditionFailed(Condition="If-Match")
         if self.size is not None and current.size != self.size:
             raise E.PreconditionFailed(Condition="x-amz-if-match-size")
         if self.mtime is not None and int(current.mtime) != int(self.mtime):
@@ -184,8 +187,7 @@ def check_read_conditions(headers, m: Manifest, prefix: str = "") -> None:
     mtime = int(m.mtime)
     cond_failed = E.PreconditionFailed
     if if_match is not None:
-        tags = _etags(if_match)
-        if m.etag not in tags and "*" not in tags:
+        if not _etag_matches(if_match, m.etag):
             raise cond_failed(Condition=prefix + "If-Match")
     elif if_unmod is not None:
         t = _parse_http_date(if_unmod)
@@ -199,8 +201,7 @@ def check_read_conditions(headers, m: Manifest, prefix: str = "") -> None:
         err.headers = {"ETag": etag_header(m.etag), "Last-Modified": http_date(m.mtime)}
         return err
     if if_none is not None:
-        tags = _etags(if_none)
-        if m.etag in tags or "*" in tags:
+        if _etag_matches(if_none, m.etag):
             raise not_modified(prefix + "If-None-Match")
     elif if_mod is not None:
         t = _parse_http_date(if_mod)
