@@ -24,8 +24,13 @@ build: $(STAMP)
 run: $(STAMP)
 	$(VENV)/bin/airlock up --data $(DATA) --port $(PORT)
 
+# One pytest process per core (at most 4), each taking whole files, so a
+# file's module-scoped deployment is started once.  `TESTFLAGS=-n0` runs
+# everything in one process.
+TESTFLAGS ?= -n auto --maxprocesses 4 --dist loadfile
+
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q $(TESTFLAGS) tests
 
 bench: $(STAMP)
 	$(PY) benchmarks/run.py

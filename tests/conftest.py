@@ -39,6 +39,15 @@ def _ephemeral_range() -> tuple[int, int]:
 _handed_out: set[int] = set()
 
 
+def _xdist_worker() -> tuple[int, int]:
+    """(this worker's index, number of workers); (0, 1) without pytest-xdist."""
+    name = os.environ.get("PYTEST_XDIST_WORKER", "")
+    count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") or 1)
+    if name.startswith("gw") and name[2:].isdigit() and count > 1:
+        return int(name[2:]) % count, count
+    return 0, 1
+
+
 def free_port() -> int:
     """A free port, never the same one twice in this test run, and OUTSIDE
     the kernel's ephemeral range.  bind(0) can return the same port to two
@@ -50,6 +59,12 @@ def free_port() -> int:
     import random
     lo, hi = _ephemeral_range()
     candidates = [p for p in range(10000, 30000) if not lo <= p <= hi] or list(range(1024, 10000))
+    # Under pytest-xdist each worker process draws from its own contiguous
+    # slice, so two workers never hand out the same port (nor, but at a
+    # slice's edge, the port after it, which `airlock up` takes for its vault).
+    worker, workers = _xdist_worker()
+    step = len(candidates) // workers
+    candidates = candidates[worker * step:(worker + 1) * step - 1]
     for _ in range(200):
         port = random.choice(candidates)
         if port in _handed_out:

@@ -126,7 +126,7 @@ def test_everything_survives_a_clean_restart(gateway):
 
 # ---------------------------------------------------------------------------- kill -9
 UPLOADERS = 8                   # concurrent client threads
-ROUNDS = int(os.environ.get("AIRLOCK_CRASH_ROUNDS") or 2)   # kill/restart cycles in one test (see test_replication_crash)
+ROUNDS = int(os.environ.get("AIRLOCK_CRASH_ROUNDS") or 3)   # kill/restart cycles in one test (see test_replication_crash)
 KILL_AFTER_S = (0.5, 3.0)       # random delay before SIGKILL, seconds
 ROUND_BUDGET_S = 15.0           # an uploader gives up after this even if the gateway lives
 MAX_OBJECTS_PER_THREAD = 40     # bound on work per uploader per round

@@ -35,9 +35,9 @@ MiB = 1024 * KiB
 PART = 5 * MiB                  # S3's minimum size of every multipart part but the last
 
 UPLOADERS = 7                   # concurrent client threads
-# rounds per victim, alternating gateway / vault; 2 keeps `make test` inside
-# its 10 minutes, AIRLOCK_CRASH_ROUNDS=10 (with AIRLOCK_CRASH_SEED) digs deeper
-ROUNDS_EACH = int(os.environ.get("AIRLOCK_CRASH_ROUNDS") or 2)
+# rounds per victim, alternating gateway / vault; AIRLOCK_CRASH_ROUNDS=10
+# (with AIRLOCK_CRASH_SEED) digs deeper
+ROUNDS_EACH = int(os.environ.get("AIRLOCK_CRASH_ROUNDS") or 3)
 KILL_AFTER_S = (0.4, 2.5)       # random delay before SIGKILL, seconds
 VAULT_DOWN_S = (0.2, 1.5)       # how long the vault stays dead; writes meanwhile wait or get 503
 AFTER_RESTART_S = 0.8           # writes keep going this long after the vault is back (reconcile under load)
