@@ -348,6 +348,7 @@ def sc_multipart(rec, b):
         Bucket=b, Key="mp", UploadId=uid, MaxParts=2)
     rec("list_parts", "Parts[].[PartNumber, ETag, Size]", "IsTruncated",
         Bucket=b, Key="mp", UploadId=uid, PartNumberMarker=2)
+    rec("list_parts", "MaxParts", "IsTruncated", Bucket=b, Key="mp", UploadId=uid, MaxParts=5000)
     rec("list_multipart_uploads", "Uploads[].Key", "IsTruncated", Bucket=b)
     # error cases do not consume the upload
     rec.per_s3(("complete_multipart_upload", 400, "InvalidPartOrder"),
@@ -651,6 +652,9 @@ def sc_listings(rec, b):
     for params in LIST_CASES + V2_ONLY:
         rec.note(("v2", tuple(sorted(params.items()))), walk_v2(rec, b, **params))
     rec("list_objects_v2", "KeyCount", "IsTruncated", "Contents", Bucket=b, MaxKeys=0)
+    # more than 1000 asked: at most 1000 listed, the asked number echoed
+    for op in ("list_objects", "list_objects_v2", "list_object_versions"):
+        rec(op, "MaxKeys", "IsTruncated", Bucket=b, MaxKeys=5000)
 
 
 def test_listings_match_moto(gw):

@@ -54,13 +54,14 @@ async def list_objects_v1(ctx) -> web.Response:
     prefix = q.get("prefix", "")
     delimiter = q.get("delimiter", "")
     marker = q.get("marker", "")
-    max_keys = int_param(q, "max-keys", MAX_KEYS, 0, MAX_KEYS)
+    asked = int_param(q, "max-keys", MAX_KEYS, 0)     # echoed as asked; at most MAX_KEYS are listed
+    max_keys = min(asked, MAX_KEYS)
     res = ctx.engine.list_objects(ctx.bucket, prefix=prefix, delimiter=delimiter,
                                   marker=marker or None, max_keys=max_keys)
     body = el("Name", ctx.bucket) + el("Prefix", enc(prefix)) + el("Marker", enc(marker))
     if res.is_truncated and delimiter:
         body += el("NextMarker", enc(res.next_marker))
-    body += el("MaxKeys", max_keys)
+    body += el("MaxKeys", asked)
     if delimiter:
         body += el("Delimiter", enc(delimiter))
     body += el("IsTruncated", "true" if res.is_truncated else "false")
@@ -94,7 +95,8 @@ async def list_objects_v2(ctx) -> web.Response:
     delimiter = q.get("delimiter", "")
     start_after = q.get("start-after", "")
     token = q.get("continuation-token")
-    max_keys = int_param(q, "max-keys", MAX_KEYS, 0, MAX_KEYS)
+    asked = int_param(q, "max-keys", MAX_KEYS, 0)     # echoed as asked; at most MAX_KEYS are listed
+    max_keys = min(asked, MAX_KEYS)
     fetch_owner = q.get("fetch-owner", "false").lower() == "true"
     if token is not None:
         if token == "":
@@ -113,7 +115,7 @@ async def list_objects_v2(ctx) -> web.Response:
     if res.is_truncated:
         body += el("NextContinuationToken", encode_token(res.next_marker))
     body += el("KeyCount", len(res.contents) + len(res.common_prefixes))
-    body += el("MaxKeys", max_keys)
+    body += el("MaxKeys", asked)
     if delimiter:
         body += el("Delimiter", enc(delimiter))
     body += el("IsTruncated", "true" if res.is_truncated else "false")
@@ -134,7 +136,8 @@ async def list_object_versions(ctx) -> web.Response:
     delimiter = q.get("delimiter", "")
     key_marker = q.get("key-marker", "")
     vid_marker = q.get("version-id-marker", "")
-    max_keys = int_param(q, "max-keys", MAX_KEYS, 0, MAX_KEYS)
+    asked = int_param(q, "max-keys", MAX_KEYS, 0)     # echoed as asked; at most MAX_KEYS are listed
+    max_keys = min(asked, MAX_KEYS)
     if vid_marker and not key_marker:
         raise E.InvalidArgument("A version-id marker cannot be specified without a key marker.",
                                 ArgumentName="version-id-marker", ArgumentValue=vid_marker)
@@ -147,7 +150,7 @@ async def list_object_versions(ctx) -> web.Response:
         body += el("NextKeyMarker", enc(res.next_key_marker))
         if res.next_version_id_marker is not None:
             body += el("NextVersionIdMarker", res.next_version_id_marker)
-    body += el("MaxKeys", max_keys)
+    body += el("MaxKeys", asked)
     if delimiter:
         body += el("Delimiter", enc(delimiter))
     body += el("IsTruncated", "true" if res.is_truncated else "false")

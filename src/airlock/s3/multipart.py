@@ -155,7 +155,8 @@ async def abort_upload(ctx) -> web.Response:
 async def list_parts(ctx) -> web.Response:
     up = _upload(ctx)
     q = ctx.query
-    max_parts = int_param(q, "max-parts", MAX_LIST, 0, MAX_LIST)
+    asked = int_param(q, "max-parts", MAX_LIST, 0)    # echoed as asked; at most MAX_LIST are listed
+    max_parts = min(asked, MAX_LIST)
     marker = int_param(q, "part-number-marker", 0, 0)
     parts = [p for p in ctx.engine.list_parts(up) if p.part_number > marker]
     truncated = len(parts) > max_parts
@@ -166,7 +167,7 @@ async def list_parts(ctx) -> web.Response:
             + el("StorageClass", up.meta.storage_class) + el("PartNumberMarker", marker))
     if parts:
         body += el("NextPartNumberMarker", parts[-1].part_number)
-    body += el("MaxParts", max_parts) + el("IsTruncated", "true" if truncated else "false")
+    body += el("MaxParts", asked) + el("IsTruncated", "true" if truncated else "false")
     if up.checksum_algorithm:
         body += el("ChecksumAlgorithm", up.checksum_algorithm)
     for p in parts:
