@@ -103,6 +103,8 @@ XAmzContentSHA256Mismatch = _s3("XAmzContentSHA256Mismatch", 400, "The provided 
 
 # request shape
 InvalidRequest = _s3("InvalidRequest", 400, "Invalid Request")
+BadRequest = _s3("BadRequest", 400, "Bad Request")
+InvalidTag = _s3("InvalidTag", 400, "The tag provided was not a valid tag.")
 InvalidArgument = _s3("InvalidArgument", 400, "Invalid Argument")
 MalformedXML = _s3("MalformedXML", 400, "The XML you provided was not well-formed or did not validate against our published schema.")
 InvalidDigest = _s3("InvalidDigest", 400, "The Content-MD5 you specified was invalid.")

@@ -21,13 +21,14 @@ UPLOAD_COMPLETE = 7   # {"upload_id", "manifest": Manifest.to_json()}
 UPLOAD_ABORT = 8      # {"upload_id"}
 ABORT = 9             # {"seqs": [int, ...]}: those earlier records never took effect
 BUCKET_VERSIONING = 10  # {"bucket", "status": "Enabled" | "Suspended"}
+OBJECT_TAGGING = 11   # {"bucket", "key", "version_id", "was_latest", "manifest"}: the version's new tag set
 
 NAMES = {
     BUCKET_CREATE: "bucket-create", BUCKET_DELETE: "bucket-delete",
     OBJECT_PUT: "object-put", OBJECT_DELETE: "object-delete",
     UPLOAD_CREATE: "upload-create", UPLOAD_PART: "upload-part",
     UPLOAD_COMPLETE: "upload-complete", UPLOAD_ABORT: "upload-abort",
-    ABORT: "abort", BUCKET_VERSIONING: "bucket-versioning",
+    ABORT: "abort", BUCKET_VERSIONING: "bucket-versioning", OBJECT_TAGGING: "object-tagging",
 }
 
 _encoder = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
@@ -53,7 +54,8 @@ def chunks_referenced(rtype: int, body: dict[str, Any]) -> tuple[str, ...]:
     """The chunk ids (hex) a decoded record references, in manifest order:
     the vault's APPEND wants every one of them before it takes the record.
     An object-put's and an upload-complete's manifest, an upload-part's
-    chunks, and the version a removal of the latest version "restores".
+    chunks, the version a removal of the latest version "restores", and the
+    latest version an object-tagging record re-tags (to the vault, a put).
     KeyError / TypeError / ValueError / IndexError on a malformed body
     (the caller says which record it was)."""
     if rtype == OBJECT_PUT:
@@ -66,6 +68,8 @@ def chunks_referenced(rtype: int, body: dict[str, Any]) -> tuple[str, ...]:
         manifest = body.get("restores")
         if manifest is None:
             return ()
+    elif rtype == OBJECT_TAGGING and body["was_latest"]:
+        manifest = body["manifest"]
     else:
         return ()
     if not isinstance(manifest, dict):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import email.utils
 import hashlib
 import json
@@ -504,6 +505,27 @@ class Engine:
         if status == "" and version_id == NULL_VERSION:
             return None, False        # as a plain delete in a never-versioned bucket
         return version_id, bool(found and found[0].is_delete_marker)
+
+    async def set_object_tagging(self, bucket: str, key: str, version_id: str | None,
+                                 tagging: str | None) -> Manifest:
+        """PutObjectTagging / DeleteObjectTagging (`tagging` None): the tag set
+        of the current object, or of version `version_id`, becomes `tagging`
+        (canonical URL query text, docs/format/records.md "Tags").  No new
+        version: the version id, ETag and Last-Modified stay.  Errors as
+        head_object's.  Returns the version as re-tagged."""
+        self._need_bucket(bucket)
+        done: list[Manifest] = []
+
+        def retag():
+            m = self.head_object(bucket, key, version_id, method="PUT")
+            latest = self.index.latest_version(bucket, key)
+            new = m.replace(meta=dataclasses.replace(m.meta, tagging=tagging))
+            done.append(new)
+            return P.OBJECT_TAGGING, {"bucket": bucket, "key": key, "version_id": m.version_id,
+                                      "was_latest": latest is not None and latest.version_id == m.version_id,
+                                      "manifest": new.to_json()}
+        await self._commit_key(bucket, key, retag)
+        return done[0]
 
     def list_versions(self, bucket: str, *, prefix: str = "", delimiter: str = "",
                       key_marker: str = "", version_id_marker: str = "",

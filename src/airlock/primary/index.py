@@ -223,6 +223,22 @@ class Index:
         else:
             db.execute("INSERT OR REPLACE INTO objects VALUES (?,?,?,?)", (bucket, key, row[0], row[2]))
 
+    def _retag(self, b: dict) -> None:
+        """An object-tagging record (docs/format/records.md, "Tags"): the
+        version's manifest is replaced by the re-tagged one; it keeps its seq,
+        so its place in the history and as the current object.  A version
+        that no longer exists is left alone."""
+        db = self.db
+        bucket, key, vid = b["bucket"], b["key"], b["version_id"]
+        row = db.execute("SELECT seq FROM versions WHERE bucket=? AND key=? AND version_id=? "
+                         "AND is_delete_marker=0", (bucket, key, vid)).fetchone()
+        if row is None:
+            return
+        text = json.dumps(b["manifest"], ensure_ascii=False)
+        db.execute("UPDATE versions SET manifest=? WHERE bucket=? AND key=? AND version_id=?",
+                   (text, bucket, key, vid))
+        db.execute("UPDATE objects SET manifest=? WHERE bucket=? AND key=? AND seq=?", (text, bucket, key, row[0]))
+
     def _apply_one(self, seq: int, rtype: int, b: dict, text: str | None = None) -> None:
         """`text`: the payload as JSON text, if the caller has it (an object-put stores it as is)."""
         db = self.db
@@ -230,6 +246,8 @@ class Index:
             self._put_version(seq, b, text)
         elif rtype == P.OBJECT_DELETE:
             self._delete(seq, b)
+        elif rtype == P.OBJECT_TAGGING:
+            self._retag(b)
         elif rtype == P.BUCKET_CREATE:
             db.execute("INSERT OR REPLACE INTO buckets (name, owner, created) VALUES (?,?,?)",
                        (b["bucket"], b["owner"], b["created"]))

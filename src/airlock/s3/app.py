@@ -35,6 +35,7 @@ CLIENT_MAX_SIZE = 1 << 20       # aiohttp's cap for bodies read whole (XML); obj
 HEALTH_PATH = "/_airlock/health"   # unauthenticated; '_airlock' can never be a bucket name
 
 # Sub-resources that exist in S3 but not (yet) in airlock: answered 501 NotImplemented
+# ("tagging" only on buckets: object tagging is s3/tagging.py)
 UNSUPPORTED_SUBRESOURCES = frozenset({
     "acl", "policy", "policyStatus", "cors", "lifecycle", "tagging", "website", "logging",
     "notification", "replication", "encryption", "object-lock", "legal-hold", "retention",
@@ -175,6 +176,7 @@ class S3App:
         from airlock.s3 import listing as L
         from airlock.s3 import multipart as M
         from airlock.s3 import object as O
+        from airlock.s3 import tagging as T
 
         m, q = ctx.method, ctx.query
         if ctx.bucket is None:
@@ -213,6 +215,14 @@ class S3App:
                 return D.delete_objects
             raise E.MethodNotAllowed(Method=m, ResourceType="BUCKET")
         # object level
+        if "tagging" in q:
+            if m == "GET":
+                return T.get_object_tagging
+            if m == "PUT":
+                return T.put_object_tagging
+            if m == "DELETE":
+                return T.delete_object_tagging
+            raise E.MethodNotAllowed(Method=m, ResourceType="OBJECT")
         sub = [k for k in q if k in UNSUPPORTED_SUBRESOURCES]
         if sub:
             raise E.NotImplementedS3(f"The {sub[0]} sub-resource is not implemented.")

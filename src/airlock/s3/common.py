@@ -6,7 +6,7 @@ import re
 from aiohttp import web
 
 from airlock import errors as E
-from airlock.primary.model import Bucket
+from airlock.primary.model import NULL_VERSION, Bucket, Manifest
 
 _BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 _IPV4_RE = re.compile(r"^\d{1,3}(\.\d{1,3}){3}$")
@@ -53,3 +53,22 @@ def int_param(query, name: str, default: int, lo: int = 0, hi: int | None = None
     if hi is not None:
         v = min(v, hi)
     return v
+
+
+def version_id_param(ctx) -> str | None:
+    """The request's ?versionId= (None if absent); the empty string is refused, as S3 does."""
+    if "versionId" not in ctx.query:
+        return None
+    vid = ctx.query["versionId"]
+    if vid == "":
+        raise E.InvalidArgument("Version id cannot be the empty string", ArgumentName="versionId",
+                                ArgumentValue="")
+    return vid
+
+
+def version_headers(ctx, m: Manifest, name: str = "x-amz-version-id") -> dict[str, str]:
+    """x-amz-version-id of an object (or copy source) in a bucket that has
+    versioning on or suspended; nothing for a never-versioned bucket."""
+    if m.version_id != NULL_VERSION or ctx.engine.versioning(m.bucket):
+        return {name: m.version_id}
+    return {}

@@ -12,7 +12,8 @@ from airlock import errors as E
 from airlock.primary.model import NULL_VERSION, STORED_HEADERS, Manifest, ObjectMeta
 from airlock.s3 import checksums
 from airlock.s3.body import BodyStream
-from airlock.s3.common import owned_bucket, xml_response
+from airlock.s3 import tagging
+from airlock.s3.common import owned_bucket, version_headers, version_id_param, xml_response
 from airlock.s3.xml import doc, el, http_date, iso8601
 
 MAX_USER_METADATA = 2048       # bytes of x-amz-meta-* names + values (S3's limit)
@@ -52,26 +53,8 @@ def meta_from_headers(headers) -> ObjectMeta:
     sc = headers.get("x-amz-storage-class", "STANDARD")
     if sc not in STORAGE_CLASSES:
         raise E.InvalidStorageClass(StorageClassRequested=sc)
-    return ObjectMeta(headers=stored, user=user, storage_class=sc, tagging=headers.get("x-amz-tagging"))
-
-
-def version_id_param(ctx) -> str | None:
-    """The request's ?versionId= (None if absent); the empty string is refused, as S3 does."""
-    if "versionId" not in ctx.query:
-        return None
-    vid = ctx.query["versionId"]
-    if vid == "":
-        raise E.InvalidArgument("Version id cannot be the empty string", ArgumentName="versionId",
-                                ArgumentValue="")
-    return vid
-
-
-def version_headers(ctx, m: Manifest, name: str = "x-amz-version-id") -> dict[str, str]:
-    """x-amz-version-id of an object (or copy source) in a bucket that has
-    versioning on or suspended; nothing for a never-versioned bucket."""
-    if m.version_id != NULL_VERSION or ctx.engine.versioning(m.bucket):
-        return {name: m.version_id}
-    return {}
+    return ObjectMeta(headers=stored, user=user, storage_class=sc,
+                      tagging=tagging.from_header(headers.get("x-amz-tagging")))
 
 
 def etag_header(etag: str) -> str:
@@ -225,6 +208,8 @@ def object_headers(m: Manifest, with_checksums: bool) -> dict[str, str]:
         h["x-amz-storage-class"] = m.meta.storage_class
     if m.parts:
         h["x-amz-mp-parts-count"] = str(len(m.parts))
+    if m.meta.tagging:
+        h["x-amz-tagging-count"] = str(tagging.tag_count(m))
     if with_checksums and m.checksums:
         for alg, v in m.checksums.items():
             h[checksums.header_name(alg)] = v
@@ -421,14 +406,20 @@ async def copy_object(ctx) -> web.Response:
     if directive not in ("COPY", "REPLACE"):
         raise E.InvalidArgument("Unknown metadata directive.", ArgumentName="x-amz-metadata-directive",
                                 ArgumentValue=directive)
+    tagging_directive = ctx.headers.get("x-amz-tagging-directive", "COPY").upper()
+    if tagging_directive not in ("COPY", "REPLACE"):
+        raise E.InvalidArgument("Unknown tagging directive.", ArgumentName="x-amz-tagging-directive",
+                                ArgumentValue=tagging_directive)
     if directive == "REPLACE":
         meta = meta_from_headers(ctx.headers)
     else:
         meta = ObjectMeta(headers=dict(src.meta.headers), user=dict(src.meta.user),
-                          storage_class=ctx.headers.get("x-amz-storage-class", src.meta.storage_class),
-                          tagging=src.meta.tagging)
+                          storage_class=ctx.headers.get("x-amz-storage-class", src.meta.storage_class))
         if meta.storage_class not in STORAGE_CLASSES:
             raise E.InvalidStorageClass(StorageClassRequested=meta.storage_class)
+    # tags follow their own directive: the source's unless REPLACE (then x-amz-tagging, or none)
+    meta.tagging = (tagging.from_header(ctx.headers.get("x-amz-tagging")) if tagging_directive == "REPLACE"
+                    else src.meta.tagging)
     if (src.bucket, src.key) == (ctx.bucket, ctx.key) and directive == "COPY" \
             and "?versionId=" not in ctx.headers["x-amz-copy-source"] \
             and "x-amz-storage-class" not in ctx.headers:

@@ -35,10 +35,15 @@ KIND = {
     # a bucket's S3 versioning state: the vault keeps every version whatever
     # it is, so the record changes nothing in the vault's state
     P.BUCKET_VERSIONING: "bucket-versioning",
+    # a new tag set: a put of the re-tagged manifest if that version is the
+    # key's current object, else VERSION_TAGGING_KIND (docs/format/records.md, "Tags")
+    P.OBJECT_TAGGING: "put",
 }
 # An object-delete that permanently removes one non-latest version
 # (docs/format/records.md): the key's current state is unchanged.
 VERSION_DELETE_KIND = "version-delete"
+# An object-tagging of a non-latest version: the key's current state is unchanged.
+VERSION_TAGGING_KIND = "version-tagging"
 OBJECT_KINDS = ("put", "delete")
 BUCKET_KINDS = ("bucket-create", "bucket-delete")
 DAY_NS = 86400 * 10**9
@@ -106,6 +111,13 @@ def classify(seq: int, rtype: int, payload: bytes) -> Entry:
                 kind, manifest = "put", body["restores"]
                 if (manifest["bucket"], manifest["key"]) != (body["bucket"], body["key"]):
                     raise FormatError(f"record {seq} (delete): restores another key")
+        elif rtype == P.OBJECT_TAGGING:
+            if body["was_latest"]:
+                manifest = body["manifest"]
+                if (manifest["bucket"], manifest["key"]) != (body["bucket"], body["key"]):
+                    raise FormatError(f"record {seq} (object-tagging): manifest of another key")
+            else:
+                kind = VERSION_TAGGING_KIND
         elif rtype == P.BUCKET_VERSIONING:
             if body["status"] not in ("Enabled", "Suspended"):
                 raise FormatError(f"record {seq} (bucket-versioning): bad status {body['status']!r}")
@@ -118,7 +130,7 @@ def classify(seq: int, rtype: int, payload: bytes) -> Entry:
         chunks = P.chunks_referenced(rtype, body)
         if manifest is not None:
             bucket, key = str(manifest["bucket"]), str(manifest["key"])
-        elif rtype in (P.OBJECT_DELETE, P.UPLOAD_CREATE):
+        elif rtype in (P.OBJECT_DELETE, P.UPLOAD_CREATE, P.OBJECT_TAGGING):
             bucket, key = str(body["bucket"]), str(body["key"])
         elif rtype in (P.BUCKET_CREATE, P.BUCKET_DELETE, P.BUCKET_VERSIONING):
             bucket = str(body["bucket"])
