@@ -226,7 +226,7 @@ def sc_ranges(rec, b):
     rec("create_bucket", Bucket=b)
     rec("put_object", Bucket=b, Key="r", Body=BODY)
     for rng in ("bytes=0-9", "bytes=10-", "bytes=-5", "bytes=1000-2000", "bytes=1023-1023",
-                "bytes=0-0", "bytes=1024-", "bytes=5000-6000", "bytes=-2000"):
+                "bytes=0-0", "bytes=1024-", "bytes=5000-6000", "bytes=-2000", "bytes=  1-2"):
         rec("get_object", "ContentLength", "ContentRange", _body=True, Bucket=b, Key="r", Range=rng)
     rec("put_object", Bucket=b, Key="empty", Body=b"")
     rec("get_object", "ContentLength", _body=True, Bucket=b, Key="empty", Range="bytes=0-")
@@ -299,6 +299,9 @@ def sc_metadata(rec, b):
         ResponseContentType="text/csv", ResponseContentDisposition="inline", ResponseCacheControl="no-cache")
     rec("put_object", Bucket=b, Key="plain", Body=b"p")
     rec("head_object", "ContentType", "Metadata", Bucket=b, Key="plain")
+    rec("put_object", Bucket=b, Key="redirect", Body=b"r", WebsiteRedirectLocation="/other")
+    rec("head_object", "WebsiteRedirectLocation", Bucket=b, Key="redirect")
+    rec("get_object", "WebsiteRedirectLocation", Bucket=b, Key="redirect")
 
 
 def test_metadata_and_headers_match_moto(gw):
@@ -476,6 +479,38 @@ def sc_list_uploads(rec, b):
                                                   "CommonPrefixes[].Prefix": ["a/", "c/"]}),
                       "moto ignores Delimiter on ListMultipartUploads; S3 rolls keys up into CommonPrefixes")
     rec("list_multipart_uploads", "Uploads[].Key", Bucket=b, Prefix="a/")
+
+
+def test_list_multipart_uploads_pages_past_common_prefixes_and_url_encodes(gw):
+    """moto ignores Delimiter here, so S3's rules are asserted directly: a
+    page that ends on a CommonPrefix says where the next one starts
+    (NextKeyMarker = the prefix), so boto3's paginator sees every entry once;
+    EncodingType=url encodes keys and prefixes."""
+    s3 = gw.client()
+    b = new_bucket()
+    s3.create_bucket(Bucket=b)
+    keys = ["a/1", "a/2", "b/1", "c", "d/x", "e", "f g/h", "f+g"]
+    for k in keys:
+        s3.create_multipart_upload(Bucket=b, Key=k)
+    for size in (1, 2, 3, 1000):
+        seen_keys, seen_prefixes = [], []
+        for page in s3.get_paginator("list_multipart_uploads").paginate(
+                Bucket=b, Delimiter="/", PaginationConfig={"PageSize": size}):
+            seen_keys += [u["Key"] for u in page.get("Uploads", [])]
+            seen_prefixes += [p["Prefix"] for p in page.get("CommonPrefixes", [])]
+        assert seen_keys == ["c", "e", "f+g"], size
+        assert seen_prefixes == ["a/", "b/", "d/", "f g/"], size
+    r = s3.list_multipart_uploads(Bucket=b, Delimiter="/", MaxUploads=1)
+    assert r["IsTruncated"] and r["NextKeyMarker"] == "a/" and r["CommonPrefixes"] == [{"Prefix": "a/"}]
+    from urllib.parse import quote
+    r = s3.list_multipart_uploads(Bucket=b, EncodingType="url")
+    assert [u["Key"] for u in r["Uploads"]] == [quote(k) for k in keys] and r["EncodingType"] == "url"
+    raw = gw.client()
+    raw.meta.events.register("before-parse.s3.ListMultipartUploads",
+                             lambda **kw: seen_raw.append(kw["response_dict"]["body"]))
+    seen_raw: list[bytes] = []
+    raw.list_multipart_uploads(Bucket=b, EncodingType="url", Delimiter="/")
+    assert b"<Prefix>f%20g/</Prefix>" in seen_raw[0] and b"<Key>f%2Bg</Key>" in seen_raw[0]
 
 
 def test_list_multipart_uploads_matches_moto(gw):

@@ -414,6 +414,28 @@ def test_key_marker_alone_skips_that_key(gw):
     assert ei.value.response["Error"]["Code"] == "InvalidArgument"
 
 
+def test_a_copy_whose_source_version_is_a_delete_marker_is_invalid_request(gw):
+    """S3 answers 400 InvalidRequest ("The source of a copy request may not
+    specifically refer to a delete marker by version id"); moto answers 404,
+    so this is checked on its own.  Nothing is written."""
+    s3 = gw.client()
+    b = new_bucket()
+    s3.create_bucket(Bucket=b)
+    s3.put_bucket_versioning(Bucket=b, VersioningConfiguration={"Status": "Enabled"})
+    s3.put_object(Bucket=b, Key="k", Body=b"v1")
+    dm = s3.delete_object(Bucket=b, Key="k")["VersionId"]
+    up = s3.create_multipart_upload(Bucket=b, Key="mp")["UploadId"]
+    for call in (lambda: s3.copy_object(Bucket=b, Key="copy", CopySource={"Bucket": b, "Key": "k", "VersionId": dm}),
+                 lambda: s3.upload_part_copy(Bucket=b, Key="mp", UploadId=up, PartNumber=1,
+                                             CopySource={"Bucket": b, "Key": "k", "VersionId": dm})):
+        with pytest.raises(ClientError) as ei:
+            call()
+        assert (ei.value.response["ResponseMetadata"]["HTTPStatusCode"],
+                ei.value.response["Error"]["Code"]) == (400, "InvalidRequest")
+    assert "Versions" not in s3.list_object_versions(Bucket=b, Prefix="copy")
+    assert s3.list_parts(Bucket=b, Key="mp", UploadId=up).get("Parts", []) == []
+
+
 def test_versions_survive_restart_and_index_rebuild(tmp_path):
     g = Gateway(tmp_path / "primary").start()
     try:

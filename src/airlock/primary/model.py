@@ -18,7 +18,7 @@ STORED_HEADERS = (
     "content-encoding",
     "content-language",
     "expires",
-    "website-redirect-location",
+    "x-amz-website-redirect-location",
 )
 DEFAULT_CONTENT_TYPE = "binary/octet-stream"  # what S3 answers when none was given
 NULL_VERSION = "null"   # the version id of writes in unversioned and suspended buckets

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import re
+from urllib.parse import quote
 
 from aiohttp import web
 
@@ -72,3 +73,15 @@ def version_headers(ctx, m: Manifest, name: str = "x-amz-version-id") -> dict[st
     if m.version_id != NULL_VERSION or ctx.engine.versioning(m.bucket):
         return {name: m.version_id}
     return {}
+
+
+def url_encoder(query):
+    """The listing's `encoding-type`: identity, or S3's URL encoding of keys,
+    prefixes, delimiters and markers for "url"; anything else is refused."""
+    enc = query.get("encoding-type")
+    if enc is None:
+        return lambda s: s
+    if enc != "url":
+        raise E.InvalidArgument("Invalid Encoding Method specified in Request",
+                                ArgumentName="encoding-type", ArgumentValue=enc)
+    return lambda s: quote(s, safe="/~-_.")

@@ -4,27 +4,16 @@ from __future__ import annotations
 
 import base64
 import binascii
-from urllib.parse import quote
 
 from aiohttp import web
 
 from airlock import errors as E
 from airlock.primary.model import Manifest
-from airlock.s3.common import int_param, owned_bucket, xml_response
+from airlock.s3.common import int_param, owned_bucket, url_encoder, xml_response
 from airlock.s3.xml import doc, el, iso8601
 
 MAX_KEYS = 1000     # S3 never returns more per page
 TOKEN_PREFIX = "1:"  # version of our continuation-token encoding
-
-
-def _encoder(query):
-    enc = query.get("encoding-type")
-    if enc is None:
-        return lambda s: s
-    if enc != "url":
-        raise E.InvalidArgument("Invalid Encoding Method specified in Request",
-                                ArgumentName="encoding-type", ArgumentValue=enc)
-    return lambda s: quote(s, safe="/~-_.")
 
 
 def _contents(items: list[Manifest], enc, owner_xml: str | None) -> str:
@@ -50,7 +39,7 @@ def _prefixes(prefixes: list[str], enc) -> str:
 async def list_objects_v1(ctx) -> web.Response:
     b = owned_bucket(ctx)
     q = ctx.query
-    enc = _encoder(q)
+    enc = url_encoder(q)
     prefix = q.get("prefix", "")
     delimiter = q.get("delimiter", "")
     marker = q.get("marker", "")
@@ -90,7 +79,7 @@ def decode_token(token: str) -> str:
 async def list_objects_v2(ctx) -> web.Response:
     b = owned_bucket(ctx)
     q = ctx.query
-    enc = _encoder(q)
+    enc = url_encoder(q)
     prefix = q.get("prefix", "")
     delimiter = q.get("delimiter", "")
     start_after = q.get("start-after", "")
@@ -131,7 +120,7 @@ async def list_object_versions(ctx) -> web.Response:
     key order, newest first per key, paged by key-marker / version-id-marker."""
     b = owned_bucket(ctx)
     q = ctx.query
-    enc = _encoder(q)
+    enc = url_encoder(q)
     prefix = q.get("prefix", "")
     delimiter = q.get("delimiter", "")
     key_marker = q.get("key-marker", "")

@@ -9,7 +9,7 @@ from aiohttp import web
 from airlock import errors as E
 from airlock.s3 import checksums
 from airlock.s3.body import BodyStream, read_small_body
-from airlock.s3.common import int_param, owned_bucket, xml_response
+from airlock.s3.common import int_param, owned_bucket, url_encoder, xml_response
 from airlock.primary.model import NULL_VERSION
 from airlock.s3.object import (etag_header, meta_from_headers, source_manifest,
                                version_headers, write_precondition)
@@ -181,6 +181,7 @@ async def list_parts(ctx) -> web.Response:
 async def list_uploads(ctx) -> web.Response:
     owned_bucket(ctx)
     q = ctx.query
+    enc = url_encoder(q)
     prefix = q.get("prefix", "")
     delimiter = q.get("delimiter", "")
     key_marker = q.get("key-marker", "")
@@ -189,6 +190,7 @@ async def list_uploads(ctx) -> web.Response:
     uploads = ctx.engine.list_uploads(ctx.bucket)
     items: list = []
     prefixes: list[str] = []
+    last: tuple[str, str] | None = None     # (key or common prefix, upload id or "") of the last entry
     truncated = False
     seen_marker = not id_marker
     for up in uploads:
@@ -214,25 +216,29 @@ async def list_uploads(ctx) -> web.Response:
                     truncated = True
                     break
                 prefixes.append(cp)
+                last = (cp, "")      # the next page starts after every key under it
                 continue
         if len(items) + len(prefixes) >= max_uploads:
             truncated = True
             break
         items.append(up)
-    body = (el("Bucket", ctx.bucket) + el("KeyMarker", key_marker) + el("UploadIdMarker", id_marker))
-    if truncated and items:
-        body += el("NextKeyMarker", items[-1].key) + el("NextUploadIdMarker", items[-1].upload_id)
+        last = (up.key, up.upload_id)
+    body = (el("Bucket", ctx.bucket) + el("KeyMarker", enc(key_marker)) + el("UploadIdMarker", id_marker))
+    if truncated and last is not None:
+        body += el("NextKeyMarker", enc(last[0])) + el("NextUploadIdMarker", last[1])
     body += el("MaxUploads", max_uploads)
     if delimiter:
-        body += el("Delimiter", delimiter)
+        body += el("Delimiter", enc(delimiter))
     if prefix:
-        body += el("Prefix", prefix)
+        body += el("Prefix", enc(prefix))
+    if "encoding-type" in q:
+        body += el("EncodingType", "url")
     body += el("IsTruncated", "true" if truncated else "false")
     for up in items:
         owner = ctx.owner_xml(up.owner)
-        body += (f"<Upload>{el('Key', up.key)}{el('UploadId', up.upload_id)}"
+        body += (f"<Upload>{el('Key', enc(up.key))}{el('UploadId', up.upload_id)}"
                  f"{owner.replace('<Owner>', '<Initiator>').replace('</Owner>', '</Initiator>')}{owner}"
                  f"{el('StorageClass', up.meta.storage_class)}{el('Initiated', iso8601(up.initiated))}"
                  f"</Upload>")
-    body += "".join(f"<CommonPrefixes>{el('Prefix', p)}</CommonPrefixes>" for p in prefixes)
+    body += "".join(f"<CommonPrefixes>{el('Prefix', enc(p))}</CommonPrefixes>" for p in prefixes)
     return xml_response(doc("ListMultipartUploadsResult", body))

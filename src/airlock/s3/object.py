@@ -26,7 +26,7 @@ RESPONSE_OVERRIDES = {
     "response-content-disposition": "Content-Disposition",
     "response-content-encoding": "Content-Encoding",
 }
-_RANGE_RE = re.compile(r"^bytes=(\d*)-(\d*)$")
+_RANGE_RE = re.compile(r"^bytes=[ \t]*(\d*)-(\d*)[ \t]*$")   # RFC 9110 allows OWS around a range
 
 
 # ---------------------------------------------------------------------------- metadata
@@ -394,7 +394,11 @@ def source_manifest(ctx) -> Manifest:
         raise E.NoSuchBucket(BucketName=sbucket)
     if b.owner != ctx.user.user_id:
         raise E.AccessDenied()
-    src = ctx.engine.head_object(sbucket, skey, svid)
+    try:
+        src = ctx.engine.head_object(sbucket, skey, svid)
+    except E.MethodNotAllowed:        # the version named is a delete marker
+        raise E.InvalidRequest("The source of a copy request may not specifically refer to a delete "
+                               "marker by version id.") from None
     check_read_conditions(ctx.headers, src, prefix="x-amz-copy-source-")
     return src
 
