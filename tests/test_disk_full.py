@@ -161,7 +161,10 @@ def test_a_vault_whose_disk_filled_up_takes_writes_again_once_it_has_space(tmp_p
             s3.put_object(Bucket="full", Key="while-full", Body=b"x" * 1000)
         for k, body in acked.items():
             assert s3.get_object(Bucket="full", Key=k)["Body"].read() == body
-        assert "failed" in vault.status()
+        # (not asserted: the vault's status still saying "failed" here.  Its
+        # recovery reopens the store every few seconds whether or not the disk
+        # has space -- reopening writes nothing -- so on a loaded machine the
+        # reads above can outlast the failed state; the next append fails again.)
 
         # 3. space again: the vault recovers by itself, writes resume
         os.unlink(vault.inside("filler"))

@@ -10,6 +10,7 @@ import os
 
 import pytest
 
+from airlock.errors import FormatError
 from airlock.log import payload as P
 from airlock.primary.index import Index
 from airlock.vault.catalog import VERSION_TAGGING_KIND, classify
@@ -124,6 +125,14 @@ def test_tagging_answers_carry_the_version_id_in_versioned_buckets_only(gw):
     h2 = s3.head_object(Bucket="tag-versioned", Key="k")
     assert (h1["ETag"], h1["LastModified"], h1["VersionId"]) == (h2["ETag"], h2["LastModified"], h2["VersionId"])
     assert h2["TagCount"] == 1 and "TagCount" not in h1
+    # a delete marker named by version id: 405, naming the request's method
+    from botocore.exceptions import ClientError
+    dm = s3.delete_object(Bucket="tag-versioned", Key="k")["VersionId"]
+    for call, method in ((s3.delete_object_tagging, "DELETE"), (s3.get_object_tagging, "GET")):
+        with pytest.raises(ClientError) as e:
+            call(Bucket="tag-versioned", Key="k", VersionId=dm)
+        assert (e.value.response["Error"]["Code"], e.value.response["Error"].get("Method")) == \
+            ("MethodNotAllowed", method)
 
 
 def test_a_tag_set_with_a_key_twice_is_refused(gw):
@@ -197,12 +206,14 @@ def test_the_vault_reads_a_retag_of_the_latest_version_as_a_put_and_of_an_older_
     body["was_latest"] = False
     e = classify(8, P.OBJECT_TAGGING, P.encode_payload(body))
     assert (e.kind, e.bucket, e.key, e.manifest, e.chunks) == (VERSION_TAGGING_KIND, "b", "k", None, ())
-    body.update(was_latest=True, manifest=_manifest("b", "other", "v1", None))
-    with pytest.raises(Exception, match="another key"):
-        classify(9, P.OBJECT_TAGGING, P.encode_payload(body))
+    for was_latest in (True, False):
+        for wrong in (_manifest("b", "other", "v1", None), _manifest("b", "k", "v2", None), "text"):
+            body.update(was_latest=was_latest, manifest=wrong)
+            with pytest.raises(FormatError, match="not the manifest of the version it names"):
+                classify(9, P.OBJECT_TAGGING, P.encode_payload(body))
 
 
-def test_a_retag_replayed_after_its_version_was_removed_changes_nothing(tmp_path):
+def test_a_retag_sets_only_tags_and_changes_nothing_once_its_version_is_gone(tmp_path):
     idx = Index(str(tmp_path / "index.sqlite"))
     idx.apply([(1, P.BUCKET_CREATE, {"bucket": "b", "owner": "o", "created": 1.0})])
     idx.apply([(2, P.OBJECT_PUT, _manifest("b", "k", "v1", None)),
@@ -216,11 +227,13 @@ def test_a_retag_replayed_after_its_version_was_removed_changes_nothing(tmp_path
                                      "was_latest": False, "restores": None}),
                (6, P.OBJECT_TAGGING, retag_v1)])
     assert idx.version("b", "k", "v1") is None
-    retag_v2 = {"bucket": "b", "key": "k", "version_id": "v2", "was_latest": True,
-                "manifest": _manifest("b", "k", "v2", "y=2")}
-    idx.apply([(7, P.OBJECT_TAGGING, retag_v2)])
+    # only the tags are taken: a record whose manifest says other content changes none of it
+    forged = dict(_manifest("b", "k", "v2", "y=2"), size=99, etag="forged", chunks=[["cd" * 32, 99]])
+    idx.apply([(7, P.OBJECT_TAGGING, {"bucket": "b", "key": "k", "version_id": "v2", "was_latest": True,
+                                      "manifest": forged})])
     cur = idx.object("b", "k")
-    assert (cur.meta.tagging, cur.seq, cur.version_id) == ("y=2", 3, "v2")
+    assert (cur.meta.tagging, cur.seq, cur.version_id, cur.size, cur.etag) == ("y=2", 3, "v2", 1, "e")
+    assert [c.digest for c in cur.chunks] == ["ab" * 32]
 
 
 # ---------------------------------------------------------------------------- replicated
@@ -284,3 +297,24 @@ def test_tags_survive_index_rebuild_primary_loss_compaction_and_come_back_from_a
         dep.airlock("verify")
     finally:
         dep.stop()
+
+
+def test_verify_reports_tags_that_differ_between_the_domains(deployment):
+    """`airlock verify` compares metadata too: a re-tag the primary's log
+    holds and the vault lacks (written here behind the gateway's back, as a
+    primary ahead of its vault) is a difference, not "equal"."""
+    from airlock.log.writer import LogWriter
+    s3 = deployment.gateway.client()
+    s3.create_bucket(Bucket="meta")
+    s3.put_object(Bucket="meta", Key="k", Body=b"x", Tagging="a=1")
+    deployment.airlock("verify")
+    deployment.gateway.stop()
+    cur = Index(str(deployment.root / "primary" / "index.sqlite")).object("meta", "k").to_json()
+    cur["meta"]["tagging"] = "a=2"
+    w = LogWriter(deployment.root / "primary" / "log").open()
+    w.append_sync(P.OBJECT_TAGGING, P.encode_payload({"bucket": "meta", "key": "k", "version_id": "null",
+                                                      "was_latest": True, "manifest": cur}))
+    w.close()
+    r = deployment.airlock("verify", check=False)
+    assert r.returncode != 0
+    assert "object meta/k: metadata differs" in r.stdout + r.stderr

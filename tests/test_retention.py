@@ -97,6 +97,30 @@ def test_delete_markers_count_as_versions(tmp_path):
     s.close_sync()
 
 
+def test_tag_changes_do_not_count_as_versions(tmp_path):
+    """A re-tag (object-tagging record) is the same content with other tags:
+    keep_versions counts content versions, so any number of tag changes
+    never pushes an older version out of the history."""
+    from airlock.log import payload as P
+    s, f, _clock = vault(tmp_path, keep_versions=1)
+    v0 = put(f, "k", 1)
+    v1 = put(f, "k", 2)
+    m1 = s.manifest("b", "k")
+    retags = []
+    for tags in ("a=1", "a=2", None):
+        retags.append(f.seq)
+        m = dict(m1, meta=dict(m1["meta"], tagging=tags))
+        f.send(f._rec(P.OBJECT_TAGGING, {"bucket": "b", "key": "k", "version_id": "null",
+                                          "was_latest": True, "manifest": m}))
+    s.compact()
+    assert seqs(s, "k") == [v0, v1, *retags] and s.manifest("b", "k")["meta"]["tagging"] is None
+    v2 = put(f, "k", 3)               # new content: now v0 is two content versions back
+    s.compact()
+    assert seqs(s, "k") == [v1, *retags, v2]
+    assert s.manifest("b", "k", v0) is None and s.manifest("b", "k", v1)["etag"] == m1["etag"]
+    s.close_sync()
+
+
 def test_keep_days_prunes_only_versions_superseded_longer_ago(tmp_path):
     s, f, clock = vault(tmp_path, keep_days=3)
     v1, v2 = put(f, "k", 1), put(f, "k", 2)

@@ -507,17 +507,17 @@ class Engine:
         return version_id, bool(found and found[0].is_delete_marker)
 
     async def set_object_tagging(self, bucket: str, key: str, version_id: str | None,
-                                 tagging: str | None) -> Manifest:
+                                 tagging: str | None, method: str = "PUT") -> Manifest:
         """PutObjectTagging / DeleteObjectTagging (`tagging` None): the tag set
         of the current object, or of version `version_id`, becomes `tagging`
         (canonical URL query text, docs/format/records.md "Tags").  No new
         version: the version id, ETag and Last-Modified stay.  Errors as
-        head_object's.  Returns the version as re-tagged."""
+        head_object's (`method`: the request's, for a delete marker's 405).  Returns the version as re-tagged."""
         self._need_bucket(bucket)
         done: list[Manifest] = []
 
         def retag():
-            m = self.head_object(bucket, key, version_id, method="PUT")
+            m = self.head_object(bucket, key, version_id, method=method)
             latest = self.index.latest_version(bucket, key)
             new = m.replace(meta=dataclasses.replace(m.meta, tagging=tagging))
             done.append(new)

@@ -225,16 +225,20 @@ class Index:
 
     def _retag(self, b: dict) -> None:
         """An object-tagging record (docs/format/records.md, "Tags"): the
-        version's manifest is replaced by the re-tagged one; it keeps its seq,
-        so its place in the history and as the current object.  A version
-        that no longer exists is left alone."""
+        version's tag set becomes the record's; it keeps its seq, so its
+        place in the history and as the current object.  Only the tags are
+        taken from the record: a re-tag cannot change a version's content,
+        whatever a record fetched back from the vault holds.  A version that
+        no longer exists is left alone."""
         db = self.db
         bucket, key, vid = b["bucket"], b["key"], b["version_id"]
-        row = db.execute("SELECT seq FROM versions WHERE bucket=? AND key=? AND version_id=? "
+        row = db.execute("SELECT seq, manifest FROM versions WHERE bucket=? AND key=? AND version_id=? "
                          "AND is_delete_marker=0", (bucket, key, vid)).fetchone()
         if row is None:
             return
-        text = json.dumps(b["manifest"], ensure_ascii=False)
+        m = json.loads(row[1])
+        m["meta"] = dict(m.get("meta") or {}, tagging=b["manifest"]["meta"].get("tagging"))
+        text = json.dumps(m, ensure_ascii=False)
         db.execute("UPDATE versions SET manifest=? WHERE bucket=? AND key=? AND version_id=?",
                    (text, bucket, key, vid))
         db.execute("UPDATE objects SET manifest=? WHERE bucket=? AND key=? AND seq=?", (text, bucket, key, row[0]))

@@ -3,8 +3,9 @@
 The primary side is rebuilt from the primary log alone (engine.committed_state),
 the vault side is read over the link with the primary's identity (LIST and
 STATUS; the link has no other way in).  Both are compared bucket by bucket,
-object by object: size, ETag and the exact list of chunk ids.  Any difference
-is printed; equal states exit 0.
+object by object: size, ETag, the exact list of chunk ids and the metadata
+(headers, user metadata, storage class, tags).  Any difference is printed;
+equal states exit 0.
 """
 from __future__ import annotations
 
@@ -12,12 +13,14 @@ import json
 
 from airlock.link.client import LinkClient
 from airlock.primary.engine import committed_state
+from airlock.primary.model import ObjectMeta
 
 LIST_PAGE = 1000
 
 
 def _summary(m: dict) -> tuple:
-    return (m["size"], m["etag"], tuple(tuple(c) for c in m["chunks"]))
+    meta = json.dumps(ObjectMeta.from_json(m.get("meta") or {}).to_json(), sort_keys=True)
+    return (m["size"], m["etag"], tuple(tuple(c) for c in m["chunks"]), meta)
 
 
 async def compare(data_dir: str, link: LinkClient) -> tuple[list[str], dict]:
@@ -49,7 +52,8 @@ async def compare(data_dir: str, link: LinkClient) -> tuple[list[str], dict]:
             for k in sorted(primary.keys() & vault.keys()):
                 if primary[k] != vault[k]:
                     p, v = primary[k], vault[k]
-                    what = "size" if p[0] != v[0] else "etag" if p[1] != v[1] else "chunk list"
+                    what = ("size" if p[0] != v[0] else "etag" if p[1] != v[1]
+                            else "chunk list" if p[2] != v[2] else "metadata")
                     diffs.append(f"object {b}/{k}: {what} differs (primary {p[0]} bytes {p[1]}, "
                                  f"vault {v[0]} bytes {v[1]})")
         summary = {"primary_last_seq": primary_last, "vault_last_seq": status.get("last_seq"),

@@ -113,5 +113,5 @@ async def put_object_tagging(ctx) -> web.Response:
 
 async def delete_object_tagging(ctx) -> web.Response:
     owned_bucket(ctx)
-    m = await ctx.engine.set_object_tagging(ctx.bucket, ctx.key, version_id_param(ctx), None)
+    m = await ctx.engine.set_object_tagging(ctx.bucket, ctx.key, version_id_param(ctx), None, method="DELETE")
     return web.Response(status=204, headers=version_headers(ctx, m))

@@ -112,10 +112,13 @@ def classify(seq: int, rtype: int, payload: bytes) -> Entry:
                 if (manifest["bucket"], manifest["key"]) != (body["bucket"], body["key"]):
                     raise FormatError(f"record {seq} (delete): restores another key")
         elif rtype == P.OBJECT_TAGGING:
+            m = body["manifest"]
+            if not isinstance(m, dict) or not isinstance(body["version_id"], str) \
+                    or (m["bucket"], m["key"], m.get("version_id") or "null") \
+                    != (body["bucket"], body["key"], body["version_id"]):
+                raise FormatError(f"record {seq} (object-tagging): not the manifest of the version it names")
             if body["was_latest"]:
-                manifest = body["manifest"]
-                if (manifest["bucket"], manifest["key"]) != (body["bucket"], body["key"]):
-                    raise FormatError(f"record {seq} (object-tagging): manifest of another key")
+                manifest = m
             else:
                 kind = VERSION_TAGGING_KIND
         elif rtype == P.BUCKET_VERSIONING:
@@ -301,14 +304,20 @@ class Catalog:
         cutoff = (self.superseded_cutoff_seq(now_ns - int(retention.keep_days * DAY_NS))
                   if retention.keep_days > 0 else None)
         db = self.db
+        # `newer`: entries after this one (0: the key's current state);
+        # `content_newer`: those that are not a re-tag (object-tagging, the same
+        # version with other tags), which is what keep_versions counts, so
+        # changing tags never pushes older content out of the history
         rows = db.execute(
             "SELECT seq, successor, bucket, key FROM (SELECT seq, bucket, key, "
-            "  ROW_NUMBER() OVER w - 1 AS newer, LAG(seq) OVER w AS successor "
+            "  ROW_NUMBER() OVER w - 1 AS newer, LAG(seq) OVER w AS successor, "
+            "  COALESCE(SUM(rtype != ?) OVER (w ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING), 0) "
+            "    AS content_newer "
             "  FROM versions WHERE kind IN ('put','delete') AND void=0 "
             "  AND seq NOT IN (SELECT value FROM json_each(?)) "
             "  WINDOW w AS (PARTITION BY bucket, key ORDER BY seq DESC)) "
-            "WHERE newer > 0 AND (? = 0 OR newer > ?) AND (? IS NULL OR successor <= ?)",
-            (json.dumps(sorted(set(exclude))), n, n, cutoff, cutoff)).fetchall()
+            "WHERE newer > 0 AND (? = 0 OR content_newer > ?) AND (? IS NULL OR successor <= ?)",
+            (P.OBJECT_TAGGING, json.dumps(sorted(set(exclude))), n, n, cutoff, cutoff)).fetchall()
         if not rows:
             return 0
         # a version a snapshot point still resolves to goes to the snapshot first (claim 30)
