@@ -40,7 +40,7 @@ UNSUPPORTED_SUBRESOURCES = frozenset({
     "acl", "policy", "policyStatus", "cors", "lifecycle", "tagging", "website", "logging",
     "notification", "replication", "encryption", "object-lock", "legal-hold", "retention",
     "accelerate", "requestPayment", "ownershipControls", "publicAccessBlock", "analytics",
-    "inventory", "metrics", "intelligent-tiering", "restore", "select", "torrent", "attributes",
+    "inventory", "metrics", "intelligent-tiering", "restore", "select", "torrent",
     "session", "renameObject", "metadataConfiguration",
 })
 
@@ -171,6 +171,7 @@ class S3App:
 
     # ------------------------------------------------------------------ routing
     def _route(self, ctx: S3Request):
+        from airlock.s3 import attributes as A
         from airlock.s3 import bucket as B
         from airlock.s3 import delete as D
         from airlock.s3 import listing as L
@@ -215,6 +216,8 @@ class S3App:
                 return D.delete_objects
             raise E.MethodNotAllowed(Method=m, ResourceType="BUCKET")
         # object level
+        if "attributes" in q and m != "GET":
+            raise E.MethodNotAllowed(Method=m, ResourceType="OBJECT")
         if "tagging" in q:
             if m == "GET":
                 return T.get_object_tagging
@@ -229,6 +232,8 @@ class S3App:
         if m == "GET":
             if "uploadId" in q:
                 return M.list_parts
+            if "attributes" in q:
+                return A.get_object_attributes
             return O.get_object
         if m == "HEAD":
             return O.head_object
