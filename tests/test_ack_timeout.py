@@ -172,6 +172,42 @@ def test_put_without_ack_in_time_is_void(proxied, overwrite):
     assert_voided_everywhere(d, s3, key, seq, old)
 
 
+def test_writes_queued_on_a_key_behind_one_the_vault_failed_share_its_503(proxied):
+    """Writes to one key commit one at a time (the key's lock).  While the
+    vault does not answer, each used to wait out an ack timeout or reconnect
+    of its own once the one before it had failed: the n-th waited n times as
+    long (25 s for a few writers with the vault stopped).  Those that queued
+    behind the failure now fail with it; a write that arrives later tries
+    the vault again itself."""
+    from concurrent.futures import ThreadPoolExecutor
+    d, proxy = proxied
+    s3 = d.gateway.client()
+    s3.create_bucket(Bucket="keep")
+    s3.put_object(Bucket="keep", Key="busy", Body=b"the original")
+
+    def put(i):
+        try:
+            d.gateway.client().put_object(Bucket="keep", Key="busy", Body=f"writer {i}".encode())
+            return "ok"
+        except ClientError as e:
+            return e.response["Error"]["Code"] + ": " + e.response["Error"]["Message"]
+
+    proxy.command("hold both")
+    try:
+        with ThreadPoolExecutor(5) as pool:
+            outcomes = list(pool.map(put, range(5)))
+    finally:
+        proxy.command("pass")
+    assert all(o.startswith("ServiceUnavailable") for o in outcomes), outcomes
+    shared = [o for o in outcomes if "a write to the same key failed on it while this waited" in o]
+    assert len(shared) >= 3, outcomes
+    assert_invisible(s3, "busy", b"the original")
+    # the vault answers again: the next write reconnects and succeeds
+    s3.put_object(Bucket="keep", Key="busy", Body=b"after")
+    assert s3.get_object(Bucket="keep", Key="busy")["Body"].read() == b"after"
+    d.airlock("verify")
+
+
 @pytest.mark.parametrize("how", ["SIGTERM", "SIGKILL"])
 def test_void_survives_a_gateway_restart(proxied, how):
     d, proxy = proxied

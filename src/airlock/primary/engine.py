@@ -170,15 +170,27 @@ class Engine:
         """Run `decide` (reads the index, returns the record to commit or None)
         and commit its record while holding the key's write lock.  Returns
         (seq or None, body or None)."""
-        slot = self._key_locks.setdefault((bucket, key), [asyncio.Lock(), 0])
+        slot = self._key_locks.setdefault((bucket, key), [asyncio.Lock(), 0, float("-inf")])
         slot[1] += 1
+        since = time.monotonic()
         try:
             async with slot[0]:
+                if slot[2] >= since:
+                    # the write ahead of this one on the key failed on the vault
+                    # while this waited: fail with it, instead of each queued
+                    # write waiting out an ack timeout or reconnect of its own
+                    raise E.VaultUnavailable("the vault is not reachable (a write to the same key failed "
+                                             "on it while this waited)")
                 rec = decide()
                 if rec is None:
                     return None, None
                 rtype, body = rec
-                return await self._commit(rtype, body), body
+                try:
+                    return await self._commit(rtype, body), body
+                except E.ReplicationError as e:
+                    if not isinstance(e, E.VaultRejected):     # a refusal is this record's own
+                        slot[2] = time.monotonic()
+                    raise
         finally:
             slot[1] -= 1
             if slot[1] == 0:
