@@ -333,7 +333,7 @@ def test_unsupported_subresource_is_notimplemented(raw, s3c, bkt):
     assert_error(raw("GET", f"/{bkt}?policy"), 501, "NotImplemented")
     assert_error(raw("PUT", f"/{bkt}?policy", b'{"Version": "2012-10-17"}'), 501, "NotImplemented")
     assert_error(raw("PUT", f"/{bkt}/keep?legal-hold", b"<LegalHold/>"), 501, "NotImplemented")
-    assert_error(raw("PUT", f"/{bkt}?tagging", b"<Tagging/>"), 501, "NotImplemented")   # bucket tags
+    assert_error(raw("PUT", f"/{bkt}?cors", b"<CORSConfiguration/>"), 501, "NotImplemented")
     assert_error(raw("PUT", f"/{bkt}/keep?tagging", b"<Tagging/>"), 400, "MalformedXML")  # object tags exist
     assert_untouched(s3c, bkt)
 

@@ -131,6 +131,7 @@ InvalidObjectState = _s3("InvalidObjectState", 403, "The operation is not valid 
 NoSuchBucket = _s3("NoSuchBucket", 404, "The specified bucket does not exist")
 NoSuchKey = _s3("NoSuchKey", 404, "The specified key does not exist.")
 NoSuchUpload = _s3("NoSuchUpload", 404, "The specified upload does not exist. The upload ID may be invalid, or the upload may have been aborted or completed.")
+NoSuchTagSet = _s3("NoSuchTagSet", 404, "The TagSet does not exist")
 NoSuchVersion = _s3("NoSuchVersion", 404, "The specified version does not exist.")
 BucketAlreadyExists = _s3("BucketAlreadyExists", 409, "The requested bucket name is not available. The bucket namespace is shared by all users of the system. Please select a different name and try again.")
 BucketAlreadyOwnedByYou = _s3("BucketAlreadyOwnedByYou", 409, "Your previous request to create the named bucket succeeded and you already own it.")

@@ -22,6 +22,7 @@ UPLOAD_ABORT = 8      # {"upload_id"}
 ABORT = 9             # {"seqs": [int, ...]}: those earlier records never took effect
 BUCKET_VERSIONING = 10  # {"bucket", "status": "Enabled" | "Suspended"}
 OBJECT_TAGGING = 11   # {"bucket", "key", "version_id", "was_latest", "manifest"}: the version's new tag set
+BUCKET_TAGGING = 12   # {"bucket", "tagging": str | None}
 
 NAMES = {
     BUCKET_CREATE: "bucket-create", BUCKET_DELETE: "bucket-delete",
@@ -29,6 +30,7 @@ NAMES = {
     UPLOAD_CREATE: "upload-create", UPLOAD_PART: "upload-part",
     UPLOAD_COMPLETE: "upload-complete", UPLOAD_ABORT: "upload-abort",
     ABORT: "abort", BUCKET_VERSIONING: "bucket-versioning", OBJECT_TAGGING: "object-tagging",
+    BUCKET_TAGGING: "bucket-tagging",
 }
 
 _encoder = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))

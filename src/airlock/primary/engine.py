@@ -366,6 +366,15 @@ class Engine:
             raise E.MalformedXML()
         await self._commit(P.BUCKET_VERSIONING, {"bucket": bucket, "status": status})
 
+    def bucket_tagging(self, bucket: str) -> str | None:
+        self._need_bucket(bucket)
+        return self.index.bucket_tagging(bucket)
+
+    async def set_bucket_tagging(self, bucket: str, tagging: str | None) -> None:
+        """PutBucketTagging / DeleteBucketTagging (`tagging` None)."""
+        self._need_bucket(bucket)
+        await self._commit(P.BUCKET_TAGGING, {"bucket": bucket, "tagging": tagging})
+
     def _version_id_for(self, bucket: str) -> str:
         """A new unique opaque id in an Enabled bucket, "null" otherwise."""
         if self.index.versioning(bucket) == "Enabled":

@@ -18,7 +18,7 @@ import sqlite3
 from airlock.log import payload as P
 from airlock.primary.model import NULL_VERSION, Bucket, Manifest, ObjectMeta, ObjectVersion, Part, Upload
 
-BUCKET_RECORDS = frozenset({P.BUCKET_CREATE, P.BUCKET_DELETE, P.BUCKET_VERSIONING})
+BUCKET_RECORDS = frozenset({P.BUCKET_CREATE, P.BUCKET_DELETE, P.BUCKET_VERSIONING, P.BUCKET_TAGGING})
 INDEX_SCHEMA_VERSION = 2   # 2: buckets.versioning and the versions table (S3 versioning)
 
 _SCHEMA = """
@@ -41,6 +41,7 @@ CREATE INDEX IF NOT EXISTS uploads_by_key ON uploads (bucket, key, initiated);
 CREATE TABLE IF NOT EXISTS parts (
     upload_id TEXT NOT NULL, part_number INTEGER NOT NULL, info TEXT NOT NULL,
     PRIMARY KEY (upload_id, part_number)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS bucket_tagging (name TEXT PRIMARY KEY, tagging TEXT NOT NULL);
 """
 
 
@@ -257,8 +258,14 @@ class Index:
                        (b["bucket"], b["owner"], b["created"]))
         elif rtype == P.BUCKET_VERSIONING:
             db.execute("UPDATE buckets SET versioning=? WHERE name=?", (b["status"], b["bucket"]))
+        elif rtype == P.BUCKET_TAGGING:
+            if b["tagging"] is None:
+                db.execute("DELETE FROM bucket_tagging WHERE name=?", (b["bucket"],))
+            else:
+                db.execute("INSERT OR REPLACE INTO bucket_tagging VALUES (?,?)", (b["bucket"], b["tagging"]))
         elif rtype == P.BUCKET_DELETE:
             db.execute("DELETE FROM buckets WHERE name=?", (b["bucket"],))
+            db.execute("DELETE FROM bucket_tagging WHERE name=?", (b["bucket"],))
             db.execute("DELETE FROM objects WHERE bucket=?", (b["bucket"],))
             db.execute("DELETE FROM versions WHERE bucket=?", (b["bucket"],))
             for (uid,) in db.execute("SELECT upload_id FROM uploads WHERE bucket=?", (b["bucket"],)).fetchall():
@@ -307,6 +314,11 @@ class Index:
         """No object versions and no delete markers (S3 refuses to delete a
         bucket that still has either)."""
         return self.db.execute("SELECT 1 FROM versions WHERE bucket=? LIMIT 1", (name,)).fetchone() is None
+
+    def bucket_tagging(self, name: str) -> str | None:
+        """The bucket's tag set (URL query text), None for none."""
+        row = self.db.execute("SELECT tagging FROM bucket_tagging WHERE name=?", (name,)).fetchone()
+        return row[0] if row else None
 
     def versioning(self, name: str) -> str:
         """'' (never enabled), 'Enabled' or 'Suspended'."""

@@ -56,8 +56,9 @@ log = logging.getLogger("airlock.worker")
 
 # The engine's write methods; a worker forwards each one to the leader,
 # whose engine runs it (locks, preconditions, commit, index) and returns its result.
-FORWARDED = ("create_bucket", "delete_bucket", "set_versioning", "commit_object", "delete_object",
-             "set_object_tagging", "create_upload", "commit_part", "abort_upload", "complete_upload")
+FORWARDED = ("create_bucket", "delete_bucket", "set_versioning", "set_bucket_tagging", "commit_object",
+             "delete_object", "set_object_tagging", "create_upload", "commit_part", "abort_upload",
+             "complete_upload")
 
 
 HOLD_BYTES = 256 * 1024

@@ -35,9 +35,8 @@ CLIENT_MAX_SIZE = 1 << 20       # aiohttp's cap for bodies read whole (XML); obj
 HEALTH_PATH = "/_airlock/health"   # unauthenticated; '_airlock' can never be a bucket name
 
 # Sub-resources that exist in S3 but not (yet) in airlock: answered 501 NotImplemented
-# ("tagging" only on buckets: object tagging is s3/tagging.py)
 UNSUPPORTED_SUBRESOURCES = frozenset({
-    "acl", "policy", "policyStatus", "cors", "lifecycle", "tagging", "website", "logging",
+    "acl", "policy", "policyStatus", "cors", "lifecycle", "website", "logging",
     "notification", "replication", "encryption", "object-lock", "legal-hold", "retention",
     "accelerate", "requestPayment", "ownershipControls", "publicAccessBlock", "analytics",
     "inventory", "metrics", "intelligent-tiering", "restore", "select", "torrent",
@@ -193,6 +192,8 @@ class S3App:
                     return B.get_bucket_versioning
                 if "versions" in q:
                     return L.list_object_versions
+                if "tagging" in q:
+                    return T.get_bucket_tagging
                 if "uploads" in q:
                     return M.list_uploads
                 if sub:
@@ -205,10 +206,14 @@ class S3App:
             if m == "PUT":
                 if "versioning" in q:
                     return B.put_bucket_versioning
+                if "tagging" in q:
+                    return T.put_bucket_tagging
                 if sub:
                     raise E.NotImplementedS3(f"The {sub[0]} sub-resource is not implemented.")
                 return B.create_bucket
             if m == "DELETE":
+                if "tagging" in q:
+                    return T.delete_bucket_tagging
                 if sub:
                     raise E.NotImplementedS3(f"The {sub[0]} sub-resource is not implemented.")
                 return B.delete_bucket

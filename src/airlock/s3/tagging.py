@@ -1,10 +1,11 @@
-"""Object tagging: GetObjectTagging, PutObjectTagging, DeleteObjectTagging,
-and the tag sets carried by `x-amz-tagging` on PutObject, CreateMultipartUpload
-and CopyObject.
+"""Tagging: GetObjectTagging, PutObjectTagging, DeleteObjectTagging, the tag
+sets carried by `x-amz-tagging` on PutObject, CreateMultipartUpload and
+CopyObject, and Get/Put/DeleteBucketTagging.
 
-A tag set is stored in the version's manifest as URL query text
-(`meta.tagging`, docs/format/records.md "Tags"); a change of it is an
-object-tagging record, replicated like any other write.
+A tag set is stored as URL query text: an object version's in its manifest
+(`meta.tagging`, docs/format/records.md "Tags"), changed by an
+object-tagging record; a bucket's by a bucket-tagging record.  Both are
+replicated like any other write.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from airlock.s3.common import owned_bucket, version_headers, version_id_param, x
 from airlock.s3.xml import MAX_XML_BODY, children, child_text, doc, el, parse
 
 MAX_TAGS = 10             # per object version (S3)
+MAX_BUCKET_TAGS = 50
 MAX_KEY_CHARS = 128
 MAX_VALUE_CHARS = 256
 _ALLOWED_PUNCTUATION = frozenset("_.:/=+-@ ")
@@ -34,9 +36,12 @@ def _allowed(text: str) -> bool:
                for ch in text)
 
 
-def validate(tags: Tags) -> Tags:
-    if len(tags) > MAX_TAGS:
+def validate(tags: Tags, bucket: bool = False) -> Tags:
+    """S3's rules for an object's (or, `bucket`, a bucket's) tag set."""
+    if not bucket and len(tags) > MAX_TAGS:
         raise E.BadRequest(f"Object tags cannot be greater than {MAX_TAGS}")
+    if bucket and len(tags) > MAX_BUCKET_TAGS:
+        raise E.InvalidTag(f"Bucket tag count cannot be greater than {MAX_BUCKET_TAGS}")
     seen: set[str] = set()
     for k, v in tags:
         if not 1 <= len(k) <= MAX_KEY_CHARS or not _allowed(k):
@@ -44,7 +49,8 @@ def validate(tags: Tags) -> Tags:
         if len(v) > MAX_VALUE_CHARS or not _allowed(v):
             raise E.InvalidTag("The TagValue you have provided is invalid", TagKey=k, TagValue=v)
         if k.lower().startswith("aws:"):
-            raise E.InvalidTag("Your TagKey cannot be prefixed with aws:", TagKey=k)
+            raise E.InvalidTag("System tags cannot be added/updated by requester" if bucket
+                               else "Your TagKey cannot be prefixed with aws:", TagKey=k)
         if k in seen:
             raise E.InvalidTag("Cannot provide multiple Tags with the same key", TagKey=k)
         seen.add(k)
@@ -93,9 +99,8 @@ async def get_object_tagging(ctx) -> web.Response:
     return xml_response(doc("Tagging", _tag_set_xml(decode(m.meta.tagging))), headers=version_headers(ctx, m))
 
 
-async def put_object_tagging(ctx) -> web.Response:
-    owned_bucket(ctx)
-    vid = version_id_param(ctx)
+async def _tags_from_body(ctx) -> Tags:
+    """The <Tagging><TagSet><Tag>... body of a Put*Tagging request."""
     body = await read_small_body(ctx.request, ctx.auth, MAX_XML_BODY)
     root = parse(body, "Tagging")
     tag_set = children(root, "TagSet")
@@ -107,7 +112,14 @@ async def put_object_tagging(ctx) -> web.Response:
         if k is None or v is None:
             raise E.MalformedXML()
         tags.append((k, v))
-    m = await ctx.engine.set_object_tagging(ctx.bucket, ctx.key, vid, encode(validate(tags)))
+    return tags
+
+
+async def put_object_tagging(ctx) -> web.Response:
+    owned_bucket(ctx)
+    vid = version_id_param(ctx)
+    tags = validate(await _tags_from_body(ctx))
+    m = await ctx.engine.set_object_tagging(ctx.bucket, ctx.key, vid, encode(tags))
     return web.Response(status=200, headers=version_headers(ctx, m))
 
 
@@ -115,3 +127,24 @@ async def delete_object_tagging(ctx) -> web.Response:
     owned_bucket(ctx)
     m = await ctx.engine.set_object_tagging(ctx.bucket, ctx.key, version_id_param(ctx), None, method="DELETE")
     return web.Response(status=204, headers=version_headers(ctx, m))
+
+
+async def get_bucket_tagging(ctx) -> web.Response:
+    owned_bucket(ctx)
+    tags = decode(ctx.engine.bucket_tagging(ctx.bucket))
+    if not tags:
+        raise E.NoSuchTagSet(BucketName=ctx.bucket)
+    return xml_response(doc("Tagging", _tag_set_xml(tags)))
+
+
+async def put_bucket_tagging(ctx) -> web.Response:
+    owned_bucket(ctx)
+    tags = validate(await _tags_from_body(ctx), bucket=True)
+    await ctx.engine.set_bucket_tagging(ctx.bucket, encode(tags))
+    return web.Response(status=204)
+
+
+async def delete_bucket_tagging(ctx) -> web.Response:
+    owned_bucket(ctx)
+    await ctx.engine.set_bucket_tagging(ctx.bucket, None)
+    return web.Response(status=204)

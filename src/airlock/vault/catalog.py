@@ -35,6 +35,7 @@ KIND = {
     # a bucket's S3 versioning state: the vault keeps every version whatever
     # it is, so the record changes nothing in the vault's state
     P.BUCKET_VERSIONING: "bucket-versioning",
+    P.BUCKET_TAGGING: "bucket-tagging",      # bucket configuration: nothing in the vault's state either
     # a new tag set: a put of the re-tagged manifest if that version is the
     # key's current object, else VERSION_TAGGING_KIND (docs/format/records.md, "Tags")
     P.OBJECT_TAGGING: "put",
@@ -121,6 +122,9 @@ def classify(seq: int, rtype: int, payload: bytes) -> Entry:
                 manifest = m
             else:
                 kind = VERSION_TAGGING_KIND
+        elif rtype == P.BUCKET_TAGGING:
+            if body["tagging"] is not None and not isinstance(body["tagging"], str):
+                raise FormatError(f"record {seq} (bucket-tagging): tagging is not text")
         elif rtype == P.BUCKET_VERSIONING:
             if body["status"] not in ("Enabled", "Suspended"):
                 raise FormatError(f"record {seq} (bucket-versioning): bad status {body['status']!r}")
@@ -135,7 +139,7 @@ def classify(seq: int, rtype: int, payload: bytes) -> Entry:
             bucket, key = str(manifest["bucket"]), str(manifest["key"])
         elif rtype in (P.OBJECT_DELETE, P.UPLOAD_CREATE, P.OBJECT_TAGGING):
             bucket, key = str(body["bucket"]), str(body["key"])
-        elif rtype in (P.BUCKET_CREATE, P.BUCKET_DELETE, P.BUCKET_VERSIONING):
+        elif rtype in (P.BUCKET_CREATE, P.BUCKET_DELETE, P.BUCKET_VERSIONING, P.BUCKET_TAGGING):
             bucket = str(body["bucket"])
     except (KeyError, TypeError, ValueError, IndexError) as e:
         if isinstance(e, FormatError):
