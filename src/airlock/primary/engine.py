@@ -533,7 +533,8 @@ class Engine:
         of the current object, or of version `version_id`, becomes `tagging`
         (canonical URL query text, docs/format/records.md "Tags").  No new
         version: the version id, ETag and Last-Modified stay.  Errors as
-        head_object's (`method`: the request's, for a delete marker's 405).  Returns the version as re-tagged."""
+        head_object's (`method`: the request's, for a delete marker's 405).
+        Returns the version as re-tagged."""
         self._need_bucket(bucket)
         done: list[Manifest] = []
 

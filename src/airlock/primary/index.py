@@ -238,7 +238,7 @@ class Index:
         if row is None:
             return
         m = json.loads(row[1])
-        m["meta"] = dict(m.get("meta") or {}, tagging=b["manifest"]["meta"].get("tagging"))
+        m["meta"] = dict(m.get("meta") or {}, tagging=(b["manifest"].get("meta") or {}).get("tagging"))
         text = json.dumps(m, ensure_ascii=False)
         db.execute("UPDATE versions SET manifest=? WHERE bucket=? AND key=? AND version_id=?",
                    (text, bucket, key, vid))

@@ -9,10 +9,9 @@ from aiohttp import web
 from airlock import errors as E
 from airlock.s3 import checksums
 from airlock.s3.body import BodyStream, read_small_body
-from airlock.s3.common import int_param, owned_bucket, url_encoder, xml_response
+from airlock.s3.common import int_param, owned_bucket, url_encoder, version_headers, xml_response
 from airlock.primary.model import NULL_VERSION
-from airlock.s3.object import (etag_header, meta_from_headers, source_manifest,
-                               version_headers, write_precondition)
+from airlock.s3.object import etag_header, meta_from_headers, source_manifest, write_precondition
 from airlock.s3.xml import MAX_XML_BODY, child_text, children, doc, el, iso8601, parse
 
 MAX_PART_NUMBER = 10000
