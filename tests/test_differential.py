@@ -352,6 +352,7 @@ def sc_multipart(rec, b):
     rec("list_parts", "Parts[].[PartNumber, ETag, Size]", "IsTruncated",
         Bucket=b, Key="mp", UploadId=uid, PartNumberMarker=2)
     rec("list_parts", "MaxParts", "IsTruncated", Bucket=b, Key="mp", UploadId=uid, MaxParts=5000)
+    rec("list_parts", "MaxParts", "IsTruncated", "Parts", Bucket=b, Key="mp", UploadId=uid, MaxParts=0)
     rec("list_multipart_uploads", "Uploads[].Key", "IsTruncated", Bucket=b)
     # error cases do not consume the upload
     rec.per_s3(("complete_multipart_upload", 400, "InvalidPartOrder"),
@@ -556,6 +557,9 @@ def test_list_multipart_uploads_pages_past_common_prefixes_and_url_encodes(gw):
         assert seen_prefixes == ["a/", "b/", "d/", "f g/"], size
     r = s3.list_multipart_uploads(Bucket=b, Delimiter="/", MaxUploads=1)
     assert r["IsTruncated"] and r["NextKeyMarker"] == "a/" and r["CommonPrefixes"] == [{"Prefix": "a/"}]
+    # MaxUploads=0 lists nothing and says so (moto takes 0 as "no limit"; ListObjects' MaxKeys=0 is alike)
+    r = s3.list_multipart_uploads(Bucket=b, MaxUploads=0)
+    assert not r["IsTruncated"] and "Uploads" not in r and "NextKeyMarker" not in r
     from urllib.parse import quote
     r = s3.list_multipart_uploads(Bucket=b, EncodingType="url")
     assert [u["Key"] for u in r["Uploads"]] == [quote(k) for k in keys] and r["EncodingType"] == "url"

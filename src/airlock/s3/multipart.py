@@ -158,7 +158,7 @@ async def list_parts(ctx) -> web.Response:
     max_parts = min(asked, MAX_LIST)
     marker = int_param(q, "part-number-marker", 0, 0)
     parts = [p for p in ctx.engine.list_parts(up) if p.part_number > marker]
-    truncated = len(parts) > max_parts
+    truncated = 0 < max_parts < len(parts)     # max-parts=0 lists nothing and is not truncated (as ListObjects)
     parts = parts[:max_parts]
     owner = ctx.owner_xml(up.owner)
     body = (el("Bucket", ctx.bucket) + el("Key", ctx.key) + el("UploadId", up.upload_id)
@@ -212,13 +212,13 @@ async def list_uploads(ctx) -> web.Response:
                 if cp in prefixes or (key_marker and cp <= key_marker):
                     continue
                 if len(items) + len(prefixes) >= max_uploads:
-                    truncated = True
+                    truncated = max_uploads > 0
                     break
                 prefixes.append(cp)
                 last = (cp, "")      # the next page starts after every key under it
                 continue
         if len(items) + len(prefixes) >= max_uploads:
-            truncated = True
+            truncated = max_uploads > 0      # max-uploads=0 lists nothing and is not truncated
             break
         items.append(up)
         last = (up.key, up.upload_id)
