@@ -67,6 +67,25 @@ def test_a_config_that_is_not_utf8_is_one_line(tmp_path):
     assert not (tmp_path / "d" / "deployment.json").exists()
 
 
+@pytest.mark.parametrize("option, words", [("--prefix", ("--prefix does not go with --snapshot",)),
+                                            ("--verify-log", ("--verify-log does not go with --snapshot",))])
+def test_restore_options_a_snapshot_restore_does_not_take_are_refused(tmp_path, option, words):
+    extra = [option, "x"] if option == "--prefix" else [option]
+    one_line_error(airlock("restore", "--data", str(tmp_path / "d"), "--snapshot", "s", *extra), *words)
+
+
+def test_up_hands_its_config_to_the_vault_too(tmp_path):
+    """One file holds both domains' tables (docs/operations.md); `airlock up
+    --config` used to give it to the gateway only, so [vault] settings were
+    silently not applied.  A misspelt [vault] setting now stops `up`."""
+    from conftest import free_port
+    cfg = tmp_path / "airlock.toml"
+    cfg.write_text("[vault]\nbogus = 1\n")
+    r = airlock("up", "--data", str(tmp_path / "d"), "--port", str(free_port()), "--config", str(cfg))
+    assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr
+    assert "[vault] unknown settings: bogus" in r.stderr, r.stderr
+
+
 @pytest.mark.parametrize("args, words", [
     (("gateway", "--ack-timeout", "-1"), ("--ack-timeout", "above 0")),
     (("vault", "--overlay-max-bytes", "-5"), ("--overlay-max-bytes", "above 0")),

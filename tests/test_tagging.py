@@ -357,4 +357,4 @@ def test_verify_reports_tags_that_differ_between_the_domains(deployment):
     w.close()
     r = deployment.airlock("verify", check=False)
     assert r.returncode != 0
-    assert "object meta/k: metadata differs" in r.stdout + r.stderr
+    assert "object meta/k: metadata differs (tagging: primary 'a=2', vault 'a=1')" in r.stdout + r.stderr, r.stdout

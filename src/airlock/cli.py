@@ -246,7 +246,10 @@ def cmd_up(args) -> int:
     gw_cmd = py + ["gateway", "--data", os.path.join(data, "primary"), "--listen", f"127.0.0.1:{args.port}",
                    "--vault", f"127.0.0.1:{vault_port}", "--link-keys", os.path.join(data, "primary", "keys")]
     if args.config:
+        # one file may hold both domains' tables (docs/operations.md): each
+        # process reads its own; up's own ports and directories win
         gw_cmd += ["--config", args.config]
+        vault_cmd += ["--config", args.config]
     children: list[tuple[str, subprocess.Popen]] = []
     stopping = False
 
@@ -540,6 +543,8 @@ def _restore_snapshot(args) -> int:
     from airlock.s3.common import check_bucket_name
     if args.prefix:
         raise ConfigError("--prefix does not go with --snapshot (a snapshot restores whole buckets)")
+    if args.verify_log:
+        raise ConfigError("--verify-log does not go with --snapshot (it checks the log a plain restore fetches)")
     if args.to_bucket is not None:
         if args.to_bucket == args.bucket:
             raise ConfigError("--to-bucket must name another bucket (without it, --bucket B is restored in place)")
@@ -720,7 +725,8 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--data", default="./airlock-data", help="data directory (default ./airlock-data)")
     up.add_argument("--port", type=_port, default=DEFAULT_PORT, help=f"S3 port (default {DEFAULT_PORT})")
     up.add_argument("--vault-port", type=_port, help="link port of the vault (default: S3 port + 1)")
-    up.add_argument("--config", help="TOML config file for the gateway (users, region)")
+    up.add_argument("--config", help="TOML config file: its gateway tables (users, region, ...) for the "
+                                     "gateway, its [vault] tables (retention, snapshots, ...) for the vault")
     up.add_argument("--vault-only", action="store_true",
                     help="start only the vault (for restore and gc, which need the gateway stopped)")
     up.set_defaults(func=cmd_up)

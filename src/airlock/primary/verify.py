@@ -53,9 +53,15 @@ async def compare(data_dir: str, link: LinkClient) -> tuple[list[str], dict]:
                 if primary[k] != vault[k]:
                     p, v = primary[k], vault[k]
                     what = ("size" if p[0] != v[0] else "etag" if p[1] != v[1]
-                            else "chunk list" if p[2] != v[2] else "metadata")
-                    diffs.append(f"object {b}/{k}: {what} differs (primary {p[0]} bytes {p[1]}, "
-                                 f"vault {v[0]} bytes {v[1]})")
+                            else "chunk list" if p[2] != v[2] else None)
+                    if what is None:
+                        pm, vm = json.loads(p[3]), json.loads(v[3])
+                        fields = ", ".join(f"{f}: primary {pm.get(f)!r}, vault {vm.get(f)!r}"
+                                           for f in sorted(pm.keys() | vm.keys()) if pm.get(f) != vm.get(f))
+                        diffs.append(f"object {b}/{k}: metadata differs ({fields})")
+                    else:
+                        diffs.append(f"object {b}/{k}: {what} differs (primary {p[0]} bytes {p[1]}, "
+                                     f"vault {v[0]} bytes {v[1]})")
         summary = {"primary_last_seq": primary_last, "vault_last_seq": status.get("last_seq"),
                    "buckets": len(p_buckets), "objects": objects}
         return diffs, summary
