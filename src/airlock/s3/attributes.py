@@ -9,21 +9,11 @@ from __future__ import annotations
 
 from airlock import errors as E
 from airlock.primary.model import Manifest
-from airlock.s3.common import owned_bucket, version_headers, version_id_param, xml_response
+from airlock.s3.common import int_param, owned_bucket, version_headers, version_id_param, xml_response
 from airlock.s3.xml import doc, el, http_date
 
 ATTRIBUTES = ("ETag", "Checksum", "ObjectParts", "StorageClass", "ObjectSize")
 MAX_PARTS = 1000
-
-
-def _header_int(ctx, name: str, default: int) -> int:
-    raw = ctx.headers.get(name)
-    if raw is None:
-        return default
-    if not raw.strip().isdigit() or int(raw) > 2147483647:
-        raise E.InvalidArgument(f"Provided {name} not an integer or within integer range",
-                                ArgumentName=name, ArgumentValue=raw)
-    return int(raw)
 
 
 def _asked(ctx) -> set[str]:
@@ -40,10 +30,10 @@ def _asked(ctx) -> set[str]:
 
 
 def _parts_xml(ctx, m: Manifest) -> str:
-    marker = _header_int(ctx, "x-amz-part-number-marker", 0)
-    max_parts = min(_header_int(ctx, "x-amz-max-parts", MAX_PARTS), MAX_PARTS)
+    marker = int_param(ctx.headers, "x-amz-part-number-marker", 0, 0)
+    max_parts = int_param(ctx.headers, "x-amz-max-parts", MAX_PARTS, 0, MAX_PARTS)
     sizes = m.parts or []
-    sums = m.part_checksums or [{} for _ in sizes]
+    sums = m.part_checksums or []
     numbered = [(n, size, sums[n - 1] if n - 1 < len(sums) else {})
                 for n, size in enumerate(sizes, 1) if n > marker]
     page, truncated = numbered[:max_parts], len(numbered) > max_parts

@@ -2,13 +2,12 @@
 GetBucketLocation, GetBucketVersioning, PutBucketVersioning."""
 from __future__ import annotations
 
-import base64
-
 from aiohttp import web
 
 from airlock import errors as E
 from airlock.s3.body import read_small_body
 from airlock.s3.common import check_bucket_name, owned_bucket, xml_response
+from airlock.s3.listing import decode_token, encode_token
 from airlock.s3.xml import MAX_XML_BODY, child_text, doc, el, esc, iso8601, parse
 
 
@@ -18,7 +17,7 @@ MAX_BUCKETS_PAGE = 10000     # ListBuckets' max-buckets range is 1..10000
 async def list_buckets(ctx) -> web.Response:
     """ListBuckets, in name order; `prefix`, `bucket-region`, and pages of
     `max-buckets` with an opaque `continuation-token` (the last name given,
-    base64url)."""
+    encoded as ListObjectsV2's tokens are)."""
     q = ctx.query
     prefix = q.get("prefix", "")
     region = q.get("bucket-region")
@@ -29,14 +28,7 @@ async def list_buckets(ctx) -> web.Response:
             raise E.InvalidArgument(f"max-buckets must be between 1 and {MAX_BUCKETS_PAGE}",
                                     ArgumentName="max-buckets", ArgumentValue=raw)
         limit = int(raw)
-    after = None
-    if "continuation-token" in q:
-        token = q["continuation-token"]
-        try:
-            after = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode("utf-8")
-        except (ValueError, UnicodeDecodeError):
-            raise E.InvalidArgument("The continuation token provided is incorrect",
-                                    ArgumentName="continuation-token") from None
+    after = decode_token(q["continuation-token"]) if "continuation-token" in q else None
     buckets = sorted(ctx.engine.list_buckets(owner=ctx.user.user_id), key=lambda b: b.name)
     if region is not None and region != ctx.config.region:
         buckets = []
@@ -48,8 +40,7 @@ async def list_buckets(ctx) -> web.Response:
                     f"{el('BucketRegion', ctx.config.region)}</Bucket>" for b in buckets)
     tail = ""
     if more:
-        tail += el("ContinuationToken",
-                   base64.urlsafe_b64encode(buckets[-1].name.encode()).decode().rstrip("="))
+        tail += el("ContinuationToken", encode_token(buckets[-1].name))
     if "prefix" in q:
         tail += el("Prefix", prefix)
     return xml_response(doc("ListAllMyBucketsResult", f"{ctx.owner_xml()}<Buckets>{items}</Buckets>{tail}"))

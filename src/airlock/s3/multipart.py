@@ -205,23 +205,19 @@ async def list_uploads(ctx) -> web.Response:
                     if up.upload_id == id_marker:
                         seen_marker = True
                     continue
-        if delimiter:
-            i = up.key.find(delimiter, len(prefix))
-            if i >= 0:
-                cp = up.key[:i + len(delimiter)]
-                if cp in prefixes or (key_marker and cp <= key_marker):
-                    continue
-                if len(items) + len(prefixes) >= max_uploads:
-                    truncated = max_uploads > 0
-                    break
-                prefixes.append(cp)
-                last = (cp, "")      # the next page starts after every key under it
-                continue
+        i = up.key.find(delimiter, len(prefix)) if delimiter else -1
+        cp = up.key[:i + len(delimiter)] if i >= 0 else None     # the common prefix it rolls up into
+        if cp is not None and (cp in prefixes or (key_marker and cp <= key_marker)):
+            continue
         if len(items) + len(prefixes) >= max_uploads:
             truncated = max_uploads > 0      # max-uploads=0 lists nothing and is not truncated
             break
-        items.append(up)
-        last = (up.key, up.upload_id)
+        if cp is not None:
+            prefixes.append(cp)
+            last = (cp, "")      # the next page starts after every key under it
+        else:
+            items.append(up)
+            last = (up.key, up.upload_id)
     body = (el("Bucket", ctx.bucket) + el("KeyMarker", enc(key_marker)) + el("UploadIdMarker", id_marker))
     if truncated and last is not None:
         body += el("NextKeyMarker", enc(last[0])) + el("NextUploadIdMarker", last[1])
