@@ -26,6 +26,7 @@ from airlock import errors as E
 from airlock.chunk.store import SMALL_CHUNK_MAX, ChunkStore, digest_of
 from airlock.log import payload as P
 from airlock.log.reader import read_log
+from airlock.primary import checksums as C
 from airlock.primary.commit import CommitPoint, LocalCommitPoint
 from airlock.primary.index import Index
 from airlock.primary.ingest import Ingest, ingest_body
@@ -793,7 +794,6 @@ class Engine:
         md5s = b"".join(bytes.fromhex(p.etag) for p in chosen)
         etag = f"{hashlib.md5(md5s).hexdigest()}-{len(chosen)}"
         chunks = [c for p in chosen for c in p.chunks]
-        from airlock.s3 import checksums as C
         checksums: dict[str, str] = {}
         ctype = None
         alg = up.checksum_algorithm

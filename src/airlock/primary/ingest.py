@@ -37,6 +37,7 @@ from concurrent.futures import Executor
 
 from airlock.chunk.chunker import StreamChunker
 from airlock.chunk.store import ChunkStore
+from airlock.primary.checksums import new_checksum
 from airlock.primary.model import BodyDigests, ChunkRef
 
 log = logging.getLogger("airlock.ingest")
@@ -45,11 +46,6 @@ BATCH_BYTES = 1 * 1024 * 1024       # coalesce socket reads to ~1 MiB before han
 WINDOW = 4                          # buffers of one upload queued or being hashed at once
 ASYNC_WRITE_BYTES = 256 * 1024      # chunks from this size are written on the store's writer threads ...
 MAX_WRITES_IN_FLIGHT = 4            # ... at most this many per upload at once (bounds memory)
-
-
-def _new_checksum(name: str):
-    from airlock.s3.checksums import new_checksum  # the algorithms live with the S3 layer's helpers
-    return new_checksum(name)
 
 
 class Ingest:
@@ -66,7 +62,7 @@ class Ingest:
         self.store = store
         self._md5 = hashlib.md5()
         self._sha256 = hashlib.sha256() if want_sha256 else None
-        self._checksums = {alg: _new_checksum(alg) for alg in checksum_algorithms}
+        self._checksums = {alg: new_checksum(alg) for alg in checksum_algorithms}
         self._chunker = StreamChunker(**(chunk_params or {}))
         self._chunks: list[ChunkRef] = []
         self._size = 0
