@@ -5,6 +5,8 @@ fsync, the real thread pools."""
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import hashlib
 import os
 from concurrent.futures import ThreadPoolExecutor
 
@@ -12,7 +14,7 @@ import blake3
 import pytest
 
 from airlock.chunk.store import SMALL_CHUNK_MAX, ChunkStore
-from airlock.primary.ingest import ASYNC_WRITE_BYTES, Ingest, ingest_body
+from airlock.primary.ingest import ASYNC_WRITE_BYTES, ON_LOOP_BYTES, Ingest, ingest_body
 
 MiB = 1024 * 1024
 
@@ -155,6 +157,38 @@ def test_a_small_body_is_durable_within_its_single_hop(tmp_path):
     new = ing.feed_and_finish(os.urandom(4096))
     assert ing.durable and len(new) == 1
     assert store.read(new[0][0]) == new[0][1]
+
+
+def test_a_body_of_a_few_kib_is_hashed_on_the_loop_and_durable_without_an_executor_hop(tmp_path):
+    store = ChunkStore(str(tmp_path))
+    shipped = []
+
+    async def ship(chunks):
+        shipped.extend(chunks)
+
+    async def body(data):
+        yield data
+
+    class NoThreads(concurrent.futures.Executor):
+        def submit(self, *a, **kw):
+            raise AssertionError("a small body took an executor hop")
+
+    async def main(data):
+        ing = Ingest(store)
+        digests = await ingest_body(ing, body(data), NoThreads(), ship=ship)
+        return ing, digests
+    data = os.urandom(ON_LOOP_BYTES)
+    ing, digests = asyncio.run(main(data))
+    assert ing.durable and digests.md5 == hashlib.md5(data).digest() and digests.size == len(data)
+    assert [c.digest for c in digests.chunks] == [blake3.blake3(data).hexdigest()]
+    assert store.read(digests.chunks[0].digest) == data          # the row is in, durable
+    assert [(d, bytes(b)) for d, b in shipped] == [(digests.chunks[0].digest, data)]
+    shipped.clear()
+    _ing, again = asyncio.run(main(data))                          # seen before: nothing new to ship
+    assert again.chunks == digests.chunks and shipped == []
+    _ing, empty = asyncio.run(main(b""))
+    assert empty.size == 0 and empty.chunks == [] and empty.md5 == hashlib.md5(b"").digest()
+    store.close()
 
 
 @pytest.mark.parametrize("size", [

@@ -3,6 +3,7 @@ one per digest, durable when `put` returns, shared between processes,
 verified on read, with concurrent puts sharing commits."""
 from __future__ import annotations
 
+import asyncio
 import os
 import sqlite3
 import subprocess
@@ -25,6 +26,18 @@ def digest(data: bytes) -> str:
     return blake3.blake3(data).hexdigest()
 
 
+def count_commits(store: ChunkStore) -> list[int]:
+    """The row count of each transaction the store commits from now on."""
+    commits = []
+    real = store.small._commit
+
+    def counting(rows):
+        commits.append(len(rows))
+        return real(rows)
+    store.small._commit = counting
+    return commits
+
+
 def test_a_small_chunk_is_a_row_and_a_larger_one_a_file(tmp_path):
     store = ChunkStore(str(tmp_path))
     small, large = os.urandom(SMALL_CHUNK_MAX), os.urandom(SMALL_CHUNK_MAX + 1)
@@ -41,13 +54,7 @@ def test_a_small_chunk_is_a_row_and_a_larger_one_a_file(tmp_path):
 def test_concurrent_puts_share_commits_and_every_one_is_durable_on_return(tmp_path):
     store = ChunkStore(str(tmp_path))
     bodies = [os.urandom(4096) for _ in range(400)]
-    commits = []
-    real = store.small._commit
-
-    def counting(rows):
-        commits.append(len(rows))
-        return real(rows)
-    store.small._commit = counting
+    commits = count_commits(store)
     results = {}
 
     def put(i):
@@ -65,19 +72,64 @@ def test_concurrent_puts_share_commits_and_every_one_is_durable_on_return(tmp_pa
     db.close()
 
 
-def test_a_failed_commit_fails_every_put_of_its_batch_and_stores_none(tmp_path):
+def test_rows_put_from_an_event_loop_and_from_threads_share_commits_and_all_settle(tmp_path):
+    """put_async callers take no thread each: their rows join the commit in
+    progress or the next one, which the committer thread runs even when no
+    thread caller is left to lead it; every caller learns its own flags."""
+    store = ChunkStore(str(tmp_path))
+    commits = count_commits(store)
+    loop_bodies = [os.urandom(2048) for _ in range(300)]
+    thread_bodies = [os.urandom(2048) for _ in range(64)]
+    thread_results = {}
+
+    def put(i):
+        thread_results[i] = store.put(digest(thread_bodies[i]), thread_bodies[i])
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        threads = [threading.Thread(target=lambda k=k: [put(i) for i in range(k, 64, 8)]) for k in range(8)]
+        for t in threads:
+            t.start()
+        futs = [store.put_small_async(loop, [(digest(b), b)]) for b in loop_bodies]
+        # the same row twice in one call, and again later: written once
+        again = store.put_small_async(loop, [(digest(loop_bodies[0]), loop_bodies[0])] * 2)
+        results = await asyncio.gather(*futs)
+        await asyncio.get_running_loop().run_in_executor(None, lambda: [t.join() for t in threads])
+        return results, await again
+    results, again = asyncio.run(main())
+    assert results[0] in ([True], [False]) and all(r == [True] for r in results[1:])
+    assert (results[0], again) in (([True], [False, False]), ([False], [True, False]))
+    assert all(thread_results[i] == (None, True) for i in range(64))
+    assert sum(commits) == 300 + 2 + 64 and len(commits) < 300
+    db = sqlite3.connect(str(tmp_path / "chunks" / "small.sqlite"))
+    assert db.execute("SELECT COUNT(*) FROM chunks").fetchone()[0] == 364
+    db.close()
+    store.close()
+
+
+@pytest.mark.parametrize("caller", ["thread", "event loop"])
+def test_a_failed_commit_fails_every_put_of_its_batch_and_stores_none(tmp_path, caller):
     store = ChunkStore(str(tmp_path))
     db = sqlite3.connect(str(tmp_path / "chunks" / "small.sqlite"), isolation_level=None)
     # the database refuses every insert (what a full disk does to a commit)
     db.execute("CREATE TRIGGER refuse BEFORE INSERT ON chunks BEGIN SELECT RAISE(ABORT, 'disk full'); END")
     data = os.urandom(3000)
+
+    async def on_loop():
+        return await store.put_small_async(asyncio.get_running_loop(), [(digest(data), data)])
+
+    def put():
+        return store.put(digest(data), data) if caller == "thread" else asyncio.run(on_loop())
     with pytest.raises(OSError, match="small-chunk database: disk full"):    # as a chunk file's error
-        store.put(digest(data), data)
+        put()
     assert not store.has(digest(data))
     db.execute("DROP TRIGGER refuse")
     db.close()
-    assert store.put(digest(data), data) == (None, True)               # the same bytes store normally
+    assert put() == ((None, True) if caller == "thread" else [True])   # the same bytes store normally
     assert store.read(digest(data)) == data
+    with pytest.raises(ValueError):
+        store.put_small_async(None, [("00" * 32, bytes(SMALL_CHUNK_MAX + 1))])
+    store.close()
 
 
 def test_a_damaged_row_is_an_integrity_error_and_replace_repairs_it(tmp_path):

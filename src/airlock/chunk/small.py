@@ -9,10 +9,16 @@ committer and writes everything queued; the others wait for that commit.
 Writers of other processes are kept out by an exclusive flock on a lock file
 (kernel queueing, not SQLite's sleeping busy handler).
 
+Callers on an event loop (`put_async`) do not each take a thread: their
+rows join the next commit, which the store's own committer thread runs, and
+each commit wakes each waiting loop once (`call_soon_threadsafe`) for all
+of its callers.  A small PUT then costs no executor hop at all.
+
 Reads use one connection per thread (WAL readers never wait for the writer).
 """
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import errno
 import fcntl
@@ -21,6 +27,7 @@ import os
 import sqlite3
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 from airlock.errors import FormatError
 
@@ -75,13 +82,25 @@ def _open_lock_file(path: str) -> int:
 
 
 class _Batch:
-    __slots__ = ("rows", "done", "error", "written")
+    __slots__ = ("rows", "done", "error", "written", "waiters")
 
     def __init__(self):
         self.rows: list[tuple[str, bytes, bytes | None]] = []    # (verb, digest, data)
         self.done = False
         self.error: BaseException | None = None
         self.written: list[bool] = []
+        self.waiters: list = []       # (loop, future, first row, rows) of `put_async` callers
+
+
+def _resolve(waiters: list, batch: _Batch) -> None:
+    """On the loop: settle the futures of one commit's `put_async` callers."""
+    for fut, i, n in waiters:
+        if fut.done():                  # the caller was cancelled meanwhile
+            continue
+        if batch.error is not None:
+            fut.set_exception(batch.error)
+        else:
+            fut.set_result(batch.written[i:i + n])
 
 
 class SmallChunks:
@@ -93,6 +112,7 @@ class SmallChunks:
         self._cond = threading.Condition()
         self._queue = _Batch()              # rows waiting for the next commit
         self._committing = False
+        self._committer: ThreadPoolExecutor | None = None     # runs the commits `put_async` callers wait for
         self._writer: sqlite3.Connection | None = None
         self._lock_fd = _open_lock_file(self._lock_path)
         # Held shared for as long as this store is open.  Taken exclusively
@@ -207,6 +227,24 @@ class SmallChunks:
     def _submit(self, verb: str, digest: bytes, data: bytes | None) -> bool:
         return self._submit_rows([(verb, digest, data)])[0]
 
+    def put_async(self, loop: asyncio.AbstractEventLoop, items: list[tuple[bytes, bytes]]) -> asyncio.Future:
+        """Store rows (digest, data), as `put` does, from the thread running
+        `loop`, without blocking it and without a thread of its own: the
+        rows join the next commit, run on the store's committer thread.
+        The future (of `loop`) gets the rows' written flags once they are
+        durable, or the commit's OSError."""
+        fut = loop.create_future()
+        with self._cond:
+            batch = self._queue
+            batch.waiters.append((loop, fut, len(batch.rows), len(items)))
+            batch.rows.extend(("INSERT OR IGNORE", digest, data) for digest, data in items)
+            if self._committing:
+                return fut              # the commit in progress hands this batch on when it ends
+            self._committing = True
+            self._queue = _Batch()
+        self._hand_over(batch)
+        return fut
+
     def _submit_rows(self, rows: list) -> list[bool]:
         """Queue changes and wait until the transaction holding them commits
         (every change goes through the one committer: the writer connection
@@ -226,20 +264,56 @@ class SmallChunks:
             else:
                 lead = False
         if lead:
-            try:
-                batch.written = self._commit(batch.rows)
-            except sqlite3.Error as e:
-                batch.error = as_oserror(e)
-            except BaseException as e:
-                batch.error = e
-            finally:
-                with self._cond:
-                    batch.done = True
-                    self._committing = False
-                    self._cond.notify_all()
+            nxt = self._run(batch)
+            if nxt is not None:
+                self._hand_over(nxt)
         if batch.error is not None:
             raise batch.error
         return batch.written[i:i + len(rows)]
+
+    def _run(self, batch: _Batch) -> _Batch | None:
+        """Commit one batch (this thread is the committer) and settle its
+        callers.  If `put_async` callers wait in the next batch, that batch
+        is returned, still marked as committing, for the caller to hand to
+        the committer thread: no thread in it may be waiting to lead it."""
+        try:
+            batch.written = self._commit(batch.rows)
+        except sqlite3.Error as e:
+            batch.error = as_oserror(e)
+        except BaseException as e:
+            batch.error = e
+        finally:
+            with self._cond:
+                batch.done = True
+                nxt = None
+                if self._queue.waiters:
+                    nxt, self._queue = self._queue, _Batch()
+                else:
+                    self._committing = False
+                self._cond.notify_all()
+            by_loop: dict = {}
+            for loop, fut, i, n in batch.waiters:
+                by_loop.setdefault(loop, []).append((fut, i, n))
+            for loop, waiters in by_loop.items():
+                try:
+                    loop.call_soon_threadsafe(_resolve, waiters, batch)
+                except RuntimeError:
+                    pass                # that loop is closed: nobody waits any more
+        return nxt
+
+    def _hand_over(self, batch: _Batch) -> None:
+        """Commit `batch` (already taken off the queue, marked committing)
+        on the committer thread, and the batches after it while `put_async`
+        callers keep arriving."""
+        with self._cond:
+            if self._committer is None:
+                self._committer = ThreadPoolExecutor(1, thread_name_prefix="airlock-small-commit")
+            committer = self._committer
+
+        def lead(b: _Batch | None) -> None:
+            while b is not None:
+                b = self._run(b)
+        committer.submit(lead, batch)
 
     def _commit(self, rows) -> list[bool]:
         with self._flock():
@@ -291,6 +365,9 @@ class SmallChunks:
             return before, _size_with_wal(self.path)
 
     def close(self) -> None:
+        if self._committer is not None:
+            self._committer.shutdown(wait=True)        # the commits already handed over end first
+            self._committer = None
         if self._writer is not None:
             self._writer.close()
             self._writer = None

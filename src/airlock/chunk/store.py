@@ -122,6 +122,15 @@ class ChunkStore:
         os.replace(self._write_tmp(digest, data), final)
         return d, True
 
+    def put_small_async(self, loop, chunks: list[tuple[str, bytes]]):
+        """Store small chunks (digest hex, data), each of at most
+        SMALL_CHUNK_MAX bytes, from the thread running `loop` without
+        blocking it (SmallChunks.put_async): an asyncio future of the
+        chunks' written flags, set once they are durable."""
+        if any(len(data) > SMALL_CHUNK_MAX for _d, data in chunks):
+            raise ValueError("put_small_async takes small chunks only")
+        return self.small.put_async(loop, [(bytes.fromhex(d), bytes(data)) for d, data in chunks])
+
     def put_async(self, digest: str, data) -> Future:
         """`put` on one of the store's writer threads (its own pool: callers
         may be threads of another pool that wait for the result).  Lets one
