@@ -107,6 +107,17 @@ def test_rows_put_from_an_event_loop_and_from_threads_share_commits_and_all_sett
     store.close()
 
 
+def test_a_row_put_from_an_event_loop_after_close_fails_instead_of_waiting_forever(tmp_path):
+    store = ChunkStore(str(tmp_path))
+    store.close()
+    data = os.urandom(100)
+
+    async def put():
+        return await asyncio.wait_for(store.put_small_async(asyncio.get_running_loop(), [(digest(data), data)]), 10)
+    with pytest.raises(OSError, match="the store is closed"):
+        asyncio.run(put())
+
+
 @pytest.mark.parametrize("caller", ["thread", "event loop"])
 def test_a_failed_commit_fails_every_put_of_its_batch_and_stores_none(tmp_path, caller):
     store = ChunkStore(str(tmp_path))

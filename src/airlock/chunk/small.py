@@ -113,6 +113,7 @@ class SmallChunks:
         self._queue = _Batch()              # rows waiting for the next commit
         self._committing = False
         self._committer: ThreadPoolExecutor | None = None     # runs the commits `put_async` callers wait for
+        self._closed = False
         self._writer: sqlite3.Connection | None = None
         self._lock_fd = _open_lock_file(self._lock_path)
         # Held shared for as long as this store is open.  Taken exclusively
@@ -271,12 +272,15 @@ class SmallChunks:
             raise batch.error
         return batch.written[i:i + len(rows)]
 
-    def _run(self, batch: _Batch) -> _Batch | None:
-        """Commit one batch (this thread is the committer) and settle its
-        callers.  If `put_async` callers wait in the next batch, that batch
-        is returned, still marked as committing, for the caller to hand to
-        the committer thread: no thread in it may be waiting to lead it."""
+    def _run(self, batch: _Batch, error: BaseException | None = None) -> _Batch | None:
+        """Commit one batch (this thread is the committer; with `error`,
+        fail it instead) and settle its callers.  If `put_async` callers
+        wait in the next batch, that batch is returned, still marked as
+        committing, for the caller to hand to the committer thread: no
+        thread in it may be waiting to lead it."""
         try:
+            if error is not None:
+                raise error
             batch.written = self._commit(batch.rows)
         except sqlite3.Error as e:
             batch.error = as_oserror(e)
@@ -305,15 +309,19 @@ class SmallChunks:
         """Commit `batch` (already taken off the queue, marked committing)
         on the committer thread, and the batches after it while `put_async`
         callers keep arriving."""
+        def lead(b: _Batch | None, error: BaseException | None = None) -> None:
+            while b is not None:
+                b = self._run(b, error)
         with self._cond:
-            if self._committer is None:
+            if self._committer is None and not self._closed:
                 self._committer = ThreadPoolExecutor(1, thread_name_prefix="airlock-small-commit")
             committer = self._committer
-
-        def lead(b: _Batch | None) -> None:
-            while b is not None:
-                b = self._run(b)
-        committer.submit(lead, batch)
+        try:
+            if committer is None:
+                raise RuntimeError("closed")
+            committer.submit(lead, batch)
+        except RuntimeError:            # closed: no commit runs any more, the callers learn it
+            lead(batch, OSError(errno.EIO, "small-chunk database: the store is closed"))
 
     def _commit(self, rows) -> list[bool]:
         with self._flock():
@@ -365,9 +373,11 @@ class SmallChunks:
             return before, _size_with_wal(self.path)
 
     def close(self) -> None:
-        if self._committer is not None:
-            self._committer.shutdown(wait=True)        # the commits already handed over end first
-            self._committer = None
+        with self._cond:
+            self._closed = True
+            committer, self._committer = self._committer, None
+        if committer is not None:
+            committer.shutdown(wait=True)        # the commits already handed over end first
         if self._writer is not None:
             self._writer.close()
             self._writer = None
