@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 from pathlib import Path
 
 import blake3
@@ -107,15 +108,60 @@ def test_rows_put_from_an_event_loop_and_from_threads_share_commits_and_all_sett
     store.close()
 
 
-def test_a_row_put_from_an_event_loop_after_close_fails_instead_of_waiting_forever(tmp_path):
+def test_close_waits_for_the_commit_in_progress_and_every_put_after_it_fails(tmp_path):
+    """Threads and an event loop keep putting while the store closes: each
+    put either returns (its row durable) or fails with OSError; none
+    waits forever, and close() is idempotent."""
     store = ChunkStore(str(tmp_path))
-    store.close()
-    data = os.urandom(100)
+    stored, failed = [], []
+    lock = threading.Lock()
 
-    async def put():
-        return await asyncio.wait_for(store.put_small_async(asyncio.get_running_loop(), [(digest(data), data)]), 10)
+    def writer(k):
+        for i in range(100_000):             # bounded; ends on the closed store long before
+            data = f"{k}-{i}".encode() * 10
+            try:
+                d, written = store.put(digest(data), data)
+            except OSError as e:
+                assert "the store is closed" in str(e)
+                with lock:
+                    failed.append(data)
+                return
+            with lock:
+                stored.append(data)
+
+    async def on_loop():
+        loop = asyncio.get_running_loop()
+        for i in range(100_000):
+            data = f"loop-{i}".encode() * 10
+            try:
+                await asyncio.wait_for(store.put_small_async(loop, [(digest(data), data)]), 10)
+            except OSError as e:
+                assert "the store is closed" in str(e)
+                failed.append(data)
+                return
+            stored.append(data)
+    threads = [threading.Thread(target=writer, args=(k,)) for k in range(4)]
+    threads.append(threading.Thread(target=lambda: asyncio.run(on_loop())))
+    for t in threads:
+        t.start()
+    time.sleep(0.05)
+    store.close()
+    store.close()
+    for t in threads:
+        t.join(30)
+        assert not t.is_alive()
+    assert len(failed) == 5                      # every writer ended on the closed store
     with pytest.raises(OSError, match="the store is closed"):
-        asyncio.run(put())
+        store.put(digest(b"late"), b"late")
+
+    async def late():
+        return await store.put_small_async(asyncio.get_running_loop(), [(digest(b"late"), b"late")])
+    with pytest.raises(OSError, match="the store is closed"):
+        asyncio.run(late())
+    again = ChunkStore(str(tmp_path))            # every put that returned is there
+    assert all(again.read(digest(d)) == d for d in stored)
+    assert not again.has(digest(b"late"))
+    again.close()
 
 
 @pytest.mark.parametrize("caller", ["thread", "event loop"])

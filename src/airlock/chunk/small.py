@@ -92,6 +92,10 @@ class _Batch:
         self.waiters: list = []       # (loop, future, first row, rows) of `put_async` callers
 
 
+def _closed_error() -> OSError:
+    return OSError(errno.EIO, "small-chunk database: the store is closed")
+
+
 def _resolve(waiters: list, batch: _Batch) -> None:
     """On the loop: settle the futures of one commit's `put_async` callers."""
     for fut, i, n in waiters:
@@ -236,6 +240,9 @@ class SmallChunks:
         durable, or the commit's OSError."""
         fut = loop.create_future()
         with self._cond:
+            if self._closed:
+                fut.set_exception(_closed_error())
+                return fut
             batch = self._queue
             batch.waiters.append((loop, fut, len(batch.rows), len(items)))
             batch.rows.extend(("INSERT OR IGNORE", digest, data) for digest, data in items)
@@ -252,6 +259,8 @@ class SmallChunks:
         is never used by two threads at once).  A failed commit raises
         OSError for every change of its batch (`as_oserror`)."""
         with self._cond:
+            if self._closed:
+                raise _closed_error()
             batch = self._queue
             i = len(batch.rows)
             batch.rows.extend(rows)
@@ -265,7 +274,8 @@ class SmallChunks:
             else:
                 lead = False
         if lead:
-            nxt = self._run(batch)
+            # closed while this thread waited: its batch fails whole
+            nxt = self._run(batch, _closed_error() if self._closed else None)
             if nxt is not None:
                 self._hand_over(nxt)
         if batch.error is not None:
@@ -321,7 +331,7 @@ class SmallChunks:
                 raise RuntimeError("closed")
             committer.submit(lead, batch)
         except RuntimeError:            # closed: no commit runs any more, the callers learn it
-            lead(batch, OSError(errno.EIO, "small-chunk database: the store is closed"))
+            lead(batch, _closed_error())
 
     def _commit(self, rows) -> list[bool]:
         with self._flock():
@@ -373,11 +383,18 @@ class SmallChunks:
             return before, _size_with_wal(self.path)
 
     def close(self) -> None:
+        """Close the store once the commit in progress (and any batch of
+        `put_async` rows queued behind it) has ended; writes after this
+        fail with OSError.  Idempotent."""
         with self._cond:
+            if self._closed:
+                return
             self._closed = True
+            while self._committing:
+                self._cond.wait()
             committer, self._committer = self._committer, None
         if committer is not None:
-            committer.shutdown(wait=True)        # the commits already handed over end first
+            committer.shutdown(wait=True)
         if self._writer is not None:
             self._writer.close()
             self._writer = None

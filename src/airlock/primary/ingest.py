@@ -11,6 +11,10 @@ Data flow (one upload):
                                                                      (chunks >= ASYNC_WRITE_BYTES: put_async,
                                                                       on the store's writer threads)
 
+    a whole body of at most ON_LOOP_BYTES: every digest and the chunker on
+    the event loop (Ingest.chunk_on_loop), its row stored by the next group
+    commit (ChunkStore.put_small_async): no executor hop
+
 Each full buffer is fed as two jobs on two threads (MD5, and everything
 else), each thread working through its own queue of the upload's buffers:
 hashlib, blake3 and the compiled chunker all release the GIL, so uploads
@@ -322,9 +326,11 @@ async def ingest_body(ingest: Ingest, body: AsyncIterator, executor: Executor,
                       ship: ShipChunks | None = None) -> BodyDigests:
     """Drive `ingest` over an async iterator of buffers; returns the digests.
 
-    Every body is fed on `executor`: writing a chunk file (create, write,
-    rename, and fdatasync when the store syncs) can wait on the file system
-    and must never block the event loop.  Bodies are coalesced to
+    Every body longer than ON_LOOP_BYTES is fed on `executor`: writing a
+    chunk file (create, write, rename, and fdatasync when the store syncs)
+    can wait on the file system and must never block the event loop; a
+    shorter one is hashed on the loop and its one row stored without a
+    thread of its own (ChunkStore.put_small_async).  Bodies are coalesced to
     ~BATCH_BYTES per buffer.  Each buffer goes to two serial queues at once
     (`_Serial`): MD5 on one thread, everything else (other digests, the
     chunker, chunk writes) on another, each working through its queue
@@ -334,8 +340,8 @@ async def ingest_body(ingest: Ingest, body: AsyncIterator, executor: Executor,
     chunks to the vault while the body is still arriving), in body order.
     The loop reads a buffer only while fewer than WINDOW of the upload's
     are queued or being hashed, so memory stays bounded whatever the
-    object size.  A body shorter than one buffer (BATCH_BYTES) ends in one
-    hop (`feed_and_finish`), so a small object costs a single one; a
+    object size.  A body shorter than one buffer (BATCH_BYTES) and longer
+    than ON_LOOP_BYTES ends in one hop (`feed_and_finish`); a
     longer body ends through the two queues (`finish_rest` on the rest
     queue), so its last chunks are written, shipped and synced while MD5
     catches up.
