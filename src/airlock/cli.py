@@ -22,6 +22,7 @@ import sys
 import time
 
 from airlock import __version__
+from airlock.aio import STOP_DEADLINE_S
 from airlock.config import DEFAULT_PORT, GatewayConfig, _parse_listen, check_workers, load_gateway_config
 from airlock.errors import AirlockError, ConfigError, VaultUnavailable
 
@@ -299,7 +300,9 @@ def cmd_up(args) -> int:
             if p.poll() is None:
                 p.send_signal(signal.SIGTERM)
                 try:
-                    p.wait(15)
+                    # a process that is stopping drains its requests first; its
+                    # own watchdog ends it by STOP_DEADLINE_S whatever happens
+                    p.wait(STOP_DEADLINE_S + 5)
                 except subprocess.TimeoutExpired:
                     p.kill()
                     p.wait()

@@ -143,9 +143,24 @@ async def serve(cfg: GatewayConfig, on_ready=None, stop: asyncio.Event | None = 
         log.info("stopping gateway")
         if dispatcher is not None:
             dispatcher.stop_accepting()      # first: no connection is handed to a stopping worker
+        stopping = []
         if pool is not None:
-            await pool.stop()
+            stopping.append(pool.stop())    # each worker drains its own connections, committing here
         if runner is not None:
-            await runner.cleanup()
+            stopping.append(stop_serving(runner))
+        await asyncio.gather(*stopping)
         await engine.close()
         lock.release()
+
+
+async def stop_serving(runner: web.AppRunner) -> None:
+    """Stop a gateway process's HTTP side: no new connections, the requests
+    in flight finish (up to SHUTDOWN_GRACE_S) on connections that close
+    after them, then aiohttp's own shutdown of what is left.  The engine is
+    still open meanwhile (the caller closes it after)."""
+    for site in list(runner.sites):
+        await site.stop()                # a single process: stop listening
+    s3 = runner.app["s3"] if runner.app is not None else None
+    if s3 is not None:
+        await s3.drain(SHUTDOWN_GRACE_S)
+    await runner.cleanup()

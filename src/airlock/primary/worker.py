@@ -400,7 +400,7 @@ for _name in SHIP_HELD_ON_FAILURE:
 
 async def run(fd: int, conn_fd: int, gen_fd: int) -> None:
     from airlock.s3.app import make_app
-    from airlock.gateway import SHUTDOWN_GRACE_S
+    from airlock.gateway import SHUTDOWN_GRACE_S, stop_serving
     sock = socket.socket(fileno=fd)
     conn_sock = socket.socket(fileno=conn_fd)
     try:
@@ -465,7 +465,7 @@ async def run(fd: int, conn_fd: int, gen_fd: int) -> None:
     await asyncio.wait([asyncio.ensure_future(stop.wait()), asyncio.ensure_future(peer.closed.wait())],
                        return_when=asyncio.FIRST_COMPLETED)
     inlet.close()                    # no more connections ...
-    await runner.cleanup()           # ... and the open ones finish their in-flight requests
+    await stop_serving(runner)       # ... and the open ones finish their in-flight requests
     await engine.close()
     await peer.aclose()
 

@@ -11,6 +11,8 @@ delete) and call the engine; they never touch files.
 """
 from __future__ import annotations
 
+import asyncio
+
 import itertools
 import logging
 import secrets
@@ -95,6 +97,25 @@ class S3App:
         self.config = config
         self.users = config.user_by_key()
         self.domains = sorted((d.lower().strip(".") for d in config.domains), key=len, reverse=True)
+        self.in_flight = 0                                   # requests being handled
+        self._drained: asyncio.Event | None = None           # set by `drain`: no keep-alive from then on
+
+    async def drain(self, timeout: float) -> bool:
+        """The first step of a stop, once no new connection comes: every
+        response from now on closes its connection, and this waits (at most
+        `timeout`) until no request is in flight.  Requests in flight go on
+        receiving their bodies (aiohttp's own shutdown drops the data of a
+        connection it is closing, so an upload caught by it waited out the
+        whole grace period and failed anyway).  True if none is left."""
+        if self._drained is None:
+            self._drained = asyncio.Event()
+        if self.in_flight == 0:
+            return True
+        try:
+            await asyncio.wait_for(self._drained.wait(), timeout)
+            return True
+        except asyncio.TimeoutError:
+            return False
 
     def lookup_secret(self, access_key: str) -> str | None:
         u = self.users.get(access_key)
@@ -134,19 +155,27 @@ class S3App:
     async def handle(self, request: web.Request) -> web.StreamResponse:
         rid = _new_request_id()
         started = time.monotonic()
+        self.in_flight += 1
         try:
-            resp = await self._handle(request, rid)
-        except web.HTTPException:
-            raise
-        except Exception as exc:  # every error becomes an S3 XML error here
-            if isinstance(exc, (ConnectionResetError,)):
+            try:
+                resp = await self._handle(request, rid)
+            except web.HTTPException:
                 raise
-            resp = error_response(exc, rid, request.method)
-            if not isinstance(exc, E.S3Error) or exc.status >= 500:
-                log.warning("%s %s -> %s (%s)", request.method, request.rel_url, resp.status, exc)
+            except Exception as exc:  # every error becomes an S3 XML error here
+                if isinstance(exc, (ConnectionResetError,)):
+                    raise
+                resp = error_response(exc, rid, request.method)
+                if not isinstance(exc, E.S3Error) or exc.status >= 500:
+                    log.warning("%s %s -> %s (%s)", request.method, request.rel_url, resp.status, exc)
+        finally:
+            self.in_flight -= 1
+            if self._drained is not None and self.in_flight == 0:
+                self._drained.set()
         if not resp.prepared:
             resp.headers.setdefault("x-amz-request-id", rid)
             resp.headers.setdefault("x-amz-id-2", rid)
+            if self._drained is not None:
+                resp.force_close()       # stopping: this connection's last response
         log.debug("%s %s %s %.1fms", request.method, request.rel_url, resp.status,
                   (time.monotonic() - started) * 1000)
         return resp
