@@ -225,3 +225,44 @@ def test_idle_link_cut_and_refused_connections(proxied):
     with pytest.raises(ClientError):
         s3.head_object(Bucket="keep", Key="refused")
     assert_gap_free_and_equal(d, committed)
+
+
+def test_a_vault_that_was_stopped_answers_a_primary_gone_meanwhile_without_an_error_of_its_own(tmp_path):
+    """The vault is frozen (SIGSTOP) while a PUT waits; the gateway answers
+    503 and drops that link; the vault, resumed, processes the APPEND and
+    finds nobody to answer: one log line, no unretrieved task error, and
+    the change ends void on both sides once the gateway is back."""
+    import signal
+    d = Deployment(tmp_path / "deploy", ack_timeout=2.0).start()
+    try:
+        c = d.gateway.client()
+        c.create_bucket(Bucket="frozen")
+        c.put_object(Bucket="frozen", Key="before", Body=b"kept")
+        d.vault.proc.send_signal(signal.SIGSTOP)
+        try:
+            with pytest.raises(ClientError) as e:
+                c.put_object(Bucket="frozen", Key="during", Body=b"void")
+            assert e.value.response["ResponseMetadata"]["HTTPStatusCode"] == 503
+            time.sleep(6)               # past the gateway's reconnect: its old connection is closed
+        finally:
+            d.vault.proc.send_signal(signal.SIGCONT)
+        # "disconnected before its answer" when the APPEND was still to be
+        # answered as the connection went, "disconnected" when it was not
+        wait_until(lambda: "disconnected" in d.vault.log_text(), "the vault to see the old connection gone", 20)
+        wait_until(lambda: _put_ok(c), "writes to succeed again", 30)
+        assert c.get_object(Bucket="frozen", Key="before")["Body"].read() == b"kept"
+        with pytest.raises(ClientError):
+            c.head_object(Bucket="frozen", Key="during")
+        wait_until(lambda: d.airlock("verify", check=False).returncode == 0, "the domains to be equal", 30)
+        assert "never retrieved" not in d.vault.log_text()
+        assert "Traceback" not in d.vault.log_text()
+    finally:
+        d.stop()
+
+
+def _put_ok(c) -> bool:
+    try:
+        c.put_object(Bucket="frozen", Key="after", Body=b"x")
+        return True
+    except ClientError:
+        return False

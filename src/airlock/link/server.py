@@ -106,6 +106,11 @@ class LinkServer:
             await self._serve(reader, writer, peer)
         except asyncio.CancelledError:
             pass
+        except OSError as e:
+            # the primary went away while this vault was still answering it
+            # (it gave up waiting: the vault was stopped or slow); what the
+            # request did stands, the primary settles it when it reconnects
+            log.info("primary %s disconnected before its answer (%s)", peer, e)
         finally:
             writer.close()
             try:
