@@ -79,3 +79,30 @@ def test_uploads_still_sending_their_bodies_when_the_gateway_stops_finish_and_ar
         wait_until(lambda: d.airlock("verify", check=False).returncode == 0, "the domains to be equal", 30)
     finally:
         d.stop()
+
+
+def test_an_upload_that_stops_sending_is_cut_after_the_grace_and_the_gateway_exits(tmp_path):
+    """A client that goes silent mid-body cannot hold a stop: after
+    SHUTDOWN_GRACE_S of draining (and CUT_AFTER_DRAIN_S more) the gateway
+    exits, and nothing of that upload is visible."""
+    from airlock.gateway import CUT_AFTER_DRAIN_S, SHUTDOWN_GRACE_S
+    d = Deployment(tmp_path / "d")
+    d.vault.start()
+    try:
+        d.start_gateway()
+        c = d.gateway.client()
+        c.create_bucket(Bucket="uploads")
+        url = c.generate_presigned_url("put_object", Params={"Bucket": "uploads", "Key": "silent"}, ExpiresIn=300)
+        s = _start_put(url, os.urandom(100_000), 1000)          # and then nothing more
+        time.sleep(0.3)
+        t0 = time.monotonic()
+        d.gateway.proc.send_signal(signal.SIGTERM)
+        # a bound on "it ends", with room for a slow machine (not a performance claim)
+        d.gateway.proc.wait(SHUTDOWN_GRACE_S + CUT_AFTER_DRAIN_S + 20)
+        assert time.monotonic() - t0 >= SHUTDOWN_GRACE_S - 1       # the silent upload had its grace
+        s.close()
+        d.gateway.stop()
+        d.gateway.start()
+        assert d.gateway.client().list_objects_v2(Bucket="uploads").get("KeyCount") == 0
+    finally:
+        d.stop()

@@ -17,7 +17,8 @@ from airlock.s3.app import make_app
 
 log = logging.getLogger("airlock.gateway")
 
-SHUTDOWN_GRACE_S = 10.0   # seconds in-flight requests get to finish on SIGTERM
+SHUTDOWN_GRACE_S = 10.0   # seconds in-flight requests get to finish on SIGTERM (S3App.drain)
+CUT_AFTER_DRAIN_S = 1.0   # then aiohttp's own shutdown: what still runs is cancelled after this
 PORT_WAIT_S = 3.0         # how long a taken port is retried before giving up
 
 
@@ -120,7 +121,7 @@ async def serve(cfg: GatewayConfig, on_ready=None, stop: asyncio.Event | None = 
             from airlock.primary.leader import WorkerPool
             activity = Activity()
         runner = web.AppRunner(make_app(engine, cfg, activity), access_log=None, handle_signals=False,
-                               shutdown_timeout=SHUTDOWN_GRACE_S)
+                               shutdown_timeout=CUT_AFTER_DRAIN_S)
         await runner.setup()
         if processes > 1:
             dispatcher = Dispatcher(runner.server, activity)
@@ -156,8 +157,10 @@ async def serve(cfg: GatewayConfig, on_ready=None, stop: asyncio.Event | None = 
 async def stop_serving(runner: web.AppRunner) -> None:
     """Stop a gateway process's HTTP side: no new connections, the requests
     in flight finish (up to SHUTDOWN_GRACE_S) on connections that close
-    after them, then aiohttp's own shutdown of what is left.  The engine is
-    still open meanwhile (the caller closes it after)."""
+    after them, then aiohttp's own shutdown of what is left (the runner's
+    shutdown_timeout, CUT_AFTER_DRAIN_S: the grace was the drain's; within
+    the leader's STOP_GRACE_S for a worker).  The engine is still open
+    meanwhile (the caller closes it after)."""
     for site in list(runner.sites):
         await site.stop()                # a single process: stop listening
     s3 = runner.app["s3"] if runner.app is not None else None

@@ -400,7 +400,7 @@ for _name in SHIP_HELD_ON_FAILURE:
 
 async def run(fd: int, conn_fd: int, gen_fd: int) -> None:
     from airlock.s3.app import make_app
-    from airlock.gateway import SHUTDOWN_GRACE_S, stop_serving
+    from airlock.gateway import CUT_AFTER_DRAIN_S, stop_serving
     sock = socket.socket(fileno=fd)
     conn_sock = socket.socket(fileno=conn_fd)
     try:
@@ -456,7 +456,7 @@ async def run(fd: int, conn_fd: int, gen_fd: int) -> None:
     await engine.start()
     activity = Activity()
     app = make_app(engine, cfg, activity)
-    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=SHUTDOWN_GRACE_S)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=CUT_AFTER_DRAIN_S)
     await runner.setup()
     inlet = Inlet(conn_sock, runner.server, activity)
     stop_on_signals(stop, "gateway worker")
