@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import subprocess
 import time
 from urllib.parse import urlsplit
 
@@ -106,3 +107,107 @@ def test_an_upload_that_stops_sending_is_cut_after_the_grace_and_the_gateway_exi
         assert d.gateway.client().list_objects_v2(Bucket="uploads").get("KeyCount") == 0
     finally:
         d.stop()
+
+
+def test_ctrl_c_on_the_terminal_stops_the_gateway_first_so_its_uploads_in_flight_still_commit(tmp_path):
+    """`airlock up` on a terminal: Ctrl-C reaches the whole foreground
+    process group, so the vault used to stop at the same moment as the
+    gateway and an upload the gateway was finishing could not commit.  The
+    children now run in process groups of their own: `up` alone gets the
+    SIGINT and stops the gateway (which finishes the upload) before the
+    vault."""
+    import pty
+    import re
+    import select
+    import sys
+
+    import boto3
+    from botocore.config import Config
+
+    from conftest import free_port
+
+    port = free_port()
+    data = tmp_path / "d"
+    pid, fd = pty.fork()
+    if pid == 0:                                    # the child: `airlock up` on the terminal
+        os.execv(sys.executable, [sys.executable, "-m", "airlock", "up", "--data", str(data), "--port", str(port)])
+    out = b""
+
+    def read_for(seconds: float, until: bytes | None = None) -> None:
+        nonlocal out
+        end = time.monotonic() + seconds
+        while time.monotonic() < end and (until is None or until not in out):
+            r, _, _ = select.select([fd], [], [], 0.2)
+            if r:
+                try:
+                    chunk = os.read(fd, 65536)
+                except OSError:
+                    return
+                if not chunk:
+                    return
+                out += chunk
+    try:
+        read_for(90, b"secret key:")
+        read_for(5, b"\n")
+        text = out.decode(errors="replace")
+        access = re.search(r"access key: (\S+)", text).group(1)
+        secret = re.search(r"secret key: (\S+)", text).group(1)
+        c = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}", region_name="us-east-1",
+                         aws_access_key_id=access, aws_secret_access_key=secret,
+                         config=Config(retries={"total_max_attempts": 1}))
+        c.create_bucket(Bucket="uploads")
+        body = os.urandom(300_000)
+        url = c.generate_presigned_url("put_object", Params={"Bucket": "uploads", "Key": "k"}, ExpiresIn=300)
+        s = _start_put(url, body, len(body) // 2)
+        time.sleep(0.3)
+        os.write(fd, b"\x03")                       # Ctrl-C on the terminal
+        time.sleep(0.5)
+        s.sendall(body[len(body) // 2:])
+        status, headers = _response(s)
+        s.close()
+        assert status == 200, (status, headers)
+        end = time.monotonic() + 60
+        while time.monotonic() < end:
+            read_for(0.5)
+            done, st = os.waitpid(pid, os.WNOHANG)
+            if done:
+                assert os.waitstatus_to_exitcode(st) == 0, out.decode(errors="replace")[-2000:]
+                break
+        else:
+            raise AssertionError("airlock up did not stop after Ctrl-C")
+        pid = 0
+        text = out.decode(errors="replace")
+        assert text.index("stopping gateway") < text.index("stopping vault")
+    finally:
+        if pid:
+            os.kill(pid, signal.SIGTERM)            # `up` stops its children in order
+            os.waitpid(pid, 0)
+        os.close(fd)
+    # the upload is there, on both sides
+    again = subprocess.Popen([sys.executable, "-m", "airlock", "up", "--data", str(data), "--port", str(port)],
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        wait_until(lambda: _port_open(port), "the gateway to listen again", 60)
+        wait_until(lambda: _get_or_none(c, "uploads", "k") is not None, "the gateway to serve", 30)
+        assert _get_or_none(c, "uploads", "k") == body
+        verify = subprocess.run([sys.executable, "-m", "airlock", "verify", "--data", str(data)],
+                                capture_output=True, text=True, timeout=120)
+        assert verify.returncode == 0, verify.stdout + verify.stderr
+    finally:
+        again.send_signal(signal.SIGINT)
+        again.communicate(timeout=90)
+
+
+def _port_open(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        return True
+    except OSError:
+        return False
+
+
+def _get_or_none(c, bucket: str, key: str) -> bytes | None:
+    try:
+        return c.get_object(Bucket=bucket, Key=key)["Body"].read()
+    except Exception:
+        return None

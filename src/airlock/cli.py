@@ -258,8 +258,13 @@ def cmd_up(args) -> int:
         nonlocal stopping
         stopping = True
 
-    signal.signal(signal.SIGTERM, stop_all)
-    signal.signal(signal.SIGINT, stop_all)
+    # Ctrl-C in a terminal signals the whole foreground process group: the
+    # children run in groups of their own (process_group=0), so it reaches
+    # this process alone, which stops them in order below: the gateway
+    # first, finishing its uploads in flight while the vault still takes
+    # their records, then the vault.  Closing the terminal (SIGHUP) too.
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, stop_all)
     try:
         # a vault killed earlier leaves its admin socket behind; readiness is
         # the new one appearing (DataLock first: never touch a live vault's socket)
@@ -272,7 +277,7 @@ def cmd_up(args) -> int:
         _check_free(vault_port, "vault's link")
         if not args.vault_only:
             _check_free(args.port, "S3")
-        vault = subprocess.Popen(vault_cmd)
+        vault = subprocess.Popen(vault_cmd, process_group=0)
         children.append(("vault", vault))
         # the admin socket appears once the link listens (probing the link
         # port itself would show up in the vault's log as a refused handshake)
@@ -284,7 +289,7 @@ def cmd_up(args) -> int:
                   f"{os.path.abspath(os.path.join(data, 'vault'))}); the gateway is not running.\n"
                   f"try: airlock gc --data {data}    (Ctrl-C stops the vault)", flush=True)
         else:
-            gw = subprocess.Popen(gw_cmd)
+            gw = subprocess.Popen(gw_cmd, process_group=0)
             children.append(("gateway", gw))
             _wait_ready(gw, "gateway", port=args.port)
             _print_endpoint(cfg, data, vault_port)
