@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import datetime
 import hashlib
+import os
 import http.client
 import socket
 import time
@@ -381,3 +382,21 @@ def test_invalid_range_syntax_is_ignored(s3c, bkt, rng):
     r = s3c.get_object(Bucket=bkt, Key="keep", Range=rng)
     assert r["ResponseMetadata"]["HTTPStatusCode"] == 200
     assert r["Body"].read() == ORIGINAL
+
+
+def test_a_download_abandoned_mid_body_is_one_line_in_the_log_not_a_server_error(raw, s3c, bkt):
+    data = os.urandom(40 * 1024 * 1024)          # more than the socket buffers take
+    s3c.put_object(Bucket=bkt, Key="big", Body=data)
+    logged = len(raw.gw.log_text())
+    url = s3c.generate_presigned_url("get_object", Params={"Bucket": bkt, "Key": "big"}, ExpiresIn=300)
+    path = url.split(str(raw.gw.port), 1)[1]
+    for _ in range(3):
+        s = socket.create_connection(("127.0.0.1", raw.gw.port), timeout=10)
+        s.sendall(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{raw.gw.port}\r\n\r\n".encode())
+        s.recv(65536)
+        time.sleep(0.5)                             # the gateway's writes wait for this reader ...
+        s.close()                                   # ... who goes away mid-body
+    time.sleep(0.5)
+    log = raw.gw.log_text()[logged:]
+    assert "the client went away" in log and "Traceback" not in log and "ERROR" not in log, log[-3000:]
+    assert s3c.get_object(Bucket=bkt, Key="big")["Body"].read() == data

@@ -27,6 +27,7 @@ from airlock import errors as E
 from airlock.config import GatewayConfig, User
 from airlock.primary.engine import Engine
 from airlock.s3 import auth
+from airlock.s3.common import client_gone
 from airlock.s3.errors import error_response
 
 log = logging.getLogger("airlock.s3")
@@ -162,14 +163,14 @@ class S3App:
             except web.HTTPException:
                 raise
             except Exception as exc:  # every error becomes an S3 XML error here
-                if isinstance(exc, ConnectionResetError) and (request.transport is None
-                                                              or request.transport.is_closing()):
-                    # the client went away mid-request (an upload interrupted):
-                    # nothing was committed, nobody is left to read an answer,
+                if client_gone(request, exc):
+                    # the client went away mid-request (an upload or a
+                    # download interrupted): nobody is left to read an answer,
                     # and it is not a server error (aiohttp would log one with
                     # a traceback if this were raised to it)
                     log.info("%s %s: the client went away (%s)", request.method, request.rel_url, exc)
-                    exc = E.IncompleteBody()
+                    exc = E.IncompleteBody() if request.method in ("PUT", "POST") else E.BadRequest(
+                        "The client closed the connection.")
                 resp = error_response(exc, rid, request.method)
                 if not isinstance(exc, E.S3Error) or exc.status >= 500:
                     log.warning("%s %s -> %s (%s)", request.method, request.rel_url, resp.status, exc)

@@ -85,3 +85,10 @@ def url_encoder(query):
         raise E.InvalidArgument("Invalid Encoding Method specified in Request",
                                 ArgumentName="encoding-type", ArgumentValue=enc)
     return lambda s: quote(s, safe="/~-_.")
+
+
+def client_gone(request: web.Request, exc: BaseException) -> bool:
+    """`exc` is the client's connection going away (aiohttp raises
+    ConnectionResetError reading a body, a plain ConnectionError writing
+    one), not a failure of ours."""
+    return isinstance(exc, ConnectionError) and (request.transport is None or request.transport.is_closing())

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import datetime
 import email.utils
+import logging
 import re
 from urllib.parse import unquote
 
@@ -13,8 +14,10 @@ from airlock.primary.model import NULL_VERSION, STORED_HEADERS, Manifest, Object
 from airlock.s3 import checksums
 from airlock.s3.body import BodyStream
 from airlock.s3 import tagging
-from airlock.s3.common import owned_bucket, version_headers, version_id_param, xml_response
+from airlock.s3.common import client_gone, owned_bucket, version_headers, version_id_param, xml_response
 from airlock.s3.xml import doc, el, http_date, iso8601
+
+log = logging.getLogger("airlock.s3")
 
 MAX_USER_METADATA = 2048       # bytes of x-amz-meta-* names + values (S3's limit)
 STORAGE_CLASSES = frozenset({
@@ -341,12 +344,21 @@ async def get_object(ctx) -> web.StreamResponse:
         return web.Response(status=status, headers=headers, body=body)
     resp = web.StreamResponse(status=status, headers=headers)
     resp.content_length = length
-    await resp.prepare(ctx.request)
-    if first is not None:
-        await resp.write(first)
-        async for piece in chunks:
-            await resp.write(piece)
-    await resp.write_eof()
+    try:
+        await resp.prepare(ctx.request)
+        if first is not None:
+            await resp.write(first)
+            async for piece in chunks:
+                await resp.write(piece)
+        await resp.write_eof()
+    except ConnectionError as e:
+        if not client_gone(ctx.request, e):
+            raise
+        # the reader went away (a download interrupted): the answer was
+        # under way; nothing to report but a line
+        log.info("GET %s: the client went away (%s)", ctx.request.rel_url, e)
+    finally:
+        await chunks.aclose()
     return resp
 
 
