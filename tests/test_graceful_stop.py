@@ -211,3 +211,36 @@ def _get_or_none(c, bucket: str, key: str) -> bytes | None:
         return c.get_object(Bucket=bucket, Key=key)["Body"].read()
     except Exception:
         return None
+
+
+def test_a_gateway_stopped_while_the_vault_is_frozen_ends_its_waiting_writes_quietly(tmp_path):
+    """Writes wait for a vault that does not answer (SIGSTOP); the gateway
+    is stopped meanwhile: its drain gives up after the grace and the
+    process exits.  The writes' commits, left to fail after their clients
+    were cut, are nobody's to read: no 'exception was never retrieved' in
+    the log.  Afterwards the two domains agree."""
+    d = Deployment(tmp_path / "d", ack_timeout=30.0)   # the writes are still waiting at the stop
+    d.start()
+    try:
+        c = d.gateway.client()
+        c.create_bucket(Bucket="uploads")
+        urls = [c.generate_presigned_url("put_object", Params={"Bucket": "uploads", "Key": f"k{i}"},
+                                         ExpiresIn=300) for i in range(4)]
+        d.vault.proc.send_signal(signal.SIGSTOP)
+        try:
+            socks = [_start_put(u, b"v" * 5000, 5000) for u in urls]     # whole bodies; no answer comes
+            time.sleep(1.0)
+            d.gateway.proc.send_signal(signal.SIGTERM)
+            d.gateway.proc.wait(60)
+            for s in socks:
+                s.close()
+        finally:
+            d.vault.proc.send_signal(signal.SIGCONT)
+        time.sleep(0.5)
+        log = d.gateway.log_text()
+        assert "never retrieved" not in log, log[-3000:]
+        d.gateway.stop()
+        d.start_gateway()
+        wait_until(lambda: d.airlock("verify", check=False).returncode == 0, "the domains to be equal", 60)
+    finally:
+        d.stop()

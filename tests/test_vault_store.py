@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import signal
 import subprocess
@@ -597,3 +598,32 @@ def test_recovery_after_a_failed_writeback_cuts_the_unsynced_chunks_and_asks_for
         assert again.recovery["torn_overlays"] == []
     finally:
         again.close_sync()
+
+
+def test_closing_the_store_waits_for_an_append_in_flight_whose_caller_was_cancelled(tmp_path, caplog):
+    """A stopping vault cancels its link sessions; an APPEND already being
+    made durable goes on (it is shielded), and aclose() lets it finish
+    before it closes the log and the overlays: the records are durable and
+    there when the store opens again."""
+    store = VaultStore(tmp_path / "v").open()
+    feed = Feed(store)
+    recs = [feed.bucket("b")] + [feed.put("b", f"k{i}", body(i, 200_000)) for i in range(20)]
+
+    async def main():
+        caller = asyncio.ensure_future(store.append(recs))
+        for _ in range(10_000):                 # the append has started ...
+            if store._append_lock is not None and store._append_lock.locked():
+                break
+            await asyncio.sleep(0)
+        caller.cancel()                         # ... its session is cancelled by the stop
+        await store.aclose()                    # ... and the store closes
+        with pytest.raises(asyncio.CancelledError):
+            await caller
+    asyncio.run(main())
+    import gc
+    gc.collect()                                # an unretrieved task error is logged when it is collected
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text[-2000:]
+    again = VaultStore(tmp_path / "v").open()
+    assert again.last_seq == len(recs)
+    assert {m["key"] for m in again.list_objects("b", limit=100)[0]} == {f"k{i}" for i in range(20)}
+    again.close_sync()

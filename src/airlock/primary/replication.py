@@ -414,6 +414,8 @@ class ReplicatedCommitPoint:
         if self._sender is None or self._sender.done():
             self._sender = loop.create_task(self._send_loop())
         # shield: once queued, a record's fate no longer depends on its client
+        # (whose request may be cut by a stop: its failure is then nobody's to read)
+        fut.add_done_callback(retrieve_exception)
         return await asyncio.shield(fut)
 
     def _take_batch(self) -> list:

@@ -28,6 +28,7 @@ from itertools import islice, takewhile
 
 import blake3
 
+from airlock.aio import retrieve_exception
 from airlock.errors import FormatError, IntegrityError, VaultRejected
 from airlock.fsutil import fsync_dir
 from airlock.log.reader import read_log
@@ -290,6 +291,15 @@ class VaultStore:
             self._rebuild_view()
 
     async def aclose(self) -> None:
+        if self._append_lock is not None:
+            # an APPEND still being made durable (its session was cancelled
+            # by the stop, the append is shielded) ends before the files close
+            async with self._append_lock:
+                await self._close_files()
+        else:
+            await self._close_files()
+
+    async def _close_files(self) -> None:
         if self._log is not None:
             await self._log.aclose()
         self.close_sync()
@@ -412,6 +422,7 @@ class VaultStore:
             self._append_lock = asyncio.Lock()
         # shielded: a cancelled caller must not leave records in the log but not the overlay
         task = asyncio.get_running_loop().create_task(self._append_serialized(records))
+        task.add_done_callback(retrieve_exception)      # a failure is logged by _stop; the caller may be gone
         return await asyncio.shield(task)
 
     async def _append_serialized(self, records) -> int:
