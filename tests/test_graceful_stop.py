@@ -244,3 +244,53 @@ def test_a_gateway_stopped_while_the_vault_is_frozen_ends_its_waiting_writes_qui
         wait_until(lambda: d.airlock("verify", check=False).returncode == 0, "the domains to be equal", 60)
     finally:
         d.stop()
+
+
+def test_the_processes_of_airlock_up_stop_when_up_itself_is_killed(tmp_path):
+    """They run in process groups of their own (a terminal's Ctrl-C reaches
+    `up` alone); should `up` die by SIGKILL, they get SIGTERM
+    (PR_SET_PDEATHSIG) and stop in order instead of running on unseen."""
+    import sys
+
+    from conftest import free_port
+
+    port = free_port()
+    data = tmp_path / "d"
+    up = subprocess.Popen([sys.executable, "-m", "airlock", "up", "--data", str(data), "--port", str(port)],
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    children: list[int] = []
+    try:
+        wait_until(lambda: _port_open(port), "the gateway to listen", 90)
+        children = _children_of(up.pid)
+        assert len(children) == 2                   # the vault and the gateway
+        up.kill()
+        up.wait(10)
+        wait_until(lambda: not any(_alive(p) for p in children), "up's processes to stop", 60)
+    finally:
+        if up.poll() is None:
+            up.kill()
+            up.wait()
+        for p in children or _children_of(up.pid):
+            if _alive(p):
+                os.kill(p, signal.SIGKILL)
+
+
+def _children_of(pid: int) -> list[int]:
+    out = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                stat = open(f"/proc/{d}/stat").read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(stat[1]) == pid:
+                out.append(int(d))
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import faulthandler
+import functools
 import json
 import logging
 import os
@@ -277,7 +278,8 @@ def cmd_up(args) -> int:
         _check_free(vault_port, "vault's link")
         if not args.vault_only:
             _check_free(args.port, "S3")
-        vault = subprocess.Popen(vault_cmd, process_group=0)
+        vault = subprocess.Popen(vault_cmd, process_group=0,
+                                 preexec_fn=functools.partial(_die_with_parent, os.getpid()))
         children.append(("vault", vault))
         # the admin socket appears once the link listens (probing the link
         # port itself would show up in the vault's log as a refused handshake)
@@ -289,7 +291,8 @@ def cmd_up(args) -> int:
                   f"{os.path.abspath(os.path.join(data, 'vault'))}); the gateway is not running.\n"
                   f"try: airlock gc --data {data}    (Ctrl-C stops the vault)", flush=True)
         else:
-            gw = subprocess.Popen(gw_cmd, process_group=0)
+            gw = subprocess.Popen(gw_cmd, process_group=0,
+                                  preexec_fn=functools.partial(_die_with_parent, os.getpid()))
             children.append(("gateway", gw))
             _wait_ready(gw, "gateway", port=args.port)
             _print_endpoint(cfg, data, vault_port)
@@ -313,6 +316,20 @@ def cmd_up(args) -> int:
                     p.wait()
     failed = [n for n, p in children if p.returncode not in (0, -signal.SIGTERM)]
     return 1 if failed else 0
+
+
+def _die_with_parent(parent: int) -> None:
+    """In a child of `airlock up`, before exec: SIGTERM when `up` dies, even
+    by SIGKILL (Linux PR_SET_PDEATHSIG), so that its processes, which run
+    in process groups of their own, are not left running without it.  The
+    orderly stop (gateway first) is `up`'s own; this is the last resort."""
+    try:
+        import ctypes
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)     # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return                                  # not Linux: nothing to arrange
+    if os.getppid() != parent:                  # `up` died before the prctl
+        os._exit(1)
 
 
 # ---------------------------------------------------------------------- operator commands

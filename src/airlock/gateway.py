@@ -149,7 +149,9 @@ async def serve(cfg: GatewayConfig, on_ready=None, stop: asyncio.Event | None = 
             stopping.append(pool.stop())    # each worker drains its own connections, committing here
         if runner is not None:
             stopping.append(stop_serving(runner))
-        await asyncio.gather(*stopping)
+        for r in await asyncio.gather(*stopping, return_exceptions=True):
+            if isinstance(r, Exception):     # the engine still closes, the lock is still released
+                log.error("stopping the gateway's connections failed: %r", r)
         await engine.close()
         lock.release()
 

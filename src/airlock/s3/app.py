@@ -12,7 +12,6 @@ delete) and call the engine; they never touch files.
 from __future__ import annotations
 
 import asyncio
-
 import itertools
 import logging
 import secrets
