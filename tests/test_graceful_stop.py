@@ -16,7 +16,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from conftest import Deployment, wait_until
+from conftest import Deployment, wait_for_port, wait_until
 
 
 def _start_put(url: str, body: bytes, sent: int) -> socket.socket:
@@ -187,7 +187,7 @@ def test_ctrl_c_on_the_terminal_stops_the_gateway_first_so_its_uploads_in_flight
     again = subprocess.Popen([sys.executable, "-m", "airlock", "up", "--data", str(data), "--port", str(port)],
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
-        wait_until(lambda: _port_open(port), "the gateway to listen again", 60)
+        wait_for_port(port, again, timeout=60)
         wait_until(lambda: _get_or_none(c, "uploads", "k") is not None, "the gateway to serve", 30)
         assert _get_or_none(c, "uploads", "k") == body
         verify = subprocess.run([sys.executable, "-m", "airlock", "verify", "--data", str(data)],
@@ -196,14 +196,6 @@ def test_ctrl_c_on_the_terminal_stops_the_gateway_first_so_its_uploads_in_flight
     finally:
         again.send_signal(signal.SIGINT)
         again.communicate(timeout=90)
-
-
-def _port_open(port: int) -> bool:
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=1).close()
-        return True
-    except OSError:
-        return False
 
 
 def _get_or_none(c, bucket: str, key: str) -> bytes | None:
@@ -260,7 +252,7 @@ def test_the_processes_of_airlock_up_stop_when_up_itself_is_killed(tmp_path):
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     children: list[int] = []
     try:
-        wait_until(lambda: _port_open(port), "the gateway to listen", 90)
+        wait_for_port(port, up, timeout=90)
         children = _children_of(up.pid)
         assert len(children) == 2                   # the vault and the gateway
         up.kill()

@@ -250,7 +250,7 @@ def test_a_vault_that_was_stopped_answers_a_primary_gone_meanwhile_without_an_er
         # "disconnected before its answer" when the APPEND was still to be
         # answered as the connection went, "disconnected" when it was not
         wait_until(lambda: "disconnected" in d.vault.log_text(), "the vault to see the old connection gone", 20)
-        wait_until(lambda: _put_ok(c), "writes to succeed again", 30)
+        wait_until(lambda: _put_ok_in(c, "frozen"), "writes to succeed again", 30)
         assert c.get_object(Bucket="frozen", Key="before")["Body"].read() == b"kept"
         with pytest.raises(ClientError):
             c.head_object(Bucket="frozen", Key="during")
@@ -259,14 +259,6 @@ def test_a_vault_that_was_stopped_answers_a_primary_gone_meanwhile_without_an_er
         assert "Traceback" not in d.vault.log_text()
     finally:
         d.stop()
-
-
-def _put_ok(c) -> bool:
-    try:
-        c.put_object(Bucket="frozen", Key="after", Body=b"x")
-        return True
-    except ClientError:
-        return False
 
 
 def test_a_vault_stopped_under_load_finishes_the_append_in_flight_before_closing_its_files(tmp_path):

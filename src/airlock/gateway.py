@@ -165,7 +165,5 @@ async def stop_serving(runner: web.AppRunner) -> None:
     meanwhile (the caller closes it after)."""
     for site in list(runner.sites):
         await site.stop()                # a single process: stop listening
-    s3 = runner.app["s3"] if runner.app is not None else None
-    if s3 is not None:
-        await s3.drain(SHUTDOWN_GRACE_S)
+    await runner.app["s3"].drain(SHUTDOWN_GRACE_S)
     await runner.cleanup()

@@ -92,12 +92,16 @@ class Ingest:
         """Everything but the MD5 of one buffer; returns the chunks it
         completed that were new to the store, as (digest hex, bytes), for
         shipping to the vault."""
+        self._feed_digests(data)
+        return self._store_chunks(self._chunker.update(data))
+
+    def _feed_digests(self, data) -> None:
+        """The size, SHA-256 and flexible checksums of one buffer."""
         self._size += len(data)
         if self._sha256 is not None:
             self._sha256.update(data)
         for c in self._checksums.values():
             c.update(data)
-        return self._store_chunks(self._chunker.update(data))
 
     def feed_and_finish(self, data) -> list[tuple[str, bytes]]:
         """The last buffer and the end of the body.  Returns the new chunks
@@ -125,19 +129,10 @@ class Ingest:
         `durable`).  Returns every chunk, as (digest hex, bytes)."""
         if data:
             self.feed_md5(data)
-            self._size += len(data)
-            if self._sha256 is not None:
-                self._sha256.update(data)
-            for c in self._checksums.values():
-                c.update(data)
-            chunks = self._chunker.update(data) + self._chunker.finish()
-        else:
-            chunks = self._chunker.finish()
-        out = []
-        for digest, chunk in chunks:
-            hexd = digest.hex()
-            self._chunks.append(ChunkRef(hexd, len(chunk)))
-            out.append((hexd, chunk))
+            self._feed_digests(data)
+        out = [(digest.hex(), chunk)
+               for digest, chunk in (self._chunker.update(data) if data else []) + self._chunker.finish()]
+        self._chunks.extend(ChunkRef(hexd, len(chunk)) for hexd, chunk in out)
         return out
 
     def wait_durable(self) -> None:

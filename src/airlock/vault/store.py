@@ -18,6 +18,7 @@ walks the chain again.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import sqlite3
@@ -291,18 +292,12 @@ class VaultStore:
             self._rebuild_view()
 
     async def aclose(self) -> None:
-        if self._append_lock is not None:
-            # an APPEND still being made durable (its session was cancelled
-            # by the stop, the append is shielded) ends before the files close
-            async with self._append_lock:
-                await self._close_files()
-        else:
-            await self._close_files()
-
-    async def _close_files(self) -> None:
-        if self._log is not None:
-            await self._log.aclose()
-        self.close_sync()
+        # an APPEND still being made durable (its session was cancelled by
+        # the stop, the append is shielded) ends before the files close
+        async with self._append_lock or contextlib.nullcontext():
+            if self._log is not None:
+                await self._log.aclose()
+            self.close_sync()
 
     def _writeback_pool(self) -> ThreadPoolExecutor:
         if self._writeback is None:
