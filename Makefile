@@ -32,8 +32,16 @@ TESTFLAGS ?= -n auto --maxprocesses 4 --dist loadfile
 test: $(STAMP)
 	$(PY) -m pytest -q $(TESTFLAGS) tests
 
-bench: $(STAMP)
-	$(PY) benchmarks/run.py
+BENCH_STAMP := $(VENV)/.bench-installed
+
+$(BENCH_STAMP): $(STAMP)
+	$(PY) -m pip install -q -e '.[test,bench]'
+	touch $(BENCH_STAMP)
+
+# The comparison of docs/performance.md: airlock, SeaweedFS and moto server
+# (installed here); wrk drives the cells if on PATH (`apt-get install wrk`).
+bench: $(BENCH_STAMP)
+	$(PY) benchmarks/run.py $(BENCHFLAGS)
 
 clean:
 	rm -rf build $(VENV) src/airlock/*/_*.c src/airlock/*/*.so ext/*.c

@@ -232,6 +232,24 @@ def machine() -> str:
     return f"{os.cpu_count()} cores ({cpu}), {mem:.0f} GiB RAM, {platform.platform()}, Python {platform.python_version()}"
 
 
+def keep_logs_of_failed(targets, samples, work: Path, out: Path, ts: str) -> list[Path]:
+    """Copy the server log of every target that answered an error (or of
+    all of them if the matrix itself failed) to `out` before the work
+    directory goes: an error a later run does not reproduce is only
+    explained by the log of the run that saw it."""
+    failed = {t.name for t in targets} if samples is None else \
+        {s["target"] for s in samples if s.get("errors")}
+    kept = []
+    for t in targets:
+        log = t.workdir / f"{t.name}.log"
+        if t.name in failed and log.exists():
+            out.mkdir(parents=True, exist_ok=True)
+            dest = out / f"{ts}-{t.name}.log"
+            shutil.copyfile(log, dest)
+            kept.append(dest)
+    return kept
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="2 rounds x 2 s per cell")
@@ -281,6 +299,7 @@ def main(argv=None) -> int:
     if len([t for t in targets if t.name in peers.PEERS]) == 0:
         print("warning: no peer available; airlock runs alone", file=sys.stderr)
     started = []
+    samples = None                       # stays None if the matrix fails
     t0 = time.time()
     try:
         for t in targets:
@@ -297,9 +316,12 @@ def main(argv=None) -> int:
     finally:
         for t in started:
             t.stop()
+        ts = time.strftime("%Y%m%d-%H%M%S")
+        kept = keep_logs_of_failed(targets, samples, work, args.out, ts)
         shutil.rmtree(work, ignore_errors=True)
+        for path in kept:
+            print(f"kept {path} (errors in its cells)", flush=True)
     names = [t.name for t in targets]
-    ts = time.strftime("%Y%m%d-%H%M%S")
     meta = {"timestamp": ts, "machine": machine(), "mode": "quick" if args.quick else "full",
             "rounds": rounds, "duration": duration, "warmup": args.warmup, "get_client": "wrk (presigned URLs)" if use_wrk else "boto3 multiprocess",
             "put_client": loadgen.put_client_name(args.wrk_large_puts) if use_wrk else "boto3 multiprocess",
