@@ -112,3 +112,49 @@ def test_ransomware_pass_is_undone_from_a_snapshot(dep):
     assert listed == independent_accounting(catalog)
     # the cow snapshot took the originals before pruning dropped them from the base
     assert listed[snap["id"]]["versions"] >= len(originals)
+
+
+def test_restore_from_a_snapshot_sets_bucket_versioning_and_tags_back(dep):
+    s3 = dep.gateway.client()
+    s3.create_bucket(Bucket="kept")
+    s3.put_bucket_versioning(Bucket="kept", VersioningConfiguration={"Status": "Enabled"})
+    s3.put_bucket_tagging(Bucket="kept", Tagging={"TagSet": [{"Key": "env", "Value": "prod"},
+                                                              {"Key": "owner", "Value": "ward 7"}]})
+    s3.put_object(Bucket="kept", Key="a.txt", Body=b"first")
+    s3.create_bucket(Bucket="plain")
+    s3.put_object(Bucket="plain", Key="b.txt", Body=b"plain")
+    dep.airlock("compact", "--keep", "0")          # these settings now come from the vault's base
+    snapshot_cli(dep, "create", "--mode", "cow", "--name", "configured")
+
+    # the attack changes the configuration (records in overlays) and the data
+    s3.put_bucket_versioning(Bucket="kept", VersioningConfiguration={"Status": "Suspended"})
+    s3.delete_bucket_tagging(Bucket="kept")
+    s3.put_bucket_versioning(Bucket="plain", VersioningConfiguration={"Status": "Enabled"})
+    s3.put_bucket_tagging(Bucket="plain", Tagging={"TagSet": [{"Key": "pwned", "Value": "yes"}]})
+    s3.put_object(Bucket="kept", Key="a.txt", Body=b"ENCRYPTED")
+
+    dep.gateway.stop()
+    r = dep.airlock("restore", "--snapshot", "configured")
+    last = r.stdout.strip().splitlines()[-1]
+    # kept: versioning and tags; plain: versioning suspended (S3 has no way back to
+    # "never versioned") and its tags removed
+    assert " written=1 " in last and last.endswith(" config=4"), r.stdout
+    again = dep.airlock("restore", "--snapshot", "configured")
+    assert again.stdout.strip().splitlines()[-1].endswith(" written=0 deleted=0 chunks_fetched=0 "
+                                                          "bytes_fetched=0 config=0"), again.stdout
+    dep.airlock("restore", "--snapshot", "configured", "--bucket", "kept", "--to-bucket", "kept-copy")
+    dep.start_gateway()
+    s3 = dep.gateway.client()
+    prod = [{"Key": "env", "Value": "prod"}, {"Key": "owner", "Value": "ward 7"}]
+    for b in ("kept", "kept-copy"):
+        assert s3.get_bucket_versioning(Bucket=b)["Status"] == "Enabled", b
+        assert sorted(s3.get_bucket_tagging(Bucket=b)["TagSet"], key=lambda t: t["Key"]) == prod, b
+        assert s3.get_object(Bucket=b, Key="a.txt")["Body"].read() == b"first", b
+    # the restored object is a new version in the re-enabled bucket; the attack's is kept under it
+    assert len(s3.list_object_versions(Bucket="kept", Prefix="a.txt")["Versions"]) == 3
+    assert s3.get_bucket_versioning(Bucket="plain")["Status"] == "Suspended"
+    with pytest.raises(s3.exceptions.ClientError) as e:
+        s3.get_bucket_tagging(Bucket="plain")
+    assert e.value.response["Error"]["Code"] == "NoSuchTagSet"
+    assert s3.get_object(Bucket="plain", Key="b.txt")["Body"].read() == b"plain"
+    dep.airlock("verify")

@@ -153,6 +153,30 @@ def test_appended_records_read_back_chunks_manifests_versions_listing_and_bucket
         store.read_chunk(blake3.blake3(b"never stored").hexdigest())
 
 
+def test_buckets_carry_their_versioning_and_tags_as_of_each_point_through_a_merge(store):
+    f = Feed(store)
+    f.send(f.bucket("b"), f._rec(P.BUCKET_VERSIONING, {"bucket": "b", "status": "Enabled"}),
+           f._rec(P.BUCKET_TAGGING, {"bucket": "b", "tagging": "env=prod"}), f.bucket("c"))
+    store.compact(keep=0)                    # these records now answer from the base catalog
+    assert store.status()["overlays"] == [] or not store.status()["overlays"][0]["records"]
+    store.snapshot_create(name="one")
+    changes = [f._rec(P.BUCKET_VERSIONING, {"bucket": "b", "status": "Suspended"}),
+               f._rec(P.BUCKET_TAGGING, {"bucket": "b", "tagging": None}),
+               f._rec(P.BUCKET_TAGGING, {"bucket": "c", "tagging": "x=1"})]
+    f.send(*changes, f.abort(changes[-1][0]))       # c's tag change never took effect
+    store.snapshot_create(name="two")
+    f.send(f.bucket_delete("b"), f.bucket("b"))       # a new bucket of that name starts unconfigured
+
+    def config(buckets):
+        return {b["bucket"]: (b["versioning"], b["tagging"]) for b in buckets}
+    assert config(store.snapshot_buckets("one")) == {"b": ("Enabled", "env=prod"), "c": ("", None)}
+    assert config(store.snapshot_buckets("two")) == {"b": ("Suspended", None), "c": ("", None)}
+    assert config(store.buckets()) == {"b": ("", None), "c": ("", None)}
+    store.compact(keep=0)
+    assert config(store.snapshot_buckets("two")) == {"b": ("Suspended", None), "c": ("", None)}
+    assert config(reopen(store).buckets()) == {"b": ("", None), "c": ("", None)}
+
+
 def test_overwrite_keeps_both_versions_and_delete_leaves_a_marker(store):
     f = Feed(store)
     f.send(f.bucket("b"))

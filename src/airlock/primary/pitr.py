@@ -5,7 +5,10 @@ recorded.  Nothing is rewritten: every object that differs from the snapshot
 is written again as a *new* change through the normal write path (the
 replicated commit point, so the vault acknowledges each one and keeps the
 history of what is being undone), and objects that did not exist at the
-snapshot are deleted (a new delete record; the vault keeps them too).
+snapshot are deleted (a new delete record; the vault keeps them too).  A
+bucket's configuration -- S3 versioning status and tag set -- is set back to
+what it was at the snapshot first, also as new records, so the objects are
+written back into the bucket as it was configured then.
 
 Runs with the gateway stopped (it holds the primary's data-directory lock and
 opens the engine itself).  Chunks the snapshot's manifests reference but the
@@ -40,11 +43,12 @@ class PitrSummary:
     deleted: int = 0
     chunks_fetched: int = 0
     bytes_fetched: int = 0
+    config: int = 0             # bucket settings (versioning, tag set) set back
 
     def line(self) -> str:
         return (f"restore-snapshot: snapshot={self.snapshot} buckets={self.buckets} objects={self.objects} "
                 f"unchanged={self.unchanged} written={self.written} deleted={self.deleted} "
-                f"chunks_fetched={self.chunks_fetched} bytes_fetched={self.bytes_fetched}")
+                f"chunks_fetched={self.chunks_fetched} bytes_fetched={self.bytes_fetched} config={self.config}")
 
 
 def _same(cur: Manifest | None, snap: dict) -> bool:
@@ -94,6 +98,30 @@ async def restore_snapshot(cfg: GatewayConfig, snapshot: str, bucket: str | None
     return summary
 
 
+async def _restore_config(engine, bucket: str, snap: dict, summary: PitrSummary) -> None:
+    """Set `bucket`'s versioning status and tag set back to the snapshot's
+    (`snap`: the vault's bucket entry as of the snapshot, docs/format/link.md,
+    LIST).  S3 has no way back to "never versioned": a bucket that was not
+    versioned at the snapshot and is now is suspended, which stores new
+    objects as "null" versions, as an unversioned bucket does."""
+    if "versioning" not in snap:
+        log.warning("the vault does not report bucket %s's configuration as of the snapshot (a vault "
+                    "older than this gateway): its versioning and tags are left as they are", bucket)
+        return
+    want, have = snap["versioning"], engine.versioning(bucket)
+    if want == "" and have != "":
+        want = "Suspended"
+    if want != have:
+        await engine.set_versioning(bucket, want)
+        summary.config += 1
+        log.info("bucket %s: versioning %s -> %s (as at the snapshot)", bucket, have or "never set", want)
+    if engine.bucket_tagging(bucket) != snap["tagging"]:
+        await engine.set_bucket_tagging(bucket, snap["tagging"])
+        summary.config += 1
+        log.info("bucket %s: tag set as at the snapshot (%s)", bucket,
+                 "none" if snap["tagging"] is None else snap["tagging"])
+
+
 async def _restore_bucket(engine, link, ref, src: str, dst: str, src_info: dict, *, in_place: bool,
                           summary: PitrSummary, progress) -> None:
     owner = src_info.get("owner")
@@ -103,6 +131,7 @@ async def _restore_bucket(engine, link, ref, src: str, dst: str, src_info: dict,
         await engine.create_bucket(dst, owner)
     elif existing.owner != owner:
         raise E.PolicyError(f"bucket {dst!r} belongs to another user; choose another --to-bucket")
+    await _restore_config(engine, dst, src_info, summary)
     loop = asyncio.get_running_loop()
     in_snapshot: set[str] = set()
     pending: list = []

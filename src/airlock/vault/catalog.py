@@ -47,6 +47,8 @@ VERSION_DELETE_KIND = "version-delete"
 VERSION_TAGGING_KIND = "version-tagging"
 OBJECT_KINDS = ("put", "delete")
 BUCKET_KINDS = ("bucket-create", "bucket-delete")
+# a bucket's configuration: what `airlock restore --snapshot` sets back
+CONFIG_KINDS = ("bucket-versioning", "bucket-tagging")
 DAY_NS = 86400 * 10**9
 
 
@@ -381,8 +383,10 @@ class Catalog:
         return row[0], row[1], row[2], (json.loads(row[3]) if row[3] else None)
 
     def bucket_events(self) -> list[tuple[int, str, str, dict]]:
-        rows = self.db.execute("SELECT seq, kind, bucket, payload FROM versions "
-                               "WHERE kind IN ('bucket-create','bucket-delete') AND void=0 ORDER BY seq")
+        """Every non-void bucket create, delete and configuration change (BUCKET_KINDS, CONFIG_KINDS)."""
+        kinds = BUCKET_KINDS + CONFIG_KINDS
+        rows = self.db.execute(f"SELECT seq, kind, bucket, payload FROM versions WHERE kind IN "
+                               f"({','.join('?' * len(kinds))}) AND void=0 ORDER BY seq", kinds)
         return [(s, k, b, json.loads(p)) for s, k, b, p in rows]
 
     def current_objects(self, bucket: str, prefix: str, after: str | None,

@@ -38,7 +38,7 @@ from airlock.log.writer import LogWriteError, LogWriter
 from airlock.vault import compaction, snapshots
 from airlock.vault.base import VOLUME_HEADER_SIZE, BaseVolume
 from airlock.vault.catalog import (
-    BUCKET_KINDS, OBJECT_KINDS, RECORD_ABORT, Catalog, Entry, Retention, classify, remove_catalog, version_dict,
+    BUCKET_KINDS, CONFIG_KINDS, OBJECT_KINDS, RECORD_ABORT, Catalog, Entry, Retention, classify, remove_catalog, version_dict,
 )
 from airlock.vault.overlay import (
     NAME, OVERLAY_HEADER_SIZE, Overlay, decode_header, list_overlays,
@@ -80,7 +80,7 @@ class _OverlayView:
         self.by_seq[e.seq] = e
         if e.kind in OBJECT_KINDS:
             self.versions.setdefault((e.bucket, e.key), []).append(e)
-        elif e.kind in BUCKET_KINDS:
+        elif e.kind in BUCKET_KINDS or e.kind in CONFIG_KINDS:
             self.bucket_events.append(e)
         self.voids.update(e.voids)
 
@@ -760,7 +760,9 @@ class VaultStore:
             return self._buckets_as_of(None)
 
     def _buckets_as_of(self, point: int | None) -> list[dict]:
-        """Buckets that exist after record `point` (None: now).  Lock held."""
+        """Buckets that exist after record `point` (None: now), each with its
+        configuration then: S3 versioning status ('' if never set) and tag
+        set (URL query text, records.md type 12; None if none).  Lock held."""
         view = self._view
         events = {s: (k, b, body) for s, k, b, body in self._catalog.bucket_events()
                   if point is None or s <= point}
@@ -773,9 +775,15 @@ class VaultStore:
                 continue
             kind, b, body = events[s]
             if kind == "bucket-create":
-                current[b] = {"bucket": b, "owner": body.get("owner"), "created": body.get("created")}
-            else:
+                current[b] = {"bucket": b, "owner": body.get("owner"), "created": body.get("created"),
+                              "versioning": "", "tagging": None}
+            elif kind == "bucket-delete":
                 current.pop(b, None)
+            elif b in current:
+                if kind == "bucket-versioning":
+                    current[b]["versioning"] = body["status"]
+                else:
+                    current[b]["tagging"] = body["tagging"]
         return [current[b] for b in sorted(current)]
 
     def list_objects(self, bucket: str, prefix: str = "", after: str | None = None,
