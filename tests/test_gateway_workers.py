@@ -604,6 +604,45 @@ def test_a_failed_upload_through_a_worker_still_ships_its_chunks(dep):
     assert on_workers == 8, h["processes"]
 
 
+def test_a_small_body_a_worker_takes_reaches_the_vault_while_the_leader_stores_its_row(dep):
+    """A worker does not store a small body's row: the row rides with the
+    commit call and the leader stores it while the record goes to the vault
+    (docs/format/ipc.md, `ship_and_commit_object`).  The row commit is held
+    here by taking the small-chunk store's lock: the record is durable in
+    the vault, but the PUT is not answered and the object not visible until
+    the row is in."""
+    import fcntl
+    import threading
+    gw = dep.gateway
+    fresh_client(gw).create_bucket(Bucket="rows")
+    fresh_client(gw).put_object(Bucket="rows", Key="warm", Body=b"the store exists")
+    body = os.urandom(3000)
+    answer: dict = {}
+    with leader_kept_busy(gw):           # a fresh connection lands on a worker
+        vault_before = dep.vault.status()["last_seq"]
+        with open(gw.data / "chunks" / "small.lock", "a+b") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                s3 = fresh_client(gw)
+                t = threading.Thread(target=lambda: answer.update(
+                    put=s3.put_object(Bucket="rows", Key="k", Body=body)))
+                t.start()
+                wait_until(lambda: dep.vault.status()["last_seq"] == vault_before + 1,
+                           "the record durable in the vault while its row waits", timeout=10)
+                time.sleep(0.3)
+                assert t.is_alive(), "answered before its row was durable"
+                with pytest.raises(ClientError):
+                    fresh_client(gw).head_object(Bucket="rows", Key="k")
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+        t.join(20)
+        assert answer["put"]["ResponseMetadata"]["HTTPStatusCode"] == 200
+        with one_connection(gw) as s3:
+            assert s3.get_object(Bucket="rows", Key="k")["Body"].read() == body
+    r = dep.airlock("verify")
+    assert "equal" in r.stdout.lower(), r.stdout
+
+
 def test_the_unfinished_chunk_files_of_a_dead_worker_are_removed(dep):
     gw = dep.gateway
     victim = worker_pids(gw)[0]

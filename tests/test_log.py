@@ -243,6 +243,44 @@ def test_on_durable_runs_before_appenders_resume(tmp_path):
     assert run(main()) == list(range(1, 21))
 
 
+def test_records_enqueued_after_a_future_are_written_once_it_is_done_and_the_ones_behind_them_wait(tmp_path):
+    async def main():
+        w = LogWriter(tmp_path).open()
+        first = w.enqueue([(1, b"before")])
+        await asyncio.gather(*first)
+        gate = asyncio.get_running_loop().create_future()
+        held = w.enqueue([(1, b"held-a"), (1, b"held-b")], after=gate)
+        behind = w.enqueue([(1, b"behind")])
+        await asyncio.sleep(0.2)
+        on_disk = [r.payload for r in read_log(tmp_path)]
+        waiting = [f.done() for f in held + behind]
+        gate.set_result(None)
+        seqs = await asyncio.gather(*held, *behind)
+        await w.aclose()
+        return on_disk, waiting, seqs
+
+    on_disk, waiting, seqs = run(main())
+    assert on_disk == [b"before"] and waiting == [False, False, False]
+    assert seqs == [2, 3, 4]
+    assert [r.payload for r in read_log(tmp_path)] == [b"before", b"held-a", b"held-b", b"behind"]
+
+
+def test_records_whose_future_failed_are_not_written_and_the_writer_stops(tmp_path):
+    async def main():
+        w = LogWriter(tmp_path).open()
+        gate = asyncio.get_running_loop().create_future()
+        held = w.enqueue([(1, b"never")], after=gate)
+        gate.set_exception(OSError("the chunks could not be stored"))
+        with pytest.raises(LogWriteError):
+            await held[0]
+        with pytest.raises(LogWriteError):
+            await w.append(1, b"after")
+        w.close()
+
+    run(main())
+    assert list(read_log(tmp_path)) == []
+
+
 def test_reopen_after_torn_tail_truncates_and_continues(tmp_path):
     with LogWriter(tmp_path) as w:
         for i in range(5):

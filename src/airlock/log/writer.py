@@ -43,6 +43,7 @@ class _Pending(NamedTuple):
     data: bytes
     fut: asyncio.Future
     before: Callable[[], None] | None = None
+    after: asyncio.Future | None = None       # written only once this is done (never raises)
 
 
 class LogWriter:
@@ -178,20 +179,25 @@ class LogWriter:
         # shield, as in append
         return list(await asyncio.shield(both))
 
-    def enqueue(self, records: list[tuple[int, bytes]]) -> list[asyncio.Future]:
+    def enqueue(self, records: list[tuple[int, bytes]],
+                after: asyncio.Future | None = None) -> list[asyncio.Future]:
         """Append records without waiting: they take their sequence numbers
         now, in order; the returned futures give each one's seq once it is
         durable, or the LogWriteError that stopped the writer (at once, if
-        it had stopped already)."""
+        it had stopped already).  `after`, if given, is a future that must be
+        done before these records are written (the durability of the chunks
+        they reference, docs/architecture.md "Write path"); it must not
+        raise, and the records after them in the log wait too."""
         if self._failed is not None:
             loop = asyncio.get_running_loop()
             futs = [loop.create_future() for _ in records]
             for f in futs:
                 f.set_exception(self._failed)
             return futs
-        return self._enqueue(records)
+        return self._enqueue(records, after=after)
 
-    def _enqueue(self, records, before: Callable[[], None] | None = None) -> list[asyncio.Future]:
+    def _enqueue(self, records, before: Callable[[], None] | None = None,
+                 after: asyncio.Future | None = None) -> list[asyncio.Future]:
         """Number and queue records (all validated before any seq is taken);
         futures of their seqs, set when they are durable.  Queued together,
         they go into one batch."""
@@ -207,7 +213,9 @@ class LogWriter:
         futs = []
         for s, rtype, payload, data in encoded:
             fut = loop.create_future()
-            self._pending.append(_Pending(s, rtype, payload, data, fut, None if futs else before))
+            first = not futs
+            self._pending.append(_Pending(s, rtype, payload, data, fut, before if first else None,
+                                          after if first else None))
             futs.append(fut)
         if futs and self._flusher is None:
             self._flusher = loop.create_task(self._flush())
@@ -219,7 +227,17 @@ class LogWriter:
             while self._pending:
                 batch, self._pending = self._pending, []
                 befores = [p.before for p in batch if p.before is not None]
+                waits = [p.after for p in batch if p.after is not None]
                 try:
+                    if waits:
+                        # what these records need durable first; records queued
+                        # meanwhile go into the next batch (no one waits for ever)
+                        if not all(w.done() for w in waits):
+                            await asyncio.wait(waits)
+                        if any(w.cancelled() or w.exception() is not None for w in waits):
+                            # broken contract (or a cancelled wait at shutdown): their
+                            # chunks may not be durable, so they are not written
+                            raise RuntimeError("what these records needed first did not complete")
                     await loop.run_in_executor(self._io, self._write_batch, [(p.seq, p.data) for p in batch],
                                                befores)
                 except BaseException as exc:  # noqa: BLE001 - includes cancellation of the flusher

@@ -6,6 +6,13 @@ in the primary log (group fsync).  The replicated commit point (issue 3) wraps
 the same log and additionally waits for the vault's durable ack over the link;
 new chunks are handed to `ship_chunks` while the body is still arriving.
 
+`after`: an awaitable of the durability of the chunks the record references
+on the primary (a small body's row commit, still running when the commit is
+called).  The record goes into the primary log only once it is done, and if
+it fails the change never takes effect (the commit raises its error); the
+replicated commit point sends the record to the vault meanwhile, so the two
+disks work at once.
+
 Ordering contract: `on_durable(records)` is called on the event loop, in
 sequence-number order, for every batch of records that became durable, before
 any `commit` call of that batch returns.  The engine applies records to its
@@ -13,7 +20,7 @@ index there, so visibility follows log order.
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Protocol
 
 from airlock.log.writer import LogWriter
@@ -22,7 +29,7 @@ from airlock.log.writer import LogWriter
 class CommitPoint(Protocol):
     last_seq: int
 
-    async def commit(self, rtype: int, payload: bytes) -> int: ...
+    async def commit(self, rtype: int, payload: bytes, after: Awaitable | None = None) -> int: ...
 
     async def ship_chunks(self, chunks: list[tuple[str, bytes]]) -> None: ...
 
@@ -40,7 +47,9 @@ class LocalCommitPoint:
     def last_seq(self) -> int:
         return self.log.last_seq
 
-    async def commit(self, rtype: int, payload: bytes) -> int:
+    async def commit(self, rtype: int, payload: bytes, after: Awaitable | None = None) -> int:
+        if after is not None:
+            await after                  # nothing to overlap it with: the log is the only commit
         return await self.log.append(rtype, payload)
 
     async def ship_chunks(self, chunks: list[tuple[str, bytes]]) -> None:

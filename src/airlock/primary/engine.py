@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import dataclasses
 import email.utils
 import hashlib
@@ -52,7 +53,26 @@ VERSIONING_STATES = ("Enabled", "Suspended")
 Verifier = Callable[[BodyDigests], None]
 
 
+@contextlib.asynccontextmanager
+async def _settled(digests: BodyDigests):
+    """Around the commit of an ingested body: yields the commit's keyword
+    arguments (`after`, if the chunks' storing still runs: defer_durable).
+    If anything fails before the commit returns, the upload answers only
+    once that storing has ended, so the store holds the chunks then, as
+    when the ingest waited for it (a later upload may find them: dedup)."""
+    try:
+        yield {"after": digests.durable} if digests.durable is not None else {}
+    except BaseException:
+        if digests.durable is not None:
+            await asyncio.wait([digests.durable])
+        raise
+
+
 class Engine:
+    # a small body's row commit runs while its record goes to the vault
+    # (ingest_body's defer_durable, CommitPoint.commit's `after`)
+    DEFER_DURABLE = True
+
     def __init__(self, data_dir: str, *, fsync: bool = True, chunk_fsync: bool | None = None,
                  chunk_params: dict | None = None,
                  commit_point_factory: Callable[["Engine", str], CommitPoint] | None = None,
@@ -148,10 +168,10 @@ class Engine:
         self.index.apply([(seq, rtype, P.decode_payload(rtype, payload), payload)
                           for seq, rtype, payload in records])
 
-    async def _commit(self, rtype: int, body: dict) -> int:
+    async def _commit(self, rtype: int, body: dict, after: asyncio.Future | None = None) -> int:
         self._refuse_writes_if_degraded()
         self._refuse_if_storage_low()
-        return await self.commit_point.commit(rtype, P.encode_payload(body))
+        return await self.commit_point.commit(rtype, P.encode_payload(body), after=after)
 
     def _refuse_if_storage_low(self) -> None:
         if not self.min_free_bytes:
@@ -167,10 +187,11 @@ class Engine:
                       self.min_free_bytes)
             raise E.PrimaryStorageFull()
 
-    async def _commit_key(self, bucket: str, key: str, decide: Callable[[], tuple[int, dict] | None]):
+    async def _commit_key(self, bucket: str, key: str, decide: Callable[[], tuple[int, dict] | None],
+                          after: asyncio.Future | None = None):
         """Run `decide` (reads the index, returns the record to commit or None)
         and commit its record while holding the key's write lock.  Returns
-        (seq or None, body or None)."""
+        (seq or None, body or None).  `after`: as for CommitPoint.commit."""
         slot = self._key_locks.setdefault((bucket, key), [asyncio.Lock(), 0, float("-inf")])
         slot[1] += 1
         since = time.monotonic()
@@ -187,7 +208,7 @@ class Engine:
                     return None, None
                 rtype, body = rec
                 try:
-                    return await self._commit(rtype, body), body
+                    return await self._commit(rtype, body, after), body
                 except E.ReplicationError as e:
                     if not isinstance(e, E.VaultRejected):     # a refusal is this record's own
                         slot[2] = time.monotonic()
@@ -422,7 +443,12 @@ class Engine:
         self._refuse_writes_if_degraded()
         ing = Ingest(self.store, want_sha256=want_sha256, checksum_algorithms=checksum_algorithms,
                      chunk_params=self.chunk_params)
-        return await ingest_body(ing, body, self.executor, ship=self._shipper(ing))
+        return await ingest_body(ing, body, self.executor, ship=self._shipper(ing),
+                                 defer_durable=self.DEFER_DURABLE, store_small=self._store_small)
+
+    def _store_small(self, loop, chunks):
+        """A small body's rows (ingest_body's `store_small`)."""
+        return self.store.put_small_async(loop, chunks)
 
     def _shipper(self, ingest: Ingest):
         """How one upload's new chunks go to the vault while its body arrives."""
@@ -437,16 +463,20 @@ class Engine:
         `precondition` sees the current object just before the commit."""
         self._need_bucket(bucket)
         digests = await self.ingest(body, want_sha256=want_sha256, checksum_algorithms=checksum_algorithms)
-        if verify is not None:
-            verify(digests)
-        checksums = {alg: base64.b64encode(v).decode() for alg, v in digests.checksums.items()}
-        m = Manifest(bucket=bucket, key=key, size=digests.size, etag=digests.md5.hex(),
-                     mtime=time.time(), meta=meta, chunks=digests.chunks, checksums=checksums,
-                     checksum_type="FULL_OBJECT" if checksums else None)
-        return await self.commit_object(m, precondition=precondition)
+        async with _settled(digests) as after:
+            if verify is not None:
+                verify(digests)
+            checksums = {alg: base64.b64encode(v).decode() for alg, v in digests.checksums.items()}
+            m = Manifest(bucket=bucket, key=key, size=digests.size, etag=digests.md5.hex(),
+                         mtime=time.time(), meta=meta, chunks=digests.chunks, checksums=checksums,
+                         checksum_type="FULL_OBJECT" if checksums else None)
+            return await self.commit_object(m, precondition=precondition, **after)
 
     async def commit_object(self, m: Manifest,
-                            precondition: Callable[[Manifest | None], None] | None = None) -> Manifest:
+                            precondition: Callable[[Manifest | None], None] | None = None,
+                            after: asyncio.Future | None = None) -> Manifest:
+        """Commit a manifest as its key's object; `after`: the durability of
+        its chunks on the primary, if still running (CommitPoint.commit)."""
         self._need_bucket(m.bucket)
 
         def decide():
@@ -454,7 +484,7 @@ class Engine:
                 precondition(self.index.object(m.bucket, m.key))
             m.version_id = self._version_id_for(m.bucket)
             return P.OBJECT_PUT, m.to_json()
-        m.seq, _ = await self._commit_key(m.bucket, m.key, decide)
+        m.seq, _ = await self._commit_key(m.bucket, m.key, decide, after)
         self.stats["puts"] += 1
         return m
 
@@ -737,18 +767,21 @@ class Engine:
                           want_sha256: bool = False, checksum_algorithms: tuple[str, ...] = (),
                           verify: Verifier | None = None) -> Part:
         digests = await self.ingest(body, want_sha256=want_sha256, checksum_algorithms=checksum_algorithms)
-        if verify is not None:
-            verify(digests)
-        return await self.commit_part(up, part_number, digests.size, digests.md5.hex(), digests.chunks,
-                                      {a: base64.b64encode(v).decode() for a, v in digests.checksums.items()})
+        async with _settled(digests) as after:
+            if verify is not None:
+                verify(digests)
+            checksums = {a: base64.b64encode(v).decode() for a, v in digests.checksums.items()}
+            return await self.commit_part(up, part_number, digests.size, digests.md5.hex(), digests.chunks,
+                                          checksums, **after)
 
     async def commit_part(self, up: Upload, part_number: int, size: int, etag: str,
-                          chunks: list[ChunkRef], checksums: dict[str, str]) -> Part:
+                          chunks: list[ChunkRef], checksums: dict[str, str],
+                          after: asyncio.Future | None = None) -> Part:
         if self.index.upload(up.upload_id) is None:
             raise E.NoSuchUpload(UploadId=up.upload_id)
         part = Part(upload_id=up.upload_id, part_number=part_number, etag=etag, size=size,
                     mtime=time.time(), chunks=chunks, checksums=checksums)
-        await self._commit(P.UPLOAD_PART, part.to_json())
+        await self._commit(P.UPLOAD_PART, part.to_json(), after)
         return part
 
     def list_parts(self, up: Upload) -> list[Part]:

@@ -39,6 +39,7 @@ import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import Executor
 
+from airlock.aio import retrieve_exception
 from airlock.chunk.chunker import StreamChunker
 from airlock.chunk.store import ChunkStore
 from airlock.primary.checksums import new_checksum
@@ -318,7 +319,8 @@ def _settle(fut: asyncio.Future, result, exc) -> None:
 
 
 async def ingest_body(ingest: Ingest, body: AsyncIterator, executor: Executor,
-                      ship: ShipChunks | None = None) -> BodyDigests:
+                      ship: ShipChunks | None = None, defer_durable: bool = False,
+                      store_small: Callable | None = None) -> BodyDigests:
     """Drive `ingest` over an async iterator of buffers; returns the digests.
 
     Every body longer than ON_LOOP_BYTES is fed on `executor`: writing a
@@ -340,6 +342,16 @@ async def ingest_body(ingest: Ingest, body: AsyncIterator, executor: Executor,
     longer body ends through the two queues (`finish_rest` on the rest
     queue), so its last chunks are written, shipped and synced while MD5
     catches up.
+
+    `defer_durable`: a body of at most ON_LOOP_BYTES returns before its row
+    is committed, with the commit's future as `BodyDigests.durable`; every
+    chunk is shipped (which are new to the store is not known yet).  The
+    caller passes it to the commit point as `after`, so that the row commit
+    and the vault's APPEND run at once (commit.py); it must not make a
+    record that references the chunks durable before that future is done.
+    `store_small(loop, chunks)`: how such a body's rows are stored (default
+    `ChunkStore.put_small_async`); it may return None: the rows are stored
+    elsewhere, with the commit (a gateway worker's go to the leader).
     """
     loop = asyncio.get_running_loop()
     md5 = _Serial(loop, executor, ingest.feed_md5)
@@ -393,15 +405,25 @@ async def ingest_body(ingest: Ingest, body: AsyncIterator, executor: Executor,
                 await ship_chunks_of(r)
         elif len(last) <= ON_LOOP_BYTES:
             # a small body: hashed here, its row stored by the next group
-            # commit; no thread hop of its own (ON_LOOP_BYTES)
+            # commit; no thread hop of its own (ON_LOOP_BYTES).  Its chunks
+            # are shipped whether or not the store had them: that is known
+            # only once the row is committed, and a copy found there may be
+            # one the vault never got (a refused upload's) and damaged since;
+            # at this size sending it again costs less than finding out
             chunks = ingest.chunk_on_loop(last)
-            new = []
-            if chunks:
-                written = await ingest.store.put_small_async(loop, chunks)
-                new = [c for c, w in zip(chunks, written) if w]
+            stored = (store_small or ingest.store.put_small_async)(loop, chunks) if chunks else None
+            if stored is not None:
+                stored.add_done_callback(retrieve_exception)   # read below or by the commit; a failed upload may not
+            if ship is not None and chunks:
+                await ship(chunks)
+            if stored is not None and defer_durable:
+                digests = ingest.digests()
+                digests.durable = stored
+                finished = True
+                return digests
+            if stored is not None:
+                await stored
             ingest.durable = True
-            if ship is not None and new:
-                await ship(new)
         else:
             # the last piece and the end of the body in one hop to a worker: a
             # small object costs one thread hop in all (creating the chunk file

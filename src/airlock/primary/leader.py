@@ -17,6 +17,7 @@ import socket
 import sys
 import time
 
+from airlock.aio import retrieve_exception
 from airlock.config import GatewayConfig
 from airlock.primary.dispatch import Dispatcher, connection_channel
 from airlock.primary.engine import Engine
@@ -90,10 +91,23 @@ class WorkerPool:
 
     def _ship_and(self, method):
         """A commit call that carries the body's new chunks: ship, then commit
-        (the chunks are on their way to the vault before the record is)."""
-        async def call(chunks, *args, **kwargs):
-            await self._ship_chunks(chunks)
-            return await method(*args, **kwargs)
+        (the chunks are on their way to the vault before the record is).
+        `rows`: a small body's chunks, which the worker did not store: stored
+        here, while they and the record go to the vault (the commit's
+        `after`); the worker leaves them out of `chunks`."""
+        async def call(chunks, *args, rows=(), **kwargs):
+            if not rows:
+                await self._ship_chunks(chunks)
+                return await method(*args, **kwargs)
+            self.engine._refuse_writes_if_degraded()
+            stored = self.engine.store.put_small_async(asyncio.get_running_loop(), rows)
+            stored.add_done_callback(retrieve_exception)
+            try:
+                await self._ship_chunks([*rows, *chunks])
+                return await method(*args, after=stored, **kwargs)
+            except BaseException:
+                await asyncio.wait([stored])      # answered once the rows' fate is known (engine._settled)
+                raise
         return call
 
     async def _chunk_from_vault(self, ref, problem):

@@ -208,3 +208,6 @@ class BodyDigests:
     sha256: bytes | None
     checksums: dict[str, bytes]      # algorithm -> raw digest bytes
     chunks: list[ChunkRef]
+    # with ingest_body(defer_durable=True): the future of the chunks' durability
+    # on the primary, still running (the commit's `after`); None: durable already
+    durable: "asyncio.Future | None" = None

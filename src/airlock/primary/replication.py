@@ -9,7 +9,13 @@ APPEND goes out, so the two domains sync at the same time; nothing is applied
 (visible) and no client is answered before the vault's ACK *and* the primary
 log's sync.  The vault is the authority on what happened: the primary log is a
 prefix of the vault log except for the one batch on its way (at most
-MAX_BATCH_RECORDS records).  With chunk_sync = "vault" (`overlap` off: the
+MAX_BATCH_RECORDS records).  A record whose chunks are still being made
+durable on the primary (a small body's row commit, the `after` of `commit`)
+goes to the vault at once, and into the primary log only once they are; if
+they fail, the record is made void before the log takes it (as a pending
+abort, below: the vault may hold it already) and its client hears the
+error; the ABORT goes out ahead of the next batch (or from the link keeper
+when no batch comes).  With chunk_sync = "vault" (`overlap` off: the
 primary's chunk files are not durable) the primary log takes a batch after
 its ACK, or, void, after its failure.  A record is assigned the next sequence number
 when its batch is sent; batches go one at a time (window 1: while one batch
@@ -220,11 +226,14 @@ class ReplicatedCommitPoint:
         the next write."""
         while True:
             await asyncio.sleep(RECONNECT_INTERVAL_S)
-            if self.healthy or self.paused:
+            if self.paused:
+                continue
+            if self.healthy and not any(s <= self._acked_seq for s in self.pending_aborts):
                 continue
             try:
                 async with self._lock:
                     await self._ensure_ready()
+                    await self._send_due_aborts()       # no batch came to take them along
             except (E.ReplicationError, asyncio.TimeoutError, OSError):
                 pass
             except Exception:
@@ -407,10 +416,12 @@ class ReplicatedCommitPoint:
         return self._next_seq - 1
 
     # ------------------------------------------------------------------ commit
-    async def commit(self, rtype: int, payload: bytes) -> int:
+    async def commit(self, rtype: int, payload: bytes, after: asyncio.Future | None = None) -> int:
+        """Commit one record (module doc); `after`: the future of the primary's
+        durability of the chunks it references (commit.py)."""
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
-        self._queue.append((rtype, payload, fut))
+        self._queue.append((rtype, payload, fut, after))
         if self._sender is None or self._sender.done():
             self._sender = loop.create_task(self._send_loop())
         # shield: once queued, a record's fate no longer depends on its client
@@ -421,7 +432,7 @@ class ReplicatedCommitPoint:
     def _take_batch(self) -> list:
         """The queued records that fit one APPEND frame, oldest first."""
         size = 0
-        for i, (_r, payload, _f) in enumerate(self._queue):
+        for i, (_r, payload, _f, _a) in enumerate(self._queue):
             size += len(payload) + 64
             if i and (size > MAX_BATCH_BYTES or i >= MAX_BATCH_RECORDS):
                 batch, self._queue = self._queue[:i], self._queue[i:]
@@ -433,9 +444,10 @@ class ReplicatedCommitPoint:
         while self._queue:
             batch = self._take_batch()
             try:
-                local = await self._commit_batch([(rtype, payload) for rtype, payload, _ in batch])
+                local = await self._commit_batch([(rtype, payload) for rtype, payload, _f, _a in batch],
+                                                 [a for _r, _p, _f, a in batch])
             except Exception as exc:  # every client of the batch hears the same failure
-                for _r, _p, fut in batch:
+                for _r, _p, fut, _a in batch:
                     if not fut.done():
                         fut.set_exception(exc)
                 continue
@@ -448,8 +460,11 @@ class ReplicatedCommitPoint:
         failed = next((r for r in results if isinstance(r, BaseException)), self._apply_error)
         if failed is not None:
             await self._primary_log_failed(failed)
-        for (_r, _p, fut), (seq, _t), res in zip(batch, local, results):
+        for (_r, _p, fut, after), (seq, _t), res in zip(batch, local, results):
             if fut.done():
+                continue
+            if after is not None and _failure(after) is not None:
+                fut.set_exception(_failure(after))      # void (_void_unless_stored): it never took effect
                 continue
             # the vault acknowledged: the change happened even if the primary
             # log could not take it (it is served from the vault from now on)
@@ -486,7 +501,8 @@ class ReplicatedCommitPoint:
             raise E.ServiceUnavailable(
                 "The primary's log cannot be written; writes are refused until the primary is restored.")
 
-    async def _commit_batch(self, records: list[tuple[int, bytes]]) -> list[tuple[int, asyncio.Task]]:
+    async def _commit_batch(self, records: list[tuple[int, bytes]],
+                            afters: list[asyncio.Future | None] | None = None) -> list[tuple[int, asyncio.Task]]:
         since = time.monotonic()
         async with self._lock:
             # checked with the lock held: the batch before may have failed the log meanwhile
@@ -495,23 +511,39 @@ class ReplicatedCommitPoint:
                 await self._ensure_ready(since)
             except asyncio.TimeoutError:
                 raise E.VaultUnavailable("the vault did not answer in time") from None
-            return await self._replicate(records)
+            await self._send_due_aborts()
+            return await self._replicate(records, afters=afters)
+
+    async def _send_due_aborts(self) -> None:
+        """Void, in the vault too, the acknowledged records whose chunks the
+        primary could not store (`_void_unless_stored`).  Lock held."""
+        voids = sorted(s for s in self.pending_aborts if s <= self._acked_seq)
+        if not voids:
+            return
+        log.warning("voiding %d acknowledged record(s) whose chunks the primary could not store: %s",
+                    len(voids), voids[:10])
+        await self._abort_locally_too(await self._replicate([(P.ABORT, P.encode_payload({"seqs": voids}))]))
+        self.pending_aborts.difference_update(voids)
+        await self._save_aborts_or_stop()
 
     async def _replicate(self, records: list[tuple[int, bytes]],
-                         resend: list[tuple[int, int, bytes]] = ()) -> list[tuple[int, asyncio.Future]]:
+                         resend: list[tuple[int, int, bytes]] = (),
+                         afters: list[asyncio.Future | None] | None = None) -> list[tuple[int, asyncio.Future]]:
         """Number one batch, start its primary log appends, await the vault's
         durable ack and return (seq, future of its local append) for each
         record.  With `overlap` the local appends start before the APPEND
         goes out, so both domains sync at once; nothing is applied (visible)
         before the ack all the same (`_local_durable`).  `resend`: records the
         primary log holds already and the vault lacks (`_push_tail`), sent
-        ahead of the batch in the same frame.  Lock held."""
+        ahead of the batch in the same frame; `afters`: per record, the future
+        of its chunks' durability on the primary (`commit`).  Lock held."""
         first = self._next_seq
         numbered = [(first + i, rtype, payload) for i, (rtype, payload) in enumerate(records)]
         frame = list(resend) + numbered
         local = None
         if self.overlap:
-            local = self._start_local(numbered)     # raises (nothing numbered or sent) if the log is unusable
+            # raises (nothing numbered or sent) if the log is unusable
+            local = self._start_local(numbered, afters=afters)
         self._next_seq = first + len(numbered)
         try:
             acked = await asyncio.wait_for(self._append_with_repair(frame), self.ack_timeout)
@@ -548,13 +580,15 @@ class ReplicatedCommitPoint:
         self.stats["batches"] += 1
         self.stats["records"] += len(numbered)
         if local is None:
-            local = self._start_local(numbered, acked=True)
+            local = self._start_local(numbered, acked=True, afters=afters)
         self._acknowledged(frame[-1][0])
         return local
 
-    def _start_local(self, numbered, acked: bool = False) -> list[tuple[int, asyncio.Future]]:
+    def _start_local(self, numbered, acked: bool = False,
+                     afters: list[asyncio.Future | None] | None = None) -> list[tuple[int, asyncio.Future]]:
         """Queue a batch's primary log appends (they take its sequence numbers
-        at once, in order).  Before the ack an unusable log refuses the batch;
+        at once, in order; they are written once `afters` are done, see
+        `_void_unless_stored`).  Before the ack an unusable log refuses the batch;
         after it, the failure is the appends' (`_finish` handles it)."""
         if not numbered:
             return []
@@ -563,10 +597,31 @@ class ReplicatedCommitPoint:
         if self.log.failed is None and self.log.next_seq != numbered[0][0]:
             raise E.ReplicationError(
                 f"primary log at {self.log.next_seq - 1}, replication at {numbered[0][0] - 1}")
-        futs = self.log.enqueue([(rtype, payload) for _s, rtype, payload in numbered])
+        guard = None
+        if afters and any(a is not None for a in afters):
+            guard = asyncio.ensure_future(self._void_unless_stored([s for s, _r, _p in numbered], afters))
+            guard.add_done_callback(retrieve_exception)
+        futs = self.log.enqueue([(rtype, payload) for _s, rtype, payload in numbered], after=guard)
         for f in futs:
             f.add_done_callback(retrieve_exception)
         return [(s, f) for (s, _r, _p), f in zip(numbered, futs)]
+
+    async def _void_unless_stored(self, seqs: list[int], afters: list[asyncio.Future | None]) -> None:
+        """Wait until the chunks of a batch's records are durable on the
+        primary; the log writes the batch after this.  A record whose chunks
+        could not be stored (a full disk, an I/O error) is made void first,
+        durably (pending-aborts.json), as a record whose ACK failed: the vault
+        may hold it already, so an ABORT follows (`_send_due_aborts`), and
+        its client hears the storage error (`_finish`)."""
+        await asyncio.wait([a for a in afters if a is not None])
+        failed = [s for s, a in zip(seqs, afters) if a is not None and _failure(a) is not None]
+        if not failed:
+            return
+        log.error("the chunks of record(s) %s could not be stored on the primary (%r): void",
+                  failed[:10], _failure(next(a for s, a in zip(seqs, afters) if s == failed[0])))
+        self.pending_aborts.update(failed)
+        self.void.update(failed)
+        await self._save_aborts_or_stop()
 
     async def _append_with_repair(self, numbered) -> int:
         for attempt in range(MISSING_CHUNK_RETRIES + 1):
@@ -625,3 +680,10 @@ def _log_chunk_refusal(fut: "asyncio.Future") -> None:
     frame = fut.result()
     if frame.kind == W.ERROR:
         log.warning("vault refused a chunk: %s", W.decode_json(frame.payload))
+
+
+def _failure(fut: "asyncio.Future") -> BaseException | None:
+    """The error of a done future (a cancelled one: cancelled is a failure too)."""
+    if fut.cancelled():
+        return E.ServiceUnavailable("storing the chunks of this change was cancelled")
+    return fut.exception()

@@ -9,7 +9,8 @@ reading the body, MD5 / chunking / BLAKE3, writing chunk files, reading the
 index and chunk files for GETs and listings.  What must happen in one place
 goes to the leader over the private channel (docs/format/ipc.md):
 
-    worker: body -> Ingest (chunks into the shared chunk store)
+    worker: body -> Ingest (chunks into the shared chunk store; a body of
+                   at most 16 KiB: its rows go to the leader with the commit)
                  -> large chunks ---------------> vault, on the worker's own link
                  -> small chunks (ship_chunks) -> leader: commit point -> vault
                  -> (vault answered the large ones)
@@ -73,12 +74,13 @@ class _BodyChunks:
     sent on this worker's own link, as (digest, size, future of the vault's
     answer), to be settled before the commit call (_LeaderCommitPoint)."""
 
-    __slots__ = ("held", "held_bytes", "direct")
+    __slots__ = ("held", "held_bytes", "direct", "rows")
 
     def __init__(self):
         self.held: list = []
         self.held_bytes = 0
         self.direct: list = []
+        self.rows: list = []         # a small body's chunks, for the leader to store with the commit
 
 
 # the request's _BodyChunks (each request is its own asyncio task, so its own context)
@@ -253,7 +255,7 @@ class _LeaderCommitPoint:
                 body.held, body.held_bytes = [], 0
         await self.peer.call("ship_chunks", chunks)
 
-    async def commit(self, rtype: int, payload: bytes) -> int:   # never: writes are forwarded whole
+    async def commit(self, rtype: int, payload: bytes, after=None) -> int:   # never: writes are forwarded whole
         raise E.InternalError("a gateway worker does not commit records itself")
 
     async def close(self) -> None:
@@ -265,6 +267,10 @@ class _LeaderCommitPoint:
 
 class WorkerEngine(Engine):
     """The engine of a worker: local reads and ingest, writes through the leader."""
+
+    # the commit is the leader's, in another process: a small body's rows
+    # go with the commit call and the leader stores them (_store_small)
+    DEFER_DURABLE = False
 
     def __init__(self, data_dir: str, peer: Peer, *, replicated: bool, link=None, link_timeout: float = 30.0,
                  generation: Generation | None = None, **kw):
@@ -295,6 +301,15 @@ class WorkerEngine(Engine):
         # (if the upload fails before that call, see SHIP_HELD_ON_FAILURE)
         _body.set(_BodyChunks())
         return await super().ingest(body, **kw)
+
+    def _store_small(self, loop, chunks):
+        # not stored here: the rows ride with the commit call, and the leader
+        # stores them while the record goes to the vault (leader._ship_and)
+        body = _body.get()
+        if body is None:
+            return super()._store_small(loop, chunks)
+        body.rows.extend((d, bytes(data)) for d, data in chunks)
+        return None
 
     def _shipper(self, ingest):
         async def ship(chunks):
@@ -362,8 +377,15 @@ def _forward(name: str):
         if name in CARRY_CHUNKS:
             # the vault has this request's direct chunks before the record goes
             # out; the held ones, and any it did not take (by reference: their
-            # files are durable, ingest waited for them), ride with the call
+            # files are durable, ingest waited for them), ride with the call,
+            # and so do a small body's rows, which the leader stores
+            body = _body.get()
+            rows = body.rows if body is not None else []
             chunks = await self.commit_point.take_for_leader()
+            if rows:
+                mine = {d for d, _data in rows}
+                chunks = [c for c in chunks if c[0] not in mine]
+                return await self.peer.call("ship_and_" + name, chunks, *args, rows=rows, **kwargs)
             if chunks:
                 return await self.peer.call("ship_and_" + name, chunks, *args, **kwargs)
         return await self.peer.call(name, *args, **kwargs)
