@@ -213,6 +213,35 @@ def test_with_defer_durable_a_small_body_returns_before_its_row_commit_with_its_
     store.close()
 
 
+@pytest.mark.parametrize("defer", [False, True])
+def test_a_large_body_whose_last_bytes_come_after_every_buffer_settled_ends_as_a_large_body(tmp_path, defer):
+    # the tail of a body is a few bytes, and every earlier buffer has been
+    # hashed and settled before they come: it once went down the small-body
+    # path (the chunker's pending MiBs as "rows": ValueError, a 500)
+    store = ChunkStore(str(tmp_path))
+    data = os.urandom(16 * MiB + 100)            # 8 MiB buffers: each cuts chunks (at most 4 MiB)
+    shipped = []
+
+    async def ship(chunks):
+        await asyncio.sleep(0.3)                  # a socket write that waits: buffer 2 ends meanwhile
+        shipped.extend(d for d, _b in chunks)
+
+    async def slow_tail():
+        yield data[:8 * MiB]
+        await asyncio.sleep(0.5)                  # buffer 1 is hashed meanwhile
+        yield data[8 * MiB:16 * MiB]              # settles buffer 1, then (done by then) buffer 2
+        yield data[16 * MiB:]                     # 100 bytes after every buffer settled
+
+    async def main():
+        with ThreadPoolExecutor(4) as pool:
+            return await ingest_body(Ingest(store), slow_tail(), pool, ship=ship, defer_durable=defer)
+    digests = asyncio.run(main())
+    assert digests.durable is None and digests.md5 == hashlib.md5(data).digest()
+    assert b"".join(store.read(c.digest) for c in digests.chunks) == data
+    assert sorted(shipped) == sorted({c.digest for c in digests.chunks})
+    store.close()
+
+
 @pytest.mark.parametrize("size", [
     600 * 1024,      # one buffer: shipped once, at the end, with a large write in flight
     9 * MiB,         # ships after every 1 MiB buffer: the first one with a chunk fails mid-body

@@ -360,6 +360,7 @@ async def ingest_body(ingest: Ingest, body: AsyncIterator, executor: Executor,
     job: asyncio.Future | None = None                    # the last feed, or the durability wait
     batch: list = []
     batch_len = 0
+    buffers = 0                                          # handed to the queues so far
     finished = False
 
     async def ship_chunks_of(r: asyncio.Future) -> None:
@@ -382,6 +383,7 @@ async def ingest_body(ingest: Ingest, body: AsyncIterator, executor: Executor,
             if batch_len >= BATCH_BYTES:
                 buf = batch[0] if len(batch) == 1 else b"".join(batch)
                 batch, batch_len = [], 0
+                buffers += 1
                 pair = [md5.submit(buf)]
                 inflight.append(pair)           # before the second submit: the cleanup sees both
                 pair.append(rest.submit(buf))
@@ -390,12 +392,16 @@ async def ingest_body(ingest: Ingest, body: AsyncIterator, executor: Executor,
                                     or (inflight[0][0].done() and inflight[0][1].done())):
                     await settle_oldest()
         last = batch[0] if len(batch) == 1 else b"".join(batch)
-        if inflight:
+        if buffers:
             # a body of a buffer or more ends like any buffer, through the two
             # queues, the chunker finishing on the rest queue: the last
             # chunks are written, shipped and synced while MD5 is still
             # catching up (a 1 MiB body's only chunk used to wait for its
-            # whole MD5)
+            # whole MD5).  Also when every buffer is settled already and
+            # only a few bytes came after them: the chunker still holds
+            # what it has not cut, which is no small body (that mistake
+            # answered 500 to a 64 MiB PUT now and then: its chunks are no
+            # rows, 2026-11-27)
             pair = [md5.submit(last) if last else _done(loop)]
             inflight.append(pair)
             pair.append(rest.submit(last, ingest.finish_rest))
