@@ -6,7 +6,9 @@ into the primary log only after the row is durable (commit.py, `after`):
 the two disks work at the same time, and the rule "a record in the primary
 log references chunks the primary holds" still holds.  If the row cannot be
 stored, the record is void everywhere (the vault may hold it already: an
-ABORT follows) and the client hears the error.
+ABORT follows) and the client hears the error.  If the gateway dies with
+the record in the vault and the row not yet committed, the restart takes
+the chunk from the vault with the record.
 
 The row commit is held for real: the test takes the small-chunk store's
 lock file (flock, as another process of the gateway would), so the commit
@@ -21,9 +23,11 @@ import os
 import threading
 import time
 
+import blake3
 import pytest
 from botocore.exceptions import ClientError
 
+import chunkdamage
 from conftest import Deployment, wait_until
 
 
@@ -76,6 +80,45 @@ def test_a_small_put_reaches_the_vault_while_its_row_commits_and_is_answered_aft
     gw.start()
     assert s3.get_object(Bucket="overlap", Key="k")["Body"].read() == body
     dep.airlock("verify")
+
+
+def test_a_gateway_killed_between_the_vaults_ack_and_the_row_takes_the_chunk_from_the_vault(dep):
+    """The record is durable in the vault, the row is not (its commit is held),
+    and the gateway dies: the restart's reconcile takes the record from the
+    vault, and with it the chunk, so the primary holds every chunk its log
+    references."""
+    gw = dep.gateway
+    s3 = gw.client()
+    s3.create_bucket(Bucket="overlap")
+    s3.put_object(Bucket="overlap", Key="warm", Body=b"the store exists")
+    vault_before = dep.vault.status()["last_seq"]
+    body = os.urandom(3000)
+    with open(gw.data / "chunks" / "small.lock", "a+b") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            t = threading.Thread(target=lambda: _put_quietly(s3, "overlap", "k", body))
+            t.start()
+            wait_until(lambda: dep.vault.status()["last_seq"] == vault_before + 1,
+                       "the record durable in the vault while the row waits", timeout=10)
+            gw.kill()
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    t.join(20)
+    d = blake3.blake3(body).hexdigest()
+    assert not chunkdamage.exists(gw.data, d)
+    gw.start()
+    wait_until(lambda: gw.health().get("vault_connected"), "the gateway to reconcile")
+    assert chunkdamage.exists(gw.data, d) and chunkdamage.stored(gw.data, d) == body
+    assert gw.health()["last_seq"] == dep.vault.status()["last_seq"]
+    assert gw.client().get_object(Bucket="overlap", Key="k")["Body"].read() == body
+    dep.airlock("verify")
+
+
+def _put_quietly(s3, bucket: str, key: str, body: bytes) -> None:
+    try:
+        s3.put_object(Bucket=bucket, Key=key, Body=body)
+    except Exception:        # the gateway is killed under it
+        pass
 
 
 def test_a_small_put_whose_row_cannot_be_stored_fails_and_is_void_in_the_vault_too(dep):

@@ -421,7 +421,12 @@ async def ingest_body(ingest: Ingest, body: AsyncIterator, executor: Executor,
             if stored is not None:
                 stored.add_done_callback(retrieve_exception)   # read below or by the commit; a failed upload may not
             if ship is not None and chunks:
-                await ship(chunks)
+                try:
+                    await ship(chunks)
+                except BaseException:
+                    if stored is not None:
+                        await asyncio.wait([stored])    # answered once the row's fate is known
+                    raise
             if stored is not None and defer_durable:
                 digests = ingest.digests()
                 digests.durable = stored

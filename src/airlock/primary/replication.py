@@ -35,7 +35,9 @@ link comes back the primary reconciles (`_reconcile`):
      the primary's, is refused (not this primary's vault, or it lost data).
   2. Records L+1..V are fetched from the vault and appended to the primary log
      (the vault holds them, so they happened) -- except that any of them listed
-     in pending-aborts is *void*: kept in both logs, never applied.
+     in pending-aborts is *void*: kept in both logs, never applied.  The
+     chunks they reference that the primary lacks (a small body's row not
+     yet committed when the gateway died) are fetched first.
   3. If any pending abort is <= V, an ABORT record listing them is committed
      through the normal path, so the vault knows too.  Without `overlap` a
      failed batch is written to the primary log (void) when its ACK fails, so
@@ -66,7 +68,7 @@ from collections.abc import Awaitable, Callable
 
 from airlock import errors as E
 from airlock.aio import retrieve_exception
-from airlock.chunk.store import ChunkStore
+from airlock.chunk.store import ChunkStore, digest_of
 from airlock.fsutil import fsync_dir
 from airlock.link import protocol as W
 from airlock.link.client import LinkClient
@@ -125,7 +127,7 @@ class ReplicatedCommitPoint:
         self.overlap = store.fsync
         self.stats = {"batches": 0, "records": 0, "ack_failures": 0, "reconciled": 0,
                       "chunks_shipped": 0, "bytes_shipped": 0, "missing_chunks_resent": 0,
-                      "pushed": 0}
+                      "pushed": 0, "chunks_taken": 0}
 
     # ------------------------------------------------------------------ state
     @property
@@ -318,6 +320,7 @@ class ReplicatedCommitPoint:
                 if s in self.pending_aborts:
                     self.void.add(s)
                 seq += 1
+            await self._take_chunks_of(records)
             try:
                 got = await asyncio.gather(*(self.log.append(rtype, payload) for _s, rtype, payload in records))
             except LogWriteError as e:
@@ -343,6 +346,39 @@ class ReplicatedCommitPoint:
         self.pending_aborts.clear()
         self._save_aborts()
         self.stats["reconciled"] += 1
+
+    async def _take_chunks_of(self, records) -> None:
+        """Fetch from the vault, verify and store the chunks that records
+        the vault holds beyond the primary log reference and the primary
+        lacks, before the log takes them: a small body's record reaches the
+        vault while its row is being committed, and a gateway killed in
+        between left the record there and no row here.  Best effort: a
+        chunk the vault cannot give (a record voided later) is left to the
+        read path's repair."""
+        loop = asyncio.get_running_loop()
+        voids = set(self.pending_aborts)
+        for _s, rtype, payload in records:
+            if rtype == P.ABORT:
+                voids.update(P.decode_payload(rtype, payload)["seqs"])
+        wanted: dict[str, None] = {}
+        for s, rtype, payload in records:
+            if s in voids or rtype == P.ABORT:
+                continue
+            try:
+                wanted.update((d, None) for d in P.chunks_referenced(rtype, P.decode_payload(rtype, payload)))
+            except (KeyError, TypeError, ValueError, IndexError):
+                continue
+        for d in wanted:
+            if await loop.run_in_executor(self.executor, self.store.has, d):
+                continue
+            try:
+                data = await self.link.get_chunk(d)
+                if digest_of(data) != d:
+                    raise E.IntegrityError(f"chunk {d} from the vault does not match its digest")
+                await loop.run_in_executor(self.executor, self.store.replace, d, data)
+                self.stats["chunks_taken"] += 1
+            except (E.ReplicationError, E.IntegrityError, OSError) as e:
+                log.warning("reconciling: chunk %s of a record the vault holds could not be stored here: %s", d, e)
 
     async def _settle_inflight(self) -> None:
         """Wait for the primary log appends of the last batch sent (its ACK
@@ -457,6 +493,11 @@ class ReplicatedCommitPoint:
     async def _finish(self, batch, local) -> None:
         """`local`: [(seq, task of its primary log append)] of an acknowledged batch."""
         results = await asyncio.gather(*(t for _s, t in local), return_exceptions=True)
+        rows = [a for _r, _p, _f, a in batch if a is not None and not a.done()]
+        if rows:
+            # a failed log fails its appends without waiting for what they
+            # waited for: a client hears its outcome once its row's is known
+            await asyncio.wait(rows)
         failed = next((r for r in results if isinstance(r, BaseException)), self._apply_error)
         if failed is not None:
             await self._primary_log_failed(failed)
@@ -621,7 +662,14 @@ class ReplicatedCommitPoint:
                   failed[:10], _failure(next(a for s, a in zip(seqs, afters) if s == failed[0])))
         self.pending_aborts.update(failed)
         self.void.update(failed)
-        await self._save_aborts_or_stop()
+        try:
+            self._save_aborts()
+        except OSError as exc:
+            # void in memory only: a restart would apply them, so the log must
+            # not take them (raising makes it refuse the batch; degraded mode)
+            log.error("pending-aborts.json could not be written (%s): stopping writes", exc)
+            await self._primary_log_failed(exc, wait=False)
+            raise
 
     async def _append_with_repair(self, numbered) -> int:
         for attempt in range(MISSING_CHUNK_RETRIES + 1):
