@@ -81,6 +81,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def recv_head(sock: socket.socket) -> bytes:
+    """What a raw socket receives up to the end of an HTTP response head (or
+    until the peer closes): the head, and any body bytes that came with it."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        more = sock.recv(65536)
+        if not more:
+            break
+        data += more
+    return data
+
+
 def wait_for_port(port: int, proc: subprocess.Popen | None = None, timeout: float = START_TIMEOUT_S) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -30,7 +30,7 @@ from botocore.auth import SigV4Auth
 from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials
 from botocore.exceptions import ClientError
-from conftest import ACCESS_KEY, REGION, SECRET_KEY, Gateway
+from conftest import ACCESS_KEY, REGION, SECRET_KEY, Gateway, recv_head
 
 MIB = 1024 * 1024
 PART = 5 * MIB
@@ -1053,12 +1053,7 @@ def test_expect_100_continue(gw, b, s3c):
         interim = sock.recv(4096)
         assert interim.startswith(b"HTTP/1.1 100"), interim
         sock.sendall(data)
-        resp = b""
-        while b"\r\n\r\n" not in resp:
-            more = sock.recv(4096)
-            if not more:
-                break
-            resp += more
+        resp = recv_head(sock)
     assert resp.startswith(b"HTTP/1.1 200"), resp
     assert s3c.get_object(Bucket=b, Key="expect")["Body"].read() == data
 

@@ -16,7 +16,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from conftest import Deployment, wait_for_port, wait_until
+from conftest import Deployment, recv_head, wait_for_port, wait_until
 
 
 def _start_put(url: str, body: bytes, sent: int) -> socket.socket:
@@ -30,12 +30,7 @@ def _start_put(url: str, body: bytes, sent: int) -> socket.socket:
 
 
 def _response(s: socket.socket) -> tuple[int, dict[str, str]]:
-    data = b""
-    while b"\r\n\r\n" not in data:
-        more = s.recv(65536)
-        if not more:
-            break
-        data += more
+    data = recv_head(s)
     head = data.split(b"\r\n\r\n", 1)[0].decode("latin-1").split("\r\n")
     if not head or not head[0].startswith("HTTP/1.1 "):
         return 0, {}

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import faulthandler
 import os
 import signal
@@ -19,6 +20,19 @@ def retrieve_exception(fut: asyncio.Future) -> None:
     asyncio does not log it as never retrieved."""
     if not fut.cancelled():
         fut.exception()
+
+
+@contextlib.asynccontextmanager
+async def settled_on_failure(fut: asyncio.Future | None):
+    """If the block fails, wait (without cancelling it) for `fut` -- work the
+    request started and does not wait for on success -- before the failure
+    goes on: the caller answers only once that work's fate is known."""
+    try:
+        yield
+    except BaseException:
+        if fut is not None:
+            await asyncio.wait([fut])
+        raise
 
 
 def stop_on_signals(stop: asyncio.Event, what: str, deadline_s: float = STOP_DEADLINE_S) -> None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import dataclasses
 import email.utils
 import hashlib
@@ -24,6 +23,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 
 from airlock import errors as E
+from airlock.aio import settled_on_failure
 from airlock.chunk.store import SMALL_CHUNK_MAX, ChunkStore, digest_of
 from airlock.log import payload as P
 from airlock.log.reader import read_log
@@ -53,26 +53,14 @@ VERSIONING_STATES = ("Enabled", "Suspended")
 Verifier = Callable[[BodyDigests], None]
 
 
-@contextlib.asynccontextmanager
-async def _settled(digests: BodyDigests):
-    """Around the commit of an ingested body: yields the commit's keyword
-    arguments (`after`, if the chunks' storing still runs: defer_durable).
-    If anything fails before the commit returns, the upload answers only
-    once that storing has ended, so the store holds the chunks then, as
-    when the ingest waited for it (a later upload may find them: dedup)."""
-    try:
-        yield {"after": digests.durable} if digests.durable is not None else {}
-    except BaseException:
-        if digests.durable is not None:
-            await asyncio.wait([digests.durable])
-        raise
+def _after(digests: BodyDigests) -> dict:
+    """The commit's `after` keyword for an ingested body, if its chunks are
+    still being stored; none otherwise (a worker's forwarded commit takes
+    no future)."""
+    return {"after": digests.durable} if digests.durable is not None else {}
 
 
 class Engine:
-    # a small body's row commit runs while its record goes to the vault
-    # (ingest_body's defer_durable, CommitPoint.commit's `after`)
-    DEFER_DURABLE = True
-
     def __init__(self, data_dir: str, *, fsync: bool = True, chunk_fsync: bool | None = None,
                  chunk_params: dict | None = None,
                  commit_point_factory: Callable[["Engine", str], CommitPoint] | None = None,
@@ -443,8 +431,10 @@ class Engine:
         self._refuse_writes_if_degraded()
         ing = Ingest(self.store, want_sha256=want_sha256, checksum_algorithms=checksum_algorithms,
                      chunk_params=self.chunk_params)
+        # a small body's row commit runs while its record goes to the vault
+        # (BodyDigests.durable, CommitPoint.commit's `after`)
         return await ingest_body(ing, body, self.executor, ship=self._shipper(ing),
-                                 defer_durable=self.DEFER_DURABLE, store_small=self._store_small)
+                                 defer_durable=True, store_small=self._store_small)
 
     def _store_small(self, loop, chunks):
         """A small body's rows (ingest_body's `store_small`)."""
@@ -463,14 +453,16 @@ class Engine:
         `precondition` sees the current object just before the commit."""
         self._need_bucket(bucket)
         digests = await self.ingest(body, want_sha256=want_sha256, checksum_algorithms=checksum_algorithms)
-        async with _settled(digests) as after:
+        # if anything fails before the commit returns, the upload answers once
+        # the row's storing has ended: the store holds the chunk then (dedup)
+        async with settled_on_failure(digests.durable):
             if verify is not None:
                 verify(digests)
             checksums = {alg: base64.b64encode(v).decode() for alg, v in digests.checksums.items()}
             m = Manifest(bucket=bucket, key=key, size=digests.size, etag=digests.md5.hex(),
                          mtime=time.time(), meta=meta, chunks=digests.chunks, checksums=checksums,
                          checksum_type="FULL_OBJECT" if checksums else None)
-            return await self.commit_object(m, precondition=precondition, **after)
+            return await self.commit_object(m, precondition=precondition, **_after(digests))
 
     async def commit_object(self, m: Manifest,
                             precondition: Callable[[Manifest | None], None] | None = None,
@@ -767,12 +759,12 @@ class Engine:
                           want_sha256: bool = False, checksum_algorithms: tuple[str, ...] = (),
                           verify: Verifier | None = None) -> Part:
         digests = await self.ingest(body, want_sha256=want_sha256, checksum_algorithms=checksum_algorithms)
-        async with _settled(digests) as after:
+        async with settled_on_failure(digests.durable):         # as in put_object
             if verify is not None:
                 verify(digests)
             checksums = {a: base64.b64encode(v).decode() for a, v in digests.checksums.items()}
             return await self.commit_part(up, part_number, digests.size, digests.md5.hex(), digests.chunks,
-                                          checksums, **after)
+                                          checksums, **_after(digests))
 
     async def commit_part(self, up: Upload, part_number: int, size: int, etag: str,
                           chunks: list[ChunkRef], checksums: dict[str, str],

@@ -39,7 +39,7 @@ import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import Executor
 
-from airlock.aio import retrieve_exception
+from airlock.aio import retrieve_exception, settled_on_failure
 from airlock.chunk.chunker import StreamChunker
 from airlock.chunk.store import ChunkStore
 from airlock.primary.checksums import new_checksum
@@ -421,12 +421,8 @@ async def ingest_body(ingest: Ingest, body: AsyncIterator, executor: Executor,
             if stored is not None:
                 stored.add_done_callback(retrieve_exception)   # read below or by the commit; a failed upload may not
             if ship is not None and chunks:
-                try:
+                async with settled_on_failure(stored):
                     await ship(chunks)
-                except BaseException:
-                    if stored is not None:
-                        await asyncio.wait([stored])    # answered once the row's fate is known
-                    raise
             if stored is not None and defer_durable:
                 digests = ingest.digests()
                 digests.durable = stored

@@ -17,7 +17,7 @@ import socket
 import sys
 import time
 
-from airlock.aio import retrieve_exception
+from airlock.aio import retrieve_exception, settled_on_failure
 from airlock.config import GatewayConfig
 from airlock.primary.dispatch import Dispatcher, connection_channel
 from airlock.primary.engine import Engine
@@ -102,12 +102,9 @@ class WorkerPool:
             self.engine._refuse_writes_if_degraded()
             stored = self.engine.store.put_small_async(asyncio.get_running_loop(), rows)
             stored.add_done_callback(retrieve_exception)
-            try:
+            async with settled_on_failure(stored):     # as in Engine.put_object
                 await self._ship_chunks([*rows, *chunks])
                 return await method(*args, after=stored, **kwargs)
-            except BaseException:
-                await asyncio.wait([stored])      # answered once the rows' fate is known (engine._settled)
-                raise
         return call
 
     async def _chunk_from_vault(self, ref, problem):

@@ -68,13 +68,14 @@ from collections.abc import Awaitable, Callable
 
 from airlock import errors as E
 from airlock.aio import retrieve_exception
-from airlock.chunk.store import ChunkStore, digest_of
+from airlock.chunk.store import ChunkStore
 from airlock.fsutil import fsync_dir
 from airlock.link import protocol as W
 from airlock.link.client import LinkClient
 from airlock.log import payload as P
 from airlock.log.reader import read_log
 from airlock.log.writer import LogWriteError, LogWriter
+from airlock.primary.scrub import fetch_verified
 
 log = logging.getLogger("airlock.replication")
 
@@ -372,9 +373,7 @@ class ReplicatedCommitPoint:
             if await loop.run_in_executor(self.executor, self.store.has, d):
                 continue
             try:
-                data = await self.link.get_chunk(d)
-                if digest_of(data) != d:
-                    raise E.IntegrityError(f"chunk {d} from the vault does not match its digest")
+                data = await fetch_verified(self.link, d)
                 await loop.run_in_executor(self.executor, self.store.replace, d, data)
                 self.stats["chunks_taken"] += 1
             except (E.ReplicationError, E.IntegrityError, OSError) as e:
@@ -655,11 +654,12 @@ class ReplicatedCommitPoint:
         may hold it already, so an ABORT follows (`_send_due_aborts`), and
         its client hears the storage error (`_finish`)."""
         await asyncio.wait([a for a in afters if a is not None])
-        failed = [s for s, a in zip(seqs, afters) if a is not None and _failure(a) is not None]
-        if not failed:
+        errors = {s: _failure(a) for s, a in zip(seqs, afters) if a is not None and _failure(a) is not None}
+        if not errors:
             return
+        failed = list(errors)
         log.error("the chunks of record(s) %s could not be stored on the primary (%r): void",
-                  failed[:10], _failure(next(a for s, a in zip(seqs, afters) if s == failed[0])))
+                  failed[:10], errors[failed[0]])
         self.pending_aborts.update(failed)
         self.void.update(failed)
         try:

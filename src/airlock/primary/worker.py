@@ -268,10 +268,6 @@ class _LeaderCommitPoint:
 class WorkerEngine(Engine):
     """The engine of a worker: local reads and ingest, writes through the leader."""
 
-    # the commit is the leader's, in another process: a small body's rows
-    # go with the commit call and the leader stores them (_store_small)
-    DEFER_DURABLE = False
-
     def __init__(self, data_dir: str, peer: Peer, *, replicated: bool, link=None, link_timeout: float = 30.0,
                  generation: Generation | None = None, **kw):
         super().__init__(data_dir, **kw)
@@ -304,11 +300,9 @@ class WorkerEngine(Engine):
 
     def _store_small(self, loop, chunks):
         # not stored here: the rows ride with the commit call, and the leader
-        # stores them while the record goes to the vault (leader._ship_and)
-        body = _body.get()
-        if body is None:
-            return super()._store_small(loop, chunks)
-        body.rows.extend((d, bytes(data)) for d, data in chunks)
+        # stores them while the record goes to the vault (leader._ship_and);
+        # nothing to wait for here (a future cannot cross the channel)
+        _body.get().rows.extend((d, bytes(data)) for d, data in chunks)
         return None
 
     def _shipper(self, ingest):
