@@ -354,6 +354,53 @@ def test_multipart_unknown_part_and_bad_order(s3c, b):
     assert _code(ei.value) == "InvalidPart"
 
 
+def _complete(client, bucket, key, up, etags):
+    return client.complete_multipart_upload(Bucket=bucket, Key=key, UploadId=up, MultipartUpload={
+        "Parts": [{"PartNumber": i, "ETag": e} for i, e in enumerate(etags, 1)]})
+
+
+def test_a_retried_complete_multipart_upload_gets_the_first_answer_and_makes_no_new_version(s3c, b):
+    s3c.put_bucket_versioning(Bucket=b, VersioningConfiguration={"Status": "Enabled"})
+    parts = [os.urandom(PART), b"tail"]
+    up, etags = _mpu(s3c, b, "retried", parts)
+    first = _complete(s3c, b, "retried", up, etags)
+    again = _complete(s3c, b, "retried", up, etags)       # as an SDK does when the first answer was lost
+    assert again["ResponseMetadata"]["HTTPStatusCode"] == 200
+    assert (again["ETag"], again["VersionId"], again["Key"]) == (first["ETag"], first["VersionId"], "retried")
+    versions = s3c.list_object_versions(Bucket=b, Prefix="retried")["Versions"]
+    assert [v["VersionId"] for v in versions] == [first["VersionId"]]
+    assert s3c.get_object(Bucket=b, Key="retried")["Body"].read() == b"".join(parts)
+    # other parts than the completion's: the upload is gone
+    with pytest.raises(ClientError) as ei:
+        _complete(s3c, b, "retried", up, etags[:1])
+    assert _code(ei.value) == "NoSuchUpload"
+    # the same upload id under another key: gone
+    with pytest.raises(ClientError) as ei:
+        _complete(s3c, b, "elsewhere", up, etags)
+    assert _code(ei.value) == "NoSuchUpload"
+
+
+def test_a_retried_complete_after_the_key_was_overwritten_is_no_such_upload(s3c, b):
+    up, etags = _mpu(s3c, b, "later", [b"only part"])
+    _complete(s3c, b, "later", up, etags)
+    s3c.put_object(Bucket=b, Key="later", Body=b"a newer object")
+    with pytest.raises(ClientError) as ei:
+        _complete(s3c, b, "later", up, etags)
+    assert _code(ei.value) == "NoSuchUpload" and _status(ei.value) == 404
+    assert s3c.get_object(Bucket=b, Key="later")["Body"].read() == b"a newer object"
+
+
+def test_concurrent_completes_of_one_upload_make_one_version_and_agree(gw, b):
+    from concurrent.futures import ThreadPoolExecutor
+    s3c = gw.client()
+    s3c.put_bucket_versioning(Bucket=b, VersioningConfiguration={"Status": "Enabled"})
+    up, etags = _mpu(s3c, b, "raced", [os.urandom(PART), b"end"])
+    with ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(lambda _i: _complete(gw.client(), b, "raced", up, etags), range(4)))
+    assert {(a["ETag"], a["VersionId"]) for a in answers} == {(answers[0]["ETag"], answers[0]["VersionId"])}
+    assert len(s3c.list_object_versions(Bucket=b, Prefix="raced")["Versions"]) == 1
+
+
 def test_list_parts_uploads_and_abort(cli, bkt):
     up, etags = _mpu(cli, bkt, "dir/lp", [b"x" * 100, b"y" * 200, b"z" * 300])
     parts = cli.list_parts(Bucket=bkt, Key="dir/lp", UploadId=up)

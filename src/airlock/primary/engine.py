@@ -786,7 +786,8 @@ class Engine:
     async def abort_upload(self, up: Upload) -> None:
         await self._commit(P.UPLOAD_ABORT, {"upload_id": up.upload_id})
 
-    async def complete_upload(self, up: Upload, requested: list[tuple[int, str, dict[str, str]]],
+    async def complete_upload(self, bucket: str, key: str, upload_id: str,
+                              requested: list[tuple[int, str, dict[str, str]]],
                               precondition: Callable[[Manifest | None], None] | None = None,
                               claim: tuple[str, str] | None = None,
                               claimed_type: str | None = None) -> Manifest:
@@ -794,7 +795,17 @@ class Engine:
         client listed them.  `claim`: (algorithm, base64) of the whole
         object's checksum the client named, checked against the one computed
         from the parts (FULL_OBJECT or COMPOSITE, as the upload was created);
-        `claimed_type` the checksum type it named."""
+        `claimed_type` the checksum type it named.
+
+        A retry of a Complete that succeeded (its answer lost: a timeout, a
+        cut connection; SDKs retry it) gets the first one's result again,
+        as long as that version is still there (`completed_upload`); so
+        does a Complete that waited for the key while the same upload was
+        being completed."""
+        self._need_bucket(bucket)
+        up = self.index.upload(upload_id)
+        if up is None or up.bucket != bucket or up.key != key:
+            return self.completed_upload(bucket, key, upload_id, requested)
         if not requested:
             raise E.MalformedXML()
         have = {p.part_number: p for p in self.index.parts(up.upload_id)}
@@ -837,12 +848,33 @@ class Engine:
                      part_checksums=[p.checksums for p in chosen] if checksums else None)
 
         def decide():
+            if self.index.upload(up.upload_id) is None:
+                return None            # completed (or aborted) while this waited for the key
             if precondition is not None:
                 precondition(self.index.object(m.bucket, m.key))
             m.version_id = self._version_id_for(m.bucket)
             return P.UPLOAD_COMPLETE, {"upload_id": up.upload_id, "manifest": m.to_json()}
         m.seq, _ = await self._commit_key(m.bucket, m.key, decide)
+        if m.seq is None:
+            return self.completed_upload(bucket, key, upload_id, requested)
         return m
+
+    def completed_upload(self, bucket: str, key: str, upload_id: str,
+                         requested: list[tuple[int, str, dict[str, str]]]) -> Manifest:
+        """The version this multipart upload completed as, if `requested`
+        names the same parts (the multipart ETag of their ETags matches) and
+        the version is still the one the completion made; else NoSuchUpload."""
+        row = self.index.completed_upload(upload_id)
+        if row is not None and row[:2] == (bucket, key) and requested:
+            v = self.index.version(bucket, key, row[2])
+            try:
+                md5s = b"".join(bytes.fromhex(etag) for _n, etag, _c in requested)
+            except ValueError:
+                md5s = None
+            if (v is not None and v.manifest is not None and v.seq == row[3] and md5s is not None
+                    and v.manifest.etag == f"{hashlib.md5(md5s).hexdigest()}-{len(requested)}"):
+                return v.manifest
+        raise E.NoSuchUpload(UploadId=upload_id)
 
 
 def replay_log(index: Index, log_dir: str, void=()) -> int:

@@ -42,7 +42,17 @@ CREATE TABLE IF NOT EXISTS parts (
     upload_id TEXT NOT NULL, part_number INTEGER NOT NULL, info TEXT NOT NULL,
     PRIMARY KEY (upload_id, part_number)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS bucket_tagging (name TEXT PRIMARY KEY, tagging TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS completed_uploads (
+    upload_id TEXT PRIMARY KEY, bucket TEXT NOT NULL, key TEXT NOT NULL, version_id TEXT NOT NULL,
+    seq INTEGER NOT NULL, completed REAL NOT NULL);
+CREATE INDEX IF NOT EXISTS completed_uploads_by_time ON completed_uploads (completed);
 """
+
+# How long a completed multipart upload is remembered, so that a retried
+# CompleteMultipartUpload (its answer lost) is answered as the first one was
+# instead of NoSuchUpload.  Measured in the records' own clocks (the
+# manifests' mtime), so that a rebuild from the log keeps the same rows.
+COMPLETED_UPLOAD_RETENTION_S = 24 * 3600
 
 
 OBJECT_ROW_CACHE_ROWS = 2048      # current-version manifests kept (bounded: small ones only, below)
@@ -271,6 +281,7 @@ class Index:
             for (uid,) in db.execute("SELECT upload_id FROM uploads WHERE bucket=?", (b["bucket"],)).fetchall():
                 db.execute("DELETE FROM parts WHERE upload_id=?", (uid,))
             db.execute("DELETE FROM uploads WHERE bucket=?", (b["bucket"],))
+            db.execute("DELETE FROM completed_uploads WHERE bucket=?", (b["bucket"],))
         elif rtype == P.UPLOAD_CREATE:
             db.execute("INSERT OR REPLACE INTO uploads VALUES (?,?,?,?,?)",
                        (b["upload_id"], b["bucket"], b["key"], b["initiated"],
@@ -279,9 +290,14 @@ class Index:
             db.execute("INSERT OR REPLACE INTO parts VALUES (?,?,?)",
                        (b["upload_id"], b["part_number"], json.dumps(b, ensure_ascii=False)))
         elif rtype == P.UPLOAD_COMPLETE:
-            self._put_version(seq, b["manifest"])
+            m = b["manifest"]
+            self._put_version(seq, m)
             db.execute("DELETE FROM parts WHERE upload_id=?", (b["upload_id"],))
             db.execute("DELETE FROM uploads WHERE upload_id=?", (b["upload_id"],))
+            done = float(m["mtime"])
+            db.execute("DELETE FROM completed_uploads WHERE completed < ?", (done - COMPLETED_UPLOAD_RETENTION_S,))
+            db.execute("INSERT OR REPLACE INTO completed_uploads VALUES (?,?,?,?,?,?)",
+                       (b["upload_id"], m["bucket"], m["key"], m.get("version_id") or NULL_VERSION, seq, done))
         elif rtype == P.UPLOAD_ABORT:
             db.execute("DELETE FROM parts WHERE upload_id=?", (b["upload_id"],))
             db.execute("DELETE FROM uploads WHERE upload_id=?", (b["upload_id"],))
@@ -411,6 +427,13 @@ class Index:
         rows = self.db.execute("SELECT info FROM parts WHERE upload_id=? ORDER BY part_number",
                                (upload_id,)).fetchall()
         return [Part.from_json(json.loads(r[0])) for r in rows]
+
+    def completed_upload(self, upload_id: str) -> tuple[str, str, str, int] | None:
+        """(bucket, key, version_id, seq) of the version a multipart upload
+        completed as, if it completed within COMPLETED_UPLOAD_RETENTION_S of
+        the newest completion (the version may be gone since)."""
+        return self.db.execute("SELECT bucket, key, version_id, seq FROM completed_uploads WHERE upload_id=?",
+                               (upload_id,)).fetchone()
 
     def part(self, upload_id: str, number: int) -> Part | None:
         row = self.db.execute("SELECT info FROM parts WHERE upload_id=? AND part_number=?",

@@ -112,25 +112,27 @@ async def upload_part_copy(ctx) -> web.Response:
 
 
 async def complete_upload(ctx) -> web.Response:
-    up = _upload(ctx)
+    upload_id = ctx.query.get("uploadId", "")
+    try:
+        _upload(ctx)
+        gone = None
+    except E.NoSuchUpload as e:
+        # perhaps completed already and this is a retry: the engine decides,
+        # from the parts listed (an unreadable list: the upload's absence is the answer)
+        gone = e
     cond = write_precondition(ctx.headers)
     # an x-amz-checksum-<alg> header here is the whole object's checksum, to
     # be checked against the parts', not the checksum of this XML body
     claim = checksums.object_checksum_claim(ctx.headers)
     claimed_type = ctx.headers.get("x-amz-checksum-type")
-    raw = await read_small_body(ctx.request, ctx.auth, MAX_XML_BODY, checksum_headers=False)
-    root = parse(raw, "CompleteMultipartUpload")
-    requested = []
-    for p in children(root, "Part"):
-        num = child_text(p, "PartNumber")
-        etag = child_text(p, "ETag")
-        if num is None or etag is None or not num.strip().isdigit():
-            raise E.MalformedXML()
-        cks = {alg: v for alg in checksums.ALGORITHMS
-               if (v := child_text(p, f"Checksum{alg}")) is not None}
-        requested.append((int(num), etag.strip().strip('"'), cks))
-    m = await ctx.engine.complete_upload(up, requested, precondition=cond, claim=claim,
-                                         claimed_type=claimed_type.upper() if claimed_type else None)
+    try:
+        requested = await _requested_parts(ctx)
+    except E.S3Error:
+        if gone is not None:
+            raise gone from None
+        raise
+    m = await ctx.engine.complete_upload(ctx.bucket, ctx.key, upload_id, requested, precondition=cond,
+                                         claim=claim, claimed_type=claimed_type.upper() if claimed_type else None)
     host = ctx.headers.get("Host", "")
     body = (el("Location", f"http://{host}/{ctx.bucket}/{ctx.key}") + el("Bucket", ctx.bucket)
             + el("Key", ctx.key) + el("ETag", etag_header(m.etag)))
@@ -143,6 +145,22 @@ async def complete_upload(ctx) -> web.Response:
     if m.version_id != NULL_VERSION:
         headers["x-amz-version-id"] = m.version_id
     return xml_response(doc("CompleteMultipartUploadResult", body), headers=headers)
+
+
+async def _requested_parts(ctx) -> list[tuple[int, str, dict[str, str]]]:
+    """The CompleteMultipartUpload body: [(part number, ETag without quotes, {alg: checksum})]."""
+    raw = await read_small_body(ctx.request, ctx.auth, MAX_XML_BODY, checksum_headers=False)
+    root = parse(raw, "CompleteMultipartUpload")
+    requested = []
+    for p in children(root, "Part"):
+        num = child_text(p, "PartNumber")
+        etag = child_text(p, "ETag")
+        if num is None or etag is None or not num.strip().isdigit():
+            raise E.MalformedXML()
+        cks = {alg: v for alg in checksums.ALGORITHMS
+               if (v := child_text(p, f"Checksum{alg}")) is not None}
+        requested.append((int(num), etag.strip().strip('"'), cks))
+    return requested
 
 
 async def abort_upload(ctx) -> web.Response:
