@@ -11,6 +11,7 @@ code-point order S3 lists in.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import sqlite3
@@ -20,6 +21,7 @@ from airlock.primary.model import NULL_VERSION, Bucket, Manifest, ObjectMeta, Ob
 
 BUCKET_RECORDS = frozenset({P.BUCKET_CREATE, P.BUCKET_DELETE, P.BUCKET_VERSIONING, P.BUCKET_TAGGING})
 INDEX_SCHEMA_VERSION = 2   # 2: buckets.versioning and the versions table (S3 versioning)
+SQLITE_FULL = 13           # SQLite's result code for a full disk (the low byte of sqlite_errorcode)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v TEXT NOT NULL);
@@ -97,17 +99,23 @@ class Index:
 
     def _open(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        db.execute("PRAGMA journal_mode=WAL")
-        # The log is durable before the index is touched; the index may lag
-        # after a crash and is caught up by replay, so it need not fsync.
-        db.execute("PRAGMA synchronous=OFF")
-        db.executescript(_SCHEMA)
-        row = db.execute("SELECT v FROM meta WHERE k='schema'").fetchone()
-        if row is None:
-            db.execute("INSERT INTO meta VALUES ('schema', ?)", (str(INDEX_SCHEMA_VERSION),))
-            db.execute("INSERT OR IGNORE INTO meta VALUES ('applied_seq', '0')")
-        elif int(row[0]) != INDEX_SCHEMA_VERSION:
-            raise sqlite3.DatabaseError(f"index schema {row[0]} != {INDEX_SCHEMA_VERSION}")
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            # The log is durable before the index is touched; the index may lag
+            # after a crash and is caught up by replay, so it need not fsync.
+            db.execute("PRAGMA synchronous=OFF")
+            db.executescript(_SCHEMA)
+            row = db.execute("SELECT v FROM meta WHERE k='schema'").fetchone()
+            if row is None:
+                db.execute("INSERT INTO meta VALUES ('schema', ?)", (str(INDEX_SCHEMA_VERSION),))
+                db.execute("INSERT OR IGNORE INTO meta VALUES ('applied_seq', '0')")
+            elif int(row[0]) != INDEX_SCHEMA_VERSION:
+                raise sqlite3.DatabaseError(f"index schema {row[0]} != {INDEX_SCHEMA_VERSION}")
+        except BaseException as e:
+            db.close()
+            # a full disk is not an unreadable index: open_or_rebuild must not delete it
+            _raise_if_full(e, self.path)
+            raise
         return db
 
     def _open_readonly(self) -> sqlite3.Connection:
@@ -187,8 +195,13 @@ class Index:
             if last is not None:
                 db.execute("UPDATE meta SET v=? WHERE k='applied_seq'", (str(last),))
             db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
+        except BaseException as e:
+            # On some errors SQLite has rolled the transaction back itself (a
+            # full disk, at COMMIT or mid-statement): a ROLLBACK would then
+            # fail ("no transaction is active") and hide the error.
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            _raise_if_full(e, self.path)
             raise
         finally:
             self._object_rows.clear()
@@ -439,6 +452,14 @@ class Index:
         row = self.db.execute("SELECT info FROM parts WHERE upload_id=? AND part_number=?",
                               (upload_id, number)).fetchone()
         return Part.from_json(json.loads(row[0])) if row else None
+
+
+def _raise_if_full(e: BaseException, path: str) -> None:
+    """Raise SQLite's full disk (SQLITE_FULL) as the ENOSPC every other file
+    of the primary gives: s3/errors.py answers it with 503, the CLI with one
+    line naming the file."""
+    if (getattr(e, "sqlite_errorcode", 0) & 0xFF) == SQLITE_FULL:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path) from e
 
 
 def _version(bucket: str, row) -> ObjectVersion:
