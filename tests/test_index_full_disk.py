@@ -106,6 +106,20 @@ def test_replay_into_an_index_on_a_full_disk_stops_with_enospc_and_resumes_once_
     index.close()
 
 
+def test_an_index_file_left_with_a_schema_and_no_applied_seq_is_rebuilt_not_a_crash(tmp_path):
+    """What an older build left when the disk filled between the two rows of
+    a new index's meta table (two autocommits; now one transaction)."""
+    path = str(tmp_path / "index.sqlite")
+    Index(path).close()
+    db = sqlite3.connect(path, isolation_level=None)
+    db.execute("DELETE FROM meta WHERE k='applied_seq'")
+    db.close()
+
+    index, rebuilt = Index.open_or_rebuild(path)
+    assert rebuilt and index.applied_seq() == 0
+    index.close()
+
+
 # ---------------------------------------------------------------------- a real full disk
 class SmallDisk:
     """A tmpfs at `mnt`, mounted in a private mount namespace that a holder

@@ -289,7 +289,7 @@ class Engine:
         Degraded at once (writes refused); returns the awaitable that loads
         the vault's state."""
         if self.degraded is None:
-            self._mark_degraded(f"the primary log cannot be written ({exc})")
+            self._mark_degraded(f"the primary log or index cannot be written ({exc})")
         return self._serve_from_vault()
 
     async def enter_degraded_mode(self, reason: str) -> None:

@@ -107,11 +107,17 @@ class Index:
             db.executescript(_SCHEMA)
             row = db.execute("SELECT v FROM meta WHERE k='schema'").fetchone()
             if row is None:
+                # both rows or neither: a file with a schema and no applied_seq
+                # (the disk filled between the two) would not open again
+                db.execute("BEGIN")
                 db.execute("INSERT INTO meta VALUES ('schema', ?)", (str(INDEX_SCHEMA_VERSION),))
                 db.execute("INSERT OR IGNORE INTO meta VALUES ('applied_seq', '0')")
+                db.execute("COMMIT")
             elif int(row[0]) != INDEX_SCHEMA_VERSION:
                 raise sqlite3.DatabaseError(f"index schema {row[0]} != {INDEX_SCHEMA_VERSION}")
         except BaseException as e:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
             db.close()
             # a full disk is not an unreadable index: open_or_rebuild must not delete it
             _raise_if_full(e, self.path)
@@ -167,7 +173,10 @@ class Index:
 
     # ------------------------------------------------------------------ apply
     def applied_seq(self) -> int:
-        return int(self.db.execute("SELECT v FROM meta WHERE k='applied_seq'").fetchone()[0])
+        row = self.db.execute("SELECT v FROM meta WHERE k='applied_seq'").fetchone()
+        if row is None:        # (a file an older build left half made on a full disk): unreadable, rebuilt
+            raise sqlite3.DatabaseError(f"{self.path}: the index has no applied_seq")
+        return int(row[0])
 
     def apply(self, records) -> None:
         """Apply (seq, rtype, payload_dict) records in one transaction.  A
