@@ -343,6 +343,62 @@ def test_unsupported_subresource_is_notimplemented(raw, s3c, bkt):
     assert_untouched(s3c, bkt)
 
 
+def test_object_lock_asked_for_is_refused_never_stored_without_it(s3c, bkt):
+    """A retention or legal hold the client believes in must not be dropped:
+    airlock has no Object Lock, so such a write is refused and stores nothing."""
+    with pytest.raises(ClientError) as ei:
+        s3c.create_bucket(Bucket=f"{bkt}-locked", ObjectLockEnabledForBucket=True)
+    assert ei.value.response["Error"]["Code"] == "NotImplemented"
+    with pytest.raises(ClientError) as ei:
+        s3c.head_bucket(Bucket=f"{bkt}-locked")
+    assert ei.value.response["Error"]["Code"] == "404"
+    lock = {"ObjectLockMode": "COMPLIANCE",
+            "ObjectLockRetainUntilDate": datetime.datetime(2030, 1, 1, tzinfo=datetime.timezone.utc)}
+    calls = [lambda: s3c.put_object(Bucket=bkt, Key="locked", Body=b"x", **lock),
+             lambda: s3c.put_object(Bucket=bkt, Key="locked", Body=b"x", ObjectLockLegalHoldStatus="ON"),
+             lambda: s3c.create_multipart_upload(Bucket=bkt, Key="locked", **lock),
+             lambda: s3c.copy_object(Bucket=bkt, Key="locked", CopySource={"Bucket": bkt, "Key": "keep"}, **lock)]
+    for call in calls:
+        with pytest.raises(ClientError) as ei:
+            call()
+        assert (ei.value.response["Error"]["Code"], ei.value.response["ResponseMetadata"]["HTTPStatusCode"]) \
+            == ("InvalidRequest", 400)
+    assert_untouched(s3c, bkt, absent=("locked",))
+    assert s3c.list_multipart_uploads(Bucket=bkt).get("Uploads", []) == []
+
+
+def test_encryption_airlock_cannot_apply_is_refused_and_sse_s3_is_accepted(s3c, bkt):
+    key = base64.b64encode(os.urandom(32)).decode()
+    sse_c = {"SSECustomerAlgorithm": "AES256", "SSECustomerKey": key}
+    refused = [
+        (lambda: s3c.put_object(Bucket=bkt, Key="secret", Body=b"x", **sse_c), "NotImplemented"),
+        (lambda: s3c.create_multipart_upload(Bucket=bkt, Key="secret", **sse_c), "NotImplemented"),
+        (lambda: s3c.copy_object(Bucket=bkt, Key="secret", CopySource={"Bucket": bkt, "Key": "keep"}, **sse_c),
+         "NotImplemented"),
+        (lambda: s3c.put_object(Bucket=bkt, Key="secret", Body=b"x", ServerSideEncryption="aws:kms"),
+         "NotImplemented"),
+        (lambda: s3c.put_object(Bucket=bkt, Key="secret", Body=b"x", ServerSideEncryption="rot13"),
+         "InvalidArgument"),
+    ]
+    for call, code in refused:
+        with pytest.raises(ClientError) as ei:
+            call()
+        assert ei.value.response["Error"]["Code"] == code
+    assert_untouched(s3c, bkt, absent=("secret",))
+    assert s3c.list_multipart_uploads(Bucket=bkt).get("Uploads", []) == []
+    s3c.put_object(Bucket=bkt, Key="sse-s3", Body=b"plain", ServerSideEncryption="AES256")
+    assert s3c.get_object(Bucket=bkt, Key="sse-s3")["Body"].read() == b"plain"
+
+
+def test_location_constraint_us_east_1_is_invalid_as_in_s3(s3c, bkt):
+    with pytest.raises(ClientError) as ei:
+        s3c.create_bucket(Bucket=f"{bkt}-east", CreateBucketConfiguration={"LocationConstraint": "us-east-1"})
+    assert ei.value.response["Error"]["Code"] == "InvalidLocationConstraint"
+    with pytest.raises(ClientError) as ei:
+        s3c.head_bucket(Bucket=f"{bkt}-east")
+    assert ei.value.response["Error"]["Code"] == "404"
+
+
 def test_metadata_over_2kib_is_metadatatoolarge(s3c, bkt):
     for key in ("keep", "new"):
         with pytest.raises(ClientError) as ei:

@@ -458,6 +458,39 @@ def test_multipart_with_sha256_checksum_is_composite(s3c, b):
     assert h["ChecksumSHA256"] == want
 
 
+def test_a_part_sent_with_another_checksum_or_none_still_gets_the_uploads_checksum(s3c, b):
+    """The upload's algorithm is computed for every part, whatever the part
+    came with: the completed object never silently loses its checksum."""
+    parts = [os.urandom(PART), os.urandom(PART), b"no checksum, the last part"]
+    up = s3c.create_multipart_upload(Bucket=b, Key="mixed", ChecksumAlgorithm="SHA256")["UploadId"]
+    listed = s3c.list_multipart_uploads(Bucket=b)["Uploads"]
+    assert [(u["Key"], u["ChecksumAlgorithm"]) for u in listed] == [("mixed", "SHA256")]
+    done = []
+    for i, (p, alg) in enumerate(zip(parts, ["SHA256", "CRC32", None]), 1):
+        kw = {"ChecksumAlgorithm": alg} if alg else {}
+        r = s3c.upload_part(Bucket=b, Key="mixed", UploadId=up, PartNumber=i, Body=p, **kw)
+        assert r["ChecksumSHA256"] == _b64(hashlib.sha256(p).digest())
+        done.append({"PartNumber": i, "ETag": r["ETag"]})
+    s3c.complete_multipart_upload(Bucket=b, Key="mixed", UploadId=up, MultipartUpload={"Parts": done})
+    h = s3c.head_object(Bucket=b, Key="mixed", ChecksumMode="ENABLED")
+    assert h["ChecksumSHA256"] == _b64(hashlib.sha256(b"".join(hashlib.sha256(p).digest()
+                                                                for p in parts)).digest()) + "-3"
+
+
+def test_a_self_copy_that_only_sets_a_website_redirect_is_allowed(s3c, b):
+    s3c.put_object(Bucket=b, Key="page", Body=b"<html/>", WebsiteRedirectLocation="/old")
+    s3c.copy_object(Bucket=b, Key="page", CopySource={"Bucket": b, "Key": "page"}, WebsiteRedirectLocation="/new")
+    assert s3c.head_object(Bucket=b, Key="page")["WebsiteRedirectLocation"] == "/new"
+    # S3: not copied with the metadata directive; a copy elsewhere without the header has none
+    s3c.copy_object(Bucket=b, Key="other", CopySource={"Bucket": b, "Key": "page"})
+    assert "WebsiteRedirectLocation" not in s3c.head_object(Bucket=b, Key="other")
+    assert s3c.get_object(Bucket=b, Key="other")["Body"].read() == b"<html/>"
+    s3c.copy_object(Bucket=b, Key="page", CopySource={"Bucket": b, "Key": "page"}, ServerSideEncryption="AES256")
+    with pytest.raises(ClientError) as ei:
+        s3c.copy_object(Bucket=b, Key="page", CopySource={"Bucket": b, "Key": "page"})
+    assert _code(ei.value) == "InvalidRequest"
+
+
 # ---------------------------------------------------------------------------- flexible checksums
 def _expected_checksum(alg: str, data: bytes) -> str:
     from awscrt import checksums as crt

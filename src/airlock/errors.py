@@ -118,6 +118,7 @@ MalformedTrailerError = _s3("MalformedTrailerError", 400, "The request contained
 KeyTooLongError = _s3("KeyTooLongError", 400, "Your key is too long")
 MetadataTooLarge = _s3("MetadataTooLarge", 400, "Your metadata headers exceed the maximum allowed metadata size.")
 InvalidRange = _s3("InvalidRange", 416, "The requested range is not satisfiable")
+InvalidLocationConstraint = _s3("InvalidLocationConstraint", 400, "The specified location-constraint is not valid")
 IllegalLocationConstraintException = _s3("IllegalLocationConstraintException", 400, "The location constraint is incompatible for the region specific endpoint this request was sent to.")
 InvalidPartNumber = _s3("InvalidPartNumber", 416, "The requested partnumber is not satisfiable")
 InvalidBucketName = _s3("InvalidBucketName", 400, "The specified bucket is not valid.")

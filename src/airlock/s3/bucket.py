@@ -48,10 +48,16 @@ async def list_buckets(ctx) -> web.Response:
 
 async def create_bucket(ctx) -> web.Response:
     check_bucket_name(ctx.bucket)
+    if ctx.headers.get("x-amz-bucket-object-lock-enabled", "").strip().lower() == "true":
+        # a bucket its owner believes protects versions from deletion must not be made without it
+        raise E.NotImplementedS3("Object Lock is not implemented.", Header="x-amz-bucket-object-lock-enabled")
     body = await read_small_body(ctx.request, ctx.auth, MAX_XML_BODY)
     if body.strip():
         cfg = parse(body, "CreateBucketConfiguration")
         loc = child_text(cfg, "LocationConstraint")
+        if loc == "us-east-1":
+            # S3: us-east-1 is named by no constraint at all, never by its name
+            raise E.InvalidLocationConstraint(LocationConstraint=loc)
         if loc is not None and loc not in ("", ctx.config.region):
             raise E.IllegalLocationConstraintException(
                 f"The {loc} location constraint is incompatible for the region specific endpoint "

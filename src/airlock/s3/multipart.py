@@ -11,7 +11,8 @@ from airlock.s3 import checksums
 from airlock.s3.body import BodyStream, read_small_body
 from airlock.s3.common import int_param, owned_bucket, url_encoder, version_headers, xml_response
 from airlock.primary.model import NULL_VERSION
-from airlock.s3.object import etag_header, meta_from_headers, source_manifest, write_precondition
+from airlock.s3.object import (etag_header, meta_from_headers, refuse_unsupported_protection, source_manifest,
+                               write_precondition)
 from airlock.s3.xml import MAX_XML_BODY, child_text, children, doc, el, iso8601, parse
 
 MAX_PART_NUMBER = 10000
@@ -33,6 +34,7 @@ def _part_number(ctx) -> int:
 
 async def create_upload(ctx) -> web.Response:
     owned_bucket(ctx)
+    refuse_unsupported_protection(ctx.headers)
     meta = meta_from_headers(ctx.headers)
     alg = ctx.headers.get("x-amz-checksum-algorithm")
     if alg is not None:
@@ -61,9 +63,15 @@ async def create_upload(ctx) -> web.Response:
 async def upload_part(ctx) -> web.Response:
     number = _part_number(ctx)
     up = _upload(ctx)
+    refuse_unsupported_protection(ctx.headers)
     body = BodyStream(ctx.request, ctx.auth)
+    algs = body.checksum_algorithms
+    if up.checksum_algorithm and up.checksum_algorithm not in algs:
+        # computed here when the client sent none (or another one): every part
+        # then has the upload's checksum, and so does the completed object
+        algs = (*algs, up.checksum_algorithm)
     part = await ctx.engine.upload_part(up, number, body, want_sha256=body.want_sha256,
-                                        checksum_algorithms=body.checksum_algorithms, verify=body.verify)
+                                        checksum_algorithms=algs, verify=body.verify)
     headers = {"ETag": etag_header(part.etag)}
     for alg, v in part.checksums.items():
         headers[checksums.header_name(alg)] = v
@@ -89,6 +97,7 @@ def _copy_range(value: str, size: int) -> tuple[int, int] | None:
 async def upload_part_copy(ctx) -> web.Response:
     number = _part_number(ctx)
     up = _upload(ctx)
+    refuse_unsupported_protection(ctx.headers)
     src = source_manifest(ctx)
     rng_header = ctx.headers.get("x-amz-copy-source-range")
     if rng_header is not None:
@@ -251,7 +260,11 @@ async def list_uploads(ctx) -> web.Response:
         owner = ctx.owner_xml(up.owner)
         body += (f"<Upload>{el('Key', enc(up.key))}{el('UploadId', up.upload_id)}"
                  f"{owner.replace('<Owner>', '<Initiator>').replace('</Owner>', '</Initiator>')}{owner}"
-                 f"{el('StorageClass', up.meta.storage_class)}{el('Initiated', iso8601(up.initiated))}"
-                 f"</Upload>")
+                 f"{el('StorageClass', up.meta.storage_class)}{el('Initiated', iso8601(up.initiated))}")
+        if up.checksum_algorithm:
+            body += el("ChecksumAlgorithm", up.checksum_algorithm)
+            if up.checksum_type:
+                body += el("ChecksumType", up.checksum_type)
+        body += "</Upload>"
     body += "".join(f"<CommonPrefixes>{el('Prefix', enc(p))}</CommonPrefixes>" for p in prefixes)
     return xml_response(doc("ListMultipartUploadsResult", body))

@@ -19,6 +19,7 @@ from airlock.s3.xml import doc, el, http_date, iso8601
 
 log = logging.getLogger("airlock.s3")
 
+REDIRECT = "x-amz-website-redirect-location"
 MAX_USER_METADATA = 2048       # bytes of x-amz-meta-* names + values (S3's limit)
 STORAGE_CLASSES = frozenset({
     "STANDARD", "REDUCED_REDUNDANCY", "STANDARD_IA", "ONEZONE_IA", "INTELLIGENT_TIERING",
@@ -30,6 +31,45 @@ RESPONSE_OVERRIDES = {
     "response-content-encoding": "Content-Encoding",
 }
 _RANGE_RE = re.compile(r"^bytes=[ \t]*(\d*)-(\d*)[ \t]*$")   # RFC 9110 allows OWS around a range
+
+
+# ---------------------------------------------------------------------------- protections
+OBJECT_LOCK_HEADERS = ("x-amz-object-lock-mode", "x-amz-object-lock-retain-until-date",
+                       "x-amz-object-lock-legal-hold")
+SSE_C_HEADERS = ("x-amz-server-side-encryption-customer-algorithm",
+                 "x-amz-server-side-encryption-customer-key",
+                 "x-amz-server-side-encryption-customer-key-md5",
+                 "x-amz-copy-source-server-side-encryption-customer-algorithm",
+                 "x-amz-copy-source-server-side-encryption-customer-key",
+                 "x-amz-copy-source-server-side-encryption-customer-key-md5")
+SSE_KMS_VALUES = ("aws:kms", "aws:kms:dsse")
+
+
+def refuse_unsupported_protection(headers) -> None:
+    """A write that asks for a protection airlock does not give -- retention
+    or a legal hold (Object Lock), encryption with the client's key (SSE-C)
+    or with KMS -- is refused, never stored without it: its client would
+    believe the object locked, or unreadable without its key.  SSE-S3
+    (AES256) is accepted and not applied (docs/architecture.md)."""
+    for h in OBJECT_LOCK_HEADERS:
+        if h in headers:
+            # S3's answer for a bucket without Object Lock, which every airlock bucket is
+            raise E.InvalidRequest("Bucket is missing Object Lock Configuration", ArgumentName=h,
+                                   ArgumentValue=headers[h])
+    for h in SSE_C_HEADERS:
+        if h in headers:
+            raise E.NotImplementedS3("Server-side encryption with customer-provided keys (SSE-C) "
+                                     "is not implemented.", Header=h)
+    sse = headers.get("x-amz-server-side-encryption")
+    if sse is not None and sse != "AES256":
+        if sse in SSE_KMS_VALUES:
+            raise E.NotImplementedS3("Server-side encryption with KMS keys is not implemented.",
+                                     Header="x-amz-server-side-encryption")
+        raise E.InvalidArgument("The encryption method specified is not supported",
+                                ArgumentName="x-amz-server-side-encryption", ArgumentValue=sse)
+    for h in ("x-amz-server-side-encryption-aws-kms-key-id", "x-amz-server-side-encryption-context"):
+        if h in headers:
+            raise E.NotImplementedS3("Server-side encryption with KMS keys is not implemented.", Header=h)
 
 
 # ---------------------------------------------------------------------------- metadata
@@ -224,6 +264,7 @@ def object_headers(m: Manifest, with_checksums: bool) -> dict[str, str]:
 # ---------------------------------------------------------------------------- PUT
 async def put_object(ctx) -> web.Response:
     owned_bucket(ctx)
+    refuse_unsupported_protection(ctx.headers)
     meta = meta_from_headers(ctx.headers)
     cond = write_precondition(ctx.headers)
     body = BodyStream(ctx.request, ctx.auth)
@@ -417,6 +458,7 @@ def source_manifest(ctx) -> Manifest:
 
 async def copy_object(ctx) -> web.Response:
     owned_bucket(ctx)
+    refuse_unsupported_protection(ctx.headers)
     src = source_manifest(ctx)
     directive = ctx.headers.get("x-amz-metadata-directive", "COPY").upper()
     if directive not in ("COPY", "REPLACE"):
@@ -433,12 +475,17 @@ async def copy_object(ctx) -> web.Response:
                           storage_class=ctx.headers.get("x-amz-storage-class", src.meta.storage_class))
         if meta.storage_class not in STORAGE_CLASSES:
             raise E.InvalidStorageClass(StorageClassRequested=meta.storage_class)
+        # S3: "unique to each object and not copied" with the directive; the request's, if any
+        meta.headers.pop(REDIRECT, None)
+        if REDIRECT in ctx.headers:
+            meta.headers[REDIRECT] = ctx.headers[REDIRECT]
     # tags follow their own directive: the source's unless REPLACE (then x-amz-tagging, or none)
     meta.tagging = (tagging.from_header(ctx.headers.get("x-amz-tagging")) if tagging_directive == "REPLACE"
                     else src.meta.tagging)
     if (src.bucket, src.key) == (ctx.bucket, ctx.key) and directive == "COPY" \
             and "?versionId=" not in ctx.headers["x-amz-copy-source"] \
-            and "x-amz-storage-class" not in ctx.headers:
+            and not any(h in ctx.headers for h in ("x-amz-storage-class", REDIRECT,
+                                                   "x-amz-server-side-encryption")):
         raise E.InvalidRequest(
             "This copy request is illegal because it is trying to copy an object to itself without "
             "changing the object's metadata, storage class, website redirect location or encryption "

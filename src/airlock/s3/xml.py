@@ -38,7 +38,11 @@ def doc(root: str, body: str) -> bytes:
 
 
 def iso8601(ts: float) -> str:
-    """S3's timestamp format in XML: 2026-11-25T10:32:16.000Z."""
+    """S3's timestamp format in XML: 2026-11-25T10:32:16.123Z.  S3 writes whole
+    seconds (.000Z); the milliseconds are kept on purpose: `aws s3 sync`
+    uploads a file again when its mtime is later than the listed
+    LastModified, and a file written in the second it was uploaded in
+    would be, against a truncated time (tests/test_awscli.py)."""
     d = _dt.datetime.fromtimestamp(ts, tz=_dt.timezone.utc)
     return d.strftime("%Y-%m-%dT%H:%M:%S.") + f"{d.microsecond // 1000:03d}Z"
 
