@@ -756,3 +756,39 @@ def test_a_local_only_gateway_with_workers_serves_and_stops_cleanly(tmp_path):
     finally:
         assert gw.stop() == 0
     assert all(not os.path.exists(f"/proc/{p}") or _is_zombie(p) for p in pids)
+
+
+def test_a_worker_restarted_after_the_installation_changed_is_not_run_and_the_rest_serve(tmp_path):
+    """An upgrade while the gateway runs: a worker started afterwards would
+    import other code than its leader's (the calls between them could differ
+    in their arguments).  It refuses to serve, the leader does not start it
+    again and says why, and the gateway goes on with its other processes."""
+    import airlock
+    pkg = tmp_path / "install"
+    shutil.copytree(os.path.dirname(airlock.__file__), pkg / "airlock",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    gw = Gateway(tmp_path / "upgraded", extra_args=["--workers", "3"],
+                 extra_env={"PYTHONPATH": str(pkg)}).start()
+    try:
+        wait_until(lambda: serving(gw, 3), "workers serving")
+        s3 = fresh_client(gw)
+        s3.create_bucket(Bucket="upgrade")
+        s3.put_object(Bucket="upgrade", Key="before", Body=b"written before the upgrade")
+
+        with open(pkg / "airlock" / "s3" / "app.py", "a") as f:
+            f.write("\n# the next release\n")
+        victim = worker_pids(gw)[0]
+        os.kill(victim, signal.SIGKILL)
+        wait_until(lambda: "not started again: the airlock installation changed" in gw.log_text(),
+                   "the leader gives the worker up", timeout=30)
+        assert "the airlock installation changed since the gateway started" in gw.log_text()   # the worker's own line
+        wait_until(lambda: serving(gw, 2), "the other processes serve")
+        assert len(worker_pids(gw)) == 1 and victim not in worker_pids(gw)
+        for i in range(6):            # new connections: each to the leader or the remaining worker
+            c = fresh_client(gw)
+            c.put_object(Bucket="upgrade", Key=f"after{i}", Body=b"%d" % i)
+            assert c.get_object(Bucket="upgrade", Key="before")["Body"].read() == b"written before the upgrade"
+        time.sleep(3)                 # well past the restart delay: still not started again
+        assert len(worker_pids(gw)) == 1
+    finally:
+        assert gw.stop() == 0

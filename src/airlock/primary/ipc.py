@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import os
 import pickle
 import socket
 import struct
@@ -20,13 +21,39 @@ from airlock import errors as E
 log = logging.getLogger("airlock.ipc")
 
 MAGIC = b"ALGW"
-VERSION = 2        # 2: workers take connections from the leader (primary/dispatch.py)
+VERSION = 3        # 2: workers take connections from the leader (primary/dispatch.py); 3: hello names the code
+CODE_CHANGED_EXIT = 3   # a worker's exit status when its code is not the leader's (not restarted)
 CALL, REPLY, ERROR = 1, 2, 3
 HEADER = struct.Struct("<4sBBII")
 MAX_BODY = 256 << 20
 COALESCE_BYTES = 64 * 1024      # messages up to this size are written with their header in one piece
 
 Handler = Callable[..., Awaitable]
+
+_PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))     # .../airlock
+
+
+def code_fingerprint(root: str = _PACKAGE) -> str:
+    """BLAKE3 over the airlock package as it is on disk now: every .py file
+    and compiled module, by relative path.  The leader takes it as it
+    starts, a worker as it starts; they differ when the installation was
+    changed while the gateway ran (an upgrade), and a worker started then
+    would speak another version of this channel's calls than its leader
+    (a changed method's arguments are not a frame version).  ~2 MB read."""
+    from blake3 import blake3
+    h = blake3()
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if d != "__pycache__")
+        for name in sorted(filenames):
+            if not name.endswith((".py", ".so")):
+                continue
+            path = os.path.join(dirpath, name)
+            rel = os.path.relpath(path, root).encode()
+            with open(path, "rb") as f:
+                data = f.read()
+            h.update(struct.pack("<I", len(rel)) + rel + struct.pack("<Q", len(data)))
+            h.update(data)
+    return h.hexdigest()
 
 
 class ChannelClosed(E.InternalError):

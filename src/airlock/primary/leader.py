@@ -22,7 +22,7 @@ from airlock.config import GatewayConfig
 from airlock.primary.dispatch import Dispatcher, connection_channel
 from airlock.primary.engine import Engine
 from airlock.primary.generation import Generation
-from airlock.primary.ipc import VERSION, Peer
+from airlock.primary.ipc import CODE_CHANGED_EXIT, VERSION, Peer, code_fingerprint
 from airlock.primary.worker import CARRY_CHUNKS, FORWARDED, tmp_owner
 
 log = logging.getLogger("airlock.leader")
@@ -51,6 +51,7 @@ class WorkerPool:
         self.dispatcher = dispatcher
         self.workers = [Worker(i) for i in range(1, processes)]
         self.stopping = False
+        self.code = code_fingerprint()       # the code this process runs: a worker must run the same
         # tells the workers when their index caches are stale (docs/format/ipc.md);
         # the engine's index bumps it after every transaction it commits
         self.generation = Generation.create()
@@ -68,7 +69,7 @@ class WorkerPool:
 
     # ------------------------------------------------------------------ calls from workers
     async def _hello(self):
-        return VERSION, self.cfg, self.port, self.engine.vault_link is not None
+        return VERSION, self.code, self.cfg, self.port, self.engine.vault_link is not None
 
     async def _ship_chunks(self, chunks):
         """`chunks`: [(digest, bytes)] or, for large chunks, [(digest, size)]
@@ -186,6 +187,12 @@ class WorkerPool:
             await w.peer.aclose()
             await self._remove_tmp_of(w)
             if self.stopping or self.engine.degraded is not None:
+                return
+            if rc == CODE_CHANGED_EXIT:
+                # started again, it would run the same other code: the gateway goes on without it
+                log.error("gateway worker %d not started again: the airlock installation changed since "
+                          "the gateway started; restart the gateway to run the new code with all its "
+                          "processes (serving with the others until then)", w.slot)
                 return
             # a worker that keeps dying is started again less and less often
             delay = RESTART_DELAY_S if time.monotonic() - started > STABLE_S else min(delay * 2, MAX_RESTART_DELAY_S)

@@ -49,7 +49,7 @@ from airlock.primary.dispatch import Activity, Inlet
 from airlock.primary.engine import Engine
 from airlock.primary.generation import Generation, GenerationError
 from airlock.primary.index import Index
-from airlock.primary.ipc import VERSION, Peer
+from airlock.primary.ipc import CODE_CHANGED_EXIT, VERSION, Peer, code_fingerprint
 from airlock.primary.model import ChunkRef
 from airlock.link import protocol as W
 
@@ -414,7 +414,7 @@ for _name in SHIP_HELD_ON_FAILURE:
     setattr(WorkerEngine, _name, _ship_held_on_failure(_name))
 
 
-async def run(fd: int, conn_fd: int, gen_fd: int) -> None:
+async def run(fd: int, conn_fd: int, gen_fd: int, code: str) -> None:
     from airlock.s3.app import make_app
     from airlock.gateway import CUT_AFTER_DRAIN_S, stop_serving
     sock = socket.socket(fileno=fd)
@@ -457,9 +457,15 @@ async def run(fd: int, conn_fd: int, gen_fd: int) -> None:
 
     peer = Peer(sock, {"stop": on_stop, "stats": on_stats}, on_lost=leader_lost)
     await peer.start()
-    version, cfg, port, replicated = await peer.call("hello")
-    if version != VERSION:
-        raise SystemExit(f"gateway worker: channel version {version} != {VERSION}")
+    hello = await peer.call("hello")
+    if hello[0] != VERSION:
+        raise SystemExit(f"gateway worker: channel version {hello[0]} != {VERSION}")
+    _version, leaders_code, cfg, port, replicated = hello
+    if leaders_code != code:
+        log.error("gateway worker %d: the airlock installation changed since the gateway started "
+                  "(code %s..., the leader's %s...); not serving", os.getpid(), code[:12], leaders_code[:12])
+        await peer.aclose()
+        raise SystemExit(CODE_CHANGED_EXIT)
     chunk_fsync = cfg.fsync and (cfg.vault is None or cfg.chunk_sync == "local")
     link = None
     if replicated:
@@ -493,9 +499,10 @@ def main(argv: list[str]) -> int:
         print("usage: python -m airlock.primary.worker FD CONN_FD GEN_FD (started by the gateway's leader)",
               file=sys.stderr)
         return 2
+    code = code_fingerprint()           # what this process imports, as near its imports as it gets
     malloc.tune()
     faulthandler.enable()               # a fatal signal leaves its traceback in the log
-    asyncio.run(run(int(argv[1]), int(argv[2]), int(argv[3])))
+    asyncio.run(run(int(argv[1]), int(argv[2]), int(argv[3]), code))
     return 0
 
 
