@@ -343,6 +343,24 @@ def test_unsupported_subresource_is_notimplemented(raw, s3c, bkt):
     assert_untouched(s3c, bkt)
 
 
+def test_a_browser_form_upload_is_not_implemented_rather_than_access_denied(gw, s3c, bkt):
+    import urllib.request
+    import uuid
+    post = s3c.generate_presigned_post(bkt, "form")
+    boundary = uuid.uuid4().hex
+    parts = [f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'.encode()
+             for k, v in post["fields"].items()]
+    parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="f"\r\n'
+                 f'Content-Type: application/octet-stream\r\n\r\n'.encode() + b"form body\r\n")
+    req = urllib.request.Request(post["url"], data=b"".join(parts) + f"--{boundary}--\r\n".encode(),
+                                 method="POST",
+                                 headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+    with pytest.raises(urllib.error.HTTPError) as ei:
+        urllib.request.urlopen(req, timeout=30)
+    assert (ei.value.code, error_code(ei.value.read())) == (501, "NotImplemented")
+    assert_untouched(s3c, bkt, absent=("form",))
+
+
 def test_object_lock_asked_for_is_refused_never_stored_without_it(s3c, bkt):
     """A retention or legal hold the client believes in must not be dropped:
     airlock has no Object Lock, so such a write is refused and stores nothing."""

@@ -195,6 +195,11 @@ class S3App:
                         engine=self.engine, config=self.config)
         if key is not None and len(key.encode("utf-8")) > MAX_KEY_BYTES:
             raise E.KeyTooLongError(Size=str(len(key.encode("utf-8"))), MaxSizeAllowed=str(MAX_KEY_BYTES))
+        if (request.method == "POST" and bucket is not None and key is None and not query
+                and request.content_type == "multipart/form-data"):
+            # a browser form upload (PostObject): signed by its policy field, not
+            # by SigV4 headers, so authentication would answer AccessDenied
+            raise E.NotImplementedS3("Browser-based uploads with POST (PostObject) are not implemented.")
         actx = auth.authenticate(request.method, request.rel_url.raw_path,
                                  request.rel_url.raw_query_string, request.headers, self.lookup_secret,
                                  virtual_host_bucket=bucket if vhost else None)
