@@ -380,6 +380,32 @@ def test_a_retried_complete_multipart_upload_gets_the_first_answer_and_makes_no_
     assert _code(ei.value) == "NoSuchUpload"
 
 
+def test_a_retried_complete_is_checked_as_the_first_one_was(s3c, b):
+    """A retry names the same parts; a checksum it claims (whole object,
+    type, a part's) must be the completed object's, as for the first."""
+    parts = [os.urandom(PART), b"tail"]
+    up = s3c.create_multipart_upload(Bucket=b, Key="claims", ChecksumAlgorithm="CRC32")["UploadId"]
+    done = []
+    for i, p in enumerate(parts, 1):
+        r = s3c.upload_part(Bucket=b, Key="claims", UploadId=up, PartNumber=i, Body=p, ChecksumAlgorithm="CRC32")
+        done.append({"PartNumber": i, "ETag": r["ETag"], "ChecksumCRC32": r["ChecksumCRC32"]})
+    first = s3c.complete_multipart_upload(Bucket=b, Key="claims", UploadId=up, MultipartUpload={"Parts": done})
+
+    def retry(parts=done, **kw):
+        return s3c.complete_multipart_upload(Bucket=b, Key="claims", UploadId=up,
+                                             MultipartUpload={"Parts": parts}, **kw)
+    assert retry(ChecksumCRC32=first["ChecksumCRC32"])["ETag"] == first["ETag"]
+    bad_part = [dict(done[0], ChecksumCRC32="AAAAAA=="), done[1]]
+    for kw, parts, code in [({"ChecksumCRC32": "AAAAAA=="}, done, "BadDigest"),
+                            ({"ChecksumType": "FULL_OBJECT"}, done, "InvalidRequest"),
+                            ({}, bad_part, "InvalidPart"),
+                            ({}, [done[1], done[0]], "InvalidPartOrder")]:
+        with pytest.raises(ClientError) as ei:
+            retry(parts, **kw)
+        assert _code(ei.value) == code, kw
+    assert len(s3c.list_object_versions(Bucket=b, Prefix="claims")["Versions"]) == 1
+
+
 def test_a_retried_complete_after_the_key_was_overwritten_is_no_such_upload(s3c, b):
     up, etags = _mpu(s3c, b, "later", [b"only part"])
     _complete(s3c, b, "later", up, etags)
@@ -399,6 +425,30 @@ def test_concurrent_completes_of_one_upload_make_one_version_and_agree(gw, b):
         answers = list(pool.map(lambda _i: _complete(gw.client(), b, "raced", up, etags), range(4)))
     assert {(a["ETag"], a["VersionId"]) for a in answers} == {(answers[0]["ETag"], answers[0]["VersionId"])}
     assert len(s3c.list_object_versions(Bucket=b, Prefix="raced")["Versions"]) == 1
+
+
+def test_an_abort_racing_completes_of_one_upload_never_both_succeed(gw, b):
+    from concurrent.futures import ThreadPoolExecutor
+    s3c = gw.client()
+
+    def attempt(call):
+        try:
+            call(gw.client())
+            return "ok"
+        except ClientError as e:
+            return _code(e)
+    for round_ in range(5):
+        key = f"race{round_}"
+        up, etags = _mpu(s3c, b, key, [b"only part"])
+        calls = [lambda c: _complete(c, b, key, up, etags)] * 3 + \
+                [lambda c: c.abort_multipart_upload(Bucket=b, Key=key, UploadId=up)]
+        with ThreadPoolExecutor(4) as pool:
+            *completes, abort = pool.map(attempt, calls)
+        exists = bool(s3c.list_objects_v2(Bucket=b, Prefix=key).get("KeyCount"))
+        if abort == "ok":
+            assert not exists and set(completes) == {"NoSuchUpload"}, (completes, abort)
+        else:
+            assert abort == "NoSuchUpload" and exists and set(completes) == {"ok"}, (completes, abort)
 
 
 def test_list_parts_uploads_and_abort(cli, bkt):

@@ -790,5 +790,7 @@ def test_a_worker_restarted_after_the_installation_changed_is_not_run_and_the_re
             assert c.get_object(Bucket="upgrade", Key="before")["Body"].read() == b"written before the upgrade"
         time.sleep(3)                 # well past the restart delay: still not started again
         assert len(worker_pids(gw)) == 1
+        notes = gw.health()["workers_not_running"]       # what `airlock status` shows too
+        assert len(notes) == 1 and "installation changed" in notes[0], notes
     finally:
         assert gw.stop() == 0

@@ -230,3 +230,62 @@ def test_a_gateway_restarted_on_a_full_disk_refuses_in_one_line_and_starts_once_
     finally:
         dep.stop()
         disk.close()
+
+
+_OPEN_ON_THE_DISK = """
+import errno, json, os, sys
+from airlock.chunk.small import SmallChunks
+from airlock.primary.index import Index
+d, step = sys.argv[1], sys.argv[2]
+out = {}
+if step == "make":
+    from airlock.log import payload as P
+    index = Index(os.path.join(d, "index.sqlite"))
+    index.apply([(1, P.BUCKET_CREATE, {"bucket": "b", "owner": "o", "created": 1.0})]
+                + [(s, P.OBJECT_PUT, {"bucket": "b", "key": f"k{s}", "size": 0, "etag": "e", "mtime": 1.0,
+                                      "chunks": [], "meta": {}}) for s in range(2, 12)])
+    index.close()
+    os.mkdir(os.path.join(d, "chunks"))
+    SmallChunks(os.path.join(d, "chunks")).close()
+else:
+    for name, opener in (("index", lambda: Index.open_or_rebuild(os.path.join(d, "index.sqlite"))),
+                         ("small", lambda: SmallChunks(os.path.join(d, "chunks")))):
+        try:
+            got = opener()
+            out[name] = ["opened", got[1], got[0].applied_seq()] if name == "index" else ["opened"]
+        except OSError as e:
+            out[name] = ["OSError", e.errno, e.filename]
+    out["files"] = sorted(os.listdir(d))
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.skipif(needs_mount() is not None, reason=needs_mount() or "")
+def test_a_good_index_and_chunk_store_opened_on_a_full_disk_are_kept_and_the_error_is_enospc(tmp_path):
+    """After a clean stop a WAL database has no -shm file; opening it on a
+    full disk cannot create one (SQLite: "disk I/O error" or "unable to open
+    database file"), which is a full disk, not a damaged file: the index
+    must not be deleted (it was: open_or_rebuild took every DatabaseError
+    for damage), and neither store may end in a traceback."""
+    mnt = tmp_path / "fs"
+    mnt.mkdir()
+    disk = SmallDisk(mnt)
+
+    def run(step: str) -> dict:
+        r = subprocess.run([*disk.prefix, sys.executable, "-c", _OPEN_ON_THE_DISK, str(mnt), step],
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        return json.loads(r.stdout)
+    try:
+        run("make")
+        assert not os.path.exists(disk.inside("index.sqlite-shm"))
+        disk.fill(leave=0)
+        full = run("open")
+        assert full["index"] == ["OSError", errno.ENOSPC, str(mnt / "index.sqlite")], full
+        assert full["small"][:2] == ["OSError", errno.ENOSPC], full
+        assert "index.sqlite" in full["files"], full
+        os.unlink(disk.inside("filler"))
+        again = run("open")
+        assert again["index"] == ["opened", False, 11] and again["small"] == ["opened"], again
+    finally:
+        disk.close()

@@ -710,6 +710,8 @@ def status_report(out: dict) -> tuple[list[str], int]:
         if served:
             # where the leader has placed client connections (primary/dispatch.py)
             lines.append(f"  connections: {', '.join(served)}")
+        for note in g.get("workers_not_running") or []:
+            lines.append(f"  NOT RUNNING: {note}")
         if g.get("degraded_reason"):
             lines.append(f"  DEGRADED: {g['degraded_reason']}; reads served from the vault, writes refused")
         st = g.get("stats") or {}

@@ -101,6 +101,15 @@ def refuse_taken_port(host: str, port: int) -> None:
 
 async def serve(cfg: GatewayConfig, on_ready=None, stop: asyncio.Event | None = None) -> None:
     from airlock.primary.datalock import PrimaryLock
+    processes = gateway_processes(cfg)
+    code = None
+    if processes > 1:
+        # the code this process runs, taken before opening the engine (a
+        # replay may take long, and the installation may change meanwhile):
+        # a worker must run the same (ipc.code_fingerprint)
+        from airlock.primary import dispatch, leader  # noqa: F401  (imported before the fingerprint)
+        from airlock.primary.ipc import code_fingerprint
+        code = code_fingerprint()
     refuse_taken_port(cfg.host, cfg.port)   # a clear error, before anything is opened
     lock = PrimaryLock(cfg.data)     # one gateway per data directory; restore takes it too
     try:
@@ -114,7 +123,6 @@ async def serve(cfg: GatewayConfig, on_ready=None, stop: asyncio.Event | None = 
     try:
         # With workers, the leader alone listens and hands each connection to the
         # process with the fewest busy (primary/dispatch.py, leader.py, worker.py).
-        processes = gateway_processes(cfg)
         activity = None
         if processes > 1:
             from airlock.primary.dispatch import Activity, Dispatcher
@@ -130,7 +138,7 @@ async def serve(cfg: GatewayConfig, on_ready=None, stop: asyncio.Event | None = 
                 port = dispatcher.listen(cfg.host, cfg.port, backlog=1024)
             except OSError as e:
                 raise ConfigError(f"cannot listen on {cfg.host}:{cfg.port}: {e.strerror or e}") from None
-            pool = WorkerPool(engine, cfg, port, processes, dispatcher)
+            pool = WorkerPool(engine, cfg, port, processes, dispatcher, code)
             await pool.start()
         else:
             site = web.TCPSite(runner, cfg.host, cfg.port, backlog=1024, reuse_address=True)

@@ -29,6 +29,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+from airlock import sqlerr
 from airlock.errors import FormatError
 
 FORMAT_NAME = "airlock-small-chunks"
@@ -38,7 +39,7 @@ LOCK_NAME = "small.lock"
 OPEN_NAME = "small.open"    # every process with the database open holds a shared flock on it
 log = logging.getLogger("airlock.chunks")
 
-BUSY_TIMEOUT_S = 30.0
+BUSY_TIMEOUT_S = 30.0     # a reader (or another tool) holding SQLite locks longer than this is an error
 # After a checkpoint has emptied the write-ahead log it is cut back to this
 # size when the next transaction starts over at its beginning; without a
 # limit the file keeps the largest size it ever reached (24 MB after a few
@@ -46,8 +47,6 @@ BUSY_TIMEOUT_S = 30.0
 # ~4 MB SQLite's automatic checkpoint lets it reach in steady use, so that
 # it is cut only after bursts.
 WAL_SIZE_LIMIT = 8 << 20
-SQLITE_CORRUPT, SQLITE_NOTADB = 11, 26     # the result codes that mean a damaged file
-SQLITE_FULL = 13                           # ... and the one of a full disk       # a reader (or another tool) holding SQLite locks longer than this is an error
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v TEXT NOT NULL);
@@ -59,8 +58,7 @@ def as_oserror(e: sqlite3.Error) -> OSError:
     """A database error as the OSError a chunk file's would be (callers
     handle storage failures as OSError: repair paths, the S3 error mapping):
     a full disk stays ENOSPC, anything else is EIO."""
-    full = (getattr(e, "sqlite_errorcode", 0) & 0xFF) == SQLITE_FULL
-    return OSError(errno.ENOSPC if full else errno.EIO, f"small-chunk database: {e}")
+    return OSError(sqlerr.storage_errno(e) or errno.EIO, f"small-chunk database: {e}")
 
 
 def _size_with_wal(path: str) -> int:
@@ -145,8 +143,9 @@ class SmallChunks:
         try:
             self._open_checked()
         except sqlite3.DatabaseError as e:
-            if (getattr(e, "sqlite_errorcode", 0) & 0xFF) not in (SQLITE_CORRUPT, SQLITE_NOTADB):
-                raise                    # locked, full, I/O error: not damage; never move those aside
+            if not sqlerr.is_damage(e):
+                # locked, full, I/O error: not damage; never move those aside
+                raise (sqlerr.storage_error(e, self.path) or as_oserror(e)) from e
             if not alone:
                 raise                    # the process that has it open decides (at its next start)
             # unreadable (a disk fault): keep it for forensics and start an

@@ -92,6 +92,8 @@ class Engine:
         self._key_locks: dict[tuple[str, str], list] = {}
         # async callables returning another gateway process's {"pid", "role", "stats"} (workers)
         self.stats_sources: list[Callable[[], Awaitable[dict]]] = []
+        # gateway processes the leader gave up on, with why (leader.py; in the health document)
+        self.workers_not_running: list[str] = []
         # with workers: the leader's client connections and requests begun
         # (primary/dispatch.py `counts`)
         self.connections: Callable[[], dict] | None = None
@@ -242,6 +244,8 @@ class Engine:
             if not cp.healthy:
                 body["status"] = "degraded"
         body["primary_storage"] = "ok" if self.degraded is None else "failed"
+        if self.workers_not_running:
+            body["workers_not_running"] = list(self.workers_not_running)
         if self.degraded is not None:
             body["status"] = "degraded"
             body["degraded_reason"] = self.degraded
@@ -784,7 +788,15 @@ class Engine:
         return self.index.uploads(bucket)
 
     async def abort_upload(self, up: Upload) -> None:
-        await self._commit(P.UPLOAD_ABORT, {"upload_id": up.upload_id})
+        """Under the key's write lock, as a Complete is: an Abort racing a
+        Complete of the same upload either ends it first (the Complete then
+        finds no upload) or finds it completed (NoSuchUpload), never both
+        answering success for one upload."""
+        def decide():
+            if self.index.upload(up.upload_id) is None:
+                raise E.NoSuchUpload(UploadId=up.upload_id)
+            return P.UPLOAD_ABORT, {"upload_id": up.upload_id}
+        await self._commit_key(up.bucket, up.key, decide)
 
     async def complete_upload(self, bucket: str, key: str, upload_id: str,
                               requested: list[tuple[int, str, dict[str, str]]],
@@ -805,7 +817,7 @@ class Engine:
         self._need_bucket(bucket)
         up = self.index.upload(upload_id)
         if up is None or up.bucket != bucket or up.key != key:
-            return self.completed_upload(bucket, key, upload_id, requested)
+            return self.completed_upload(bucket, key, upload_id, requested, claim, claimed_type)
         if not requested:
             raise E.MalformedXML()
         have = {p.part_number: p for p in self.index.parts(up.upload_id)}
@@ -856,25 +868,51 @@ class Engine:
             return P.UPLOAD_COMPLETE, {"upload_id": up.upload_id, "manifest": m.to_json()}
         m.seq, _ = await self._commit_key(m.bucket, m.key, decide)
         if m.seq is None:
-            return self.completed_upload(bucket, key, upload_id, requested)
+            return self.completed_upload(bucket, key, upload_id, requested, claim, claimed_type)
         return m
 
     def completed_upload(self, bucket: str, key: str, upload_id: str,
-                         requested: list[tuple[int, str, dict[str, str]]]) -> Manifest:
+                         requested: list[tuple[int, str, dict[str, str]]],
+                         claim: tuple[str, str] | None = None, claimed_type: str | None = None) -> Manifest:
         """The version this multipart upload completed as, if `requested`
-        names the same parts (the multipart ETag of their ETags matches) and
-        the version is still the one the completion made; else NoSuchUpload."""
+        names the same parts (in order; their ETags give its multipart ETag;
+        the part checksums it lists are the parts') and the version is still
+        the one the completion made; else NoSuchUpload.  A checksum or
+        checksum type the retry claims is checked against that version as
+        the first Complete checked it.  Not checked: the part numbers (the
+        record keeps the parts' sizes and checksums, not their numbers) and
+        preconditions (the first Complete's held, and its own object now
+        exists)."""
         row = self.index.completed_upload(upload_id)
+        v = None
         if row is not None and row[:2] == (bucket, key) and requested:
             v = self.index.version(bucket, key, row[2])
-            try:
-                md5s = b"".join(bytes.fromhex(etag) for _n, etag, _c in requested)
-            except ValueError:
-                md5s = None
-            if (v is not None and v.manifest is not None and v.seq == row[3] and md5s is not None
-                    and v.manifest.etag == f"{hashlib.md5(md5s).hexdigest()}-{len(requested)}"):
-                return v.manifest
-        raise E.NoSuchUpload(UploadId=upload_id)
+            if v is None or v.manifest is None or v.seq != row[3]:
+                v = None
+        if v is None:
+            raise E.NoSuchUpload(UploadId=upload_id)
+        numbers = [n for n, _e, _c in requested]
+        if any(b <= a for a, b in zip(numbers, numbers[1:])):
+            raise E.InvalidPartOrder(UploadId=upload_id)
+        try:
+            md5s = b"".join(bytes.fromhex(etag) for _n, etag, _c in requested)
+        except ValueError:
+            md5s = None
+        m = v.manifest
+        if md5s is None or m.etag != f"{hashlib.md5(md5s).hexdigest()}-{len(requested)}":
+            raise E.NoSuchUpload(UploadId=upload_id)
+        for (number, etag, cks), stored in zip(requested, m.part_checksums or [{}] * len(requested)):
+            if any(alg in stored and stored[alg] != val for alg, val in cks.items()):
+                raise E.InvalidPart("The checksum listed for a part does not match the part's checksum.",
+                                    UploadId=upload_id, PartNumber=str(number), ETag=etag)
+        alg = next(iter(m.checksums), None)
+        if claimed_type is not None and m.checksum_type is not None and claimed_type != m.checksum_type:
+            raise E.InvalidRequest(f"The upload was created using the {m.checksum_type} checksum type. "
+                                   f"The complete request referenced the {claimed_type} checksum type.")
+        if claim is not None:
+            C.check_object_claim(claim, alg, m.checksum_type, m.checksums.get(alg) if alg else None,
+                                 len(requested))
+        return m
 
 
 def replay_log(index: Index, log_dir: str, void=()) -> int:

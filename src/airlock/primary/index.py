@@ -11,17 +11,16 @@ code-point order S3 lists in.
 """
 from __future__ import annotations
 
-import errno
 import json
 import os
 import sqlite3
 
+from airlock import sqlerr
 from airlock.log import payload as P
 from airlock.primary.model import NULL_VERSION, Bucket, Manifest, ObjectMeta, ObjectVersion, Part, Upload
 
 BUCKET_RECORDS = frozenset({P.BUCKET_CREATE, P.BUCKET_DELETE, P.BUCKET_VERSIONING, P.BUCKET_TAGGING})
 INDEX_SCHEMA_VERSION = 2   # 2: buckets.versioning and the versions table (S3 versioning)
-SQLITE_FULL = 13           # SQLite's result code for a full disk (the low byte of sqlite_errorcode)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v TEXT NOT NULL);
@@ -119,8 +118,10 @@ class Index:
             if db.in_transaction:
                 db.execute("ROLLBACK")
             db.close()
-            # a full disk is not an unreadable index: open_or_rebuild must not delete it
-            _raise_if_full(e, self.path)
+            # a full disk, an I/O error: not an unreadable index; open_or_rebuild must not delete it
+            err = sqlerr.storage_error(e, self.path)
+            if err is not None:
+                raise err from e
             raise
         return db
 
@@ -160,7 +161,10 @@ class Index:
             idx = cls(path)
             idx.applied_seq()
             return idx, False
-        except sqlite3.DatabaseError:
+        except sqlite3.DatabaseError as e:
+            err = sqlerr.storage_error(e, path)
+            if err is not None:          # the storage failed, the file is not known to be damaged: keep it
+                raise err from e
             for suffix in ("", "-wal", "-shm"):
                 try:
                     os.unlink(path + suffix)
@@ -210,7 +214,9 @@ class Index:
             # fail ("no transaction is active") and hide the error.
             if db.in_transaction:
                 db.execute("ROLLBACK")
-            _raise_if_full(e, self.path)
+            err = sqlerr.storage_error(e, self.path)
+            if err is not None:
+                raise err from e
             raise
         finally:
             self._object_rows.clear()
@@ -461,14 +467,6 @@ class Index:
         row = self.db.execute("SELECT info FROM parts WHERE upload_id=? AND part_number=?",
                               (upload_id, number)).fetchone()
         return Part.from_json(json.loads(row[0])) if row else None
-
-
-def _raise_if_full(e: BaseException, path: str) -> None:
-    """Raise SQLite's full disk (SQLITE_FULL) as the ENOSPC every other file
-    of the primary gives: s3/errors.py answers it with 503, the CLI with one
-    line naming the file."""
-    if (getattr(e, "sqlite_errorcode", 0) & 0xFF) == SQLITE_FULL:
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path) from e
 
 
 def _version(bucket: str, row) -> ObjectVersion:

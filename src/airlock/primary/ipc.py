@@ -49,8 +49,11 @@ def code_fingerprint(root: str = _PACKAGE) -> str:
                 continue
             path = os.path.join(dirpath, name)
             rel = os.path.relpath(path, root).encode()
-            with open(path, "rb") as f:
-                data = f.read()
+            try:
+                with open(path, "rb") as f:
+                    data = f.read()
+            except OSError:        # not code Python can import either (an editor's dangling lock link)
+                continue
             h.update(struct.pack("<I", len(rel)) + rel + struct.pack("<Q", len(data)))
             h.update(data)
     return h.hexdigest()

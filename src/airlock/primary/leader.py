@@ -22,7 +22,7 @@ from airlock.config import GatewayConfig
 from airlock.primary.dispatch import Dispatcher, connection_channel
 from airlock.primary.engine import Engine
 from airlock.primary.generation import Generation
-from airlock.primary.ipc import CODE_CHANGED_EXIT, VERSION, Peer, code_fingerprint
+from airlock.primary.ipc import CODE_CHANGED_EXIT, VERSION, Peer
 from airlock.primary.worker import CARRY_CHUNKS, FORWARDED, tmp_owner
 
 log = logging.getLogger("airlock.leader")
@@ -44,14 +44,14 @@ class Worker:
 
 class WorkerPool:
     def __init__(self, engine: Engine, cfg: GatewayConfig, port: int, processes: int,
-                 dispatcher: Dispatcher):
+                 dispatcher: Dispatcher, code: str):
         self.engine = engine
         self.cfg = cfg
         self.port = port
         self.dispatcher = dispatcher
         self.workers = [Worker(i) for i in range(1, processes)]
         self.stopping = False
-        self.code = code_fingerprint()       # the code this process runs: a worker must run the same
+        self.code = code        # code_fingerprint() as this process started: a worker must run the same
         # tells the workers when their index caches are stale (docs/format/ipc.md);
         # the engine's index bumps it after every transaction it commits
         self.generation = Generation.create()
@@ -193,6 +193,9 @@ class WorkerPool:
                 log.error("gateway worker %d not started again: the airlock installation changed since "
                           "the gateway started; restart the gateway to run the new code with all its "
                           "processes (serving with the others until then)", w.slot)
+                self.engine.workers_not_running.append(
+                    f"worker {w.slot}: the airlock installation changed since the gateway started; "
+                    "restart the gateway")
                 return
             # a worker that keeps dying is started again less and less often
             delay = RESTART_DELAY_S if time.monotonic() - started > STABLE_S else min(delay * 2, MAX_RESTART_DELAY_S)

@@ -4,7 +4,7 @@ S3Error subclasses carry their own code and status.  Storage-level errors map
 as follows: replication failures -> 503 ServiceUnavailable (the change is
 visible nowhere), integrity errors -> 500 InternalError (logged and counted;
 repair from the vault comes with the link), a full primary disk (ENOSPC,
-EDQUOT; the chunk store and the index report their databases' SQLITE_FULL as ENOSPC) -> 503 ServiceUnavailable
+EDQUOT; the chunk store and the index report their databases' full disk as ENOSPC, airlock/sqlerr.py) -> 503 ServiceUnavailable
 (nothing was committed; the client may retry once there is space), anything
 else -> 500.
 """
