@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import os
+import time
 
 import pytest
 
@@ -43,8 +44,18 @@ def test_a_chunk_file_in_the_page_cache_reads_the_same_bytes_as_read(stored):
 
 def test_a_chunk_file_not_in_the_page_cache_is_left_to_read(stored):
     st, d, data = stored
-    _drop_from_cache(st.path(d))
-    assert st.read_cached(d, SIZE) is None       # would have waited for the disk
+
+    def uncached_read() -> bool:
+        # a DONTNEED can leave pages the kernel still holds in a per-CPU
+        # batch (seen once in a loaded suite run): evict again, a bounded
+        # number of times, until the pages are gone
+        for _ in range(20):
+            _drop_from_cache(st.path(d))
+            if st.read_cached(d, SIZE) is None:
+                return True
+            time.sleep(0.05)
+        return False
+    assert uncached_read()                       # would have waited for the disk
     assert st.read(d) == data                    # the thread's read brings it in ...
     assert bytes(st.read_cached(d, SIZE)) == data     # ... and the next one is served from the cache
 

@@ -106,6 +106,27 @@ def test_replay_into_an_index_on_a_full_disk_stops_with_enospc_and_resumes_once_
     index.close()
 
 
+def test_sqlite_errors_are_told_apart_damage_storage_and_neither(tmp_path):
+    from airlock import sqlerr
+    db = sqlite3.connect(str(tmp_path / "x.sqlite"))
+    db.execute("CREATE TABLE t (k PRIMARY KEY)")
+    db.execute("INSERT INTO t VALUES (1)")
+    with pytest.raises(sqlite3.IntegrityError) as constraint:
+        db.execute("INSERT INTO t VALUES (1)")
+    db.close()
+    assert sqlerr.storage_error(constraint.value, "x") is None and not sqlerr.is_damage(constraint.value)
+    garbage = tmp_path / "garbage.sqlite"
+    garbage.write_bytes(b"not a database at all" * 100)
+    with pytest.raises(sqlite3.DatabaseError) as damaged:
+        sqlite3.connect(str(garbage)).execute("SELECT * FROM sqlite_master")
+    assert sqlerr.is_damage(damaged.value) and sqlerr.storage_error(damaged.value, str(garbage)) is None
+    with pytest.raises(sqlite3.OperationalError) as cantopen:
+        sqlite3.connect(str(tmp_path / "no" / "such" / "dir.sqlite"))
+    err = sqlerr.storage_error(cantopen.value, str(tmp_path / "no" / "such" / "dir.sqlite"))
+    assert err.errno == errno.EIO and err.filename.endswith("dir.sqlite")
+    assert sqlerr.storage_error(sqlite3.DatabaseError("ours, no code"), "x") is None
+
+
 def test_an_index_file_left_with_a_schema_and_no_applied_seq_is_rebuilt_not_a_crash(tmp_path):
     """What an older build left when the disk filled between the two rows of
     a new index's meta table (two autocommits; now one transaction)."""

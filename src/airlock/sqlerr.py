@@ -15,6 +15,9 @@ import sqlite3
 
 SQLITE_CORRUPT, SQLITE_NOTADB = 11, 26     # result codes (the low byte) that mean a damaged file
 SQLITE_FULL = 13
+# ... and those that mean the storage (or the system) failed under a sound file:
+# PERM, BUSY, LOCKED, NOMEM, READONLY, IOERR, FULL, CANTOPEN, PROTOCOL, NOLFS
+STORAGE_CODES = frozenset({3, 5, 6, 7, 8, 10, SQLITE_FULL, 14, 15, 22})
 SQLITE_IOERR_SHMSIZE = 10 | (19 << 8)      # extended code: the -shm file could not grow (a full disk)
 
 
@@ -23,14 +26,15 @@ def is_damage(e: BaseException) -> bool:
 
 
 def storage_errno(e: BaseException, path: str | None = None) -> int | None:
-    """ENOSPC or EIO if `e` is SQLite's report of a storage failure (anything
-    but damage); None for damage and for errors that did not come from
-    SQLite (ours, e.g. a schema check, carry no code).  A full disk is
-    SQLITE_FULL, the -shm file that could not grow, or any error while the
-    file system of `path` has no byte left."""
-    if not isinstance(e, sqlite3.Error) or getattr(e, "sqlite_errorcode", None) is None or is_damage(e):
+    """ENOSPC or EIO if `e` is SQLite's report of a storage failure
+    (STORAGE_CODES); None for damage, for SQLite's other errors (a
+    constraint, a bad statement: not the storage's fault) and for errors that
+    did not come from SQLite (ours, e.g. a schema check, carry no code).  A
+    full disk is SQLITE_FULL, the -shm file that could not grow, or any
+    storage error while the file system of `path` has no byte left."""
+    code = getattr(e, "sqlite_errorcode", None) if isinstance(e, sqlite3.Error) else None
+    if code is None or (code & 0xFF) not in STORAGE_CODES:
         return None
-    code = e.sqlite_errorcode
     if (code & 0xFF) == SQLITE_FULL or code == SQLITE_IOERR_SHMSIZE or (path is not None and _no_room(path)):
         return errno.ENOSPC
     return errno.EIO
