@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import shutil
 import socket
 import subprocess
 import sys
@@ -104,6 +105,17 @@ def wait_for_port(port: int, proc: subprocess.Popen | None = None, timeout: floa
         except OSError:
             time.sleep(0.05)
     raise TimeoutError(f"port {port} did not open within {timeout}s")
+
+
+def cannot_mount(what: str, tools: tuple[str, ...]) -> str | None:
+    """Why a test that mounts `what` (in a private mount namespace) cannot
+    run here, or None: it needs root and these commands."""
+    if os.geteuid() != 0:
+        return f"mounting {what} needs root"
+    for tool in tools:
+        if shutil.which(tool) is None:
+            return f"`{tool}` is not installed"
+    return None
 
 
 def wait_until(pred, what: str, timeout: float = 10.0, interval: float = 0.05):

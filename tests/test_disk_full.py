@@ -17,14 +17,13 @@ fails with ENOSPC; once the filler is removed, writes resume by themselves.
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 import time
 
 import pytest
 from botocore.exceptions import ClientError
-from conftest import Deployment, Vault, wait_until
+from conftest import Deployment, Vault, cannot_mount, wait_until
 
 IMAGE_BYTES = 64 * 2**20
 FREE_AFTER_FILLER = 6 * 2**20     # what the vault may still write before the disk is full
@@ -35,11 +34,9 @@ MIN_FREE_MIB = 2                  # the gateway's reserve for its log and index 
 
 
 def _unavailable() -> str | None:
-    if os.geteuid() != 0:
-        return "mounting a file system image needs root"
-    for tool in ("unshare", "mount", "mkfs.ext4"):
-        if shutil.which(tool) is None:
-            return f"`{tool}` is not installed"
+    why = cannot_mount("a file system image", ("unshare", "mount", "mkfs.ext4"))
+    if why is not None:
+        return why
     if not os.path.exists("/dev/loop-control"):
         return "no loop devices here"
     return None

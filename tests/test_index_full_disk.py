@@ -23,7 +23,6 @@ from __future__ import annotations
 import errno
 import json
 import os
-import shutil
 import signal
 import sqlite3
 import subprocess
@@ -31,7 +30,7 @@ import sys
 import time
 
 import pytest
-from conftest import Deployment, wait_until
+from conftest import Deployment, cannot_mount, wait_until
 
 from airlock.log import payload as P
 from airlock.log.writer import LogWriter
@@ -179,12 +178,7 @@ class SmallDisk:
 
 
 def needs_mount() -> str | None:
-    if os.geteuid() != 0:
-        return "mounting a tmpfs needs root"
-    for tool in ("unshare", "nsenter", "mount"):
-        if shutil.which(tool) is None:
-            return f"`{tool}` is not installed"
-    return None
+    return cannot_mount("a tmpfs", ("unshare", "nsenter", "mount"))
 
 
 @pytest.mark.skipif(needs_mount() is not None, reason=needs_mount() or "")

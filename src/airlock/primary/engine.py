@@ -830,10 +830,7 @@ class Engine:
             p = have.get(number)
             if p is None or p.etag != etag:
                 raise E.InvalidPart(UploadId=up.upload_id, PartNumber=str(number), ETag=etag)
-            # a part checksum the client lists must be the one the part was stored with
-            if any(alg in p.checksums and p.checksums[alg] != v for alg, v in cks.items()):
-                raise E.InvalidPart("The checksum listed for a part does not match the part's checksum.",
-                                    UploadId=up.upload_id, PartNumber=str(number), ETag=etag)
+            _check_listed_part_checksums(up.upload_id, number, etag, cks, p.checksums)
             chosen.append(p)
         for p in chosen[:-1]:
             if p.size < MIN_PART_SIZE:
@@ -846,9 +843,7 @@ class Engine:
         ctype = None
         alg = up.checksum_algorithm
         utype = C.stored_upload_checksum_type(alg, up.checksum_type)
-        if claimed_type is not None and utype is not None and claimed_type != utype:
-            raise E.InvalidRequest(f"The upload was created using the {utype} checksum type. "
-                                   f"The complete request referenced the {claimed_type} checksum type.")
+        _check_claimed_type(claimed_type, utype)
         if alg and all(alg in p.checksums for p in chosen):
             checksums[alg] = C.multipart_object_checksum(alg, utype, [(p.checksums[alg], p.size) for p in chosen])
             ctype = utype
@@ -902,17 +897,28 @@ class Engine:
         if md5s is None or m.etag != f"{hashlib.md5(md5s).hexdigest()}-{len(requested)}":
             raise E.NoSuchUpload(UploadId=upload_id)
         for (number, etag, cks), stored in zip(requested, m.part_checksums or [{}] * len(requested)):
-            if any(alg in stored and stored[alg] != val for alg, val in cks.items()):
-                raise E.InvalidPart("The checksum listed for a part does not match the part's checksum.",
-                                    UploadId=upload_id, PartNumber=str(number), ETag=etag)
+            _check_listed_part_checksums(upload_id, number, etag, cks, stored)
         alg = next(iter(m.checksums), None)
-        if claimed_type is not None and m.checksum_type is not None and claimed_type != m.checksum_type:
-            raise E.InvalidRequest(f"The upload was created using the {m.checksum_type} checksum type. "
-                                   f"The complete request referenced the {claimed_type} checksum type.")
+        _check_claimed_type(claimed_type, m.checksum_type)
         if claim is not None:
             C.check_object_claim(claim, alg, m.checksum_type, m.checksums.get(alg) if alg else None,
                                  len(requested))
         return m
+
+
+def _check_listed_part_checksums(upload_id: str, number: int, etag: str, listed: dict[str, str],
+                                 stored: dict[str, str]) -> None:
+    """A part checksum a CompleteMultipartUpload lists must be the one the part was stored with."""
+    if any(alg in stored and stored[alg] != v for alg, v in listed.items()):
+        raise E.InvalidPart("The checksum listed for a part does not match the part's checksum.",
+                            UploadId=upload_id, PartNumber=str(number), ETag=etag)
+
+
+def _check_claimed_type(claimed: str | None, upload_type: str | None) -> None:
+    """The checksum type a CompleteMultipartUpload names must be the upload's."""
+    if claimed is not None and upload_type is not None and claimed != upload_type:
+        raise E.InvalidRequest(f"The upload was created using the {upload_type} checksum type. "
+                               f"The complete request referenced the {claimed} checksum type.")
 
 
 def replay_log(index: Index, log_dir: str, void=()) -> int:
