@@ -18,3 +18,11 @@ def test_version_and_upload_ids_never_begin_with_a_dash():
         assert len(ids) == 4096
         assert not [i for i in ids if i.startswith("-")]
         assert all(len(i) == length and URL_SAFE.fullmatch(i) for i in ids)
+
+
+def test_new_version_ids_are_well_formed_for_the_gateways_check():
+    """The S3 layer refuses a version id that is not of this form (400
+    InvalidArgument); every id the engine makes must pass."""
+    from airlock.primary.model import is_version_id
+    assert all(is_version_id(_new_version_id()) for _ in range(1024))
+    assert is_version_id("null") and not is_version_id("abc") and not is_version_id("A" * 33)

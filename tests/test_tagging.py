@@ -92,8 +92,15 @@ def sc_versioned_tagging(rec, b):
     rec("get_object_tagging", "TagSet", Bucket=b, Key="k", VersionId=v1)
     rec("get_object_tagging", "TagSet", Bucket=b, Key="k")
     rec("get_object", "TagCount", _body=True, Bucket=b, Key="k", VersionId=v1)
-    rec("get_object_tagging", Bucket=b, Key="k", VersionId="nonexistent")        # NoSuchVersion
+    rec("get_object_tagging", Bucket=b, Key="k", VersionId="A" * 32)             # NoSuchVersion
+    rec("put_object_tagging", Bucket=b, Key="k", VersionId="A" * 32, Tagging=tagset())
+    # an id no version could have is refused before any lookup
+    malformed = "moto looks a malformed version id up (404 NoSuchVersion); S3 refuses it: 400 " \
+                "InvalidArgument 'Invalid version id specified'"
+    rec("get_object_tagging", Bucket=b, Key="k", VersionId="nonexistent")
+    rec.moto_diverges(("get_object_tagging", 400, "InvalidArgument"), malformed)
     rec("put_object_tagging", Bucket=b, Key="k", VersionId="nonexistent", Tagging=tagset())
+    rec.moto_diverges(("put_object_tagging", 400, "InvalidArgument"), malformed)
     # a tag change is not a version: still two versions, the same ids, v2 latest
     r = rec.client.list_object_versions(Bucket=b)
     rec.note("versions", [(v["VersionId"] == v2, v["IsLatest"], v["ETag"]) for v in r["Versions"]])

@@ -436,6 +436,53 @@ def test_a_copy_whose_source_version_is_a_delete_marker_is_invalid_request(gw):
     assert s3.list_parts(Bucket=b, Key="mp", UploadId=up).get("Parts", []) == []
 
 
+def sc_malformed_version_ids(rec, b):
+    """A version id no version could have is refused before any lookup: S3
+    answers 400 InvalidArgument "Invalid version id specified" for GET,
+    HEAD, DELETE, tagging and a copy source alike.  moto looks such an id
+    up (404 NoSuchVersion; HEAD 400 for a reason of its own; DELETE 204)."""
+    why = "moto looks a malformed version id up; S3 refuses it: 400 InvalidArgument 'Invalid version id specified'"
+    rec("create_bucket", Bucket=b)
+    rec("put_bucket_versioning", Bucket=b, VersioningConfiguration={"Status": "Enabled"})
+    rec("put_object", Bucket=b, Key="k", Body=b"one")
+    refused = ("get_object", 400, "InvalidArgument", None, None)
+    for bad in ("abc", "A" * 31, "A" * 33, "A" * 31 + "="):
+        rec("get_object", Bucket=b, Key="k", VersionId=bad)
+        rec.moto_diverges(refused, why)
+        rec("head_object", Bucket=b, Key="k", VersionId=bad)     # HEAD: the status only
+        rec.moto_diverges(("head_object", 400, "400", None, None), why)
+        rec("get_object_tagging", Bucket=b, Key="k", VersionId=bad)
+        rec.moto_diverges(("get_object_tagging",) + refused[1:], why)
+        rec("put_object_tagging", Bucket=b, Key="k", VersionId=bad, Tagging={"TagSet": []})
+        rec.moto_diverges(("put_object_tagging",) + refused[1:], why)
+        rec.per_s3(("delete_object_tagging",) + refused[1:], "moto raises AttributeError on this call",
+                   "delete_object_tagging", Bucket=b, Key="k", VersionId=bad)
+        rec("copy_object", Bucket=b, Key="copy", CopySource={"Bucket": b, "Key": "k", "VersionId": bad})
+        rec.moto_diverges(("copy_object",) + refused[1:], why)
+        rec("delete_object", Bucket=b, Key="k", VersionId=bad)
+        rec.moto_diverges(("delete_object",) + refused[1:], why)
+    # well-formed ids that name nothing are looked up: NoSuchVersion, as before
+    rec("get_object", Bucket=b, Key="k", VersionId="A" * 32)
+    rec("get_object", Bucket=b, Key="k", VersionId="-" + "A" * 31)   # ids made before 4c6b215 may begin with "-"
+    # nothing was written or deleted
+    all_versions(rec, b)
+
+
+def test_a_malformed_version_id_is_invalid_argument_not_no_such_version(gw):
+    differential(gw, sc_malformed_version_ids, new_bucket())
+    s3 = gw.client()
+    b = new_bucket()
+    s3.create_bucket(Bucket=b)
+    s3.put_object(Bucket=b, Key="k", Body=b"x")
+    with pytest.raises(ClientError) as ei:
+        s3.get_object(Bucket=b, Key="k", VersionId="abc")
+    err = ei.value.response["Error"]
+    assert (err["Message"], err["ArgumentName"], err["ArgumentValue"]) == \
+        ("Invalid version id specified", "versionId", "abc")
+    # "null" is every bucket's id for an unversioned write
+    assert s3.get_object(Bucket=b, Key="k", VersionId="null")["Body"].read() == b"x"
+
+
 def test_versions_survive_restart_and_index_rebuild(tmp_path):
     g = Gateway(tmp_path / "primary").start()
     try:

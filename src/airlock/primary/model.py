@@ -6,6 +6,7 @@ see docs/format/records.md).  They know nothing about HTTP.
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,6 +23,17 @@ STORED_HEADERS = (
 )
 DEFAULT_CONTENT_TYPE = "binary/octet-stream"  # what S3 answers when none was given
 NULL_VERSION = "null"   # the version id of writes in unversioned and suspended buckets
+# Every other version id: 24 random bytes in URL-safe base64 without padding
+# (engine._new_version_id).  Ids made before 4c6b215 may begin with "-".
+VERSION_ID_CHARS = 32
+_VERSION_ID_RE = re.compile(r"[A-Za-z0-9_-]{%d}" % VERSION_ID_CHARS)
+
+
+def is_version_id(text: str) -> bool:
+    """Could `text` be a version id airlock made?  S3 refuses an id that
+    could not (400 InvalidArgument) rather than looking it up (404
+    NoSuchVersion)."""
+    return text == NULL_VERSION or _VERSION_ID_RE.fullmatch(text) is not None
 
 
 @dataclass(frozen=True)

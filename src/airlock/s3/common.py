@@ -7,7 +7,7 @@ from urllib.parse import quote
 from aiohttp import web
 
 from airlock import errors as E
-from airlock.primary.model import NULL_VERSION, Bucket, Manifest
+from airlock.primary.model import NULL_VERSION, Bucket, Manifest, is_version_id
 
 _BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 _IPV4_RE = re.compile(r"^\d{1,3}(\.\d{1,3}){3}$")
@@ -57,13 +57,23 @@ def int_param(query, name: str, default: int, lo: int = 0, hi: int | None = None
 
 
 def version_id_param(ctx) -> str | None:
-    """The request's ?versionId= (None if absent); the empty string is refused, as S3 does."""
+    """The request's ?versionId= (None if absent).  The empty string, and an
+    id that no version could have (not "null", not the form airlock's ids
+    take), are refused as S3 refuses them: 400 InvalidArgument, not 404
+    NoSuchVersion."""
     if "versionId" not in ctx.query:
         return None
-    vid = ctx.query["versionId"]
+    return checked_version_id(ctx.query["versionId"], "versionId")
+
+
+def checked_version_id(vid: str, argument: str) -> str:
+    """`vid` if it is a well-formed version id; else S3's InvalidArgument
+    naming `argument` (the query parameter or header that carried it)."""
     if vid == "":
-        raise E.InvalidArgument("Version id cannot be the empty string", ArgumentName="versionId",
+        raise E.InvalidArgument("Version id cannot be the empty string", ArgumentName=argument,
                                 ArgumentValue="")
+    if not is_version_id(vid):
+        raise E.InvalidArgument("Invalid version id specified", ArgumentName=argument, ArgumentValue=vid)
     return vid
 
 

@@ -14,7 +14,8 @@ from airlock.primary.model import NULL_VERSION, STORED_HEADERS, Manifest, Object
 from airlock.s3 import checksums
 from airlock.s3.body import BodyStream
 from airlock.s3 import tagging
-from airlock.s3.common import client_gone, owned_bucket, version_headers, version_id_param, xml_response
+from airlock.s3.common import (checked_version_id, client_gone, owned_bucket, version_headers, version_id_param,
+                               xml_response)
 from airlock.s3.xml import doc, el, http_date, iso8601
 
 log = logging.getLogger("airlock.s3")
@@ -425,9 +426,7 @@ def parse_copy_source(ctx) -> tuple[str, str, str | None]:
     src, _, qs = raw.partition("?")
     if qs and not qs.startswith("versionId="):
         raise E.InvalidArgument("Invalid copy source", ArgumentName="x-amz-copy-source")
-    version_id = unquote(qs[len("versionId="):]) if qs else None
-    if version_id == "":
-        raise E.InvalidArgument("Version id cannot be the empty string", ArgumentName="x-amz-copy-source")
+    version_id = checked_version_id(unquote(qs[len("versionId="):]), "x-amz-copy-source") if qs else None
     try:
         src = unquote(src, errors="strict")
     except UnicodeDecodeError:
