@@ -10,6 +10,7 @@ from __future__ import annotations
 from airlock import errors as E
 from airlock.primary.model import Manifest
 from airlock.s3.common import int_param, owned_bucket, version_headers, version_id_param, xml_response
+from airlock.s3.object import refuse_sse_c_read
 from airlock.s3.xml import doc, el, http_date
 
 ATTRIBUTES = ("ETag", "Checksum", "ObjectParts", "StorageClass", "ObjectSize")
@@ -50,6 +51,7 @@ async def get_object_attributes(ctx):
     owned_bucket(ctx)
     asked = _asked(ctx)
     m = ctx.engine.head_object(ctx.bucket, ctx.key, version_id_param(ctx), method="GET")
+    refuse_sse_c_read(ctx.headers)
     body = ""
     if "ETag" in asked:
         body += el("ETag", m.etag)          # unquoted here, unlike the ETag header

@@ -44,6 +44,7 @@ SSE_C_HEADERS = ("x-amz-server-side-encryption-customer-algorithm",
                  "x-amz-copy-source-server-side-encryption-customer-key",
                  "x-amz-copy-source-server-side-encryption-customer-key-md5")
 SSE_KMS_VALUES = ("aws:kms", "aws:kms:dsse")
+SSE_C_READ_HEADERS = SSE_C_HEADERS[:3]
 
 
 def refuse_unsupported_protection(headers) -> None:
@@ -71,6 +72,16 @@ def refuse_unsupported_protection(headers) -> None:
     for h in ("x-amz-server-side-encryption-aws-kms-key-id", "x-amz-server-side-encryption-context"):
         if h in headers:
             raise E.NotImplementedS3("Server-side encryption with KMS keys is not implemented.", Header=h)
+
+
+def refuse_sse_c_read(headers) -> None:
+    """A read (GET, HEAD, GetObjectAttributes) that sends an SSE-C key for
+    an object stored without one -- every airlock object, since a write with
+    SSE-C is refused -- is 400 InvalidRequest, as S3 answers it: serving it
+    would tell the client its key protected the object."""
+    for h in SSE_C_READ_HEADERS:
+        if h in headers:
+            raise E.InvalidRequest("The encryption parameters are not applicable to this object.")
 
 
 # ---------------------------------------------------------------------------- metadata
@@ -319,6 +330,7 @@ def _part_range(m: Manifest, part_number: int) -> tuple[int, int]:
 def _resolve_read(ctx):
     owned_bucket(ctx)
     m = ctx.engine.head_object(ctx.bucket, ctx.key, version_id_param(ctx), method=ctx.method)
+    refuse_sse_c_read(ctx.headers)
     check_read_conditions(ctx.headers, m)
     headers = object_headers(m, with_checksums=ctx.headers.get("x-amz-checksum-mode", "").upper() == "ENABLED")
     headers.update(version_headers(ctx, m))
