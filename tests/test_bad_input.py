@@ -334,13 +334,31 @@ def test_truncated_body_is_never_visible(raw, s3c, bkt, how):
 
 
 # ---------------------------------------------------------------------------- arguments
-def test_unsupported_subresource_is_notimplemented(raw, s3c, bkt):
-    assert_error(raw("GET", f"/{bkt}?policy"), 501, "NotImplemented")
+def test_setting_an_unsupported_subresource_is_notimplemented_and_stores_nothing(raw, s3c, bkt):
+    """airlock would not apply a policy, CORS rules, an ACL or a legal hold,
+    so it does not store one: 501.  Reading them answers S3's "not
+    configured" (test_differential.py), which stays true afterwards."""
     assert_error(raw("PUT", f"/{bkt}?policy", b'{"Version": "2012-10-17"}'), 501, "NotImplemented")
     assert_error(raw("PUT", f"/{bkt}/keep?legal-hold", b"<LegalHold/>"), 501, "NotImplemented")
     assert_error(raw("PUT", f"/{bkt}?cors", b"<CORSConfiguration/>"), 501, "NotImplemented")
+    assert_error(raw("PUT", f"/{bkt}?acl", b"", {"x-amz-acl": "public-read"}), 501, "NotImplemented")
+    assert_error(raw("PUT", f"/{bkt}/keep?acl", b"", {"x-amz-acl": "public-read"}), 501, "NotImplemented")
     assert_error(raw("PUT", f"/{bkt}/keep?tagging", b"<Tagging/>"), 400, "MalformedXML")  # object tags exist
+    assert_error(raw("GET", f"/{bkt}?policy"), 404, "NoSuchBucketPolicy")
+    assert_error(raw("GET", f"/{bkt}?cors"), 404, "NoSuchCORSConfiguration")
+    for acl in (s3c.get_bucket_acl(Bucket=bkt), s3c.get_object_acl(Bucket=bkt, Key="keep")):
+        assert [g["Permission"] for g in acl["Grants"]] == ["FULL_CONTROL"]
     assert_untouched(s3c, bkt)
+
+
+def test_an_unsupported_subresource_of_a_missing_bucket_is_no_such_bucket(raw):
+    """The bucket is checked before the sub-resource, as for every bucket request."""
+    for method, path, body in (("PUT", "/no-such-bucket-here?policy", b"{}"),
+                               ("PUT", "/no-such-bucket-here?cors", b"<CORSConfiguration/>"),
+                               ("GET", "/no-such-bucket-here?analytics", b""),
+                               ("PUT", "/no-such-bucket-here/k?legal-hold", b"<LegalHold/>"),
+                               ("POST", "/no-such-bucket-here/k?restore", b"<RestoreRequest/>")):
+        assert_error(raw(method, path, body), 404, "NoSuchBucket")
 
 
 def test_a_browser_form_upload_is_not_implemented_rather_than_access_denied(gw, s3c, bkt):

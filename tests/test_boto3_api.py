@@ -821,6 +821,40 @@ def test_get_bucket_location(s3c, b):
     assert r["LocationConstraint"] in (None, "")
 
 
+TERRAFORM_BUCKET_READS = (
+    # what Terraform's aws_s3_bucket reads on every refresh, with the answer
+    # it gets for a bucket that has none of it (None: a 200 it reads as "off")
+    ("get_bucket_acl", None), ("get_bucket_cors", "NoSuchCORSConfiguration"),
+    ("get_bucket_website", "NoSuchWebsiteConfiguration"), ("get_bucket_versioning", None),
+    ("get_bucket_accelerate_configuration", None), ("get_bucket_request_payment", None),
+    ("get_bucket_logging", None), ("get_bucket_lifecycle_configuration", "NoSuchLifecycleConfiguration"),
+    ("get_bucket_replication", "ReplicationConfigurationNotFoundError"),
+    ("get_bucket_encryption", "ServerSideEncryptionConfigurationNotFoundError"),
+    ("get_object_lock_configuration", "ObjectLockConfigurationNotFoundError"),
+    ("get_bucket_policy", "NoSuchBucketPolicy"), ("get_bucket_tagging", "NoSuchTagSet"),
+)
+
+
+def test_a_terraform_style_read_of_every_bucket_setting_gets_s3s_not_configured_answers(s3c, b):
+    for op, code in TERRAFORM_BUCKET_READS:
+        if code is None:
+            assert getattr(s3c, op)(Bucket=b)["ResponseMetadata"]["HTTPStatusCode"] == 200, op
+            continue
+        with pytest.raises(ClientError) as ei:
+            getattr(s3c, op)(Bucket=b)
+        assert (_status(ei.value), _code(ei.value)) == (404, code), op
+    assert s3c.get_bucket_request_payment(Bucket=b)["Payer"] == "BucketOwner"
+
+
+def test_acls_name_the_owner_listings_name_with_full_control(s3c, b):
+    s3c.put_object(Bucket=b, Key="k", Body=b"x")
+    owner = s3c.list_buckets()["Owner"]
+    assert s3c.list_objects_v2(Bucket=b, FetchOwner=True)["Contents"][0]["Owner"] == owner
+    for acl in (s3c.get_bucket_acl(Bucket=b), s3c.get_object_acl(Bucket=b, Key="k")):
+        assert acl["Owner"] == owner
+        assert acl["Grants"] == [{"Grantee": {**owner, "Type": "CanonicalUser"}, "Permission": "FULL_CONTROL"}]
+
+
 def test_delete_objects_batch(cli, bkt):
     for k in ["d1", "d2", "d3"]:
         cli.put_object(Bucket=bkt, Key=k, Body=b"x")

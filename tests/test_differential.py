@@ -153,6 +153,68 @@ def test_bucket_lifecycle_matches_moto(gw):
     differential(gw, sc_buckets, new_bucket())
 
 
+def sc_unconfigured_bucket_features(rec, b):
+    """What Terraform's aws_s3_bucket reads on every refresh, and the other
+    bucket configuration reads: each answers S3's "not configured" (airlock
+    keeps none of it, s3/configuration.py), and deleting what is not there
+    is a 204.  Owner ids are never compared (see the module's docstring);
+    test_boto3_api checks the ACL's owner against ListBuckets'.
+
+    Three answers follow moto and S3 as it answers for a bucket with none
+    configured, not the defaults S3 has given new buckets since 2023
+    (AES256 default encryption, BucketOwnerEnforced ownership, all four
+    public access blocks on): GetBucketEncryption is 404 because airlock
+    does not encrypt at rest, and reporting AES256 would claim it does;
+    the other two are settings airlock neither stores nor lets a PUT change."""
+    rec("create_bucket", Bucket=b)
+    rec("put_object", Bucket=b, Key="k", Body=b"x")
+    rec("get_bucket_acl", "length(Grants)", "Grants[].Permission", "Grants[].Grantee.Type",
+        "Owner.ID == Grants[0].Grantee.ID", Bucket=b)
+    rec("get_object_acl", "length(Grants)", "Grants[].Permission", "Grants[].Grantee.Type",
+        "Owner.ID == Grants[0].Grantee.ID", Bucket=b, Key="k")
+    rec("get_object_acl", Bucket=b, Key="missing")                         # NoSuchKey
+    rec("get_bucket_cors", Bucket=b)                                       # NoSuchCORSConfiguration
+    rec("get_bucket_website", Bucket=b)                                    # NoSuchWebsiteConfiguration
+    rec("get_bucket_versioning", "Status", Bucket=b)
+    rec("get_bucket_accelerate_configuration", "Status", Bucket=b)        # 200, no Status
+    rec("get_bucket_request_payment", "Payer", Bucket=b)
+    rec.moto_diverges(("get_bucket_request_payment", {"status": 200, "Payer": "BucketOwner"}),
+                      "moto answers an empty RequestPaymentConfiguration; S3 names the payer of a "
+                      "bucket that is not requester pays: <Payer>BucketOwner</Payer> "
+                      "(GetBucketRequestPaymentOutput.Payer)")
+    rec("get_bucket_logging", "LoggingEnabled", Bucket=b)                  # 200, logging off
+    rec("get_bucket_lifecycle_configuration", "Rules", Bucket=b)           # NoSuchLifecycleConfiguration
+    rec("get_bucket_replication", Bucket=b)                                # ReplicationConfigurationNotFoundError
+    rec("get_bucket_encryption", Bucket=b)     # ServerSideEncryptionConfigurationNotFoundError: see above
+    rec("get_object_lock_configuration", Bucket=b)                         # ObjectLockConfigurationNotFoundError
+    rec("get_bucket_policy", Bucket=b)                                     # NoSuchBucketPolicy
+    rec("get_bucket_policy_status", Bucket=b)                              # NoSuchBucketPolicy
+    rec("get_bucket_tagging", Bucket=b)                                    # NoSuchTagSet
+    rec("get_public_access_block", Bucket=b)                               # NoSuchPublicAccessBlockConfiguration
+    rec("get_bucket_ownership_controls", Bucket=b)                         # OwnershipControlsNotFoundError
+    rec("get_bucket_notification_configuration", "TopicConfigurations", "QueueConfigurations",
+        "LambdaFunctionConfigurations", "EventBridgeConfiguration", Bucket=b)
+    for op in ("delete_bucket_policy", "delete_bucket_cors", "delete_bucket_website", "delete_bucket_lifecycle",
+               "delete_bucket_replication", "delete_bucket_encryption", "delete_public_access_block",
+               "delete_bucket_ownership_controls"):
+        rec(op, Bucket=b)                                                  # 204
+        rec(op, Bucket=b + "-missing")                                     # NoSuchBucket
+    for op in ("get_bucket_acl", "get_bucket_cors", "get_bucket_logging", "get_bucket_request_payment",
+               "get_bucket_encryption", "get_bucket_policy", "get_public_access_block"):
+        rec(op, Bucket=b + "-missing")                                     # NoSuchBucket
+    rec("get_object_acl", Bucket=b + "-missing", Key="k")
+    # an object's Object Lock state, in a bucket without Object Lock (every airlock bucket)
+    for op in ("get_object_legal_hold", "get_object_retention"):
+        rec(op, Bucket=b, Key="k")
+        rec.moto_diverges((op, 400, "InvalidRequest"),
+                          "moto answers 404 NoSuchKey for an object that exists; S3 answers 400 "
+                          "InvalidRequest 'Bucket is missing Object Lock Configuration'")
+
+
+def test_unconfigured_bucket_features_read_as_in_s3(gw):
+    differential(gw, sc_unconfigured_bucket_features, new_bucket())
+
+
 # ---------------------------------------------------------------------------- objects
 def sc_objects(rec, b):
     rec("create_bucket", Bucket=b)

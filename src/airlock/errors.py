@@ -138,6 +138,24 @@ BucketAlreadyExists = _s3("BucketAlreadyExists", 409, "The requested bucket name
 BucketAlreadyOwnedByYou = _s3("BucketAlreadyOwnedByYou", 409, "Your previous request to create the named bucket succeeded and you already own it.")
 BucketNotEmpty = _s3("BucketNotEmpty", 409, "The bucket you tried to delete is not empty")
 
+# bucket configuration airlock does not keep: S3's answers for a bucket on
+# which the feature is not configured (s3/configuration.py)
+NoSuchBucketPolicy = _s3("NoSuchBucketPolicy", 404, "The bucket policy does not exist")
+NoSuchCORSConfiguration = _s3("NoSuchCORSConfiguration", 404, "The CORS configuration does not exist")
+NoSuchLifecycleConfiguration = _s3("NoSuchLifecycleConfiguration", 404, "The lifecycle configuration does not exist")
+NoSuchWebsiteConfiguration = _s3("NoSuchWebsiteConfiguration", 404,
+                                 "The specified bucket does not have a website configuration")
+ReplicationConfigurationNotFoundError = _s3("ReplicationConfigurationNotFoundError", 404,
+                                            "The replication configuration was not found")
+ServerSideEncryptionConfigurationNotFoundError = _s3("ServerSideEncryptionConfigurationNotFoundError", 404,
+                                                     "The server side encryption configuration was not found")
+ObjectLockConfigurationNotFoundError = _s3("ObjectLockConfigurationNotFoundError", 404,
+                                           "Object Lock configuration does not exist for this bucket")
+NoSuchPublicAccessBlockConfiguration = _s3("NoSuchPublicAccessBlockConfiguration", 404,
+                                           "The public access block configuration was not found")
+OwnershipControlsNotFoundError = _s3("OwnershipControlsNotFoundError", 404,
+                                     "The bucket ownership controls were not found")
+
 # conditions
 PreconditionFailed = _s3("PreconditionFailed", 412, "At least one of the pre-conditions you specified did not hold")
 ConditionalRequestConflict = _s3("ConditionalRequestConflict", 409, "The conditional request cannot succeed due to a conflicting operation against this resource.")

@@ -12,6 +12,7 @@ delete) and call the engine; they never touch files.
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import logging
 import secrets
@@ -36,7 +37,8 @@ CLIENT_MAX_SIZE = 1 << 20       # aiohttp's cap for bodies read whole (XML); obj
 
 HEALTH_PATH = "/_airlock/health"   # unauthenticated; '_airlock' can never be a bucket name
 
-# Sub-resources that exist in S3 but not (yet) in airlock: answered 501 NotImplemented
+# Sub-resources that exist in S3 but not (yet) in airlock (s3/configuration.py):
+# reads answer S3's "not configured", writes 501 NotImplemented
 UNSUPPORTED_SUBRESOURCES = frozenset({
     "acl", "policy", "policyStatus", "cors", "lifecycle", "website", "logging",
     "notification", "replication", "encryption", "object-lock", "legal-hold", "retention",
@@ -71,10 +73,15 @@ class S3Request:
 
     def owner_xml(self, user_id: str | None = None) -> str:
         """<Owner> of `user_id` (default: the caller) with the configured display name."""
+        return f"<Owner>{self.owner_fields(user_id)}</Owner>"
+
+    def owner_fields(self, user_id: str | None = None) -> str:
+        """<ID> and <DisplayName> of `user_id` (default: the caller): an
+        <Owner>'s content, or an ACL <Grantee>'s."""
         from airlock.s3.xml import el
         uid = user_id or self.user.user_id
         name = self.app_users_by_id.get(uid).display_name if uid in self.app_users_by_id else uid
-        return f"<Owner>{el('ID', uid)}{el('DisplayName', name)}</Owner>"
+        return f"{el('ID', uid)}{el('DisplayName', name)}"
 
     @property
     def app_users_by_id(self) -> dict[str, User]:
@@ -212,6 +219,7 @@ class S3App:
     def _route(self, ctx: S3Request):
         from airlock.s3 import attributes as A
         from airlock.s3 import bucket as B
+        from airlock.s3 import configuration as C
         from airlock.s3 import delete as D
         from airlock.s3 import listing as L
         from airlock.s3 import multipart as M
@@ -237,7 +245,7 @@ class S3App:
                 if "uploads" in q:
                     return M.list_uploads
                 if sub:
-                    raise E.NotImplementedS3(f"The {sub[0]} sub-resource is not implemented.")
+                    return functools.partial(C.get_bucket_configuration, sub=sub[0])
                 if q.get("list-type") == "2":
                     return L.list_objects_v2
                 return L.list_objects_v1
@@ -249,13 +257,13 @@ class S3App:
                 if "tagging" in q:
                     return T.put_bucket_tagging
                 if sub:
-                    raise E.NotImplementedS3(f"The {sub[0]} sub-resource is not implemented.")
+                    return functools.partial(C.refuse_configuration, sub=sub[0])
                 return B.create_bucket
             if m == "DELETE":
                 if "tagging" in q:
                     return T.delete_bucket_tagging
                 if sub:
-                    raise E.NotImplementedS3(f"The {sub[0]} sub-resource is not implemented.")
+                    return functools.partial(C.delete_bucket_configuration, sub=sub[0])
                 return B.delete_bucket
             if m == "POST" and "delete" in q:
                 return D.delete_objects
@@ -273,7 +281,9 @@ class S3App:
             raise E.MethodNotAllowed(Method=m, ResourceType="OBJECT")
         sub = [k for k in q if k in UNSUPPORTED_SUBRESOURCES]
         if sub:
-            raise E.NotImplementedS3(f"The {sub[0]} sub-resource is not implemented.")
+            if m == "GET":
+                return functools.partial(C.get_object_configuration, sub=sub[0])
+            return functools.partial(C.refuse_configuration, sub=sub[0])
         if m == "GET":
             if "uploadId" in q:
                 return M.list_parts
