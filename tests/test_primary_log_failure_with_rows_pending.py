@@ -10,6 +10,10 @@ that batch's appends at once; its client must still hear only once its
 row's fate is known, and what it hears must hold for good: a 200 is
 readable at once (the gateway degrades and serves the vault's records) and
 after a restart on repaired storage; an error is visible nowhere, ever.
+Once the gateway serves the vault's records, an acknowledged record cannot
+be voided any more (its ABORT could not reach the vault, and readers see
+it already): its client hears success even if its row then fails -- the
+vault holds the record and its chunk.
 
 Every step is real and held deterministically:
 - the primary log directory is a small ext4 image, mounted in a private
@@ -17,7 +21,10 @@ Every step is real and held deterministically:
   machine), filled to the last block and frozen (fsfreeze): the next
   append blocks, and fails with ENOSPC once the file system is thawed;
 - the row commit waits on the small-chunk store's lock file (flock, as
-  another process of the gateway would take it).
+  another process of the gateway would take it);
+- a row that fails: RLIMIT_FSIZE of the leader (prlimit(2)) lowered below
+  the store's write-ahead log offsets, so its commit gets a short write
+  (SQLITE_FULL, ENOSPC).
 """
 from __future__ import annotations
 
@@ -25,6 +32,7 @@ import errno
 import fcntl
 import json
 import os
+import resource
 import subprocess
 import sys
 import threading
@@ -42,6 +50,7 @@ BIG = 2 << 20          # a body of chunk files
 BIG_HEADERS = {"Metadata": {"pad": "m" * 1900}, "ContentDisposition": "attachment; filename=" + "d" * 2500,
                "CacheControl": "c" * 2500}
 SMALL = 3000           # a row of the small-chunk store
+ROW_FAILS_ABOVE = 64   # bytes: the leader's RLIMIT_FSIZE when a row is to fail
 
 
 def _unavailable() -> str | None:
@@ -159,11 +168,11 @@ def _health(gw) -> dict:
         return {}
 
 
-def _log_fails_with_a_row_pending(d) -> tuple[dict, dict]:
+def _log_fails_with_a_row_pending(d, row_fails: bool) -> tuple[dict, dict]:
     """Batch A (a large body) is acknowledged while the log disk is frozen
     and full; batch B (a small body) is acknowledged while its row waits on
     the lock; the disk thaws: A's append fails the log, and B's append with
-    it while its row is pending.  Then the row is stored.
+    it while its row is pending.  Then the row is stored (or refused).
     Returns the PUTs' answers and bodies."""
     gw = d.gateway
     s3 = gw.client()
@@ -192,6 +201,8 @@ def _log_fails_with_a_row_pending(d) -> tuple[dict, dict]:
             assert "log" in h["degraded_reason"] and "No space left" in h["degraded_reason"], h
             time.sleep(0.5)
             assert b.is_alive(), f"B answered before its row's fate was known: {answers}"
+            if row_fails:
+                resource.prlimit(gw.proc.pid, resource.RLIMIT_FSIZE, (ROW_FAILS_ABOVE, ROW_FAILS_ABOVE))
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
     b.join(20)
@@ -236,7 +247,15 @@ def _holds_for_good(d, answers: dict, bodies: dict) -> None:
 
 
 def test_a_small_put_whose_row_is_pending_when_the_log_fails_is_answered_once_the_row_is_stored(dep):
-    answers, bodies = _log_fails_with_a_row_pending(dep)
+    answers, bodies = _log_fails_with_a_row_pending(dep, row_fails=False)
     assert answers == {"A": 200, "B": 200}, answers
     _holds_for_good(dep, answers, bodies)
 
+
+def test_a_row_that_fails_after_the_log_failed_does_not_undo_what_the_vault_serves(dep):
+    """The vault holds B with its chunk and the degraded gateway serves it
+    already: B's row failing then cannot make B void, so its client hears
+    success and B stays, here and after the restart."""
+    answers, bodies = _log_fails_with_a_row_pending(dep, row_fails=True)
+    _holds_for_good(dep, answers, bodies)
+    assert answers == {"A": 200, "B": 200}, answers
