@@ -167,8 +167,9 @@ class Gateway(_Daemon):
     """An `airlock gateway` process.  stop() is SIGTERM, kill() is SIGKILL."""
 
     def __init__(self, data: Path, config: Path | None = None, extra_env: dict | None = None,
-                 extra_args: list[str] | None = None):
+                 extra_args: list[str] | None = None, cwd: Path | None = None):
         self.data = Path(data)
+        self.cwd = cwd               # the gateway's current directory (default: the test's)
         self.extra_args = extra_args or []
         self.config = config
         self.port = free_port()
@@ -183,7 +184,9 @@ class Gateway(_Daemon):
         env.setdefault("AIRLOCK_ACCESS_KEY", ACCESS_KEY)
         env.setdefault("AIRLOCK_SECRET_KEY", SECRET_KEY)
         env.update(self.extra_env)
-        cmd = [sys.executable, "-m", "airlock", "gateway", "--data", str(self.data),
+        # -P: the airlock under test, never one in the current directory
+        # (as the installed `airlock` script runs: its sys.path[0] is its bin/)
+        cmd = [sys.executable, "-P", "-m", "airlock", "gateway", "--data", str(self.data),
                "--listen", f"127.0.0.1:{self.port}"]
         if self.config is not None:
             cmd += ["--config", str(self.config)]
@@ -191,7 +194,8 @@ class Gateway(_Daemon):
             cmd += ["--workers", GATEWAY_WORKERS]
         cmd += self.extra_args
         self._log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen([*self.prefix, *cmd], stdout=self._log, stderr=subprocess.STDOUT, env=env)
+        self.proc = subprocess.Popen([*self.prefix, *cmd], stdout=self._log, stderr=subprocess.STDOUT, env=env,
+                                     cwd=self.cwd)
         wait_for_port(self.port, self.proc)
         self._wait_healthy()
         return self

@@ -520,11 +520,63 @@ def test_a_part_sent_with_another_checksum_or_none_still_gets_the_uploads_checks
         kw = {"ChecksumAlgorithm": alg} if alg else {}
         r = s3c.upload_part(Bucket=b, Key="mixed", UploadId=up, PartNumber=i, Body=p, **kw)
         assert r["ChecksumSHA256"] == _b64(hashlib.sha256(p).digest())
-        done.append({"PartNumber": i, "ETag": r["ETag"]})
+        done.append({"PartNumber": i, "ETag": r["ETag"], "ChecksumSHA256": r["ChecksumSHA256"]})
     s3c.complete_multipart_upload(Bucket=b, Key="mixed", UploadId=up, MultipartUpload={"Parts": done})
     h = s3c.head_object(Bucket=b, Key="mixed", ChecksumMode="ENABLED")
     assert h["ChecksumSHA256"] == _b64(hashlib.sha256(b"".join(hashlib.sha256(p).digest()
                                                                 for p in parts)).digest()) + "-3"
+
+
+def _parts_with(client, bucket, key, up, bodies, alg):
+    """Upload `bodies` as parts 1.. with checksum `alg`: the Complete's part list, each checksum in it."""
+    done = []
+    for i, p in enumerate(bodies, 1):
+        r = client.upload_part(Bucket=bucket, Key=key, UploadId=up, PartNumber=i, Body=p, ChecksumAlgorithm=alg)
+        done.append({"PartNumber": i, "ETag": r["ETag"], f"Checksum{alg}": r[f"Checksum{alg}"]})
+    return done
+
+
+@pytest.mark.parametrize("alg", ["SHA256", "SHA1", "CRC32", "CRC32C"])
+def test_completing_a_composite_checksum_upload_without_a_parts_checksum_is_invalid_request(s3c, b, alg):
+    """S3: the object checksum of a COMPOSITE upload is made of its parts'
+    checksums, and the Complete must list every one of them; one left out is
+    400 InvalidRequest naming the part, and the upload stays to be completed
+    right (a retry of a completed one is refused the same way)."""
+    bodies = [os.urandom(PART), b"tail"]
+    up = s3c.create_multipart_upload(Bucket=b, Key="comp", ChecksumAlgorithm=alg)["UploadId"]
+    done = _parts_with(s3c, b, "comp", up, bodies, alg)
+    bare = [{"PartNumber": p["PartNumber"], "ETag": p["ETag"]} for p in done]
+    for parts, missing in ((bare, 1), ([done[0], bare[1]], 2)):
+        with pytest.raises(ClientError) as ei:
+            s3c.complete_multipart_upload(Bucket=b, Key="comp", UploadId=up, MultipartUpload={"Parts": parts})
+        assert _code(ei.value) == "InvalidRequest" and _status(ei.value) == 400
+        msg = ei.value.response["Error"]["Message"]
+        assert f"created using a {alg.lower()} checksum" in msg and f"missing for part {missing} " in msg, msg
+    assert len(s3c.list_parts(Bucket=b, Key="comp", UploadId=up)["Parts"]) == 2      # still there
+    first = s3c.complete_multipart_upload(Bucket=b, Key="comp", UploadId=up, MultipartUpload={"Parts": done})
+    assert first[f"Checksum{alg}"].endswith("-2") and first["ChecksumType"] == "COMPOSITE"
+    with pytest.raises(ClientError) as ei:            # a retry is checked as the first one
+        s3c.complete_multipart_upload(Bucket=b, Key="comp", UploadId=up, MultipartUpload={"Parts": bare})
+    assert _code(ei.value) == "InvalidRequest"
+    again = s3c.complete_multipart_upload(Bucket=b, Key="comp", UploadId=up, MultipartUpload={"Parts": done})
+    assert again["ETag"] == first["ETag"]
+    assert s3c.get_object(Bucket=b, Key="comp")["Body"].read() == b"".join(bodies)
+
+
+@pytest.mark.parametrize("alg", ["CRC32", "CRC32C", "CRC64NVME"])
+def test_a_full_object_checksum_upload_completes_without_the_parts_checksums(s3c, b, alg):
+    """S3: with a FULL_OBJECT checksum the part checksums in the Complete are
+    optional; the object's checksum is that of its whole body all the same."""
+    bodies = [os.urandom(PART), b"tail"]
+    up = s3c.create_multipart_upload(Bucket=b, Key="full", ChecksumAlgorithm=alg,
+                                     ChecksumType="FULL_OBJECT")["UploadId"]
+    done = _parts_with(s3c, b, "full", up, bodies, alg)
+    bare = [{"PartNumber": p["PartNumber"], "ETag": p["ETag"]} for p in done]
+    r = s3c.complete_multipart_upload(Bucket=b, Key="full", UploadId=up, MultipartUpload={"Parts": bare})
+    assert r["ChecksumType"] == "FULL_OBJECT"
+    assert r[f"Checksum{alg}"] == _expected_checksum(alg, b"".join(bodies))
+    again = s3c.complete_multipart_upload(Bucket=b, Key="full", UploadId=up, MultipartUpload={"Parts": bare})
+    assert again["ETag"] == r["ETag"]
 
 
 def test_a_self_copy_that_only_sets_a_website_redirect_is_allowed(s3c, b):

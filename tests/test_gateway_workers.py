@@ -794,3 +794,34 @@ def test_a_worker_restarted_after_the_installation_changed_is_not_run_and_the_re
         assert len(notes) == 1 and "installation changed" in notes[0], notes
     finally:
         assert gw.stop() == 0
+
+
+def test_workers_of_a_gateway_started_beside_another_airlock_package_run_the_leaders_code(tmp_path):
+    """`airlock gateway` run from a directory holding another `airlock/`
+    package (a source checkout of another release, say): its workers import
+    the leader's package, not that one, and all of them serve."""
+    elsewhere = tmp_path / "checkout"
+    (elsewhere / "airlock").mkdir(parents=True)
+    (elsewhere / "airlock" / "__init__.py").write_text('raise ImportError("not the airlock under test")\n')
+    d = Deployment(tmp_path / "deploy")
+    d.vault.start()
+    d.gateway.cwd = elsewhere
+    d.gateway.extra_args = d._gateway_args() + ["--workers", str(WORKERS)]
+    try:
+        d.gateway.start()
+        gw = d.gateway
+        wait_until(lambda: serving(gw, WORKERS), "every process serving", timeout=20)
+        h = gw.health()
+        assert "workers_not_running" not in h, h["workers_not_running"]
+        assert [p.get("restarts", 0) for p in h["processes"] if p["role"] == "worker"] == [0] * (WORKERS - 1)
+        assert len(worker_pids(gw)) == WORKERS - 1
+        fresh_client(gw).create_bucket(Bucket="beside")
+        for i in range(6):            # new connections: spread over every process
+            c = fresh_client(gw)
+            c.put_object(Bucket="beside", Key=f"k{i}", Body=b"%d" % i)
+            assert c.get_object(Bucket="beside", Key=f"k{i}")["Body"].read() == b"%d" % i
+        st = d.airlock("status")
+        assert f"processes={WORKERS}" in st.stdout and "NOT RUNNING" not in st.stdout, st.stdout
+        assert "not the airlock under test" not in gw.log_text()
+    finally:
+        d.stop()

@@ -177,3 +177,54 @@ def test_a_small_put_whose_row_cannot_be_stored_fails_and_is_void_in_the_vault_t
     assert s3.get_object(Bucket="overlap", Key="lost")["Body"].read() == again
     assert dep.gateway.health()["last_seq"] == dep.vault.status()["last_seq"]
     dep.airlock("verify")
+
+
+def test_a_row_that_fails_when_its_void_cannot_be_recorded_stands_as_the_vault_holds_it(dep):
+    """The row fails and pending-aborts.json cannot be written either (both
+    refused by RLIMIT_FSIZE, lowered on the running gateway with prlimit(2)
+    while the row waits on its lock).  A void held only in memory would be
+    forgotten by a restart, which takes the record from the vault: the
+    client would have heard an error for an object that appears later.  The
+    record stands instead (the vault holds it and its chunk): the client
+    hears success, the gateway degrades and serves it from the vault, and
+    the restart keeps it."""
+    import resource
+    gw = dep.gateway
+    s3 = gw.client()
+    s3.create_bucket(Bucket="overlap")
+    s3.put_object(Bucket="overlap", Key="warm", Body=b"the store exists")
+    vault_before = dep.vault.status()["last_seq"]
+    body = os.urandom(3000)
+    answer: dict = {}
+
+    def put():
+        try:
+            answer["put"] = s3.put_object(Bucket="overlap", Key="k", Body=body)["ResponseMetadata"]["HTTPStatusCode"]
+        except ClientError as e:
+            answer["put"] = e.response["Error"]["Code"]
+    with open(gw.data / "chunks" / "small.lock", "a+b") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            t = threading.Thread(target=put)
+            t.start()
+            wait_until(lambda: dep.vault.status()["last_seq"] == vault_before + 1,
+                       "the record durable in the vault while the row waits", timeout=10)
+            # no file of the gateway may grow past 5 bytes: not the row's WAL
+            # frame, not pending-aborts.json ({"seqs": [n]})
+            resource.prlimit(gw.proc.pid, resource.RLIMIT_FSIZE, (5, 5))
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    t.join(20)
+    assert answer == {"put": 200}, answer
+    h = gw.health()
+    assert h["status"] == "degraded" and "pending-aborts.json" not in os.listdir(gw.data), h
+    assert s3.get_object(Bucket="overlap", Key="k")["Body"].read() == body      # from the vault
+
+    gw.stop()                                        # storage repaired: a new process has no limit
+    dep.start_gateway()
+    wait_until(lambda: gw.health()["status"] == "ok", "gateway healthy", timeout=15)
+    assert gw.health()["last_seq"] == dep.vault.status()["last_seq"] == vault_before + 1
+    assert s3.get_object(Bucket="overlap", Key="k")["Body"].read() == body
+    assert s3.get_object(Bucket="overlap", Key="warm")["Body"].read() == b"the store exists"
+    s3.put_object(Bucket="overlap", Key="after", Body=b"writes work again")
+    dep.airlock("verify")

@@ -26,6 +26,7 @@ from airlock import __version__
 from airlock.aio import STOP_DEADLINE_S
 from airlock.config import DEFAULT_PORT, GatewayConfig, _parse_listen, check_workers, load_gateway_config
 from airlock.errors import AirlockError, ConfigError, VaultUnavailable
+from airlock.interpreter import child_env, module_command
 
 DEPLOYMENT_FILE = "deployment.json"
 CHILD_START_TIMEOUT_S = 30.0
@@ -242,7 +243,7 @@ def cmd_up(args) -> int:
             json.dump({"gateway": f"127.0.0.1:{args.port}", "vault": f"127.0.0.1:{vault_port}",
                        "primary": "primary", "vault_data": "vault"}, f)
         os.replace(os.path.join(data, DEPLOYMENT_FILE + ".tmp"), os.path.join(data, DEPLOYMENT_FILE))
-    py = [sys.executable, "-m", "airlock"]
+    py = module_command("airlock")      # up's own airlock, whatever the current directory holds
     vault_cmd = py + ["vault", "--data", os.path.join(data, "vault"), "--listen", f"127.0.0.1:{vault_port}",
                       "--keys", os.path.join(data, "vault", "keys")]
     gw_cmd = py + ["gateway", "--data", os.path.join(data, "primary"), "--listen", f"127.0.0.1:{args.port}",
@@ -278,7 +279,7 @@ def cmd_up(args) -> int:
         _check_free(vault_port, "vault's link")
         if not args.vault_only:
             _check_free(args.port, "S3")
-        vault = subprocess.Popen(vault_cmd, process_group=0,
+        vault = subprocess.Popen(vault_cmd, process_group=0, env=child_env(),
                                  preexec_fn=functools.partial(_die_with_parent, os.getpid()))
         children.append(("vault", vault))
         # the admin socket appears once the link listens (probing the link
@@ -291,7 +292,7 @@ def cmd_up(args) -> int:
                   f"{os.path.abspath(os.path.join(data, 'vault'))}); the gateway is not running.\n"
                   f"try: airlock gc --data {data}    (Ctrl-C stops the vault)", flush=True)
         else:
-            gw = subprocess.Popen(gw_cmd, process_group=0,
+            gw = subprocess.Popen(gw_cmd, process_group=0, env=child_env(),
                                   preexec_fn=functools.partial(_die_with_parent, os.getpid()))
             children.append(("gateway", gw))
             _wait_ready(gw, "gateway", port=args.port)

@@ -820,6 +820,8 @@ class Engine:
             return self.completed_upload(bucket, key, upload_id, requested, claim, claimed_type)
         if not requested:
             raise E.MalformedXML()
+        alg = up.checksum_algorithm
+        utype = C.stored_upload_checksum_type(alg, up.checksum_type)
         have = {p.part_number: p for p in self.index.parts(up.upload_id)}
         chosen: list[Part] = []
         prev = 0
@@ -827,6 +829,7 @@ class Engine:
             if number <= prev:
                 raise E.InvalidPartOrder(UploadId=up.upload_id)
             prev = number
+            _check_part_checksum_listed(alg, utype, number, cks)
             p = have.get(number)
             if p is None or p.etag != etag:
                 raise E.InvalidPart(UploadId=up.upload_id, PartNumber=str(number), ETag=etag)
@@ -841,8 +844,6 @@ class Engine:
         chunks = [c for p in chosen for c in p.chunks]
         checksums: dict[str, str] = {}
         ctype = None
-        alg = up.checksum_algorithm
-        utype = C.stored_upload_checksum_type(alg, up.checksum_type)
         _check_claimed_type(claimed_type, utype)
         if alg and all(alg in p.checksums for p in chosen):
             checksums[alg] = C.multipart_object_checksum(alg, utype, [(p.checksums[alg], p.size) for p in chosen])
@@ -889,21 +890,35 @@ class Engine:
         numbers = [n for n, _e, _c in requested]
         if any(b <= a for a, b in zip(numbers, numbers[1:])):
             raise E.InvalidPartOrder(UploadId=upload_id)
+        m = v.manifest
+        alg = next(iter(m.checksums), None)
+        for number, _etag, cks in requested:
+            _check_part_checksum_listed(alg, m.checksum_type, number, cks)
         try:
             md5s = b"".join(bytes.fromhex(etag) for _n, etag, _c in requested)
         except ValueError:
             md5s = None
-        m = v.manifest
         if md5s is None or m.etag != f"{hashlib.md5(md5s).hexdigest()}-{len(requested)}":
             raise E.NoSuchUpload(UploadId=upload_id)
         for (number, etag, cks), stored in zip(requested, m.part_checksums or [{}] * len(requested)):
             _check_listed_part_checksums(upload_id, number, etag, cks, stored)
-        alg = next(iter(m.checksums), None)
         _check_claimed_type(claimed_type, m.checksum_type)
         if claim is not None:
             C.check_object_claim(claim, alg, m.checksum_type, m.checksums.get(alg) if alg else None,
                                  len(requested))
         return m
+
+
+def _check_part_checksum_listed(alg: str | None, upload_type: str | None, number: int,
+                                listed: dict[str, str]) -> None:
+    """A CompleteMultipartUpload of an upload with a COMPOSITE checksum must
+    list every part's checksum of the upload's algorithm (S3 refuses it
+    otherwise); with a FULL_OBJECT checksum (CRC32, CRC32C, CRC64NVME) a
+    part's checksum is optional, as in S3."""
+    if alg is not None and upload_type == "COMPOSITE" and alg not in listed:
+        raise E.InvalidRequest(f"The upload was created using a {alg.lower()} checksum. The complete request "
+                               f"must include the checksum for each part. It was missing for part {number} "
+                               "in the request.")
 
 
 def _check_listed_part_checksums(upload_id: str, number: int, etag: str, listed: dict[str, str],

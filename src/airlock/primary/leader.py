@@ -14,11 +14,11 @@ import asyncio
 import logging
 import signal
 import socket
-import sys
 import time
 
 from airlock.aio import retrieve_exception, settled_on_failure
 from airlock.config import GatewayConfig
+from airlock.interpreter import child_env, module_command
 from airlock.primary.dispatch import Dispatcher, connection_channel
 from airlock.primary.engine import Engine
 from airlock.primary.generation import Generation
@@ -147,8 +147,10 @@ class WorkerPool:
         conns, their_conns = connection_channel()
         try:
             w.proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "airlock.primary.worker", str(theirs.fileno()), str(their_conns.fileno()),
-                str(self.generation.fd), pass_fds=(theirs.fileno(), their_conns.fileno(), self.generation.fd))
+                # this process's own airlock, whatever the current directory holds
+                *module_command("airlock.primary.worker"), str(theirs.fileno()), str(their_conns.fileno()),
+                str(self.generation.fd), pass_fds=(theirs.fileno(), their_conns.fileno(), self.generation.fd),
+                env=child_env())
         except BaseException:
             mine.close()
             conns.close()

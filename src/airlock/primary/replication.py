@@ -15,9 +15,12 @@ goes to the vault at once, and into the primary log only once they are; if
 they fail, the record is made void before the log takes it (as a pending
 abort, below: the vault may hold it already) and its client hears the
 error; the ABORT goes out ahead of the next batch (or from the link keeper
-when no batch comes).  With chunk_sync = "vault" (`overlap` off: the
-primary's chunk files are not durable) the primary log takes a batch after
-its ACK, or, void, after its failure.  A record is assigned the next sequence number
+when no batch comes).  Not when that void cannot hold (the primary log
+failed already, or pending-aborts.json cannot be written): the record then
+stands as the vault holds it, as below (`_void_unless_stored`).  With
+chunk_sync = "vault" (`overlap` off: the primary's chunk files are not
+durable) the primary log takes a batch after its ACK, or, void, after its
+failure.  A record is assigned the next sequence number
 when its batch is sent; batches go one at a time (window 1: while one batch
 is in flight the next one accumulates, which is the group commit), so both
 logs hold the same records in the same order.
@@ -52,7 +55,9 @@ The primary log fails after an acknowledgement (write or fdatasync error,
 or the index refusing the batch).  The vault holds the records, so they
 happened: their clients hear success, and `on_local_failure` (the engine:
 degraded mode, reads served from the vault's log) runs before they do, so a
-read that follows sees the change.  Nothing is sent to the vault after that:
+read that follows sees the change; the clients of a batch whose rows were
+still pending when the log failed hear theirs once the rows' fate is known.
+Nothing is sent to the vault after that:
 a failed log (or a paused commit point) refuses batches before they go out,
 with 503.  The same holds when the log refuses the records reconciliation
 takes from the vault.  A restart on repaired storage reconciles them in.
@@ -114,6 +119,10 @@ class ReplicatedCommitPoint:
         # (the engine switches to serving from the vault); see the module doc
         self.on_local_failure = on_local_failure
         self._local_failure: asyncio.Task | None = None
+        # per batch with small bodies (by its first seq): the task that decides,
+        # once their rows' fate is known, which of its records are void
+        # (`_void_unless_stored`); `_finish` answers their clients after it
+        self._voiding: dict[int, asyncio.Future] = {}
         self._next_seq = self.log.last_seq + 1
         # Records the primary log made durable before the vault acknowledged
         # them wait here, in sequence order, until it does (or they are void):
@@ -492,22 +501,24 @@ class ReplicatedCommitPoint:
     async def _finish(self, batch, local) -> None:
         """`local`: [(seq, task of its primary log append)] of an acknowledged batch."""
         results = await asyncio.gather(*(t for _s, t in local), return_exceptions=True)
-        rows = [a for _r, _p, _f, a in batch if a is not None and not a.done()]
-        if rows:
+        voiding = self._voiding.pop(local[0][0], None) if local else None
+        if voiding is not None:
             # a failed log fails its appends without waiting for what they
-            # waited for: a client hears its outcome once its row's is known
-            await asyncio.wait(rows)
+            # waited for: a client hears its outcome once its row's is known,
+            # and which records that made void
+            await asyncio.wait([voiding])
         failed = next((r for r in results if isinstance(r, BaseException)), self._apply_error)
         if failed is not None:
             await self._primary_log_failed(failed)
         for (_r, _p, fut, after), (seq, _t), res in zip(batch, local, results):
             if fut.done():
                 continue
-            if after is not None and _failure(after) is not None:
+            if after is not None and _failure(after) is not None and seq in self.void:
                 fut.set_exception(_failure(after))      # void (_void_unless_stored): it never took effect
                 continue
             # the vault acknowledged: the change happened even if the primary
-            # log could not take it (it is served from the vault from now on)
+            # log could not take it (it is served from the vault from now on),
+            # or its row could not be stored once it was (_void_unless_stored)
             fut.set_result(seq if isinstance(res, BaseException) else res)
 
     async def _primary_log_failed(self, exc: BaseException, wait: bool = True) -> None:
@@ -591,6 +602,7 @@ class ReplicatedCommitPoint:
                 raise E.ReplicationError(f"vault acknowledged {acked}, expected {frame[-1][0]}")
         except Exception as exc:  # noqa: BLE001 - whatever went wrong, the vault may hold them
             self.stats["ack_failures"] += 1
+            self._voiding.pop(first, None)      # no `_finish` for this batch: its records are void
             self._ready = False
             await self.link.close()
             if numbered:
@@ -641,6 +653,7 @@ class ReplicatedCommitPoint:
         if afters and any(a is not None for a in afters):
             guard = asyncio.ensure_future(self._void_unless_stored([s for s, _r, _p in numbered], afters))
             guard.add_done_callback(retrieve_exception)
+            self._voiding[numbered[0][0]] = guard
         futs = self.log.enqueue([(rtype, payload) for _s, rtype, payload in numbered], after=guard)
         for f in futs:
             f.add_done_callback(retrieve_exception)
@@ -652,22 +665,42 @@ class ReplicatedCommitPoint:
         could not be stored (a full disk, an I/O error) is made void first,
         durably (pending-aborts.json), as a record whose ACK failed: the vault
         may hold it already, so an ABORT follows (`_send_due_aborts`), and
-        its client hears the storage error (`_finish`)."""
+        its client hears the storage error (`_finish`).
+
+        Unless the void cannot hold: when the primary log has failed already
+        (or the gateway degraded otherwise), the gateway serves the vault's
+        records -- these among them if the vault acknowledged them, with
+        their chunks, which it refuses an APPEND without -- and no ABORT can
+        reach the vault before a restart; when pending-aborts.json cannot
+        be written, a restart would apply them.  Then they are not void: if
+        the vault acknowledged them their clients hear success (served from
+        the vault, "The primary log fails after the acknowledgement" in
+        docs/architecture.md), else their ACK's failure voids them as any.
+        The log never takes them (this raises: it refuses the batch) -- the
+        primary lacks their chunks."""
         await asyncio.wait([a for a in afters if a is not None])
         errors = {s: _failure(a) for s, a in zip(seqs, afters) if a is not None and _failure(a) is not None}
         if not errors:
             return
         failed = list(errors)
+        first_error = errors[failed[0]]
+        if self.paused or self.log.failed is not None:
+            log.error("the chunks of record(s) %s could not be stored on the primary (%r), whose log "
+                      "is not written any more: they stand as the vault holds them", failed[:10], first_error)
+            raise first_error
         log.error("the chunks of record(s) %s could not be stored on the primary (%r): void",
-                  failed[:10], errors[failed[0]])
-        self.pending_aborts.update(failed)
-        self.void.update(failed)
+                  failed[:10], first_error)
+        new = [s for s in failed if s not in self.void]     # (a batch whose ACK failed is void already)
+        self.pending_aborts.update(new)
+        self.void.update(new)
         try:
             self._save_aborts()
         except OSError as exc:
-            # void in memory only: a restart would apply them, so the log must
-            # not take them (raising makes it refuse the batch; degraded mode)
-            log.error("pending-aborts.json could not be written (%s): stopping writes", exc)
+            # void in memory only, which a restart would not know: they stand
+            self.pending_aborts.difference_update(new)
+            self.void.difference_update(new)
+            log.error("pending-aborts.json could not be written (%s): record(s) %s stand as the vault "
+                      "holds them; stopping writes", exc, failed[:10])
             await self._primary_log_failed(exc, wait=False)
             raise
 
