@@ -1,7 +1,9 @@
 """Object operations: PutObject, GetObject, HeadObject, DeleteObject, CopyObject."""
 from __future__ import annotations
 
+import base64
 import datetime
+import email.header
 import email.utils
 import logging
 import re
@@ -31,6 +33,8 @@ RESPONSE_OVERRIDES = {
     "response-content-encoding": "Content-Encoding",
 }
 _RANGE_RE = re.compile(r"^bytes=[ \t]*(\d*)-(\d*)[ \t]*$")   # RFC 9110 allows OWS around a range
+_ENCODED_WORDS_RE = re.compile(      # a value of RFC 2047 encoded-words only (B: base64, Q: quoted-printable)
+    r"^(?:=\?[^?\s]+\?(?:[bB]\?[A-Za-z0-9+/]*={0,2}|[qQ]\?[^?\s]*)\?=\s*)+$")
 
 
 # ---------------------------------------------------------------------------- protections
@@ -73,6 +77,29 @@ def refuse_unsupported_protection(headers) -> None:
 
 
 # ---------------------------------------------------------------------------- metadata
+# S3 (user guide, "User-defined object metadata"): a user metadata value is
+# "character decoded as per RFC 2047 before storing and encoded as per RFC
+# 2047 to make them mail-safe before returning"; an ASCII value is returned
+# as is.  Stored decoded, answered encoded, so a response header stays ASCII
+# whatever the client sent (raw UTF-8 or encoded-words).
+def decode_metadata_value(value: str) -> str:
+    """The stored form of an x-amz-meta-* value: RFC 2047 encoded-words decoded."""
+    if "=?" not in value or not _ENCODED_WORDS_RE.match(value.strip()):
+        return value
+    try:
+        return "".join(part.decode(charset or "ascii") if isinstance(part, bytes) else part
+                       for part, charset in email.header.decode_header(value.strip()))
+    except (LookupError, UnicodeDecodeError, ValueError):   # unknown charset, bad base64: kept as sent
+        return value
+
+
+def encode_metadata_value(value: str) -> str:
+    """The answered form of a stored x-amz-meta-* value: as is if ASCII, else one RFC 2047 B-word."""
+    if value.isascii():
+        return value
+    return "=?UTF-8?B?" + base64.b64encode(value.encode("utf-8", "surrogateescape")).decode("ascii") + "?="
+
+
 def meta_from_headers(headers) -> ObjectMeta:
     stored = {h: headers[h] for h in STORED_HEADERS if h in headers}
     if "content-encoding" in stored:
@@ -89,8 +116,9 @@ def meta_from_headers(headers) -> ObjectMeta:
         lname = name.lower()
         if lname.startswith("x-amz-meta-"):
             k = lname[len("x-amz-meta-"):]
+            value = decode_metadata_value(value)
             user[k] = f"{user[k]},{value}" if k in user else value
-            size += len(k) + len(value)
+            size += len(k) + len(value.encode("utf-8", "surrogateescape"))   # S3 counts UTF-8 bytes
     if size > MAX_USER_METADATA:
         raise E.MetadataTooLarge(Size=str(size), MaxSizeAllowed=str(MAX_USER_METADATA))
     sc = headers.get("x-amz-storage-class", "STANDARD")
@@ -246,7 +274,7 @@ def object_headers(m: Manifest, with_checksums: bool) -> dict[str, str]:
         if name != "content-type":
             h[name.title()] = value
     for k, v in m.meta.user.items():
-        h[f"x-amz-meta-{k}"] = v
+        h[f"x-amz-meta-{k}"] = encode_metadata_value(v)
     if m.meta.storage_class != "STANDARD":
         h["x-amz-storage-class"] = m.meta.storage_class
     if m.parts:
