@@ -524,6 +524,24 @@ def test_get_object_attributes_pages_a_multipart_objects_parts(gw):
     assert e.value.response["Error"]["Code"] == "InvalidArgument"
 
 
+def test_get_object_attributes_lists_no_part_of_an_object_without_a_checksum(gw):
+    """S3 (GetObjectAttributes, Parts): for an object without an additional
+    checksum "the response doesn't return the Part element"; the part count
+    is still there.  moto leaves ObjectParts out, so S3's answer is asserted."""
+    s3 = gw.client()
+    b = new_bucket()
+    s3.create_bucket(Bucket=b)
+    up = s3.create_multipart_upload(Bucket=b, Key="mp")["UploadId"]
+    etags = [s3.upload_part(Bucket=b, Key="mp", UploadId=up, PartNumber=n, Body=body)["ETag"]
+             for n, body in ((1, b"\x01" * (5 * MB)), (2, b"tail"))]
+    s3.complete_multipart_upload(Bucket=b, Key="mp", UploadId=up, MultipartUpload={"Parts": [
+        {"PartNumber": n, "ETag": e} for n, e in enumerate(etags, 1)]})
+    assert "ChecksumCRC32" not in s3.head_object(Bucket=b, Key="mp", ChecksumMode="ENABLED")
+    r = s3.get_object_attributes(Bucket=b, Key="mp", ObjectAttributes=["ObjectParts"])["ObjectParts"]
+    assert r["TotalPartsCount"] == 2
+    assert "Parts" not in r
+
+
 def sc_list_uploads(rec, b):
     rec("create_bucket", Bucket=b)
     for k in ("a/1", "a/2", "b", "c/d/e"):
