@@ -226,8 +226,15 @@ def sc_ranges(rec, b):
     rec("create_bucket", Bucket=b)
     rec("put_object", Bucket=b, Key="r", Body=BODY)
     for rng in ("bytes=0-9", "bytes=10-", "bytes=-5", "bytes=1000-2000", "bytes=1023-1023",
-                "bytes=0-0", "bytes=1024-", "bytes=5000-6000", "bytes=-2000", "bytes=  1-2"):
+                "bytes=0-0", "bytes=1024-", "bytes=5000-6000", "bytes=-2000", "bytes=  1-2",
+                "Bytes=2-3", "BYTES=-1",                  # a range unit is case-insensitive (RFC 9110 14.1)
+                "bytes=0-9,20-29", "bytes=5-2", "bytes=-0", "bytes=abc"):    # several, inverted, empty, junk
         rec("get_object", "ContentLength", "ContentRange", _body=True, Bucket=b, Key="r", Range=rng)
+        rec("head_object", "ContentLength", "ContentRange", Bucket=b, Key="r", Range=rng)
+    rec("get_object", "ContentLength", "ContentRange", Bucket=b, Key="r", Range="items=0-1")
+    rec.moto_diverges(("get_object", {"status": 200, "ContentLength": 1024, "ContentRange": None}),
+                      "moto reads any unit as bytes; a Range of a unit the server does not know is "
+                      "ignored (RFC 9110 14.2), the whole object answered")
     rec("put_object", Bucket=b, Key="empty", Body=b"")
     rec("get_object", "ContentLength", _body=True, Bucket=b, Key="empty", Range="bytes=0-")
     rec("get_object", "ContentLength", "ContentRange", _body=True, Bucket=b, Key="empty", Range="bytes=-1")

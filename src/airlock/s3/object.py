@@ -32,7 +32,8 @@ RESPONSE_OVERRIDES = {
     "response-content-disposition": "Content-Disposition",
     "response-content-encoding": "Content-Encoding",
 }
-_RANGE_RE = re.compile(r"^bytes=[ \t]*(\d*)-(\d*)[ \t]*$")   # RFC 9110 allows OWS around a range
+# RFC 9110 14.1: OWS around a range; a range unit's name is case-insensitive
+_RANGE_RE = re.compile(r"^bytes=[ \t]*(\d*)-(\d*)[ \t]*$", re.IGNORECASE)
 _ENCODED_WORDS_RE = re.compile(      # a value of RFC 2047 encoded-words only (B: base64, Q: quoted-printable)
     r"^(?:=\?[^?\s]+\?(?:[bB]\?[A-Za-z0-9+/]*={0,2}|[qQ]\?[^?\s]*)\?=\s*)+$")
 
