@@ -263,6 +263,20 @@ def sc_conditionals(rec, b):
         rec("head_object", "ETag", Bucket=b, Key="c", **cond)
         if "IfMatch" in cond and "IfUnmodifiedSince" in cond:
             rec.moto_diverges(("head_object", {"status": 200, "ETag": etag}), "as for GET above")
+    # moto compares each header with the ETag as one string and evaluates
+    # If-Modified-Since even beside If-None-Match; RFC 7232 (S3's reference
+    # for conditional requests): a list names each of its tags, "*" any
+    # current object (3.1, 3.2), and If-None-Match makes If-Modified-Since
+    # ignored (3.3)
+    ok, not_modified = 200, 304
+    for cond, want in (({"IfNoneMatch": f'"x", {etag}'}, not_modified), ({"IfMatch": f'"x", {etag}'}, ok),
+                       ({"IfNoneMatch": "*"}, not_modified), ({"IfMatch": "*"}, ok),
+                       ({"IfNoneMatch": '"x"', "IfModifiedSince": future}, ok)):
+        for op in ("get_object", "head_object"):
+            rec(op, "ETag", Bucket=b, Key="c", **cond)
+            s3_answer = ((op, {"status": 200, "ETag": etag}) if want == ok
+                         else (op, not_modified, "304"))
+            rec.moto_diverges(s3_answer, "RFC 7232 3.1-3.3, above")
 
 
 def test_conditional_requests_match_moto(gw):
