@@ -288,6 +288,37 @@ def test_copy_object_replace_directive_replaces_metadata(cli, bkt):
     assert h["Metadata"] == {"b": "2"} and h["ContentType"] == "text/x-dst"
 
 
+def test_copy_with_a_checksum_algorithm_gives_the_copy_that_checksum(s3c, b):
+    """CopyObject's x-amz-checksum-algorithm: "You can optionally specify a
+    different checksum algorithm"; the copy then has that checksum of its
+    bytes (FULL_OBJECT), not the source's; an unknown algorithm is 400.
+    moto names the algorithm but gets the CRC32C value wrong, so the values
+    are botocore's own."""
+    data = b"source data" * 100
+    s3c.put_object(Bucket=b, Key="src", Body=data, ChecksumAlgorithm="SHA256")
+    r = s3c.copy_object(Bucket=b, Key="dst", CopySource={"Bucket": b, "Key": "src"}, ChecksumAlgorithm="CRC32C")
+    from awscrt import checksums as crt
+    want = base64.b64encode(crt.crc32c(data).to_bytes(4, "big")).decode()
+    assert r["CopyObjectResult"].get("ChecksumCRC32C") == want and "ChecksumSHA256" not in r["CopyObjectResult"]
+    h = s3c.head_object(Bucket=b, Key="dst", ChecksumMode="ENABLED")
+    assert (h.get("ChecksumCRC32C"), h.get("ChecksumSHA256"), h.get("ChecksumType")) == (want, None, "FULL_OBJECT")
+    assert s3c.get_object(Bucket=b, Key="dst", ChecksumMode="ENABLED")["Body"].read() == data  # botocore checks it
+    # a multipart source with a COMPOSITE checksum: the copy's is the whole object's CRC32
+    parts = [os.urandom(PART), b"tail"]
+    up = s3c.create_multipart_upload(Bucket=b, Key="mp", ChecksumAlgorithm="SHA1")["UploadId"]
+    done = [{"PartNumber": n, **{k: v for k, v in s3c.upload_part(
+        Bucket=b, Key="mp", UploadId=up, PartNumber=n, Body=p, ChecksumAlgorithm="SHA1").items()
+        if k in ("ETag", "ChecksumSHA1")}} for n, p in enumerate(parts, 1)]
+    s3c.complete_multipart_upload(Bucket=b, Key="mp", UploadId=up, MultipartUpload={"Parts": done})
+    s3c.copy_object(Bucket=b, Key="mp-copy", CopySource={"Bucket": b, "Key": "mp"}, ChecksumAlgorithm="CRC32")
+    h = s3c.head_object(Bucket=b, Key="mp-copy", ChecksumMode="ENABLED")
+    whole = base64.b64encode(zlib.crc32(b"".join(parts)).to_bytes(4, "big")).decode()
+    assert (h.get("ChecksumCRC32"), h.get("ChecksumSHA1"), h.get("ChecksumType")) == (whole, None, "FULL_OBJECT")
+    with pytest.raises(ClientError) as ei:
+        s3c.copy_object(Bucket=b, Key="bad", CopySource={"Bucket": b, "Key": "src"}, ChecksumAlgorithm="MD4")
+    assert _status(ei.value) == 400
+
+
 def test_copy_to_self_without_change_is_invalid_request(s3c, b):
     s3c.put_object(Bucket=b, Key="self", Body=b"x", Metadata={"a": "1"})
     with pytest.raises(ClientError) as ei:

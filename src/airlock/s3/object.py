@@ -485,6 +485,18 @@ def source_manifest(ctx) -> Manifest:
     return src
 
 
+def copy_checksum_algorithm(headers) -> str | None:
+    """CopyObject's x-amz-checksum-algorithm: the checksum the copy gets
+    instead of the source's (S3: "Unrecognized or unsupported values will
+    respond with the HTTP status code 400 Bad Request")."""
+    alg = headers.get("x-amz-checksum-algorithm")
+    if alg is None:
+        return None
+    if alg.strip().upper() not in checksums.ALGORITHMS:
+        raise E.InvalidRequest("Value for x-amz-checksum-algorithm header is invalid.")
+    return alg.strip().upper()
+
+
 async def copy_object(ctx) -> web.Response:
     owned_bucket(ctx)
     refuse_unsupported_protection(ctx.headers)
@@ -520,7 +532,8 @@ async def copy_object(ctx) -> web.Response:
             "changing the object's metadata, storage class, website redirect location or encryption "
             "attributes.")
     m = await ctx.engine.copy_object(src, ctx.bucket, ctx.key, meta,
-                                     precondition=write_precondition(ctx.headers))
+                                     precondition=write_precondition(ctx.headers),
+                                     checksum_algorithm=copy_checksum_algorithm(ctx.headers))
     body = el("LastModified", iso8601(m.mtime)) + el("ETag", etag_header(m.etag))
     for alg, v in m.checksums.items():
         body += el(f"Checksum{alg}", v)
