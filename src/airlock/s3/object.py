@@ -344,11 +344,32 @@ def _part_range(m: Manifest, part_number: int) -> tuple[int, int]:
     return start, start + parts[part_number - 1]
 
 
+def _aligned_part(m: Manifest, rng: tuple[int, int]) -> int | None:
+    """The number of the part of a multipart object whose bytes are exactly `rng`, if one is."""
+    start = 0
+    for n, size in enumerate(m.parts or (), 1):
+        if (start, start + size) == rng:
+            return n
+        start += size
+    return None
+
+
+def _part_checksum_headers(m: Manifest, part_number: int) -> dict[str, str]:
+    """The checksum headers of one part (a single-part object is its own part 1)."""
+    if not m.parts:
+        sums = m.checksums
+    else:
+        listed = m.part_checksums or []
+        sums = listed[part_number - 1] if part_number <= len(listed) else {}
+    return {checksums.header_name(alg): v for alg, v in sums.items()}
+
+
 def _resolve_read(ctx):
     owned_bucket(ctx)
     m = ctx.engine.head_object(ctx.bucket, ctx.key, version_id_param(ctx), method=ctx.method)
     check_read_conditions(ctx.headers, m)
-    headers = object_headers(m, with_checksums=ctx.headers.get("x-amz-checksum-mode", "").upper() == "ENABLED")
+    with_checksums = ctx.headers.get("x-amz-checksum-mode", "").upper() == "ENABLED"
+    headers = object_headers(m, with_checksums=with_checksums)
     headers.update(version_headers(ctx, m))
     # these responses are prepared here, before S3App.handle could add its ids
     headers["x-amz-request-id"] = headers["x-amz-id-2"] = ctx.request_id
@@ -378,6 +399,14 @@ def _resolve_read(ctx):
             for alg in list(m.checksums):
                 headers.pop(checksums.header_name(alg), None)
             headers.pop("x-amz-checksum-type", None)
+    if rng is not None and with_checksums:
+        # not the whole object's checksum, but a part's: S3 user guide ("Checking object
+        # integrity"): "For completed uploads, you can get an individual part's checksum by
+        # using the GetObject or HeadObject operations and specifying a part number or byte
+        # range that aligns to a single part"
+        n = int(pn) if pn is not None else _aligned_part(m, rng)
+        if n is not None:
+            headers.update(_part_checksum_headers(m, n))
     if rng is None:
         start, end = 0, m.size
     else:
