@@ -300,6 +300,7 @@ def test_copy_with_a_checksum_algorithm_gives_the_copy_that_checksum(s3c, b):
     from awscrt import checksums as crt
     want = base64.b64encode(crt.crc32c(data).to_bytes(4, "big")).decode()
     assert r["CopyObjectResult"].get("ChecksumCRC32C") == want and "ChecksumSHA256" not in r["CopyObjectResult"]
+    assert r["CopyObjectResult"].get("ChecksumType") == "FULL_OBJECT"
     h = s3c.head_object(Bucket=b, Key="dst", ChecksumMode="ENABLED")
     assert (h.get("ChecksumCRC32C"), h.get("ChecksumSHA256"), h.get("ChecksumType")) == (want, None, "FULL_OBJECT")
     assert s3c.get_object(Bucket=b, Key="dst", ChecksumMode="ENABLED")["Body"].read() == data  # botocore checks it

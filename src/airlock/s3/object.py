@@ -564,6 +564,8 @@ async def copy_object(ctx) -> web.Response:
                                      precondition=write_precondition(ctx.headers),
                                      checksum_algorithm=copy_checksum_algorithm(ctx.headers))
     body = el("LastModified", iso8601(m.mtime)) + el("ETag", etag_header(m.etag))
+    if m.checksums and m.checksum_type:
+        body += el("ChecksumType", m.checksum_type)       # CopyObjectResult.ChecksumType
     for alg, v in m.checksums.items():
         body += el(f"Checksum{alg}", v)
     headers = version_headers(ctx, src, "x-amz-copy-source-version-id")
