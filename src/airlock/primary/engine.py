@@ -486,12 +486,23 @@ class Engine:
 
     async def copy_object(self, src: Manifest, dst_bucket: str, dst_key: str,
                           meta: ObjectMeta | None,
-                          precondition: Callable[[Manifest | None], None] | None = None) -> Manifest:
-        """Copy by reference: the new manifest points at the same chunks."""
+                          precondition: Callable[[Manifest | None], None] | None = None,
+                          checksum_algorithm: str | None = None) -> Manifest:
+        """Copy by reference: the new manifest points at the same chunks.
+        The source's checksums go with it, unless `checksum_algorithm` names
+        one the source has no whole-object value of: then the copy has that
+        checksum alone (FULL_OBJECT), computed over the source's bytes."""
+        checksums, ctype, part_checksums = dict(src.checksums), src.checksum_type, src.part_checksums
+        if checksum_algorithm is not None and not (checksum_algorithm in src.checksums
+                                                   and src.checksum_type == "FULL_OBJECT"):
+            c = C.new_checksum(checksum_algorithm)
+            async for piece in self.read_object(src):
+                c.update(piece)
+            checksums, ctype, part_checksums = {checksum_algorithm: c.b64()}, "FULL_OBJECT", None
         m = Manifest(bucket=dst_bucket, key=dst_key, size=src.size, etag=src.etag, mtime=time.time(),
                      meta=meta if meta is not None else src.meta, chunks=list(src.chunks),
-                     checksums=dict(src.checksums), checksum_type=src.checksum_type,
-                     parts=src.parts, part_checksums=src.part_checksums)
+                     checksums=checksums, checksum_type=ctype,
+                     parts=src.parts, part_checksums=part_checksums)
         return await self.commit_object(m, precondition=precondition)
 
     async def delete_object(self, bucket: str, key: str, version_id: str | None = None, *,

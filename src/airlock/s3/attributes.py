@@ -3,7 +3,8 @@ checksum, parts, storage class and size without its body.
 
 The attributes asked for are the comma-separated `x-amz-object-attributes`
 header; `ObjectParts` (multipart objects only) pages by
-`x-amz-part-number-marker` / `x-amz-max-parts` like ListParts.
+`x-amz-part-number-marker` / `x-amz-max-parts` like ListParts; its Part
+elements only for an object with an additional checksum, as S3.
 """
 from __future__ import annotations
 
@@ -41,6 +42,10 @@ def _parts_xml(ctx, m: Manifest) -> str:
     body = (el("PartsCount", len(sizes)) + el("PartNumberMarker", marker)     # TotalPartsCount in boto3
             + (el("NextPartNumberMarker", page[-1][0]) if page else "")
             + el("MaxParts", max_parts) + el("IsTruncated", "true" if truncated else "false"))
+    if not m.checksums:
+        # S3 (GetObjectAttributes, Parts): without an additional checksum on the
+        # object, "the response doesn't return the Part element"
+        page = []
     for n, size, checks in page:
         body += ("<Part>" + el("PartNumber", n) + el("Size", size)
                  + "".join(el(f"Checksum{alg}", v) for alg, v in checks.items()) + "</Part>")

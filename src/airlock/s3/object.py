@@ -1,7 +1,9 @@
 """Object operations: PutObject, GetObject, HeadObject, DeleteObject, CopyObject."""
 from __future__ import annotations
 
+import base64
 import datetime
+import email.header
 import email.utils
 import logging
 import re
@@ -31,7 +33,10 @@ RESPONSE_OVERRIDES = {
     "response-content-disposition": "Content-Disposition",
     "response-content-encoding": "Content-Encoding",
 }
-_RANGE_RE = re.compile(r"^bytes=[ \t]*(\d*)-(\d*)[ \t]*$")   # RFC 9110 allows OWS around a range
+# RFC 9110 14.1: OWS around a range; a range unit's name is case-insensitive
+_RANGE_RE = re.compile(r"^bytes=[ \t]*(\d*)-(\d*)[ \t]*$", re.IGNORECASE)
+_ENCODED_WORDS_RE = re.compile(      # a value of RFC 2047 encoded-words only (B: base64, Q: quoted-printable)
+    r"^(?:=\?[^?\s]+\?(?:[bB]\?[A-Za-z0-9+/]*={0,2}|[qQ]\?[^?\s]*)\?=\s*)+$")
 
 
 # ---------------------------------------------------------------------------- protections
@@ -85,6 +90,29 @@ def refuse_sse_c_read(headers) -> None:
 
 
 # ---------------------------------------------------------------------------- metadata
+# S3 (user guide, "User-defined object metadata"): a user metadata value is
+# "character decoded as per RFC 2047 before storing and encoded as per RFC
+# 2047 to make them mail-safe before returning"; an ASCII value is returned
+# as is.  Stored decoded, answered encoded, so a response header stays ASCII
+# whatever the client sent (raw UTF-8 or encoded-words).
+def decode_metadata_value(value: str) -> str:
+    """The stored form of an x-amz-meta-* value: RFC 2047 encoded-words decoded."""
+    if "=?" not in value or not _ENCODED_WORDS_RE.match(value.strip()):
+        return value
+    try:
+        return "".join(part.decode(charset or "ascii") if isinstance(part, bytes) else part
+                       for part, charset in email.header.decode_header(value.strip()))
+    except (LookupError, UnicodeDecodeError, ValueError):   # unknown charset, bad base64: kept as sent
+        return value
+
+
+def encode_metadata_value(value: str) -> str:
+    """The answered form of a stored x-amz-meta-* value: as is if ASCII, else one RFC 2047 B-word."""
+    if value.isascii():
+        return value
+    return "=?UTF-8?B?" + base64.b64encode(value.encode("utf-8", "surrogateescape")).decode("ascii") + "?="
+
+
 def meta_from_headers(headers) -> ObjectMeta:
     stored = {h: headers[h] for h in STORED_HEADERS if h in headers}
     if "content-encoding" in stored:
@@ -101,8 +129,9 @@ def meta_from_headers(headers) -> ObjectMeta:
         lname = name.lower()
         if lname.startswith("x-amz-meta-"):
             k = lname[len("x-amz-meta-"):]
+            value = decode_metadata_value(value)
             user[k] = f"{user[k]},{value}" if k in user else value
-            size += len(k) + len(value)
+            size += len(k) + len(value.encode("utf-8", "surrogateescape"))   # S3 counts UTF-8 bytes
     if size > MAX_USER_METADATA:
         raise E.MetadataTooLarge(Size=str(size), MaxSizeAllowed=str(MAX_USER_METADATA))
     sc = headers.get("x-amz-storage-class", "STANDARD")
@@ -258,7 +287,7 @@ def object_headers(m: Manifest, with_checksums: bool) -> dict[str, str]:
         if name != "content-type":
             h[name.title()] = value
     for k, v in m.meta.user.items():
-        h[f"x-amz-meta-{k}"] = v
+        h[f"x-amz-meta-{k}"] = encode_metadata_value(v)
     if m.meta.storage_class != "STANDARD":
         h["x-amz-storage-class"] = m.meta.storage_class
     if m.parts:
@@ -327,12 +356,33 @@ def _part_range(m: Manifest, part_number: int) -> tuple[int, int]:
     return start, start + parts[part_number - 1]
 
 
+def _aligned_part(m: Manifest, rng: tuple[int, int]) -> int | None:
+    """The number of the part of a multipart object whose bytes are exactly `rng`, if one is."""
+    start = 0
+    for n, size in enumerate(m.parts or (), 1):
+        if (start, start + size) == rng:
+            return n
+        start += size
+    return None
+
+
+def _part_checksum_headers(m: Manifest, part_number: int) -> dict[str, str]:
+    """The checksum headers of one part (a single-part object is its own part 1)."""
+    if not m.parts:
+        sums = m.checksums
+    else:
+        listed = m.part_checksums or []
+        sums = listed[part_number - 1] if part_number <= len(listed) else {}
+    return {checksums.header_name(alg): v for alg, v in sums.items()}
+
+
 def _resolve_read(ctx):
     owned_bucket(ctx)
     m = ctx.engine.head_object(ctx.bucket, ctx.key, version_id_param(ctx), method=ctx.method)
     refuse_sse_c_read(ctx.headers)
     check_read_conditions(ctx.headers, m)
-    headers = object_headers(m, with_checksums=ctx.headers.get("x-amz-checksum-mode", "").upper() == "ENABLED")
+    with_checksums = ctx.headers.get("x-amz-checksum-mode", "").upper() == "ENABLED"
+    headers = object_headers(m, with_checksums=with_checksums)
     headers.update(version_headers(ctx, m))
     # these responses are prepared here, before S3App.handle could add its ids
     headers["x-amz-request-id"] = headers["x-amz-id-2"] = ctx.request_id
@@ -362,6 +412,14 @@ def _resolve_read(ctx):
             for alg in list(m.checksums):
                 headers.pop(checksums.header_name(alg), None)
             headers.pop("x-amz-checksum-type", None)
+    if rng is not None and with_checksums:
+        # not the whole object's checksum, but a part's: S3 user guide ("Checking object
+        # integrity"): "For completed uploads, you can get an individual part's checksum by
+        # using the GetObject or HeadObject operations and specifying a part number or byte
+        # range that aligns to a single part"
+        n = int(pn) if pn is not None else _aligned_part(m, rng)
+        if n is not None:
+            headers.update(_part_checksum_headers(m, n))
     if rng is None:
         start, end = 0, m.size
     else:
@@ -467,6 +525,18 @@ def source_manifest(ctx) -> Manifest:
     return src
 
 
+def copy_checksum_algorithm(headers) -> str | None:
+    """CopyObject's x-amz-checksum-algorithm: the checksum the copy gets
+    instead of the source's (S3: "Unrecognized or unsupported values will
+    respond with the HTTP status code 400 Bad Request")."""
+    alg = headers.get("x-amz-checksum-algorithm")
+    if alg is None:
+        return None
+    if alg.strip().upper() not in checksums.ALGORITHMS:
+        raise E.InvalidRequest("Value for x-amz-checksum-algorithm header is invalid.")
+    return alg.strip().upper()
+
+
 async def copy_object(ctx) -> web.Response:
     owned_bucket(ctx)
     refuse_unsupported_protection(ctx.headers)
@@ -502,8 +572,11 @@ async def copy_object(ctx) -> web.Response:
             "changing the object's metadata, storage class, website redirect location or encryption "
             "attributes.")
     m = await ctx.engine.copy_object(src, ctx.bucket, ctx.key, meta,
-                                     precondition=write_precondition(ctx.headers))
+                                     precondition=write_precondition(ctx.headers),
+                                     checksum_algorithm=copy_checksum_algorithm(ctx.headers))
     body = el("LastModified", iso8601(m.mtime)) + el("ETag", etag_header(m.etag))
+    if m.checksums and m.checksum_type:
+        body += el("ChecksumType", m.checksum_type)       # CopyObjectResult.ChecksumType
     for alg, v in m.checksums.items():
         body += el(f"Checksum{alg}", v)
     headers = version_headers(ctx, src, "x-amz-copy-source-version-id")
