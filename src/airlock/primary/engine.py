@@ -496,8 +496,9 @@ class Engine:
         if checksum_algorithm is not None and not (checksum_algorithm in src.checksums
                                                    and src.checksum_type == "FULL_OBJECT"):
             c = C.new_checksum(checksum_algorithm)
-            async for piece in self.read_object(src):
-                c.update(piece)
+            loop = asyncio.get_running_loop()
+            async for piece in self.read_object(src):     # hashed off the loop: a copy may be GiBs
+                await loop.run_in_executor(self.executor, c.update, piece)
             checksums, ctype, part_checksums = {checksum_algorithm: c.b64()}, "FULL_OBJECT", None
         m = Manifest(bucket=dst_bucket, key=dst_key, size=src.size, etag=src.etag, mtime=time.time(),
                      meta=meta if meta is not None else src.meta, chunks=list(src.chunks),
