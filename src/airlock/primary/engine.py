@@ -326,6 +326,12 @@ class Engine:
         are refused from the moment `degraded` is set)."""
         link = self.vault_link
         await self.commit_point.ensure_link(reconcile=False)
+        # A batch may be on its way to the vault still (past its check for a
+        # usable log when the log failed, or sent during a reconcile): the
+        # vault may take it after these reads and its clients hear success;
+        # read only once it has its answer, or its objects would not be
+        # served until a restart.  (Writes are refused from now on: paused.)
+        await self.commit_point.settled()
         records: list[tuple[int, int, bytes]] = []
         seq = 1
         while True:

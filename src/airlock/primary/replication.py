@@ -244,6 +244,8 @@ class ReplicatedCommitPoint:
                 continue
             try:
                 async with self._lock:
+                    if self.paused:                     # paused while this waited: nothing goes out
+                        continue
                     await self._ensure_ready()
                     await self._send_due_aborts()       # no batch came to take them along
             except (E.ReplicationError, asyncio.TimeoutError, OSError):
@@ -545,6 +547,15 @@ class ReplicatedCommitPoint:
             await asyncio.wait_for(asyncio.shield(self._local_failure), self.ack_timeout)
         except Exception as e:      # the vault's state not loaded yet: the records are durable all the same
             log.error("serving from the vault after the primary log failed: %r", e)
+
+    async def settled(self) -> None:
+        """Wait until no batch is on its way to the vault: the one holding the
+        commit lock has its answer.  Once `paused` is set no batch starts
+        after that (each refuses under the lock), so what the vault holds
+        then is all any client will hear success for (the degraded load,
+        `Engine._serve_from_vault`)."""
+        async with self._lock:
+            pass
 
     def _refuse_if_log_unusable(self) -> None:
         if self.paused or self.log.failed is not None:
