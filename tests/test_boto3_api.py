@@ -995,6 +995,26 @@ def test_acls_name_the_owner_listings_name_with_full_control(s3c, b):
         assert acl["Grants"] == [{"Grantee": {**owner, "Type": "CanonicalUser"}, "Permission": "FULL_CONTROL"}]
 
 
+def test_configurations_kept_by_id_list_as_none_and_one_named_is_no_such_configuration(s3c, b):
+    for kind in ("analytics", "inventory", "metrics", "intelligent_tiering"):
+        listed = getattr(s3c, f"list_bucket_{kind}_configurations")(Bucket=b)
+        assert listed["IsTruncated"] is False, kind
+        assert not any(v for k, v in listed.items() if k.endswith("ConfigurationList")), kind
+        with pytest.raises(ClientError) as ei:
+            getattr(s3c, f"get_bucket_{kind}_configuration")(Bucket=b, Id="daily")
+        assert (_status(ei.value), _code(ei.value)) == (404, "NoSuchConfiguration"), kind
+
+
+def test_a_copy_naming_an_sse_c_key_for_its_source_is_invalid_request_and_makes_no_copy(s3c, b):
+    s3c.put_object(Bucket=b, Key="src", Body=b"plain")
+    with pytest.raises(ClientError) as ei:      # (boto3 adds the key's MD5 header itself)
+        s3c.copy_object(Bucket=b, Key="dst", CopySource={"Bucket": b, "Key": "src"},
+                        CopySourceSSECustomerAlgorithm="AES256", CopySourceSSECustomerKey="k" * 32)
+    assert (_status(ei.value), _code(ei.value)) == (400, "InvalidRequest")
+    assert "not applicable" in str(ei.value)
+    assert "Contents" not in s3c.list_objects_v2(Bucket=b, Prefix="dst")
+
+
 def test_delete_objects_batch(cli, bkt):
     for k in ["d1", "d2", "d3"]:
         cli.put_object(Bucket=bkt, Key=k, Body=b"x")

@@ -153,6 +153,7 @@ ObjectLockConfigurationNotFoundError = _s3("ObjectLockConfigurationNotFoundError
                                            "Object Lock configuration does not exist for this bucket")
 NoSuchPublicAccessBlockConfiguration = _s3("NoSuchPublicAccessBlockConfiguration", 404,
                                            "The public access block configuration was not found")
+NoSuchConfiguration = _s3("NoSuchConfiguration", 404, "The specified configuration does not exist.")
 OwnershipControlsNotFoundError = _s3("OwnershipControlsNotFoundError", 404,
                                      "The bucket ownership controls were not found")
 

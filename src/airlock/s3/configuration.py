@@ -10,7 +10,9 @@ a read answers what S3 answers for a bucket on which that feature is not
 configured, which is the truth for every airlock bucket: the feature's own
 404, or its empty or default document.  An ACL read answers the one grant
 airlock enforces: the owner's FULL_CONTROL (the owner of ListBuckets and
-ListObjects).  Deleting a configuration that is not there succeeds (204),
+ListObjects).  Analytics, inventory, metrics and Intelligent-Tiering configurations,
+kept by id in S3, list as none, and one asked for by id is 404
+NoSuchConfiguration.  Deleting a configuration that is not there succeeds (204),
 as in S3.  Setting one is 501 NotImplemented: airlock would not apply it,
 so it does not store it.
 
@@ -52,6 +54,14 @@ UNCONFIGURED_DOCUMENTS: dict[str, tuple[str, str]] = {
     "accelerate": ("AccelerateConfiguration", ""),          # never set: no Status (S3 API docs)
     "requestPayment": ("RequestPaymentConfiguration", el("Payer", "BucketOwner")),   # not requester pays
 }
+# GET ?<sub-resource>: configurations kept by id; without ?id= the (empty) list, root element
+# as in the S3 API reference; with an id, NoSuchConfiguration
+LISTED_BY_ID: dict[str, str] = {
+    "analytics": "ListBucketAnalyticsConfigurationResult",
+    "inventory": "ListInventoryConfigurationsResult",
+    "metrics": "ListMetricsConfigurationsResult",
+    "intelligent-tiering": "ListBucketIntelligentTieringConfigurationsOutput",
+}
 # DELETE ?<sub-resource> exists in S3 for these; on nothing configured it is a 204
 DELETABLE = frozenset({"policy", "cors", "lifecycle", "website", "replication", "encryption",
                        "publicAccessBlock", "ownershipControls"})
@@ -79,6 +89,10 @@ async def get_bucket_configuration(ctx, sub: str) -> web.Response:
     if sub in UNCONFIGURED_DOCUMENTS:
         root, content = UNCONFIGURED_DOCUMENTS[sub]
         return xml_response(doc(root, content))
+    if sub in LISTED_BY_ID:
+        if "id" in ctx.query:
+            raise E.NoSuchConfiguration()
+        return xml_response(doc(LISTED_BY_ID[sub], el("IsTruncated", "false")))
     raise E.NotImplementedS3(f"The {sub} sub-resource is not implemented.")
 
 

@@ -63,10 +63,14 @@ def refuse_unsupported_protection(headers) -> None:
             # S3's answer for a bucket without Object Lock, which every airlock bucket is
             raise E.InvalidRequest("Bucket is missing Object Lock Configuration", ArgumentName=h,
                                    ArgumentValue=headers[h])
-    for h in SSE_C_HEADERS:
+    for h in SSE_C_HEADERS[:3]:
         if h in headers:
             raise E.NotImplementedS3("Server-side encryption with customer-provided keys (SSE-C) "
                                      "is not implemented.", Header=h)
+    for h in SSE_C_HEADERS[3:]:
+        if h in headers:
+            # a copy source's key: no airlock object was stored with one (as refuse_sse_c_read)
+            raise E.InvalidRequest("The encryption parameters are not applicable to this object.")
     sse = headers.get("x-amz-server-side-encryption")
     if sse is not None and sse != "AES256":
         if sse in SSE_KMS_VALUES:
