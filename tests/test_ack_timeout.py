@@ -50,6 +50,20 @@ def proxied_either_chunk_sync(tmp_path, request):
         yield dp
 
 
+@pytest.fixture
+def vault_behind_proxy(tmp_path):
+    """A vault and the fault proxy in front of it, no gateway: for a test
+    that speaks the link itself."""
+    d = Deployment(tmp_path / "deploy", ack_timeout=ACK_TIMEOUT_S)
+    d.vault.start()
+    try:
+        proxy = FaultProxy(d.vault.port).start()
+        d.use_proxy(proxy)
+        yield d, proxy
+    finally:
+        d.stop()
+
+
 # ---------------------------------------------------------------------- helpers
 
 
@@ -235,7 +249,7 @@ def test_void_survives_a_gateway_restart(proxied, how):
 
 
 @pytest.mark.parametrize("fault,cancel_after", [("hold down", 0.5), ("hold down", 2.5), ("delay 1500", 2.2), ("delay 1500", 5.0)])
-def test_a_link_connect_cancelled_midway_leaves_no_half_open_connection(proxied, fault, cancel_after):
+def test_a_link_connect_cancelled_midway_leaves_no_half_open_connection(vault_behind_proxy, fault, cancel_after):
     """connect() cancelled by its caller's time limit (the commit point's
     reconnect wraps it in one) -- while it closes the old connection, in the
     TLS handshake, or waiting for HELLO_OK -- stays cancelled and closes what
@@ -243,7 +257,7 @@ def test_a_link_connect_cancelled_midway_leaves_no_half_open_connection(proxied,
     succeeds.  Before, a cancel during HELLO left the connection open without
     its HELLO (every request on it refused as not connected), and a cancel
     while the old connection closed was swallowed."""
-    d, proxy = proxied
+    d, proxy = vault_behind_proxy
     from airlock.config import GatewayConfig
     from airlock.gateway import make_link_client
     cfg = GatewayConfig()

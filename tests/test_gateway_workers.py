@@ -65,21 +65,55 @@ def worker_pids(gw) -> list[int]:
     return sorted(int(p) for p in out)
 
 
-@pytest.fixture
-def dep(tmp_path):
-    d = Deployment(tmp_path / "deploy")
-    d.gateway.extra_args = []
+def _start_with_workers(root) -> Deployment:
+    d = Deployment(root)
     d.vault.start()
     d.gateway.extra_args = d._gateway_args() + ["--workers", str(WORKERS)]
-    d.gateway.start()
-    wait_until(lambda: len(worker_pids(d.gateway)) == WORKERS - 1, "workers started")
-    wait_until(lambda: serving(d.gateway, WORKERS), "workers serving")
+    try:
+        d.gateway.start()
+        wait_until(lambda: len(worker_pids(d.gateway)) == WORKERS - 1, "workers started")
+        wait_until(lambda: serving(d.gateway, WORKERS), "workers serving")
+    except BaseException:
+        d.stop()
+        raise
+    return d
+
+
+@pytest.fixture
+def dep(tmp_path):
+    """A deployment of its own, for a test that kills or restarts a part of it."""
+    d = _start_with_workers(tmp_path / "deploy")
     yield d
     d.stop()
 
 
-def test_writes_from_any_process_are_read_by_every_other_and_reach_the_vault(dep):
+@pytest.fixture(scope="module")
+def _shared_deployment(tmp_path_factory):
+    d = _start_with_workers(tmp_path_factory.mktemp("workers") / "deploy")
+    yield d
+    d.stop()
+
+
+@pytest.fixture
+def shared(_shared_deployment):
+    """One deployment for the tests that neither kill nor restart any of
+    its processes (each uses buckets of its own; a deployment per test was
+    ~2-7 s of setup each).  Each test starts from a quiet gateway: all
+    WORKERS processes serving, and no client connection of an earlier test
+    still open (the dispatch tests count connections per process)."""
+    d = _shared_deployment
+    assert d.gateway.proc.poll() is None, "the shared gateway is gone"
+    wait_until(lambda: len(worker_pids(d.gateway)) == WORKERS - 1, "workers running")
+    wait_until(lambda: serving(d.gateway, WORKERS), "workers serving")
+    _wait_all_closed(d.gateway)
+    return d
+
+
+def test_writes_from_any_process_are_read_by_every_other_and_reach_the_vault(shared):
+    dep = shared
     gw = dep.gateway
+    h0 = gw.health()                 # the shared gateway's counters before this test
+    gets0 = {p["pid"]: p["stats"]["gets"] for p in h0["processes"]}
     fresh_client(gw).create_bucket(Bucket="many")
     fresh_client(gw).put_bucket_versioning(Bucket="many", VersioningConfiguration={"Status": "Enabled"})
 
@@ -105,18 +139,19 @@ def test_writes_from_any_process_are_read_by_every_other_and_reach_the_vault(dep
     h = gw.health()
     assert h["vault_connected"] and len(h["processes"]) == WORKERS
     assert [p["role"] for p in h["processes"]].count("leader") == 1
-    assert h["stats"]["puts"] == 49
+    assert h["stats"]["puts"] - h0["stats"]["puts"] == 49
     # every process served some of the reads: the port really is shared
-    assert all(p["stats"]["gets"] > 0 for p in h["processes"]), h["processes"]
+    assert all(p["stats"]["gets"] > gets0.get(p["pid"], 0) for p in h["processes"]), h["processes"]
     assert h["stats"]["gets"] == sum(p["stats"]["gets"] for p in h["processes"])
     r = dep.airlock("verify")
     assert "equal" in r.stdout.lower(), r.stdout
 
 
-def test_bucket_changes_made_through_one_worker_are_seen_at_once_by_another(dep):
+def test_bucket_changes_made_through_one_worker_are_seen_at_once_by_another(shared):
     """A worker caches bucket rows until the leader's index generation page
     says a bucket record was applied (docs/format/ipc.md): a change made
     through another process must be seen by the very next request."""
+    dep = shared
     gw = dep.gateway
     fresh_client(gw).create_bucket(Bucket="gen")
     with leader_kept_busy(gw) as lead:
@@ -254,11 +289,12 @@ def _wait_all_closed(gw) -> None:
     time.sleep(0.2)                  # the health call's own connection closes too
 
 
-def test_each_new_connection_goes_to_the_process_with_the_fewest_busy(dep):
+def test_each_new_connection_goes_to_the_process_with_the_fewest_busy(shared):
     """The leader hands connections out by busy count (its own counting
     twice), not by the kernel's hash of addresses: six connections opened
     together to three processes are two each; after they close, three new
     ones are one each."""
+    dep = shared
     gw = dep.gateway
     conns = _open_served(gw, 2 * WORKERS)
     h = _health_over(conns[0])
@@ -273,11 +309,12 @@ def test_each_new_connection_goes_to_the_process_with_the_fewest_busy(dep):
         c.close()
 
 
-def test_idle_connections_do_not_count_so_one_client_at_a_time_is_served_by_the_leader(dep):
+def test_idle_connections_do_not_count_so_one_client_at_a_time_is_served_by_the_leader(shared):
     """A keep-alive connection idle for ACTIVE_S is not busy: three
     connections opened one after another, each idle by the time the next
     opens, all go to the leader (which serves a write without a worker's
     call to it); with one of them busy, the next ones go to the workers."""
+    dep = shared
     from airlock.primary.dispatch import ACTIVE_S
     gw = dep.gateway
     _wait_all_closed(gw)
@@ -298,11 +335,12 @@ def test_idle_connections_do_not_count_so_one_client_at_a_time_is_served_by_the_
         c.close()
 
 
-def test_a_connection_closed_unused_does_not_send_the_next_client_to_a_worker(dep):
+def test_a_connection_closed_unused_does_not_send_the_next_client_to_a_worker(shared):
     """wrk (and a load balancer's TCP check) opens a connection and closes it
     unused just before the real one: the leader must not count that probe
     as busy, or a single client lands on a worker (and pays the worker ->
     leader commit call on every write)."""
+    dep = shared
     import http.client
     from airlock.primary.dispatch import ACTIVE_S
     gw = dep.gateway
@@ -346,7 +384,8 @@ def test_new_connections_after_a_worker_is_killed_are_all_served(dep):
         c.close()
 
 
-def test_large_uploads_on_every_process_reach_the_vault_whole(dep):
+def test_large_uploads_on_every_process_reach_the_vault_whole(shared):
+    dep = shared
     # chunks of 64 KiB and more: a worker sends them on its own link and
     # waits for the vault's answers before its commit goes to the leader
     gw = dep.gateway
@@ -486,7 +525,8 @@ def test_large_uploads_on_workers_end_in_bounded_time_when_the_vault_stops_answe
     assert "equal" in r.stdout.lower(), r.stdout
 
 
-def test_conditional_creates_of_one_key_from_many_processes_let_exactly_one_win(dep):
+def test_conditional_creates_of_one_key_from_many_processes_let_exactly_one_win(shared):
+    dep = shared
     gw = dep.gateway
     fresh_client(gw).create_bucket(Bucket="race")
 
@@ -508,10 +548,11 @@ def test_conditional_creates_of_one_key_from_many_processes_let_exactly_one_win(
     assert fresh_client(gw).get_object(Bucket="race", Key="only-once")["Body"].read() == f"writer {first}".encode()
 
 
-def test_conditional_deletes_from_many_processes_remove_only_the_object_they_name(dep):
+def test_conditional_deletes_from_many_processes_remove_only_the_object_they_name(shared):
     """Every process checks a delete's If-Match where the leader commits it,
     under the key's lock: of many deletes naming one ETag exactly one
     succeeds, and none naming an older ETag removes the newer object."""
+    dep = shared
     gw = dep.gateway
     fresh_client(gw).create_bucket(Bucket="cdel")
     old = fresh_client(gw).put_object(Bucket="cdel", Key="k", Body=b"old")["ETag"]
@@ -576,10 +617,11 @@ def test_a_worker_killed_amid_writes_loses_nothing_acknowledged_and_is_replaced(
     assert "equal" in dep.airlock("verify").stdout.lower()
 
 
-def test_a_failed_upload_through_a_worker_still_ships_its_chunks(dep):
+def test_a_failed_upload_through_a_worker_still_ships_its_chunks(shared):
     """A worker holds a small body's chunks to send them with the commit; if
     the upload fails (here: a wrong Content-MD5) it ships them anyway, so an
     identical upload later (dedup: no chunk is new) finds them on the vault."""
+    dep = shared
     import base64
     import hashlib
     gw = dep.gateway
@@ -604,13 +646,14 @@ def test_a_failed_upload_through_a_worker_still_ships_its_chunks(dep):
     assert on_workers == 8, h["processes"]
 
 
-def test_a_small_body_a_worker_takes_reaches_the_vault_while_the_leader_stores_its_row(dep):
+def test_a_small_body_a_worker_takes_reaches_the_vault_while_the_leader_stores_its_row(shared):
     """A worker does not store a small body's row: the row rides with the
     commit call and the leader stores it while the record goes to the vault
     (docs/format/ipc.md, `ship_and_commit_object`).  The row commit is held
     here by taking the small-chunk store's lock: the record is durable in
     the vault, but the PUT is not answered and the object not visible until
     the row is in."""
+    dep = shared
     import fcntl
     import threading
     gw = dep.gateway

@@ -206,7 +206,13 @@ def test_a_gateway_stopped_while_the_vault_is_frozen_ends_its_waiting_writes_qui
     process exits.  The writes' commits, left to fail after their clients
     were cut, are nobody's to read: no 'exception was never retrieved' in
     the log.  Afterwards the two domains agree."""
-    d = Deployment(tmp_path / "d", ack_timeout=30.0)   # the writes are still waiting at the stop
+    from airlock.gateway import CUT_AFTER_DRAIN_S, SHUTDOWN_GRACE_S
+    # the writes must still be waiting when the drain gives up and their
+    # handlers are cut (1 s + grace + cut after they were sent), so that
+    # their commits fail later, with nobody to read them; a few seconds
+    # more for a slow machine.  (Not longer: the stop waits out the ack
+    # timeout of the commits it was sending, then the process exits.)
+    d = Deployment(tmp_path / "d", ack_timeout=SHUTDOWN_GRACE_S + CUT_AFTER_DRAIN_S + 4)
     d.start()
     try:
         c = d.gateway.client()

@@ -9,6 +9,20 @@ import pytest
 from botocore.exceptions import ClientError
 
 
+@pytest.fixture(scope="module")
+def _gateway(tmp_path_factory):
+    from conftest import Gateway
+    g = Gateway(tmp_path_factory.mktemp("rowcache") / "primary").start()
+    yield g
+    g.stop()
+
+
+@pytest.fixture
+def s3(_gateway):
+    """One gateway for the tests below, each in a bucket of its own."""
+    return _gateway.client()
+
+
 def body(s3, bucket, key, **kw):
     return s3.get_object(Bucket=bucket, Key=key, **kw)["Body"].read()
 

@@ -244,7 +244,9 @@ def test_a_vault_that_was_stopped_answers_a_primary_gone_meanwhile_without_an_er
             with pytest.raises(ClientError) as e:
                 c.put_object(Bucket="frozen", Key="during", Body=b"void")
             assert e.value.response["ResponseMetadata"]["HTTPStatusCode"] == 503
-            time.sleep(6)               # past the gateway's reconnect: its old connection is closed
+            # the gateway has closed its old connection: the frozen vault's
+            # kernel holds it half-closed (CLOSE_WAIT) until the vault runs again
+            wait_until(lambda: _closed_by_peer(d.vault.port), "the gateway to close its old connection", 20)
         finally:
             d.vault.proc.send_signal(signal.SIGCONT)
         # "disconnected before its answer" when the APPEND was still to be
@@ -299,6 +301,14 @@ def test_a_vault_stopped_under_load_finishes_the_append_in_flight_before_closing
         wait_until(lambda: d.airlock("verify", check=False).returncode == 0, "the domains to be equal", 60)
     finally:
         d.stop()
+
+
+def _closed_by_peer(port: int) -> bool:
+    """A TCP connection to 127.0.0.1:`port` was closed by its client while
+    the server has not closed its end yet (state CLOSE_WAIT in /proc/net/tcp)."""
+    local = f"0100007F:{port:04X}"
+    with open("/proc/net/tcp") as f:
+        return any(cols[1] == local and cols[3] == "08" for cols in (line.split() for line in f))
 
 
 def _put_ok_in(c, bucket: str) -> bool:
