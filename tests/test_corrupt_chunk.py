@@ -144,16 +144,9 @@ def test_object_partly_local_partly_only_in_the_vault_is_served_whole(dep, store
     assert gw.health()["stats"]["chunks_from_vault"] - before == len(digests[::2])
 
 
-@pytest.fixture
-def own_dep(tmp_path):
-    d = Deployment(tmp_path / "deploy").start()
-    yield d
-    d.stop()
-
-
-def test_aws_cli_download_of_damaged_objects_is_byte_identical(own_dep, tmp_path):
-    """Every chunk file of the store damaged (a deployment of its own)."""
-    dep = own_dep
+def test_aws_cli_download_of_damaged_objects_is_byte_identical(deployment, tmp_path):
+    """Every chunk file of the store damaged (a deployment of its own: conftest's)."""
+    dep = deployment
     _s3, bodies, bucket = store_objects(dep)
     gw = dep.gateway
     for i, p in enumerate(chunk_files(gw.data)):

@@ -41,6 +41,16 @@ def dep(tmp_path):
     d.stop()
 
 
+def _warm_store(dep):
+    """(gateway, client, the vault's last seq, a small body): a bucket
+    "overlap" whose small-chunk store exists (one PUT made it)."""
+    gw = dep.gateway
+    s3 = gw.client()
+    s3.create_bucket(Bucket="overlap")
+    s3.put_object(Bucket="overlap", Key="warm", Body=b"the store exists")
+    return gw, s3, dep.vault.status()["last_seq"], os.urandom(3000)
+
+
 def _missing(s3, bucket: str, key: str) -> bool:
     try:
         s3.head_object(Bucket=bucket, Key=key)
@@ -87,12 +97,7 @@ def test_a_gateway_killed_between_the_vaults_ack_and_the_row_takes_the_chunk_fro
     and the gateway dies: the restart's reconcile takes the record from the
     vault, and with it the chunk, so the primary holds every chunk its log
     references."""
-    gw = dep.gateway
-    s3 = gw.client()
-    s3.create_bucket(Bucket="overlap")
-    s3.put_object(Bucket="overlap", Key="warm", Body=b"the store exists")
-    vault_before = dep.vault.status()["last_seq"]
-    body = os.urandom(3000)
+    gw, s3, vault_before, body = _warm_store(dep)
     with open(gw.data / "chunks" / "small.lock", "a+b") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
@@ -189,12 +194,7 @@ def test_a_row_that_fails_when_its_void_cannot_be_recorded_stands_as_the_vault_h
     hears success, the gateway degrades and serves it from the vault, and
     the restart keeps it."""
     import resource
-    gw = dep.gateway
-    s3 = gw.client()
-    s3.create_bucket(Bucket="overlap")
-    s3.put_object(Bucket="overlap", Key="warm", Body=b"the store exists")
-    vault_before = dep.vault.status()["last_seq"]
-    body = os.urandom(3000)
+    gw, s3, vault_before, body = _warm_store(dep)
     answer: dict = {}
 
     def put():
