@@ -481,6 +481,12 @@ def test_a_malformed_version_id_is_invalid_argument_not_no_such_version(gw):
         ("Invalid version id specified", "versionId", "abc")
     # "null" is every bucket's id for an unversioned write
     assert s3.get_object(Bucket=b, Key="k", VersionId="null")["Body"].read() == b"x"
+    with pytest.raises(ClientError) as ei:          # a listing's marker is checked the same way
+        s3.list_object_versions(Bucket=b, KeyMarker="k", VersionIdMarker="abc")
+    err = ei.value.response["Error"]
+    assert (err["Code"], err["Message"], err["ArgumentName"]) == \
+        ("InvalidArgument", "Invalid version id specified", "version-id-marker")
+    assert s3.list_object_versions(Bucket=b, KeyMarker="k", VersionIdMarker="null")["IsTruncated"] is False
 
 
 def test_versions_survive_restart_and_index_rebuild(tmp_path):

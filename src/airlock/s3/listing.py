@@ -9,7 +9,7 @@ from aiohttp import web
 
 from airlock import errors as E
 from airlock.primary.model import Manifest
-from airlock.s3.common import int_param, owned_bucket, url_encoder, xml_response
+from airlock.s3.common import checked_version_id, int_param, owned_bucket, url_encoder, xml_response
 from airlock.s3.xml import doc, el, iso8601
 
 MAX_KEYS = 1000     # S3 never returns more per page
@@ -130,6 +130,8 @@ async def list_object_versions(ctx) -> web.Response:
     if vid_marker and not key_marker:
         raise E.InvalidArgument("A version-id marker cannot be specified without a key marker.",
                                 ArgumentName="version-id-marker", ArgumentValue=vid_marker)
+    if vid_marker:
+        checked_version_id(vid_marker, "version-id-marker")     # one no version could have: 400, as S3
     res = ctx.engine.list_versions(ctx.bucket, prefix=prefix, delimiter=delimiter, key_marker=key_marker,
                                    version_id_marker=vid_marker, max_keys=max_keys)
     owner = ctx.owner_xml(b.owner)
