@@ -517,3 +517,16 @@ def test_a_download_abandoned_mid_body_is_one_line_in_the_log_not_a_server_error
     log = raw.gw.log_text()[logged:]
     assert "the client went away" in log and "Traceback" not in log and "ERROR" not in log, log[-3000:]
     assert s3c.get_object(Bucket=bkt, Key="big")["Body"].read() == data
+
+
+def test_user_metadata_decoding_to_control_characters_stays_readable(s3, bucket):
+    """An RFC 2047 value that decodes to CR/LF/NUL is stored decoded; it is
+    answered encoded again (no header can carry it), never a 500."""
+    import base64
+    for i, raw in enumerate((b"a\r\nX-Injected: 1", b"a\x00b\x7fc")):
+        word = "=?UTF-8?B?" + base64.b64encode(raw).decode() + "?="
+        s3.put_object(Bucket=bucket, Key=f"k{i}", Body=b"x", Metadata={"m": word})
+        h = s3.head_object(Bucket=bucket, Key=f"k{i}")
+        assert "x-injected" not in h["ResponseMetadata"]["HTTPHeaders"]
+        assert base64.b64decode(h["Metadata"]["m"][len("=?UTF-8?B?"):-2]) == raw
+        assert s3.get_object(Bucket=bucket, Key=f"k{i}")["Body"].read() == b"x"

@@ -35,6 +35,7 @@ RESPONSE_OVERRIDES = {
 }
 # RFC 9110 14.1: OWS around a range; a range unit's name is case-insensitive
 _RANGE_RE = re.compile(r"^bytes=[ \t]*(\d*)-(\d*)[ \t]*$", re.IGNORECASE)
+_HEADER_SAFE_RE = re.compile(r"[\t\x20-\x7e]*")   # what a header value can carry as is
 _ENCODED_WORDS_RE = re.compile(      # a value of RFC 2047 encoded-words only (B: base64, Q: quoted-printable)
     r"^(?:=\?[^?\s]+\?(?:[bB]\?[A-Za-z0-9+/]*={0,2}|[qQ]\?[^?\s]*)\?=\s*)+$")
 
@@ -111,8 +112,11 @@ def decode_metadata_value(value: str) -> str:
 
 
 def encode_metadata_value(value: str) -> str:
-    """The answered form of a stored x-amz-meta-* value: as is if ASCII, else one RFC 2047 B-word."""
-    if value.isascii():
+    """The answered form of a stored x-amz-meta-* value: as is if printable
+    ASCII, else one RFC 2047 B-word.  A value decoded from encoded-words may
+    hold control characters (CR, LF, NUL) that no header can carry: sent as
+    is, every GET and HEAD of the object would fail (500)."""
+    if _HEADER_SAFE_RE.fullmatch(value):
         return value
     return "=?UTF-8?B?" + base64.b64encode(value.encode("utf-8", "surrogateescape")).decode("ascii") + "?="
 
