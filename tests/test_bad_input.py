@@ -530,3 +530,10 @@ def test_user_metadata_decoding_to_control_characters_stays_readable(s3, bucket)
         assert "x-injected" not in h["ResponseMetadata"]["HTTPHeaders"]
         assert base64.b64decode(h["Metadata"]["m"][len("=?UTF-8?B?"):-2]) == raw
         assert s3.get_object(Bucket=bucket, Key=f"k{i}")["Body"].read() == b"x"
+
+
+def test_user_metadata_malformed_encoded_word_is_kept_as_sent(s3, bucket):
+    """A B-word whose base64 does not decode is stored as sent: not a 500 on the PUT."""
+    for value in ("=?UTF-8?B?abcde?=", "=?UTF-8?B?a?="):
+        s3.put_object(Bucket=bucket, Key="k", Body=b"x", Metadata={"m": value})
+        assert s3.head_object(Bucket=bucket, Key="k")["Metadata"] == {"m": value}

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import base64
 import datetime
+import email.errors
 import email.header
 import email.utils
 import logging
@@ -107,7 +108,8 @@ def decode_metadata_value(value: str) -> str:
     try:
         return "".join(part.decode(charset or "ascii") if isinstance(part, bytes) else part
                        for part, charset in email.header.decode_header(value.strip()))
-    except (LookupError, UnicodeDecodeError, ValueError):   # unknown charset, bad base64: kept as sent
+    except (LookupError, UnicodeDecodeError, ValueError, email.errors.HeaderParseError):
+        # unknown charset, bad base64 (decode_header raises HeaderParseError, not a ValueError): kept as sent
         return value
 
 
