@@ -615,7 +615,11 @@ class ReplicatedCommitPoint:
             self.stats["ack_failures"] += 1
             self._voiding.pop(first, None)      # no `_finish` for this batch: its records are void
             self._ready = False
-            await self.link.close()
+            # at once, not gracefully: a vault that did not answer in time
+            # would not answer the TLS close either, and the connection
+            # stayed open (half-open: asyncio waits 30 s for the close) while
+            # the next reconnect was tried
+            self.link.abort()
             if numbered:
                 # The vault may hold these records: they must never take effect.
                 self.pending_aborts.update(s for s, _r, _p in numbered)
