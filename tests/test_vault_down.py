@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import sys
 import threading
 import time
@@ -301,6 +302,53 @@ def test_a_vault_stopped_under_load_finishes_the_append_in_flight_before_closing
         wait_until(lambda: d.airlock("verify", check=False).returncode == 0, "the domains to be equal", 60)
     finally:
         d.stop()
+
+
+def test_a_write_that_gets_no_ack_from_a_frozen_vault_closes_its_link_connection_at_once(tmp_path):
+    """A vault that stopped answering (SIGSTOP) does not answer a TLS close
+    either.  The link connection whose batch got no ack in time is closed
+    with the 503, not gracefully: a graceful close waited 1 s for the
+    vault's close_notify before the 503 went out, and left the connection
+    open (half-open to a frozen vault) for asyncio's 30 s SSL shutdown
+    timeout while reconnects were tried beside it."""
+    d = Deployment(tmp_path / "d", ack_timeout=2.0)
+    d.vault.start()
+    try:
+        d.gateway.extra_args = [*d._gateway_args(), "--workers", "1"]   # one process, one link
+        d.gateway.start()
+        s3 = d.gateway.client()
+        s3.create_bucket(Bucket="keep")
+        links = _connections_to(d.vault.port)
+        assert len(links) == 1, links
+        d.vault.proc.send_signal(signal.SIGSTOP)
+        try:
+            assert_put_fails_503(s3, "frozen")
+            # the vault's end sees the gateway's FIN (the kernel answers for a stopped process)
+            wait_until(lambda: _closed_by_peer_from(d.vault.port, links[0]),
+                       "the failed link connection to be closed", 1.0)
+        finally:
+            d.vault.proc.send_signal(signal.SIGCONT)
+        wait_until(lambda: _put_ok_in(s3, "keep"), "writes to succeed again", 60)
+        assert s3.list_objects_v2(Bucket="keep", Prefix="frozen").get("KeyCount") == 0
+        wait_until(lambda: d.airlock("verify", check=False).returncode == 0, "the domains to be equal", 60)
+    finally:
+        d.stop()
+
+
+def _connections_to(port: int) -> list[int]:
+    """The local ports of the established TCP connections to 127.0.0.1:`port`."""
+    remote = f"0100007F:{port:04X}"
+    with open("/proc/net/tcp") as f:
+        rows = [line.split() for line in f]
+    return [int(cols[1].split(":")[1], 16) for cols in rows[1:] if cols[2] == remote and cols[3] == "01"]
+
+
+def _closed_by_peer_from(port: int, client_port: int) -> bool:
+    """The connection from 127.0.0.1:`client_port` to 127.0.0.1:`port` was
+    closed by its client while the server has not closed its end (CLOSE_WAIT)."""
+    local, remote = f"0100007F:{port:04X}", f"0100007F:{client_port:04X}"
+    with open("/proc/net/tcp") as f:
+        return any(cols[1] == local and cols[2] == remote and cols[3] == "08" for cols in (line.split() for line in f))
 
 
 def _closed_by_peer(port: int) -> bool:

@@ -17,7 +17,8 @@ from airlock.s3.app import make_app
 
 log = logging.getLogger("airlock.gateway")
 
-SHUTDOWN_GRACE_S = 10.0   # seconds in-flight requests get to finish on SIGTERM (S3App.drain)
+SHUTDOWN_GRACE_S = 10.0   # seconds in-flight requests get to finish on SIGTERM (S3App.drain);
+                          # then writes still waiting for the vault answer 503 (Engine.stop_waiting_for_vault)
 CUT_AFTER_DRAIN_S = 1.0   # then aiohttp's own shutdown: what still runs is cancelled after this
 PORT_WAIT_S = 3.0         # how long a taken port is retried before giving up
 
@@ -150,6 +151,11 @@ async def serve(cfg: GatewayConfig, on_ready=None, stop: asyncio.Event | None = 
         await stop.wait()
     finally:
         log.info("stopping gateway")
+        # the grace is the whole gateway's: once it is over, writes still
+        # waiting for the vault answer 503 (the vault may be frozen: their
+        # clients would otherwise be cut without an answer, and the engine's
+        # close wait out an ack timeout), also those of workers that commit here
+        grace_over = asyncio.get_running_loop().call_later(SHUTDOWN_GRACE_S, engine.stop_waiting_for_vault)
         if dispatcher is not None:
             dispatcher.stop_accepting()      # first: no connection is handed to a stopping worker
         stopping = []
@@ -160,6 +166,7 @@ async def serve(cfg: GatewayConfig, on_ready=None, stop: asyncio.Event | None = 
         for r in await asyncio.gather(*stopping, return_exceptions=True):
             if isinstance(r, Exception):     # the engine still closes, the lock is still released
                 log.error("stopping the gateway's connections failed: %r", r)
+        grace_over.cancel()
         await engine.close()
         lock.release()
 
@@ -170,7 +177,9 @@ async def stop_serving(runner: web.AppRunner) -> None:
     after them, then aiohttp's own shutdown of what is left (the runner's
     shutdown_timeout, CUT_AFTER_DRAIN_S: the grace was the drain's; within
     the leader's STOP_GRACE_S for a worker).  The engine is still open
-    meanwhile (the caller closes it after)."""
+    meanwhile (the caller closes it after); in the process that commits
+    (`serve`), writes still waiting for the vault's ACK when the grace ends
+    answer 503 then, before this cut."""
     for site in list(runner.sites):
         await site.stop()                # a single process: stop listening
     await runner.app["s3"].drain(SHUTDOWN_GRACE_S)

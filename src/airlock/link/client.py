@@ -73,12 +73,12 @@ class LinkClient:
                 self.request(W.HELLO, W.encode_json({"protocol": W.VERSION, "primary_id": self.primary_id})),
                 self.connect_timeout)
         except asyncio.TimeoutError:
-            await self.close()
+            self.abort()
             raise E.VaultUnavailable("the vault did not answer HELLO") from None
         except BaseException:
             # refused, link lost, or this connect() cancelled (a caller's own
             # time limit): no connection stays open without its HELLO
-            self._drop()
+            self._drop(abort=True)
             raise
         self.hello = W.decode_json(frame.payload)
         if self.hello.get("protocol") != W.VERSION:
@@ -98,11 +98,14 @@ class LinkClient:
                 pass
 
     def abort(self) -> None:
-        """Close the connection at once (no waiting): every outstanding
-        request fails with VaultUnavailable."""
-        self._drop()
+        """Close the connection at once, for a link that failed (no answer
+        in time): every outstanding request fails with VaultUnavailable and
+        the TCP connection is closed now, without the TLS close_notify
+        exchange a frozen vault would never finish (`close()` waits for it
+        up to 1 s, and asyncio keeps the connection open up to 30 s)."""
+        self._drop(abort=True)
 
-    def _drop(self):
+    def _drop(self, abort: bool = False):
         """Close the connection now, failing every outstanding request;
         returns the closed writer (None if there was none)."""
         w, self._writer = self._writer, None
@@ -110,7 +113,10 @@ class LinkClient:
             self._receiver.cancel()
             self._receiver = None
         if w is not None:
-            w.close()
+            if abort:
+                w.abort()
+            else:
+                w.close()
         self._fail_all(E.VaultUnavailable("link closed"))
         return w
 

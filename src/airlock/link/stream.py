@@ -272,6 +272,16 @@ class FrameWriter:
         self._release()
         self.transport.close()
 
+    def abort(self) -> None:
+        """Close the connection at once, dropping whatever is unsent: no
+        TLS close_notify exchange.  A graceful close (`close()`) waits for
+        the peer's close_notify -- up to asyncio's ssl_shutdown_timeout,
+        30 s -- before the TCP connection is closed, so against a vault that
+        does not answer (SIGSTOP, a hung host) the connection stayed open
+        that long."""
+        self._held = None
+        self.transport.abort()
+
     def is_closing(self) -> bool:
         return self.transport.is_closing()
 

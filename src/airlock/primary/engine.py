@@ -153,6 +153,14 @@ class Engine:
         if self.store is not None:
             self.store.close()
 
+    def stop_waiting_for_vault(self) -> None:
+        """A stop's grace is over (gateway.serve): the writes still waiting
+        for the vault's ack answer 503 now, nothing more is sent and the link
+        is not reconnected (ReplicatedCommitPoint.stop_waiting)."""
+        stop = getattr(self.commit_point, "stop_waiting", None)
+        if stop is not None:
+            stop()
+
     def _on_durable(self, records) -> None:
         # the payload goes along: an object-put's JSON is stored as it is
         self.index.apply([(seq, rtype, P.decode_payload(rtype, payload), payload)

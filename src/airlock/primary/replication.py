@@ -114,6 +114,8 @@ class ReplicatedCommitPoint:
         self._reconnect_failed_at = float("-inf")   # monotonic time of the last failed reconnect
         self._ready = False
         self._keeper: asyncio.Task | None = None
+        # set when the gateway stops waiting for the vault (`stop_waiting`)
+        self._stopping = asyncio.Event()
         self.paused = False       # set by the engine in degraded mode: the primary log is unusable
         # awaited once when the primary log fails on records the vault holds
         # (the engine switches to serving from the vault); see the module doc
@@ -236,9 +238,9 @@ class ReplicatedCommitPoint:
         """Reconnect (and reconcile) a lost link in the background, so health
         tells the truth and pending aborts are settled without waiting for
         the next write."""
-        while True:
+        while not self._stopping.is_set():
             await asyncio.sleep(RECONNECT_INTERVAL_S)
-            if self.paused:
+            if self.paused or self._stopping.is_set():
                 continue
             if self.healthy and not any(s <= self._acked_seq for s in self.pending_aborts):
                 continue
@@ -253,15 +255,38 @@ class ReplicatedCommitPoint:
             except Exception:
                 log.exception("reconnecting the link failed")
 
+    def stop_waiting(self) -> None:
+        """The gateway is stopping and its grace is over: nothing waits for
+        the vault any more.  The batch on its way (if any) fails at once, as
+        on an ack timeout -- its records void, pending-aborts.json fsynced,
+        its clients answered 503 -- and so do the records queued behind it,
+        unsent; no reconnect starts, and one in progress gives up.  The
+        clients of the writes still waiting thus get their 503 before their
+        connections are cut, and the stop does not wait out an ack timeout
+        (until 2026-11-27 it did, and then a RECONNECT_TIMEOUT_S more for the
+        queued records: a stop with a frozen vault took ack_timeout + 6 s).
+        A vault that did take the batch voids it at the next reconcile, as
+        after any ack failure (module doc)."""
+        if self._stopping.is_set():
+            return
+        self._stopping.set()
+        if self._lock.locked():          # a batch, a reconnect or a reconcile is waiting for the vault
+            self.link.abort()
+
     async def close(self) -> None:
-        if self._keeper is not None:
-            self._keeper.cancel()
+        self.stop_waiting()
         if self._sender is not None:
+            # what is left of its work is local: voiding a failed batch
             try:
                 await asyncio.wait_for(asyncio.shield(self._sender), self.ack_timeout)
             except (asyncio.TimeoutError, Exception):
                 pass
-        await self.link.close()
+        if self._keeper is not None:
+            self._keeper.cancel()
+        if self.healthy:
+            await self.link.close()
+        else:
+            self.link.abort()            # a frozen vault would not finish a graceful close
         await self.log.aclose()
 
     async def ensure_link(self, reconcile: bool = True) -> None:
@@ -278,7 +303,29 @@ class ReplicatedCommitPoint:
                 except asyncio.TimeoutError:
                     raise E.VaultUnavailable("the vault did not answer in time") from None
             elif not self.link.ready:
-                await asyncio.wait_for(self.link.connect(), RECONNECT_TIMEOUT_S)
+                await self._connect()
+
+    async def _connect(self) -> dict:
+        """link.connect() within RECONNECT_TIMEOUT_S (asyncio.TimeoutError
+        after it); VaultUnavailable at once when the gateway stops waiting
+        for the vault (`stop_waiting`), before or during the attempt."""
+        if self._stopping.is_set():
+            raise E.VaultUnavailable("the gateway is stopping: the link is not reconnected")
+        connect = asyncio.ensure_future(self.link.connect())
+        stopping = asyncio.ensure_future(self._stopping.wait())
+        try:
+            await asyncio.wait({connect, stopping}, timeout=RECONNECT_TIMEOUT_S,
+                               return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopping.cancel()
+            if not connect.done():
+                connect.cancel()         # connect() closes what it opened when cancelled
+                await asyncio.wait({connect})
+        if not connect.cancelled():
+            return connect.result()
+        if self._stopping.is_set():
+            raise E.VaultUnavailable("the gateway is stopping: the link is not reconnected")
+        raise asyncio.TimeoutError
 
     async def _ensure_ready(self, waiting_since: float | None = None) -> None:
         """Connected and reconciled; call with the lock held.
@@ -296,7 +343,7 @@ class ReplicatedCommitPoint:
             raise E.VaultUnavailable("the vault is not reachable (a reconnect failed while this waited)")
         self._ready = False
         try:
-            hello = await asyncio.wait_for(self.link.connect(), RECONNECT_TIMEOUT_S)
+            hello = await self._connect()
             await self._reconcile(int(hello["last_seq"]))
         except BaseException:
             self._reconnect_failed_at = time.monotonic()
@@ -569,6 +616,9 @@ class ReplicatedCommitPoint:
         async with self._lock:
             # checked with the lock held: the batch before may have failed the log meanwhile
             self._refuse_if_log_unusable()
+            if self._stopping.is_set():
+                raise E.VaultUnavailable("the gateway is stopping: nothing more goes to the vault; "
+                                         "nothing was stored")
             try:
                 await self._ensure_ready(since)
             except asyncio.TimeoutError:
@@ -615,7 +665,11 @@ class ReplicatedCommitPoint:
             self.stats["ack_failures"] += 1
             self._voiding.pop(first, None)      # no `_finish` for this batch: its records are void
             self._ready = False
-            await self.link.close()
+            # at once, not gracefully: a vault that did not answer in time
+            # would not answer the TLS close either, and the connection
+            # stayed open (half-open: asyncio waits 30 s for the close) while
+            # the next reconnect was tried
+            self.link.abort()
             if numbered:
                 # The vault may hold these records: they must never take effect.
                 self.pending_aborts.update(s for s, _r, _p in numbered)
@@ -639,6 +693,10 @@ class ReplicatedCommitPoint:
                         await asyncio.wait([f for _s, f in void], timeout=self.ack_timeout)
             if isinstance(exc, asyncio.TimeoutError):
                 raise E.AckTimeout(f"no durable ack from the vault within {self.ack_timeout:g}s") from None
+            if self._stopping.is_set():
+                # (a ReplicationError: the link keeper's ABORT fails as quietly as an ack timeout)
+                raise E.VaultUnavailable("the gateway stopped before the vault acknowledged this change; "
+                                         "nothing was stored") from None
             raise
         self.stats["batches"] += 1
         self.stats["records"] += len(numbered)
