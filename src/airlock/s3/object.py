@@ -46,12 +46,9 @@ OBJECT_LOCK_HEADERS = ("x-amz-object-lock-mode", "x-amz-object-lock-retain-until
                        "x-amz-object-lock-legal-hold")
 SSE_C_HEADERS = ("x-amz-server-side-encryption-customer-algorithm",
                  "x-amz-server-side-encryption-customer-key",
-                 "x-amz-server-side-encryption-customer-key-md5",
-                 "x-amz-copy-source-server-side-encryption-customer-algorithm",
-                 "x-amz-copy-source-server-side-encryption-customer-key",
-                 "x-amz-copy-source-server-side-encryption-customer-key-md5")
+                 "x-amz-server-side-encryption-customer-key-md5")
+SSE_C_COPY_SOURCE_HEADERS = tuple(h.replace("x-amz-", "x-amz-copy-source-", 1) for h in SSE_C_HEADERS)
 SSE_KMS_VALUES = ("aws:kms", "aws:kms:dsse")
-SSE_C_READ_HEADERS = SSE_C_HEADERS[:3]
 
 
 def refuse_unsupported_protection(headers) -> None:
@@ -65,14 +62,11 @@ def refuse_unsupported_protection(headers) -> None:
             # S3's answer for a bucket without Object Lock, which every airlock bucket is
             raise E.InvalidRequest("Bucket is missing Object Lock Configuration", ArgumentName=h,
                                    ArgumentValue=headers[h])
-    for h in SSE_C_HEADERS[:3]:
+    for h in SSE_C_HEADERS:
         if h in headers:
             raise E.NotImplementedS3("Server-side encryption with customer-provided keys (SSE-C) "
                                      "is not implemented.", Header=h)
-    for h in SSE_C_HEADERS[3:]:
-        if h in headers:
-            # a copy source's key: no airlock object was stored with one (as refuse_sse_c_read)
-            raise E.InvalidRequest("The encryption parameters are not applicable to this object.")
+    refuse_sse_c_read(headers, SSE_C_COPY_SOURCE_HEADERS)     # the copy source is read with that key
     sse = headers.get("x-amz-server-side-encryption")
     if sse is not None and sse != "AES256":
         if sse in SSE_KMS_VALUES:
@@ -85,12 +79,13 @@ def refuse_unsupported_protection(headers) -> None:
             raise E.NotImplementedS3("Server-side encryption with KMS keys is not implemented.", Header=h)
 
 
-def refuse_sse_c_read(headers) -> None:
-    """A read (GET, HEAD, GetObjectAttributes) that sends an SSE-C key for
-    an object stored without one -- every airlock object, since a write with
-    SSE-C is refused -- is 400 InvalidRequest, as S3 answers it: serving it
-    would tell the client its key protected the object."""
-    for h in SSE_C_READ_HEADERS:
+def refuse_sse_c_read(headers, names: tuple[str, ...] = SSE_C_HEADERS) -> None:
+    """A read (GET, HEAD, GetObjectAttributes; a copy's source, `names` =
+    SSE_C_COPY_SOURCE_HEADERS) that sends an SSE-C key for an object stored
+    without one -- every airlock object, since a write with SSE-C is
+    refused -- is 400 InvalidRequest, as S3 answers it: serving it would
+    tell the client its key protected the object."""
+    for h in names:
         if h in headers:
             raise E.InvalidRequest("The encryption parameters are not applicable to this object.")
 
